@@ -1,0 +1,46 @@
+"""phi3tune: QLoRA fine-tuning for Microsoft Phi-3, on its own accelerate loop.
+
+    from phi3tune import FineTuner
+    result = FineTuner("microsoft/Phi-3-mini-4k-instruct").training(max_steps=100).run()
+"""
+
+from .data import prepare_dataset
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataFormatError,
+    DataSourceError,
+    ModelSourceError,
+    OutputDirError,
+    Phi3TuneError,
+    TargetModulesError,
+    TrainingError,
+    TrainingInterrupted,
+)
+from .finetuner import FineTuner, RunResult
+from .inference import FineTunedModel, load_finetuned
+from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSpec",
+    "CheckpointError",
+    "ConfigError",
+    "DataFormatError",
+    "DataSourceError",
+    "DataSpec",
+    "FineTunedModel",
+    "FineTuner",
+    "ModelSourceError",
+    "OutputDirError",
+    "Phi3TuneError",
+    "QuantSpec",
+    "RunResult",
+    "TargetModulesError",
+    "TrainSpec",
+    "TrainingError",
+    "TrainingInterrupted",
+    "load_finetuned",
+    "prepare_dataset",
+]

@@ -1,0 +1,83 @@
+"""Pack tokenized examples into rows and collate rows into batches.
+
+A packed row carries ``position_ids`` that restart at 0 at every example. With no attention mask, transformers
+reads those restarts as document boundaries and builds a block-diagonal causal mask (SDPA on CPU/GPU, a
+FlexAttention document mask when attn_implementation="flex_attention"), so no token attends across examples.
+The label of each example's first token is IGNORE: predicting it from the previous example is the
+"straddling pair" that must not be trained (unpacked, that token has no predecessor either).
+
+Batches are right-padded without an attention mask: under a causal mask a real token only ever sees earlier
+(real) positions, so padding at the end cannot change any trained logit, and SDPA keeps its fast causal path.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from .formats import IGNORE
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: example indices per row, each row's total length <= capacity."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, row index)
+    for i in order:
+        need = min(lengths[i], capacity)
+        k = bisect.bisect_left(free, (need, -1))
+        if k < len(free):
+            space, row = free.pop(k)
+        else:
+            space, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if space - need > 0:
+            bisect.insort(free, (space - need, row))
+    return rows
+
+
+def pack_examples(examples: list[dict[str, list[int]]], capacity: int) -> list[dict[str, Any]]:
+    """Concatenate examples into rows; position_ids restart and the boundary label is dropped."""
+    rows = []
+    for members in pack_best_fit([len(e["input_ids"]) for e in examples], capacity):
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for i in sorted(members):
+            ex_ids, ex_labels = examples[i]["input_ids"][:capacity], examples[i]["labels"][:capacity]
+            ids += ex_ids
+            labels += [IGNORE, *list(ex_labels[1:])]
+            pos += list(range(len(ex_ids)))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "num_examples": len(members)})
+    return rows
+
+
+class Collator:
+    """Right-pad a list of rows into tensors; pads get IGNORE labels and continuing positions."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = -(-longest // self.multiple) * self.multiple
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        position_ids = torch.arange(width, dtype=torch.long).repeat(n, 1)
+        real = 0
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            real += k
+            input_ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            if "position_ids" in r:
+                position_ids[i, :k] = torch.tensor(r["position_ids"])
+                # Pads continue the last example's positions: one document, never attended by real tokens.
+                position_ids[i, k:] = torch.arange(width - k) + (int(r["position_ids"][-1]) + 1 if k else 0)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "num_real_tokens": torch.tensor(real)}

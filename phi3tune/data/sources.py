@@ -1,0 +1,122 @@
+"""Load raw examples from wherever the user keeps them, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataFormatError, DataSourceError
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in _FILE_BUILDERS or s.count("/") > 1
+
+
+def _find_bad_json(path: Path) -> str | None:
+    """Locate a malformed line so the error can point at it (datasets' own message does not)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        return None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {lineno}: {exc.msg}"
+        if not isinstance(row, dict):
+            return f"line {lineno}: expected a JSON object per line, got {type(row).__name__}"
+    return None
+
+
+def _load_file(path: Path, field: str) -> Any:
+    from datasets import load_dataset
+
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataSourceError(
+            f"{field}: {str(path)!r} has extension {path.suffix!r}; phi3tune reads "
+            f"{sorted(_FILE_BUILDERS)} files or a directory of them"
+        )
+    if path.stat().st_size == 0:
+        raise DataFormatError(f"{field}: file {str(path)!r} is empty; it needs at least one example")
+    if builder == "json":
+        bad = _find_bad_json(path)
+        if bad:
+            raise DataFormatError(f"{field}: {str(path)!r} is not valid JSON at {bad}; fix or remove that line")
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DataFormatError(f"{field}: could not read {str(path)!r}: {str(exc)[:300]}") from exc
+
+
+def _load_dir(path: Path, split: str, field: str) -> Any:
+    from datasets import load_dataset, load_from_disk
+
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (
+        path / "dataset_dict.json"
+    ).exists():
+        ds = load_from_disk(str(path))
+        return ds[split] if hasattr(ds, "keys") else ds
+    files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in _FILE_BUILDERS]
+    if not files:
+        raise DataSourceError(
+            f"{field}: directory {str(path)!r} holds no {sorted(_FILE_BUILDERS)} files and no saved dataset"
+        )
+    for f in files:
+        if f.suffix.lower() in (".json", ".jsonl") and (bad := _find_bad_json(f)):
+            raise DataFormatError(f"{field}: {str(f)!r} is not valid JSON at {bad}; fix or remove that line")
+    try:
+        ds = load_dataset(str(path))
+    except Exception as exc:
+        raise DataFormatError(f"{field}: could not read directory {str(path)!r}: {str(exc)[:300]}") from exc
+    if split not in ds:
+        raise DataSourceError(f"{field}: directory {str(path)!r} has splits {list(ds)}, not {split!r}")
+    return ds[split]
+
+
+def load_source(source: Any, split: str = "train", field: str = "data.source") -> Any:
+    """Return a ``datasets.Dataset`` for any supported source kind."""
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    if isinstance(source, Dataset):
+        ds = source
+    elif isinstance(source, DatasetDict):
+        if split not in source:
+            raise DataSourceError(f"{field}: the DatasetDict has splits {list(source)}, not {split!r}")
+        ds = source[split]
+    elif isinstance(source, list):
+        ds = Dataset.from_list(source) if source else None
+    else:
+        path = Path(str(source)).expanduser()
+        if path.is_file():
+            ds = _load_file(path, field)
+        elif path.is_dir():
+            ds = _load_dir(path, split, field)
+        elif _looks_like_path(str(source)):
+            raise DataSourceError(
+                f"{field}: {str(source)!r} does not exist; give an existing .json/.jsonl/.csv/.parquet file, "
+                "a directory, a hub dataset name, a datasets.Dataset or a list of dicts"
+            )
+        else:
+            try:
+                ds = load_dataset(str(source), split=split)
+            except Exception as exc:
+                raise DataSourceError(
+                    f"{field}: could not load hub dataset {str(source)!r} split {split!r} "
+                    f"({exc.__class__.__name__}: {str(exc)[:200]}). Offline, give a local file instead"
+                ) from exc
+    if ds is None or len(ds) == 0:
+        raise DataFormatError(f"{field}: the dataset {_describe(source)} has no rows; give at least one example")
+    return ds
+
+
+def _describe(source: Any) -> str:
+    return repr(source) if isinstance(source, (str, Path)) else f"({type(source).__name__})"

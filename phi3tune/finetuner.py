@@ -1,0 +1,235 @@
+"""FineTuner: the builder that composes the four specs and runs them.
+
+``run()`` checks everything that user input can get wrong (device, output directory, model config, target
+layers, data) before a single weight is loaded, then loads, trains and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checkpoints as ckpt
+from .errors import ConfigError
+from .inference import META_NAME
+from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
+
+log = logging.getLogger("phi3tune")
+IN_MEMORY = "in-memory:"
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``model``/``tokenizer`` are the trained objects still in memory."""
+
+    adapter_dir: Path
+    output_dir: Path
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    model: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history if "loss" in h]
+
+
+def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any]) -> Any:
+    base = spec if spec is not None else current
+    if not kwargs:
+        return cls.model_validate(base.model_dump()) if base is not None else cls()
+    values = base.model_dump() if base is not None else {}
+    return cls(**{**values, **kwargs})
+
+
+class FineTuner:
+    """Fine-tune a Phi-3 checkpoint with (Q)LoRA. Chain .quantize/.adapter/.data/.training, then .run()."""
+
+    def __init__(self, model: str | os.PathLike[str] = DEFAULT_MODEL, *, quant: QuantSpec | None = None,
+                 adapter: AdapterSpec | None = None, data: DataSpec | None = None,
+                 training: TrainSpec | None = None, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None, quantized: bool = True) -> None:
+        if not str(model).strip():
+            raise ConfigError("model: give a hub id like microsoft/Phi-3-mini-4k-instruct or a local directory")
+        self.model = str(model)
+        self.quant: QuantSpec | None = (quant or QuantSpec()) if quantized else None
+        self.adapter_spec = adapter or AdapterSpec()
+        self.data_spec = data or DataSpec()
+        self.train_spec = training or TrainSpec()
+        self.trust_remote_code = trust_remote_code
+        self.attn_implementation = attn_implementation
+
+    # ------------------------------------------------------------------ builder
+    def quantize(self, spec: QuantSpec | bool | None = True, **kwargs: Any) -> FineTuner:
+        """Set the quantization; ``quantize(None)`` trains plain LoRA on an unquantized base."""
+        if spec is None or spec is False:
+            if kwargs:
+                raise ConfigError("quantize(None) takes no other arguments")
+            self.quant = None
+        else:
+            self.quant = _merge(QuantSpec, self.quant, None if spec is True else spec, kwargs)
+        return self
+
+    def adapter(self, spec: AdapterSpec | None = None, **kwargs: Any) -> FineTuner:
+        self.adapter_spec = _merge(AdapterSpec, self.adapter_spec, spec, kwargs)
+        return self
+
+    def data(self, spec: DataSpec | None = None, **kwargs: Any) -> FineTuner:
+        self.data_spec = _merge(DataSpec, self.data_spec, spec, kwargs)
+        return self
+
+    def training(self, spec: TrainSpec | None = None, **kwargs: Any) -> FineTuner:
+        self.train_spec = _merge(TrainSpec, self.train_spec, spec, kwargs)
+        return self
+
+    # ------------------------------------------------------------------ config round trip
+    def to_config(self) -> dict[str, Any]:
+        """The whole run as plain data (YAML/JSON-ready)."""
+        data = self.data_spec.model_dump()
+        for key in ("source", "eval_source"):
+            value = data[key]
+            if value is not None and not isinstance(value, (str, list)):
+                data[key] = f"{IN_MEMORY}{type(value).__name__}({len(value)} rows)"
+        return {
+            "model": self.model,
+            "trust_remote_code": self.trust_remote_code,
+            "attn_implementation": self.attn_implementation,
+            "quant": self.quant.model_dump() if self.quant is not None else None,
+            "adapter": self.adapter_spec.model_dump(),
+            "data": data,
+            "training": self.train_spec.model_dump(),
+        }
+
+    def save_config(self, path: str | os.PathLike[str]) -> Path:
+        """Write to_config() as YAML (.yaml/.yml) or JSON (.json)."""
+        import yaml
+
+        path = Path(path)
+        cfg = self.to_config()
+        text = json.dumps(cfg, indent=2) if path.suffix == ".json" else yaml.safe_dump(cfg, sort_keys=False)
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike[str] | dict[str, Any]) -> FineTuner:
+        """Build from a to_config() dict or a YAML/JSON file of one."""
+        import yaml
+
+        if not isinstance(config, dict):
+            path = Path(config)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist; write one with FineTuner.save_config")
+            config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+            if not isinstance(config, dict):
+                raise ConfigError(f"config file {str(path)!r} must hold a mapping with model/quant/adapter/data/"
+                                  "training keys")
+        known = {"model", "trust_remote_code", "attn_implementation", "quant", "adapter", "data", "training"}
+        unknown = set(config) - known
+        if unknown:
+            raise ConfigError(f"config: unknown key(s) {sorted(unknown)}; known keys are {sorted(known)}")
+        for key in ("source", "eval_source"):
+            src = (config.get("data") or {}).get(key)
+            if isinstance(src, str) and src.startswith(IN_MEMORY):
+                raise ConfigError(f"config data.{key} was an in-memory dataset ({src}); set it to a file or hub name")
+        quant = config.get("quant", {})
+        return cls(
+            config.get("model", DEFAULT_MODEL),
+            quant=QuantSpec(**quant) if quant is not None else None,
+            quantized=quant is not None,
+            adapter=AdapterSpec(**(config.get("adapter") or {})),
+            data=DataSpec(**(config.get("data") or {})),
+            training=TrainSpec(**(config.get("training") or {})),
+            trust_remote_code=bool(config.get("trust_remote_code", False)),
+            attn_implementation=config.get("attn_implementation"),
+        )
+
+    def __repr__(self) -> str:
+        return f"FineTuner({self.model!r}, quant={self.quant!r}, adapter={self.adapter_spec!r}, " \
+               f"data={self.data_spec!r}, training={self.train_spec!r})"
+
+    # ------------------------------------------------------------------ run
+    def run(self, *, resume: bool | str = False, overwrite: bool | None = None) -> RunResult:
+        """Train and save. ``resume=True`` continues from the newest complete checkpoint in output_dir."""
+        from .data import prepare_data
+        from .loop import Trainer
+        from .model import (
+            attach_adapter,
+            load_base_model,
+            load_tokenizer,
+            preflight_model,
+            resolve_compute_dtype,
+            resolve_device,
+            resolve_precision,
+            resolve_target_modules,
+        )
+
+        t, d = self.train_spec, self.data_spec
+        overwrite = t.overwrite_output_dir if overwrite is None else overwrite
+        config = self.to_config()
+        # ---- checks that need no weights
+        device = resolve_device(t.device)
+        precision = resolve_precision(t.precision, device)
+        compute_dtype = resolve_compute_dtype(self.quant or QuantSpec(), precision, device)
+        out = Path(t.output_dir)
+        ckpt.check_output_dir(out, overwrite, resume, config)
+        resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
+        info = preflight_model(self.model, self.trust_remote_code)
+        targets = resolve_target_modules(self.adapter_spec, info.linear_layers)
+        max_pos = getattr(info.config, "max_position_embeddings", None)
+        if max_pos and d.max_seq_length > max_pos:
+            raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "
+                              f"tokens; use max_seq_length <= {max_pos}")
+        tokenizer = load_tokenizer(info.source, self.trust_remote_code)
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed)
+        data = prepare_data(d, tokenizer, t.seed)
+        if t.progress_bar:
+            print(data.summary.render())
+        # ---- heavy work from here on
+        if overwrite:
+            ckpt.clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.save_config(out / ckpt.CONFIG_NAME)
+        base = load_base_model(info, self.quant, compute_dtype, device, self.trust_remote_code,
+                               t.gradient_checkpointing, self.attn_implementation)
+        set_seed(t.seed)
+        model = attach_adapter(base, self.adapter_spec, targets)
+        trainer = Trainer(model, tokenizer, data, t, precision, device, config)
+        trainer.setup()
+        if resume_from is None and resume:
+            log.info("resume: no complete checkpoint in %s, starting from step 0", out)
+        metrics = trainer.train(resume_from)
+        adapter_dir = out / ckpt.FINAL_DIR
+        if trainer.accelerator.is_main_process:
+            self._save_final(trainer.accelerator.unwrap_model(trainer.loss_module).model, tokenizer, adapter_dir)
+            from .plot import plot_history
+
+            plot_history(trainer.history, out / "loss.png")
+        trainer.accelerator.wait_for_everyone()
+        model.eval()
+        return RunResult(adapter_dir, out, trainer.history, metrics, config, model, tokenizer)
+
+    def _save_final(self, model: Any, tokenizer: Any, adapter_dir: Path) -> None:
+        """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place."""
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=adapter_dir.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
+                    "quant": self.quant.model_dump() if self.quant is not None else None,
+                    "trust_remote_code": self.trust_remote_code}
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            os.replace(tmp, adapter_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -1,0 +1,297 @@
+"""The training loop: our own, on accelerate. setup -> train -> save.
+
+One optimizer step = up to ``grad_accum`` micro-batches. We count the trained tokens of the whole step first
+(across micro-batches and ranks), then back-propagate each micro-batch's *summed* loss divided by that count:
+the accumulated gradient is exactly the gradient of the mean loss over every trained token of the step, so
+batch 4 x accum 1 and batch 1 x accum 4 train identically. We use ``accelerator.no_sync`` rather than
+``accelerator.accumulate`` because the latter assumes every step has ``grad_accum`` micro-batches and scales
+each by 1/grad_accum; an epoch's short last step would then be mis-weighted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from . import checkpoints as ckpt
+from .data import Collator, PreparedData
+from .errors import TrainingError, TrainingInterrupted
+from .loss import TokenLoss, count_trained
+from .specs import TrainSpec
+
+log = logging.getLogger("phi3tune")
+_MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh, seeded permutation each epoch, so a resumed run sees the same order as an unbroken one."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                    device: torch.device) -> Any:
+    """torch AdamW, or bitsandbytes' (paged) AdamW; paging only exists on CUDA, so the CPU gets the unpaged twin."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    paged = device.type == "cuda"
+    cls = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit if paged else bnb.optim.AdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit,
+    }[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is saved; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = {}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Runs the loop for an already-built PEFT model and prepared data."""
+
+    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, precision: str,
+                 device: torch.device, run_config: dict[str, Any]) -> None:
+        self.model, self.tokenizer, self.data, self.spec = model, tokenizer, data, spec
+        self.precision, self.device, self.run_config = precision, device, run_config
+        self.output_dir = Path(spec.output_dir)
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu")
+        s = self.spec
+        self.sampler = EpochSampler(len(self.data.train), s.seed)
+        collate = Collator(self.tokenizer.pad_token_id)
+        loader = DataLoader(self.data.train, batch_size=s.batch_size, sampler=self.sampler, collate_fn=collate)
+        self.eval_loader = None
+        if self.data.eval is not None:
+            self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(s.optimizer, self.params, s.learning_rate, s.weight_decay, self.device)
+        self.loss_module, self.optimizer, self.loader = acc.prepare(TokenLoss(self.model), optimizer, loader)
+        self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
+        self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
+        self.scheduler = get_scheduler(s.lr_scheduler, optimizer, math.ceil(s.warmup_ratio * self.total_steps),
+                                       self.total_steps)
+        if self.eval_loader is not None:
+            self.eval_loader = acc.prepare(self.eval_loader)
+
+    # ---------------------------------------------------------------- one optimizer step
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+        acc = self.accelerator
+        local = torch.tensor(sum(count_trained(b["labels"]) for b in micro), device=acc.device)
+        n_tokens = int(acc.reduce(local, "sum")) if acc.num_processes > 1 else int(local)
+        scale = acc.num_processes / max(1, n_tokens)  # DDP averages over ranks; undo that, divide by all tokens
+        loss_sum = torch.zeros((), device=acc.device)
+        real = 0
+        for i, b in enumerate(micro):
+            sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
+            with sync:
+                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
+                acc.backward(part * scale)
+            loss_sum += part.detach().float()
+            real += int(b["num_real_tokens"])
+        if acc.num_processes > 1:
+            loss_sum = acc.reduce(loss_sum, "sum")
+        loss = float(loss_sum) / max(1, n_tokens)
+        max_norm = self.spec.max_grad_norm or float("inf")
+        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and self.precision != "fp16"):
+            last = ckpt.list_checkpoints(self.output_dir)
+            raise TrainingError(
+                f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: "
+                f"{str(last[-1]) if last else 'none'}. Lower training.learning_rate or use precision=\"bf16\""
+            )
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, real
+
+    # ---------------------------------------------------------------- train
+    def train(self, resume_from: Path | None = None) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        acc, s = self.accelerator, self.spec
+        if resume_from is not None:
+            self._restore(resume_from)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
+                   disable=not (s.progress_bar and acc.is_main_process))
+        window: dict[str, float] = {"loss_sum": 0.0, "tokens": 0, "real": 0, "t0": time.perf_counter()}
+        started, start_step, real_total = time.perf_counter(), self.step, 0
+        self.loss_module.train()
+        with _StopFlag() as stop:
+            while self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                loader = (acc.skip_first_batches(self.loader, self.micro_in_epoch)
+                          if self.micro_in_epoch else self.loader)
+                batches = iter(loader)
+                while self.step < self.total_steps:
+                    micro = list(islice(batches, s.grad_accum))
+                    if not micro:
+                        break
+                    lr = self.scheduler.get_last_lr()[0]
+                    n_tok = sum(count_trained(b["labels"]) for b in micro)
+                    loss, grad_norm, real = self._optimizer_step(micro)
+                    self.step += 1
+                    self.micro_in_epoch += len(micro)
+                    window["loss_sum"] += loss * n_tok
+                    window["tokens"] += n_tok
+                    window["real"] += real
+                    real_total += real
+                    bar.update(1)
+                    if self.step % s.logging_steps == 0 or self.step == self.total_steps:
+                        self._log_train(window, lr, grad_norm, bar)
+                    if s.eval_steps and self.step % s.eval_steps == 0 and self.step != self.total_steps:
+                        self.evaluate()
+                    if s.save_strategy == "steps" and s.save_steps and self.step % s.save_steps == 0:
+                        self.save_checkpoint()
+                    if stop.signal:
+                        path = self.save_checkpoint()
+                        bar.close()
+                        raise TrainingInterrupted(
+                            f"{stop.signal} at step {self.step}: saved {path}. Resume with "
+                            f"FineTuner.from_config('{self.output_dir / ckpt.CONFIG_NAME}').run(resume=True)",
+                            str(path))
+                else:  # the inner loop ran out of steps, not of data: training is done
+                    break
+                self.epoch += 1
+                self.micro_in_epoch = 0
+                if s.save_strategy == "epoch" and self.step < self.total_steps:
+                    self.save_checkpoint()
+        bar.close()
+        final: dict[str, Any] = {}
+        if self.eval_loader is not None:
+            final.update(self.evaluate())
+        elapsed = time.perf_counter() - started
+        train_losses = [h["loss"] for h in self.history if "loss" in h]
+        final.update(steps=self.step, runtime_s=round(elapsed, 3),
+                     train_loss=train_losses[-1] if train_losses else None,
+                     tokens_per_s=real_total / elapsed if elapsed and self.step > start_step else None)
+        return final
+
+    def _log_train(self, window: dict[str, float], lr: float, grad_norm: float, bar: Any) -> None:
+        now = time.perf_counter()
+        entry = {"step": self.step, "epoch": round(self.epoch + self.micro_in_epoch / max(1, len(self.loader)), 4),
+                 "loss": window["loss_sum"] / max(1, window["tokens"]), "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": window["real"] / max(1e-9, now - window["t0"]), "trained_tokens": window["tokens"]}
+        self._record(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
+        window.update(loss_sum=0.0, tokens=0, real=0, t0=now)
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        assert self.eval_loader is not None
+        acc = self.accelerator
+        self.loss_module.eval()
+        total = torch.zeros((), device=acc.device)
+        count = torch.zeros((), device=acc.device)
+        for b in self.eval_loader:
+            total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"]).float()
+            count += count_trained(b["labels"])
+        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        self.loss_module.train()
+        loss = float(total) / max(1.0, float(count))
+        entry = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        self._record(entry)
+        return {"eval_loss": loss, "eval_perplexity": entry["eval_perplexity"]}
+
+    # ---------------------------------------------------------------- save / restore
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                "total_steps": self.total_steps, "history": self.history}
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            tensors: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
+                                       "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+            if acc.scaler is not None:
+                tensors["scaler"] = acc.scaler.state_dict()
+            path = ckpt.save_checkpoint(self.output_dir, self.step, acc.unwrap_model(self.loss_module).model,
+                                        self.tokenizer, self._state(), tensors, self.spec.save_total_limit)
+        acc.wait_for_everyone()
+        return path
+
+    def _restore(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state, tensors = ckpt.load_checkpoint(path)
+        set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        if "scaler" in tensors and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(tensors["scaler"])
+        ckpt.set_rng_state(tensors["rng"])
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self.history = list(state["history"])
+        if self.accelerator.is_main_process:  # metrics.jsonl = history up to the checkpoint, no duplicates
+            with open(self.output_dir / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in self.history)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.step, self.epoch,
+                 self.micro_in_epoch)

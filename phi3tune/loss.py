@@ -1,0 +1,66 @@
+"""The training objective: summed next-token cross-entropy over trained tokens only.
+
+The loop divides this sum by the number of trained tokens in the whole optimizer step (all micro-batches,
+all ranks), so every trained token weighs the same however the step is split — unlike averaging per-batch
+means, which over-weights short batches.
+
+Only positions with a label go through the output head, in chunks that are recomputed in backward, so the
+full (tokens x 32k vocab) fp32 logits tensor never exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE
+
+CE_CHUNK = 2048  # tokens per output-head chunk
+
+
+def count_trained(labels: torch.Tensor) -> int:
+    """Trained (shifted) label positions in a batch."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+class TokenLoss(nn.Module):
+    """Wraps the (PEFT) causal LM so that forward returns the summed loss.
+
+    Distributed wrappers (DDP/FSDP) see this module's forward, so gradient sync still works although
+    we call the decoder and the output head separately.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = CE_CHUNK) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def _causal_lm(self) -> Any:  # the transformers model under PEFT
+        m: Any = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        lm = self._causal_lm()
+        hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE
+        h = hidden[:, :-1][keep]
+        y = shifted[keep]
+        head = lm.get_output_embeddings()
+        if h.shape[0] <= self.chunk or not torch.is_grad_enabled():
+            return _chunk_ce(head, h, y)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.chunk):
+            total = total + checkpoint(_chunk_ce, head, h[i:i + self.chunk], y[i:i + self.chunk],
+                                       use_reentrant=False)
+        return total
+

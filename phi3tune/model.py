@@ -1,0 +1,255 @@
+"""Base model and adapter: find the checkpoint, quantize it, attach LoRA.
+
+Everything that can fail on user input (missing path, not a model, unknown target layer, context too long)
+is checked on the config and a weightless "meta" copy of the model first, before any weights load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelSourceError, TargetModulesError
+from .specs import AdapterSpec, QuantSpec
+
+log = logging.getLogger("phi3tune")
+
+# The classic (Llama-style) names users copy from guides, and Phi-3's fused layer that holds each.
+CLASSIC_TO_FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_PRECISION_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What preflight learned about the checkpoint without loading weights."""
+
+    source: str  # absolute local dir or hub id
+    config: Any
+    linear_layers: tuple[str, ...]  # leaf names of nn.Linear modules, output head excluded
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError('training.device="cuda" but no CUDA device is visible; use "auto" or "cpu"')
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" = bf16 where the device supports it, fp16 on older GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if device.type == "cpu":
+            return "fp32"
+        return "bf16" if bf16_supported(device) else "fp16"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError('training.precision="fp16" needs a GPU (fp16 autocast with a grad scaler); '
+                          'on the CPU use "fp32", "bf16" or "auto"')
+    if precision == "bf16" and not bf16_supported(device):
+        raise ConfigError(
+            f'training.precision="bf16" but {device} has no bf16 support; use precision="fp16" or "auto"'
+        )
+    return precision
+
+
+def resolve_compute_dtype(quant: QuantSpec, precision: str, device: torch.device) -> torch.dtype:
+    if quant.compute_dtype == "auto":
+        return _PRECISION_DTYPE[precision]
+    dtype = _DTYPES[quant.compute_dtype]
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        raise ConfigError(
+            f'quant.compute_dtype="bfloat16" but {device} has no bf16 support; use "float16" or "auto"'
+        )
+    return dtype
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else with a path shape is meant as a local path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = False) -> ModelInfo:
+    """Load only the config; fail with a clear message if ``source`` is no usable causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = str(source)
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSourceError(f"model {src!r} is a file; give the directory that holds config.json")
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"model directory {src!r} has no config.json, so it is not a transformers model; "
+                "give a directory written by save_pretrained or a hub id like microsoft/Phi-3-mini-4k-instruct"
+            )
+        src = str(path.resolve())
+    elif _looks_like_path(src):
+        raise ModelSourceError(
+            f"model path {src!r} does not exist; give an existing local directory or a hub id "
+            "like microsoft/Phi-3-mini-4k-instruct"
+        )
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"could not load the config of model {src!r} ({exc.__class__.__name__}: {str(exc)[:200]}). "
+            "Offline, pass a local directory; for custom code set trust_remote_code=True"
+        ) from exc
+    if getattr(config, "model_type", None) != "phi3":
+        log.warning("model %s has model_type %r; phi3tune is built and tested for Phi-3 (phi3)", src,
+                    getattr(config, "model_type", None))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return ModelInfo(src, config, linear_layer_names(meta))
+
+
+def linear_layer_names(model: nn.Module) -> tuple[str, ...]:
+    """Leaf names of every linear layer except the output head: what "auto" targets."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and mod is not head
+    }
+    return tuple(sorted(names))
+
+
+def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) -> list[str]:
+    """Turn "auto" or a user list into the model's real layer names (classic names mapped to fused ones)."""
+    if spec.target_modules == "auto":
+        return list(linear_layers)
+    resolved: list[str] = []
+    unknown: list[str] = []
+    for name in spec.target_modules:
+        if name in linear_layers:
+            target = name
+        elif CLASSIC_TO_FUSED.get(name) in linear_layers:
+            target = CLASSIC_TO_FUSED[name]
+            log.warning("adapter.target_modules: %r does not exist in Phi-3; using its fused layer %r",
+                        name, target)
+        else:
+            unknown.append(name)
+            continue
+        if target not in resolved:
+            resolved.append(target)
+    if unknown:
+        raise TargetModulesError(
+            f"adapter.target_modules: {unknown} match no linear layer of this model. "
+            f"Its linear layers are {list(linear_layers)}; use some of them or \"auto\""
+        )
+    return resolved
+
+
+def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = torch.uint8 if quant.quant_storage == "uint8" else _DTYPES[quant.quant_storage]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a pad token (Phi-3 pads with eos; labels mask pads by position)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_base_model(
+    info: ModelInfo,
+    quant: QuantSpec | None,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load weights (safetensors only), quantized if asked, prepared for k-bit training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": compute_dtype,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+    }
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = bnb_config(quant, compute_dtype)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(info.source, **kwargs)
+    except OSError as exc:
+        raise ModelSourceError(
+            f"could not load weights of {info.source!r}: {str(exc)[:300]}. phi3tune loads .safetensors "
+            "weights only; convert .bin checkpoints with save_pretrained(safe_serialization=True)"
+        ) from exc
+    if quant is None:
+        model.to(device)  # type: ignore[arg-type]
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    return model
+
+
+def attach_adapter(model: nn.Module, spec: AdapterSpec, target_modules: list[str]) -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA model; adapters stay fp32 so fp16 grad scaling works."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
+        lora_dropout=spec.dropout,
+        target_modules=target_modules,
+        bias=spec.bias,
+        use_rslora=spec.use_rslora,
+        modules_to_save=spec.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=True)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            log.debug("cast trainable %s to fp32", name)
+    return peft_model
