@@ -192,7 +192,12 @@ class FineTuner:
         set_seed(t.seed)
         data = prepare_data(d, tokenizer, t.seed)
         if t.progress_bar:
-            print(data.summary.render())
+            from .data import padding_fraction
+            from .loop import EpochSampler
+
+            order = list(EpochSampler(len(data.train), t.seed))
+            lengths = [len(x) for x in data.train["input_ids"]]
+            print(data.summary.render(padding_fraction(lengths, order, t.batch_size)))
         # ---- heavy work from here on
         if overwrite:
             ckpt.clear_run(out)

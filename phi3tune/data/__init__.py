@@ -12,12 +12,13 @@ from typing import Any
 from ..errors import DataFormatError
 from ..specs import DataSpec
 from .formats import IGNORE, check_columns, detect_format, encode, resolve_train_on
-from .packing import Collator, pack_examples
+from .packing import Collator, pack_examples, padding_fraction
 from .sources import load_source
 
 log = logging.getLogger("phi3tune")
 
-__all__ = ["IGNORE", "Collator", "DataSummary", "PreparedData", "load_source", "prepare_data", "prepare_dataset"]
+__all__ = ["IGNORE", "Collator", "DataSummary", "PreparedData", "load_source", "padding_fraction",
+           "prepare_data", "prepare_dataset"]
 
 
 @dataclass

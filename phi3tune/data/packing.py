@@ -55,6 +55,16 @@ def pack_examples(examples: list[dict[str, list[int]]], capacity: int) -> list[d
     return rows
 
 
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of batch positions that are padding when rows are batched in ``order`` (right-padded to the longest)."""
+    padded = real = 0
+    for i in range(0, len(order), batch_size):
+        chunk = [lengths[j] for j in order[i:i + batch_size]]
+        padded += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return 1 - real / max(1, padded)
+
+
 class Collator:
     """Right-pad a list of rows into tensors; pads get IGNORE labels and continuing positions."""
 
