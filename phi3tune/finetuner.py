@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,32 @@ from typing import Any
 from . import checkpoints as ckpt
 from .errors import ConfigError
 from .inference import META_NAME
+from .loss import CE_CHUNK
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 log = logging.getLogger("phi3tune")
 IN_MEMORY = "in-memory:"
+
+
+# What TrainSpec.optimize_for switches. None changes which tokens are trained or how the loss is weighted.
+MODES: dict[str, dict[str, bool]] = {
+    # the classic recipe's layout: padded batches, frozen non-quantized weights upcast to fp32
+    "balanced": {"padding_free": False, "upcast_frozen": True, "checkpointing": False},
+    # no padding at all (each micro-batch is one row, examples fenced by position ids), frozen weights in bf16
+    "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False},
+    # speed's layout plus activation checkpointing
+    "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True},
+}
+
+
+def default_attention(device: Any, fenced: bool) -> str | None:
+    """FlexAttention for packed / padding-free batches on CUDA: its document mask skips the blocks between
+    examples (SDPA computes them, then masks them: 1.6x slower measured on the H200). SDPA everywhere else."""
+    import importlib.util
+
+    if device.type == "cuda" and fenced and importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        return "flex_attention"
+    return None
 
 
 @dataclass
@@ -155,8 +176,13 @@ class FineTuner:
                f"data={self.data_spec!r}, training={self.train_spec!r})"
 
     # ------------------------------------------------------------------ run
-    def run(self, *, resume: bool | str = False, overwrite: bool | None = None) -> RunResult:
-        """Train and save. ``resume=True`` continues from the newest complete checkpoint in output_dir."""
+    def run(self, *, resume: bool | str = False, overwrite: bool | None = None,
+            callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
+        """Train and save. ``resume=True`` continues from the newest complete checkpoint in output_dir.
+
+        ``callbacks`` are called after every optimizer step with a dict of that step's numbers
+        (step, loss, grad_norm, lr, real_tokens, trained_tokens, batch_tokens).
+        """
         from .data import prepare_data
         from .loop import Trainer
         from .model import (
@@ -199,15 +225,25 @@ class FineTuner:
             lengths = [len(x) for x in data.train["input_ids"]]
             print(data.summary.render(padding_fraction(lengths, order, t.batch_size)))
         # ---- heavy work from here on
-        if overwrite:
+        if overwrite or (resume and resume_from is None):  # nothing to resume: a killed run's logs start over
             ckpt.clear_run(out)
+        ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
         out.mkdir(parents=True, exist_ok=True)
         self.save_config(out / ckpt.CONFIG_NAME)
+        mode = MODES[t.optimize_for]
+        attn = self.attn_implementation or default_attention(device, mode["padding_free"] or d.packing)
         base = load_base_model(info, self.quant, compute_dtype, device, self.trust_remote_code,
-                               t.gradient_checkpointing, self.attn_implementation)
+                               t.gradient_checkpointing or mode["checkpointing"], attn,
+                               upcast_frozen=mode["upcast_frozen"])
         set_seed(t.seed)
         model = attach_adapter(base, self.adapter_spec, targets)
-        trainer = Trainer(model, tokenizer, data, t, precision, device, config)
+        if t.compile:
+            peft_model: Any = model
+            for layer in peft_model.get_base_model().model.layers:
+                layer.compile()
+        trainer = Trainer(model, tokenizer, data, t, precision, device, config, padding_free=mode["padding_free"],
+                          callbacks=callbacks, micro_batch_tokens=t.micro_batch_tokens,
+                          ce_chunk=512 if t.optimize_for == "memory" else CE_CHUNK)
         trainer.setup()
         if resume_from is None and resume:
             log.info("resume: no complete checkpoint in %s, starting from step 0", out)
@@ -224,17 +260,10 @@ class FineTuner:
 
     def _save_final(self, model: Any, tokenizer: Any, adapter_dir: Path) -> None:
         """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place."""
-        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=adapter_dir.parent))
-        try:
+        with ckpt.atomic_dir(adapter_dir, "the final adapter") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
                     "quant": self.quant.model_dump() if self.quant is not None else None,
                     "trust_remote_code": self.trust_remote_code}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-            if adapter_dir.exists():
-                shutil.rmtree(adapter_dir)
-            os.replace(tmp, adapter_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise

@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoints as ckpt
 from .data import Collator, PreparedData
+from .data.packing import resplit_flat
 from .errors import TrainingError, TrainingInterrupted
-from .loss import TokenLoss, count_trained
+from .loss import CE_CHUNK, TokenLoss, count_trained
 from .specs import TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -97,7 +98,9 @@ class Trainer:
     """Runs the loop for an already-built PEFT model and prepared data."""
 
     def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, precision: str,
-                 device: torch.device, run_config: dict[str, Any]) -> None:
+                 device: torch.device, run_config: dict[str, Any], padding_free: bool = False,
+                 callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
+                 micro_batch_tokens: int | None = None, ce_chunk: int = CE_CHUNK) -> None:
         self.model, self.tokenizer, self.data, self.spec = model, tokenizer, data, spec
         self.precision, self.device, self.run_config = precision, device, run_config
         self.output_dir = Path(spec.output_dir)
@@ -105,6 +108,12 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.micro_in_epoch = 0
+        self.log_window: dict[str, float] = {}  # loss sum / trained tokens since the last log line
+        self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last checkpoint written
+        self.padding_free = padding_free
+        self.micro_batch_tokens = micro_batch_tokens if padding_free else None
+        self.ce_chunk = ce_chunk
+        self.callbacks = list(callbacks or [])  # called after every optimizer step with that step's numbers
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -114,14 +123,18 @@ class Trainer:
         self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu")
         s = self.spec
         self.sampler = EpochSampler(len(self.data.train), s.seed)
-        collate = Collator(self.tokenizer.pad_token_id)
-        loader = DataLoader(self.data.train, batch_size=s.batch_size, sampler=self.sampler, collate_fn=collate)
+        collate = Collator(self.tokenizer.pad_token_id, padding_free=self.padding_free)
+        # Its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed
+        # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
+        loader = DataLoader(self.data.train, batch_size=s.batch_size, sampler=self.sampler, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(s.seed))
         self.eval_loader = None
         if self.data.eval is not None:
             self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(s.optimizer, self.params, s.learning_rate, s.weight_decay, self.device)
-        self.loss_module, self.optimizer, self.loader = acc.prepare(TokenLoss(self.model), optimizer, loader)
+        self.loss_module, self.optimizer, self.loader = acc.prepare(TokenLoss(self.model, self.ce_chunk), optimizer,
+                                                                     loader)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
         self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
         self.scheduler = get_scheduler(s.lr_scheduler, optimizer, math.ceil(s.warmup_ratio * self.total_steps),
@@ -171,12 +184,14 @@ class Trainer:
             self._restore(resume_from)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (s.progress_bar and acc.is_main_process))
-        window: dict[str, float] = {"loss_sum": 0.0, "tokens": 0, "real": 0, "t0": time.perf_counter()}
+        # a resumed run carries on the log window of the checkpoint, so its next log line averages the same steps
+        window = self.log_window = {"loss_sum": 0.0, "tokens": 0, **self.log_window, "real": 0,
+                                    "t0": time.perf_counter()}
         started, start_step, real_total = time.perf_counter(), self.step, 0
         self.loss_module.train()
         with _StopFlag() as stop:
             while self.step < self.total_steps:
-                self.sampler.set_epoch(self.epoch)
+                self.loader.set_epoch(self.epoch)  # accelerate re-sets the sampler's epoch from this on iter()
                 loader = (acc.skip_first_batches(self.loader, self.micro_in_epoch)
                           if self.micro_in_epoch else self.loader)
                 batches = iter(loader)
@@ -184,6 +199,8 @@ class Trainer:
                     micro = list(islice(batches, s.grad_accum))
                     if not micro:
                         break
+                    if self.micro_batch_tokens:
+                        micro = resplit_flat(micro, self.micro_batch_tokens)
                     lr = self.scheduler.get_last_lr()[0]
                     n_tok = sum(count_trained(b["labels"]) for b in micro)
                     loss, grad_norm, real = self._optimizer_step(micro)
@@ -194,6 +211,12 @@ class Trainer:
                     window["real"] += real
                     real_total += real
                     bar.update(1)
+                    if self.callbacks:
+                        event = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                                 "real_tokens": real, "trained_tokens": n_tok,
+                                 "batch_tokens": sum(int(b["input_ids"].numel()) for b in micro)}
+                        for fn in self.callbacks:
+                            fn(event)
                     if self.step % s.logging_steps == 0 or self.step == self.total_steps:
                         self._log_train(window, lr, grad_norm, bar)
                     if s.eval_steps and self.step % s.eval_steps == 0 and self.step != self.total_steps:
@@ -201,10 +224,12 @@ class Trainer:
                     if s.save_strategy == "steps" and s.save_steps and self.step % s.save_steps == 0:
                         self.save_checkpoint()
                     if stop.signal:
-                        path = self.save_checkpoint()
+                        path = self._saved[1] if self._saved and self._saved[0] == self.step else None
+                        path = path or self.save_checkpoint()
                         bar.close()
                         raise TrainingInterrupted(
-                            f"{stop.signal} at step {self.step}: saved {path}. Resume with "
+                            f"{stop.signal}: stopped after step {self.step} of {self.total_steps} and saved "
+                            f"{path}. Resume with .run(resume=True) on the same FineTuner, or "
                             f"FineTuner.from_config('{self.output_dir / ckpt.CONFIG_NAME}').run(resume=True)",
                             str(path))
                 else:  # the inner loop ran out of steps, not of data: training is done
@@ -261,7 +286,8 @@ class Trainer:
     # ---------------------------------------------------------------- save / restore
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                "total_steps": self.total_steps, "history": self.history}
+                "total_steps": self.total_steps, "history": self.history,
+                "log_window": {k: self.log_window.get(k, 0) for k in ("loss_sum", "tokens")}}
 
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
@@ -274,6 +300,7 @@ class Trainer:
                 tensors["scaler"] = acc.scaler.state_dict()
             path = ckpt.save_checkpoint(self.output_dir, self.step, acc.unwrap_model(self.loss_module).model,
                                         self.tokenizer, self._state(), tensors, self.spec.save_total_limit)
+        self._saved = (self.step, path)
         acc.wait_for_everyone()
         return path
 
@@ -290,6 +317,7 @@ class Trainer:
         ckpt.set_rng_state(tensors["rng"])
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         self.history = list(state["history"])
+        self.log_window = dict(state.get("log_window", {}))
         if self.accelerator.is_main_process:  # metrics.jsonl = history up to the checkpoint, no duplicates
             with open(self.output_dir / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in self.history)

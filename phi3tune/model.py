@@ -194,8 +194,14 @@ def load_base_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    upcast_frozen: bool = True,
 ) -> nn.Module:
-    """Load weights (safetensors only), quantized if asked, prepared for k-bit training."""
+    """Load weights (safetensors only), quantized if asked, prepared for k-bit training.
+
+    ``upcast_frozen`` is PEFT's prepare_model_for_kbit_training: every frozen non-quantized weight (norms,
+    embeddings, output head) goes to fp32. Without it they stay in the compute dtype, which saves memory and
+    bandwidth; under bf16 autocast the matmuls are bf16 either way and the adapters stay fp32.
+    """
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -220,7 +226,7 @@ def load_base_model(
         model.to(device)  # type: ignore[arg-type]
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
-    if quant is not None:
+    if quant is not None and upcast_frozen:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )

@@ -121,6 +121,13 @@ class TrainSpec(_Spec):
     eval_steps: int | None = Field(None, gt=0)
     seed: int = 42
     overwrite_output_dir: bool = False
+    optimize_for: Literal["balanced", "speed", "memory"] = Field(
+        "balanced", description="speed/memory trade-off; the loss is the same in every mode (docs/performance.md)"
+    )
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="speed/memory modes: re-cut each step's examples into micro-batches of at most "
+        "this many tokens (same examples and loss per step; trades memory for speed)")
+    compile: bool = Field(False, description="torch.compile each decoder layer (CUDA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
 

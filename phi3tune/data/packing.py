@@ -13,6 +13,7 @@ Batches are right-padded without an attention mask: under a causal mask a real t
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Any
 
 import torch
@@ -65,14 +66,41 @@ def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> f
     return 1 - real / max(1, padded)
 
 
-class Collator:
-    """Right-pad a list of rows into tensors; pads get IGNORE labels and continuing positions."""
+def resplit_flat(batches: list[dict[str, torch.Tensor]], budget: int) -> list[dict[str, torch.Tensor]]:
+    """Merge padding-free (one-row) micro-batches and cut them again at example starts into rows of at most
+    ``budget`` tokens (an example longer than the budget gets a row of its own). The step's examples and
+    trained tokens are unchanged, and the loss is token-weighted over the whole step, so only speed and
+    memory change."""
+    ids = torch.cat([b["input_ids"][0] for b in batches])
+    labels = torch.cat([b["labels"][0] for b in batches])
+    pos = torch.cat([b["position_ids"][0] for b in batches])
+    starts = [*(pos == 0).nonzero().flatten().tolist(), len(ids)]
+    cuts, begin = [0], 0
+    for a, b in itertools.pairwise(starts):
+        if b - begin > budget and a > begin:
+            cuts.append(a)
+            begin = a
+    cuts.append(len(ids))
+    return [{"input_ids": ids[a:b][None], "labels": labels[a:b][None], "position_ids": pos[a:b][None],
+             "num_real_tokens": torch.tensor(b - a)} for a, b in itertools.pairwise(cuts) if b > a]
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1) -> None:
+
+class Collator:
+    """Right-pad a list of rows into tensors; pads get IGNORE labels and continuing positions.
+
+    ``padding_free=True`` instead concatenates the rows into one row with restarting position_ids and the
+    first label of every row dropped: the same examples and trained tokens as the padded batch (so the same
+    loss), with zero padding. The attention is block-diagonal exactly as for packed rows.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, padding_free: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
+        self.padding_free = padding_free
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self._flat(rows)
         longest = max(len(r["input_ids"]) for r in rows)
         width = -(-longest // self.multiple) * self.multiple
         n = len(rows)
@@ -91,3 +119,16 @@ class Collator:
                 position_ids[i, k:] = torch.arange(width - k) + (int(r["position_ids"][-1]) + 1 if k else 0)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 "num_real_tokens": torch.tensor(real)}
+
+    @staticmethod
+    def _flat(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for r in rows:
+            k = len(r["input_ids"])
+            ids += r["input_ids"]
+            labels += [IGNORE, *r["labels"][1:]]  # no target across the row boundary (none existed padded)
+            pos += list(r["position_ids"]) if "position_ids" in r else list(range(k))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]), "num_real_tokens": torch.tensor(len(ids))}

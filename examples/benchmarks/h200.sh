@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The H200 benchmark, run through the `device` tool from the repo root, with .whl and .devshared carried:
+#   .whl        ../shared/tools/device-wheels.sh trl
+#   .devshared  copies of ../shared/{bench,models} and data/alpaca1k_guanaco_text.jsonl
+# Writes one JSON line per run to $OUT/results.jsonl, logs and profiles beside it.
+#   usage: bash examples/benchmarks/h200.sh [RUNS...]   (RUNS: names of the run_* functions below; default all)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch,transformers,peft,accelerate,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,accelerate.__version__,b.__version__)" | tee -a "$OUT/gpu.txt"
+[ -d /tmp/phi3 ] || python3 .devshared/bench/make_random_phi3.py --out /tmp/phi3 2>&1 | tail -1
+DATA=.devshared/alpaca1k_guanaco_text.jsonl
+cat > /tmp/base.yaml <<YAML
+model: /tmp/phi3
+quant: {bits: 4, quant_type: nf4, compute_dtype: auto, double_quant: false}
+adapter: {r: 64, alpha: 16, dropout: 0.1, target_modules: auto}
+data: {source: $DATA, max_seq_length: 512}
+training: {batch_size: 4, grad_accum: 4, precision: bf16, learning_rate: 0.0002, seed: 0}
+YAML
+STEPS=${STEPS:-10}; WARM=${WARM:-3}
+ours() {  # label, then --set overrides
+  local label=$1; shift
+  local sets=(); for s in "$@"; do sets+=(--set "$s"); done
+  timeout ${LIMIT:-170} python3 -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" \
+    "${sets[@]}" --out "$OUT/results.jsonl" > "$OUT/log_$label.txt" 2>&1 || echo "run $label failed: $?"
+  tail -c 600 "$OUT/log_$label.txt"; echo
+}
+run_balanced() { ours balanced training.optimize_for=balanced; }
+run_speed() { ours speed training.optimize_for=speed; }
+run_speed_packed() { ours speed_packed training.optimize_for=speed data.packing=true; }
+run_speed_packed_flex() { ours speed_packed_flex training.optimize_for=speed data.packing=true attn_implementation=flex_attention; }
+run_speed_16x1() { ours speed_16x1 training.optimize_for=speed training.batch_size=16 training.grad_accum=1; }
+run_memory_packed() { ours memory_packed training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit; }
+run_trl() {
+  timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
+    --out "$OUT/trl.json" > "$OUT/log_trl.txt" 2>&1 || echo "trl failed"; tail -c 400 "$OUT/trl.json"; echo
+}
+run_profile() {
+  timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \
+    --set data.packing=true --out "$OUT/profile_speed_packed.txt" > "$OUT/log_profile.txt" 2>&1 || echo "profile failed"
+  head -30 "$OUT/profile_speed_packed.txt"
+}
+runs=("$@"); [ ${#runs[@]} -gt 0 ] || runs=(speed_packed speed balanced speed_packed_flex memory_packed trl profile)
+for r in "${runs[@]}"; do echo "=== $r $(date +%T)"; "run_$r"; done

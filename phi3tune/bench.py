@@ -1,0 +1,228 @@
+"""Benchmark a run (real tokens/s, step time, peak device memory, MFU, padding) and estimate its memory.
+
+``benchmark`` times optimizer steps after a warm-up with the device synchronized, and reads peak memory from
+the *device* (used memory sampled in a thread), so paged optimizer state and allocator slack count, not only
+PyTorch's allocator peak. ``estimate_memory`` predicts the peak from the config alone, before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+import time
+from typing import Any
+
+import torch
+
+from .finetuner import MODES, FineTuner
+from .loss import CE_CHUNK
+
+GIB = 2**30
+# Dense bf16 matmul throughput measured on the H200 we benchmark on (docs/performance.md).
+PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
+# Saved activation elements per token per decoder layer, fitted on the CPU with saved-tensor hooks
+# (tests/test_bench.py re-measures them): ~3.4 x hidden + 1.1 x intermediate, plus one byte per element of the
+# four LoRA inputs for dropout masks.
+_ACT_D, _ACT_FF = 3.4, 1.1
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"bf16": 2, "fp16": 2, "fp32": 4}[name]
+
+
+def estimate_memory(ft: FineTuner, device: str = "cuda") -> dict[str, Any]:
+    """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only."""
+    from torch import nn
+
+    from .model import preflight_model, resolve_target_modules
+
+    info = preflight_model(ft.model, ft.trust_remote_code)
+    cfg = info.config
+    t, d_spec, q = ft.train_spec, ft.data_spec, ft.quant
+    mode = MODES[t.optimize_for]
+    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    act_b = _dtype_bytes(precision)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        meta = AutoModelForCausalLM.from_config(cfg)
+    head = meta.get_output_embeddings()
+    targets = set(resolve_target_modules(ft.adapter_spec, info.linear_layers))
+    quantized = other = lora = 0
+    for name, mod in meta.named_modules():
+        if isinstance(mod, nn.Linear) and mod is not head:
+            n = mod.weight.numel()
+            if q is None:
+                other += n * act_b
+            elif q.bits == 4:
+                quantized += n // 2 + (n // 64) * (1 if q.double_quant else 4)
+            else:
+                quantized += n + mod.out_features * 4
+            if name.rsplit(".", 1)[-1] in targets:
+                lora += ft.adapter_spec.r * (mod.in_features + mod.out_features)
+    linear_params = sum(m.weight.numel() for m in meta.modules() if isinstance(m, nn.Linear) and m is not head)
+    rest = sum(p.numel() for p in meta.parameters()) - linear_params
+    other += rest * (4 if (mode["upcast_frozen"] and q is not None) or precision == "fp32" else act_b)
+    opt_state = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}[t.optimizer]
+    adapter = lora * (4 + 4 + opt_state)
+    d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    tokens = t.batch_size * d_spec.max_seq_length
+    per_layer = act_b * (_ACT_D * d + _ACT_FF * ff) + (3 * d + ff if ft.adapter_spec.dropout > 0 else 0)
+    if t.gradient_checkpointing or mode["checkpointing"]:
+        activations = tokens * (layers * d * act_b + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    logits = min(tokens, CE_CHUNK) * cfg.vocab_size * (act_b + 4 + 4)
+    context = int(0.5 * GIB) if device == "cuda" else 0
+    parts = {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
+             "activations": int(activations), "logits_chunk": logits, "cuda_context": context}
+    return {**parts, "total_gib": round(sum(parts.values()) / GIB, 3), "tokens_per_micro_batch": tokens,
+            "lora_params": lora}
+
+
+class _DeviceMemory:
+    """Samples device-wide used memory in a thread; peak minus the level before the run started."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        free, total = torch.cuda.mem_get_info()
+        self.base = total - free
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _DeviceMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return (self.peak - self.base) / GIB
+
+
+def _useful_flops_per_token(ft: FineTuner) -> float:
+    """4 x non-embedding parameters: forward 2N + backward input-gradients 2N (the base is frozen)."""
+    from .model import preflight_model
+
+    info = preflight_model(ft.model, ft.trust_remote_code)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        meta = AutoModelForCausalLM.from_config(info.config)
+    n = sum(p.numel() for p in meta.parameters()) - meta.get_input_embeddings().weight.numel()
+    return 4.0 * n
+
+
+def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None = None) -> dict[str, Any]:
+    """Run ``warmup + steps`` optimizer steps; report the timed ``steps`` as one JSON-ready dict."""
+    cuda = torch.cuda.is_available() and ft.train_spec.device != "cpu"
+    out_dir = tempfile.mkdtemp(prefix="phi3tune-bench-")
+    ft = FineTuner.from_config(ft.to_config()) if not _in_memory(ft) else ft
+    ft.training(max_steps=warmup + steps, save_strategy="no", logging_steps=10**6, progress_bar=False,
+                output_dir=out_dir, overwrite_output_dir=True)
+    times: list[float] = []
+    events: list[dict[str, Any]] = []
+    last = [time.perf_counter()]
+
+    def on_step(event: dict[str, Any]) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if event["step"] > warmup:
+            times.append(now - last[0])
+            events.append(event)
+        last[0] = now
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        monitor: Any = _DeviceMemory()
+    else:
+        monitor = None
+    started = time.perf_counter()
+    if monitor is not None:
+        with monitor:
+            result = ft.run(callbacks=[on_step])
+    else:
+        result = ft.run(callbacks=[on_step])
+    real = sum(e["real_tokens"] for e in events)
+    batch = sum(e["batch_tokens"] for e in events)
+    tok_s = real / sum(times) if times else 0.0
+    report: dict[str, Any] = {
+        "label": label or ft.train_spec.optimize_for, "optimize_for": ft.train_spec.optimize_for,
+        "packing": ft.data_spec.packing, "batch_size": ft.train_spec.batch_size,
+        "grad_accum": ft.train_spec.grad_accum, "max_seq_length": ft.data_spec.max_seq_length,
+        "optimizer": ft.train_spec.optimizer, "attn": ft.attn_implementation or "sdpa",
+        "steps": len(times), "warmup": warmup,
+        "real_tokens_per_s": round(tok_s, 1),
+        "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
+        "padding_fraction": round(1 - real / max(1, batch), 4),
+        "losses": [round(e["loss"], 4) for e in events],
+        "total_s": round(time.perf_counter() - started, 1),
+        "final_loss": result.losses[-1] if result.losses else None,
+    }
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        report.update(device=name, peak_device_gib=round(monitor.peak_gib, 3),
+                      peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
+        if peak:
+            report["mfu"] = round(tok_s * _useful_flops_per_token(ft) / (peak * 1e12), 4)
+    return report
+
+
+def _in_memory(ft: FineTuner) -> bool:
+    return not isinstance(ft.data_spec.source, (str, type(None))) and not isinstance(ft.data_spec.source, list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`phi3tune bench CONFIG [--steps N] [--warmup N] [--estimate] [--set key=value ...]`."""
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="phi3tune bench", description=__doc__)
+    ap.add_argument("config", help="a FineTuner.to_config() YAML/JSON file")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--estimate", action="store_true", help="only predict peak memory; load nothing")
+    ap.add_argument("--label")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. training.optimize_for=speed")
+    ap.add_argument("--out", help="also append the JSON line to this file")
+    a = ap.parse_args(argv)
+    with open(a.config) as f:
+        cfg = yaml.safe_load(f)
+    for item in a.set:
+        key, _, value = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    ft = FineTuner.from_config(cfg)
+    if a.estimate:
+        report = {"label": a.label, "estimate": estimate_memory(ft)}
+    else:
+        report = benchmark(ft, a.steps, a.warmup, a.label)
+        report["estimate_gib"] = estimate_memory(ft)["total_gib"]
+    line = json.dumps(report)
+    print(line, flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    return 0 if math.isfinite(report.get("real_tokens_per_s", 0.0)) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""optimize_for modes change speed and memory, never the loss; the bench and the memory estimate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rows_of_text
+from helpers import adapter_tensors, tiny_tuner
+
+from phi3tune.data import IGNORE, Collator
+
+
+def test_padding_free_batch_has_the_same_trained_tokens():
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [IGNORE, 9]}]
+    padded = Collator(0)(rows)
+    flat = Collator(0, padding_free=True)(rows)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert flat["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]
+    # the shifted targets (what the loss sees) are the same multiset in both layouts
+    def targets(b):
+        return sorted(b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE].tolist())
+    assert targets(flat) == targets(padded)
+    assert int(flat["num_real_tokens"]) == int(padded["num_real_tokens"]) == 5
+
+
+@pytest.mark.parametrize("mode", ["speed", "memory"])
+def test_modes_give_the_same_first_step_as_balanced(tiny_model, tmp_path, mode):
+    rows = rows_of_text(8, seed=5)
+    ref = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=2).run()
+    got = tiny_tuner(tiny_model, tmp_path / mode, rows, batch_size=4, grad_accum=2, optimize_for=mode).run()
+    assert got.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-5)
+    assert got.history[0]["grad_norm"] == pytest.approx(ref.history[0]["grad_norm"], rel=1e-4)
+    a, b = adapter_tensors(ref), adapter_tensors(got)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bench_reports_throughput_and_padding(tiny_model):
+    from phi3tune.bench import benchmark
+
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(16), batch_size=4, grad_accum=1)
+    rep = benchmark(ft, steps=3, warmup=1)
+    assert rep["steps"] == 3 and rep["real_tokens_per_s"] > 0 and len(rep["losses"]) == 3
+    assert 0 < rep["padding_fraction"] < 1  # padded batches of uneven rows
+    flat = benchmark(ft.training(optimize_for="speed"), steps=3, warmup=1)
+    assert flat["padding_fraction"] == 0
+
+
+def test_resplit_keeps_examples_and_respects_the_budget():
+    from phi3tune.data.packing import resplit_flat
+
+    rows = [{"input_ids": list(range(10, 10 + n)), "labels": list(range(10, 10 + n))} for n in (3, 5, 2, 7, 4)]
+    flat = [Collator(0, padding_free=True)(rows[:2]), Collator(0, padding_free=True)(rows[2:])]
+    parts = resplit_flat(flat, budget=8)
+    assert all(p["input_ids"].shape[1] <= 8 for p in parts)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.cat([p[key][0] for p in parts]).tolist() == torch.cat([b[key][0] for b in flat]).tolist()
+    for p in parts:  # every cut is at an example start
+        assert p["position_ids"][0, 0] == 0 and p["labels"][0, 0] == IGNORE
+    assert len(resplit_flat(flat, budget=100)) == 1
+
+
+def test_micro_batch_tokens_changes_nothing_but_the_split(tiny_model, tmp_path):
+    rows = rows_of_text(8, seed=6)
+    ref = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=8, optimize_for="speed").run()
+    got = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=8, optimize_for="speed",
+                     micro_batch_tokens=64).run()
+    assert got.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-5)
+    assert got.history[0]["grad_norm"] == pytest.approx(ref.history[0]["grad_norm"], rel=1e-4)
