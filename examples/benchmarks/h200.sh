@@ -25,8 +25,8 @@ ours() {  # label, then --set overrides
   local label=$1; shift
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
   timeout ${LIMIT:-170} python3 -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" \
-    "${sets[@]}" --out "$OUT/results.jsonl" > "$OUT/log_$label.txt" 2>&1 || echo "run $label failed: $?"
-  tail -c 600 "$OUT/log_$label.txt"; echo
+    "${sets[@]}" > "$OUT/log_$label.txt" 2>&1 || echo "run $label failed: $?"
+  grep -h '^{' "$OUT/log_$label.txt" >> "$OUT/all.jsonl"; tail -c 700 "$OUT/log_$label.txt"; echo
 }
 run_balanced() { ours balanced training.optimize_for=balanced; }
 run_speed() { ours speed training.optimize_for=speed; }
@@ -34,9 +34,14 @@ run_speed_packed() { ours speed_packed training.optimize_for=speed data.packing=
 run_speed_packed_flex() { ours speed_packed_flex training.optimize_for=speed data.packing=true attn_implementation=flex_attention; }
 run_speed_16x1() { ours speed_16x1 training.optimize_for=speed training.batch_size=16 training.grad_accum=1; }
 run_memory_packed() { ours memory_packed training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit; }
+run_speed_mb4096() { ours speed_mb4096 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1 training.micro_batch_tokens=4096; }
+run_speed_compile() { ours speed_compile training.optimize_for=speed data.packing=true training.compile=true; }
+run_memory_mb8192() { ours memory_mb8192 training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit training.batch_size=16 training.grad_accum=1; }
+run_speed_seq4096() { ours speed_seq4096 training.optimize_for=speed data.packing=true data.max_seq_length=4096 training.batch_size=1 training.grad_accum=4; }
+run_memory_seq4096() { ours memory_seq4096 training.optimize_for=memory data.packing=true data.max_seq_length=4096 training.batch_size=1 training.grad_accum=4 training.optimizer=paged_adamw_8bit; }
 run_trl() {
   timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
-    --out "$OUT/trl.json" > "$OUT/log_trl.txt" 2>&1 || echo "trl failed"; tail -c 400 "$OUT/trl.json"; echo
+    --out /tmp/trl.json > /tmp/log_trl.txt 2>&1 || echo "trl failed"; cat /tmp/trl.json >> "$OUT/all.jsonl"; tail -c 400 /tmp/trl.json; echo
 }
 run_profile() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \
