@@ -25,8 +25,8 @@ ours() {  # label, then --set overrides
   local label=$1; shift
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
   timeout ${LIMIT:-170} python3 -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" \
-    "${sets[@]}" > "$OUT/log_$label.txt" 2>&1 || echo "run $label failed: $?"
-  grep -h '^{' "$OUT/log_$label.txt" >> "$OUT/all.jsonl"; tail -c 700 "$OUT/log_$label.txt"; echo
+    "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
+  grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; tail -c 700 "/tmp/log_$label.txt"; echo
 }
 run_balanced() { ours balanced training.optimize_for=balanced; }
 run_speed() { ours speed training.optimize_for=speed; }
@@ -45,7 +45,7 @@ run_trl() {
 }
 run_profile() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \
-    --set data.packing=true --out "$OUT/profile_speed_packed.txt" > "$OUT/log_profile.txt" 2>&1 || echo "profile failed"
+    --set data.packing=true --out "$OUT/profile_speed_packed.txt" > /tmp/log_profile.txt 2>&1 || echo "profile failed"
   head -30 "$OUT/profile_speed_packed.txt"
 }
 runs=("$@"); [ ${#runs[@]} -gt 0 ] || runs=(speed_packed speed balanced speed_packed_flex memory_packed trl profile)
