@@ -2,17 +2,20 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into place only when complete, so a
 kill at any moment leaves either the previous checkpoints or the new one — never a torn one. Resume loads
-only directories with the completion marker.
+only directories with the completion marker; hidden leftovers of a killed save are ignored, then removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,10 @@ from .errors import CheckpointError, OutputDirError
 
 CONFIG_NAME = "phi3tune_config.yaml"
 STATE_NAME = "trainer_state.json"
+TENSORS_NAME = "training_state.pt"
 FINAL_DIR = "final_checkpoint"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL = re.compile(r"^\.(checkpoint-\d+|final|trash)\.")  # temp dirs of an unfinished save or delete
 RUN_MARKERS = (CONFIG_NAME, "metrics.jsonl", FINAL_DIR)
 
 
@@ -48,26 +53,42 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool | str, conf
     """Refuse to train into a directory holding another run, unless told to overwrite or resume it."""
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputDirError(f"training.output_dir {str(output_dir)!r} is a file; give a directory")
-    if resume:
+    if resume and not overwrite:
         saved = output_dir / CONFIG_NAME
-        if saved.is_file() and not overwrite:
+        if saved.is_file():
             import yaml
 
             old = yaml.safe_load(saved.read_text())
-            if _run_identity(old) != _run_identity(config):
+            if not isinstance(old, dict) or _run_identity(old) != _run_identity(config):
                 raise OutputDirError(
                     f"training.output_dir {str(output_dir)!r} holds checkpoints of a different configuration; "
                     "resume with the same specs, or use a new output_dir (or overwrite=True to discard them)"
                 )
-    elif holds_run(output_dir) and not overwrite:
+        if resume is True and (output_dir / FINAL_DIR).exists() and not list_checkpoints(output_dir):
+            raise OutputDirError(
+                f"training.output_dir {str(output_dir)!r} holds a finished run with no checkpoint to resume from; "
+                f"its adapter is in {str(output_dir / FINAL_DIR)!r}. Pass overwrite=True to train it again, "
+                "or choose another output_dir"
+            )
+    elif not resume and holds_run(output_dir) and not overwrite:
         raise OutputDirError(
             f"training.output_dir {str(output_dir)!r} already holds a run; pass resume=True to continue it, "
             "overwrite=True (or training.overwrite_output_dir) to replace it, or choose another output_dir"
         )
-    probe_dir = output_dir if output_dir.exists() else _nearest_existing(output_dir)
-    if not os.access(probe_dir, os.W_OK):
-        raise OutputDirError(f"training.output_dir {str(output_dir)!r} is not writable ({probe_dir} is read-only); "
-                             "choose a directory you can write to")
+    _check_writable(output_dir)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Really try to write (os.access says yes to root everywhere) in the directory or its nearest ancestor."""
+    probe_dir = _nearest_existing(output_dir)
+    if not probe_dir.is_dir():
+        raise OutputDirError(f"training.output_dir {str(output_dir)!r} cannot be created: {str(probe_dir)!r} is a "
+                             "file, not a directory; choose an output_dir under a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".phi3tune-probe.", dir=probe_dir)).rmdir()
+    except OSError as exc:
+        raise OutputDirError(f"training.output_dir {str(output_dir)!r} is not writable ({str(probe_dir)!r}: "
+                             f"{exc.strerror}); choose a directory you can write to") from exc
 
 
 def clear_run(output_dir: Path) -> None:
@@ -75,8 +96,18 @@ def clear_run(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     for p in output_dir.iterdir():
-        if p.name in RUN_MARKERS or _CKPT.match(p.name) or p.name in ("loss.png",):
+        if p.name in RUN_MARKERS or _CKPT.match(p.name) or _PARTIAL.match(p.name) or p.name == "loss.png":
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    """Delete the hidden temp dirs that a killed save or delete left behind; return what was removed."""
+    if not output_dir.is_dir():
+        return []
+    stale = [p for p in output_dir.iterdir() if p.is_dir() and _PARTIAL.match(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -87,11 +118,12 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _run_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What must match for checkpoints to be resumable: everything but bookkeeping fields."""
+    """What must match for checkpoints to be resumable: everything but bookkeeping fields (and where the
+    run lives, so a copied or moved output_dir still resumes)."""
     cfg = json.loads(json.dumps(config, default=str))
     train = cfg.get("training", {})
-    for key in ("max_steps", "logging_steps", "save_steps", "save_strategy", "save_total_limit", "eval_steps",
-                "overwrite_output_dir", "progress_bar", "num_epochs"):
+    for key in ("output_dir", "device", "max_steps", "logging_steps", "save_steps", "save_strategy",
+                "save_total_limit", "eval_steps", "overwrite_output_dir", "progress_bar", "num_epochs"):
         train.pop(key, None)
     return cfg
 
@@ -114,49 +146,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _discard(path: Path) -> None:
+    """Remove a directory without ever leaving a torn copy under its own name: rename aside, then delete."""
+    trash = Path(tempfile.mkdtemp(prefix=".trash.", dir=path.parent))
+    os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: Path, what: str) -> Iterator[Path]:
+    """Yield a hidden temp dir next to ``final``; when the block ends, rename it to ``final``.
+
+    On any failure (or Ctrl-C) the temp dir is removed and an existing ``final`` is left as it was. A full disk
+    becomes an OutputDirError that names the directory and says what to do.
+    """
+    name = "final" if final.name == FINAL_DIR else final.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputDirError(
+                f"training.output_dir {str(final.parent)!r}: disk full while saving {what} ({exc.strerror}); "
+                "the partial copy was removed and earlier checkpoints are intact. Free some space (or set "
+                "training.save_total_limit, or move output_dir to a larger disk) and resume with run(resume=True)"
+            ) from exc
+        raise
+
+
 def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, train_state: dict[str, Any],
                     tensors: dict[str, Any], keep: int | None = None) -> Path:
     """Write checkpoint-<step>/ atomically (temp dir + rename), then drop all but the newest ``keep``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
-    try:
+    with atomic_dir(final, f"checkpoint-{step}") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(tensors, tmp / "training_state.pt")
+        torch.save(tensors, tmp / TENSORS_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(train_state, indent=1))  # written last: the completion mark
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     return final
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state, tensors) of a complete checkpoint."""
-    if not (path / STATE_NAME).is_file() or not (path / "training_state.pt").is_file():
+    if not (path / STATE_NAME).is_file() or not (path / TENSORS_NAME).is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is missing or incomplete (no {STATE_NAME}); "
                               "resume=True picks the newest complete one")
-    state = json.loads((path / STATE_NAME).read_text())
-    tensors = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        tensors = torch.load(path / TENSORS_NAME, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupted file: json, pickle and zip errors of many types
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc.__class__.__name__}: "
+                              f"{str(exc)[:200]}); resume from an older one with resume='checkpoint-N'") from exc
     return state, tensors
 
 
 def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path | None:
+    """The checkpoint to resume from: ``resume`` as a path (tried inside output_dir first), else the newest."""
     if isinstance(resume, str):
-        path = Path(resume).expanduser()
-        if not path.is_absolute() and not path.exists():
-            path = output_dir / resume
+        given = Path(resume).expanduser()
+        inside = output_dir / given
+        path = inside if not given.is_absolute() and (inside / STATE_NAME).is_file() else given
         if not (path / STATE_NAME).is_file():
             raise CheckpointError(f"resume={resume!r}: no complete checkpoint there; "
                                   f"complete ones in {str(output_dir)!r}: "
-                                  f"{[p.name for p in list_checkpoints(output_dir)]}")
+                                  f"{[p.name for p in list_checkpoints(output_dir)]}; pass one of them "
+                                  "or resume=True for the newest")
         return path
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
