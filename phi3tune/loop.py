@@ -199,13 +199,14 @@ class Trainer:
                     micro = list(islice(batches, s.grad_accum))
                     if not micro:
                         break
+                    consumed = len(micro)  # loader batches, which a resume skips (before any re-split)
                     if self.micro_batch_tokens:
                         micro = resplit_flat(micro, self.micro_batch_tokens)
                     lr = self.scheduler.get_last_lr()[0]
                     n_tok = sum(count_trained(b["labels"]) for b in micro)
                     loss, grad_norm, real = self._optimizer_step(micro)
                     self.step += 1
-                    self.micro_in_epoch += len(micro)
+                    self.micro_in_epoch += consumed
                     window["loss_sum"] += loss * n_tok
                     window["tokens"] += n_tok
                     window["real"] += real
