@@ -187,6 +187,7 @@ class FineTuner:
         from .loop import Trainer
         from .model import (
             attach_adapter,
+            check_modules_to_save,
             load_base_model,
             load_tokenizer,
             preflight_model,
@@ -208,6 +209,7 @@ class FineTuner:
         resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
         info = preflight_model(self.model, self.trust_remote_code)
         targets = resolve_target_modules(self.adapter_spec, info.linear_layers)
+        check_modules_to_save(self.adapter_spec, info.module_names)
         max_pos = getattr(info.config, "max_position_embeddings", None)
         if max_pos and d.max_seq_length > max_pos:
             raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "

@@ -40,6 +40,7 @@ class ModelInfo:
     source: str  # absolute local dir or hub id
     config: Any
     linear_layers: tuple[str, ...]  # leaf names of nn.Linear modules, output head excluded
+    module_names: tuple[str, ...] = ()  # dotted names of every module (for adapter.modules_to_save)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,9 +99,17 @@ def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = Fa
         if not path.is_dir():
             raise ModelSourceError(f"model {src!r} is a file; give the directory that holds config.json")
         if not (path / "config.json").is_file():
+            adapter = " (it holds a LoRA adapter: load that with phi3tune.load_finetuned)" if (
+                path / "adapter_config.json").is_file() else ""
             raise ModelSourceError(
-                f"model directory {src!r} has no config.json, so it is not a transformers model; "
+                f"model directory {src!r} has no config.json, so it is not a transformers model{adapter}; "
                 "give a directory written by save_pretrained or a hub id like microsoft/Phi-3-mini-4k-instruct"
+            )
+        if not any(path.glob("*.safetensors")):
+            others = sorted(p.name for p in path.glob("*.bin"))
+            raise ModelSourceError(
+                f"model directory {src!r} has no .safetensors weights{f' (only {others})' if others else ''}; "
+                "phi3tune loads safetensors only: re-save the model with save_pretrained(safe_serialization=True)"
             )
         src = str(path.resolve())
     elif _looks_like_path(src):
@@ -120,7 +129,7 @@ def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = Fa
                     getattr(config, "model_type", None))
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return ModelInfo(src, config, linear_layer_names(meta))
+    return ModelInfo(src, config, linear_layer_names(meta), tuple(n for n, _ in meta.named_modules() if n))
 
 
 def linear_layer_names(model: nn.Module) -> tuple[str, ...]:
@@ -158,6 +167,18 @@ def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) ->
             f"Its linear layers are {list(linear_layers)}; use some of them or \"auto\""
         )
     return resolved
+
+
+def check_modules_to_save(spec: AdapterSpec, module_names: tuple[str, ...]) -> None:
+    """PEFT silently ignores modules_to_save names that match nothing: the user would train less than asked."""
+    unknown = [name for name in spec.modules_to_save or []
+               if not any(m == name or m.endswith("." + name) for m in module_names)]
+    if unknown:
+        names = set(module_names)
+        tops = sorted(m.rsplit(".", 1)[-1] for m in names if "layers." not in m and not any(
+            o.startswith(m + ".") for o in names))  # leaf modules outside the decoder layers
+        raise TargetModulesError(f"adapter.modules_to_save: {unknown} match no module of this model; use module "
+                                 f"names such as {tops}")
 
 
 def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:

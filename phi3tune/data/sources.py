@@ -42,11 +42,11 @@ def _load_file(path: Path, field: str) -> Any:
     builder = _FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataSourceError(
-            f"{field}: {str(path)!r} has extension {path.suffix!r}; phi3tune reads "
-            f"{sorted(_FILE_BUILDERS)} files or a directory of them"
+            f"{field}: {str(path)!r} has extension {path.suffix!r}; give one of {sorted(_FILE_BUILDERS)} files "
+            "or a directory of them (plain text: one JSON object per line in a .jsonl, e.g. {\"text\": ...})"
         )
     if path.stat().st_size == 0:
-        raise DataFormatError(f"{field}: file {str(path)!r} is empty; it needs at least one example")
+        raise DataFormatError(f"{field}: file {str(path)!r} is empty; give a file with at least one example")
     if builder == "json":
         bad = _find_bad_json(path)
         if bad:
@@ -54,7 +54,8 @@ def _load_file(path: Path, field: str) -> Any:
     try:
         return load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataFormatError(f"{field}: could not read {str(path)!r}: {str(exc)[:300]}") from exc
+        raise DataFormatError(f"{field}: could not read {str(path)!r}: {_reason(exc)}; check that it is a valid "
+                              f"{path.suffix} file") from exc
 
 
 def _load_dir(path: Path, split: str, field: str) -> Any:
@@ -68,7 +69,8 @@ def _load_dir(path: Path, split: str, field: str) -> Any:
     files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in _FILE_BUILDERS]
     if not files:
         raise DataSourceError(
-            f"{field}: directory {str(path)!r} holds no {sorted(_FILE_BUILDERS)} files and no saved dataset"
+            f"{field}: directory {str(path)!r} holds no {sorted(_FILE_BUILDERS)} files and no saved dataset; "
+            "give a data file, or a directory that holds some"
         )
     for f in files:
         if f.suffix.lower() in (".json", ".jsonl") and (bad := _find_bad_json(f)):
@@ -93,7 +95,12 @@ def load_source(source: Any, split: str = "train", field: str = "data.source") -
             raise DataSourceError(f"{field}: the DatasetDict has splits {list(source)}, not {split!r}")
         ds = source[split]
     elif isinstance(source, list):
-        ds = Dataset.from_list(source) if source else None
+        try:
+            ds = Dataset.from_list(source) if source else None
+        except Exception as exc:  # pyarrow: one column holding values of several types
+            raise DataFormatError(f"{field}: the list of rows does not make a table ({_reason(exc)}); give each "
+                                  "column one type in every row (e.g. text everywhere, not text in one row and a "
+                                  "number in another)") from exc
     else:
         path = Path(str(source)).expanduser()
         if path.is_file():
@@ -116,6 +123,13 @@ def load_source(source: Any, split: str = "train", field: str = "data.source") -
     if ds is None or len(ds) == 0:
         raise DataFormatError(f"{field}: the dataset {_describe(source)} has no rows; give at least one example")
     return ds
+
+
+def _reason(exc: BaseException) -> str:
+    """The message of the root cause: datasets wraps the useful one ("... while generating the dataset")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{exc.__class__.__name__}: {str(exc)[:300]}"
 
 
 def _describe(source: Any) -> str:
