@@ -18,7 +18,8 @@ from .errors import (
     TrainingInterrupted,
 )
 from .finetuner import FineTuner, RunResult
-from .inference import FineTunedModel, load_finetuned
+from .hub import HubError, push_to_hub
+from .inference import FineTunedModel, load_finetuned, merge_adapter
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "DataSpec",
     "FineTunedModel",
     "FineTuner",
+    "HubError",
     "ModelSourceError",
     "OutputDirError",
     "Phi3TuneError",
@@ -42,5 +44,7 @@ __all__ = [
     "TrainingError",
     "TrainingInterrupted",
     "load_finetuned",
+    "merge_adapter",
     "prepare_dataset",
+    "push_to_hub",
 ]

@@ -1,18 +1,28 @@
-"""Use a trained adapter: load it on its base model (quantized or not) for inference."""
+"""Use a trained adapter: load it for generation (quantized or not), or merge it into a standalone model."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelSourceError
+from .errors import ConfigError, ModelSourceError, OutputDirError
 from .specs import QuantSpec
 
 META_NAME = "phi3tune.json"
+MERGE_META_NAME = "phi3tune_merge.json"
 _SAME = "same-as-training"
+END_OF_TURN = "<|end|>"
+MERGE_DTYPES = ("bfloat16", "float16", "float32")
+# Keyword arguments that only make sense when sampling: giving any of them turns sampling on.
+SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+
+Messages = Sequence[dict[str, str]]
 
 
 @dataclass
@@ -22,6 +32,75 @@ class FineTunedModel:
     model: Any
     tokenizer: Any
     adapter_dir: Path
+
+    def generate(self, prompt_or_messages: str | Messages, max_new_tokens: int = 256, **sampling: Any) -> str:
+        """The model's reply to a user message (str) or a conversation ([{role, content}, …]), new text only.
+
+        The prompt goes through the tokenizer's chat template; generation stops at ``<|end|>`` or any eos
+        id of the generation config. Greedy unless sampling arguments are given (``temperature=0.7``,
+        ``top_p=0.9``, ``do_sample=True``, …); other ``model.generate`` arguments pass through.
+        """
+        return generate_text(self.model, self.tokenizer, prompt_or_messages, max_new_tokens, **sampling)
+
+
+def as_messages(prompt_or_messages: str | Messages, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """A str becomes one user message; a list of {role, content} dicts is checked and copied."""
+    if isinstance(prompt_or_messages, str):
+        messages = [{"role": "user", "content": prompt_or_messages}]
+    else:
+        messages = [dict(m) for m in prompt_or_messages]
+        bad = [m for m in messages if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)]
+        if not messages or bad:
+            raise ConfigError("generate: give a prompt string or a non-empty list of {'role': …, 'content': …} "
+                              f"messages (role user/assistant/system); got {str(prompt_or_messages)[:120]!r}")
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id generation should stop at: the generation config's eos ids (Phi-3: 32000, 32001, 32007),
+    the tokenizer's eos and its end-of-turn token ``<|end|>`` when it has one."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.extend([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        ids.append(end)
+    return sorted(set(ids))
+
+
+def generate_text(model: Any, tokenizer: Any, prompt_or_messages: str | Messages, max_new_tokens: int = 256,
+                  **sampling: Any) -> str:
+    """See FineTunedModel.generate; works on any causal LM with a chat-template tokenizer (e.g. a base model)."""
+    import torch
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: give at least 1")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("generate: the tokenizer has no chat template; Phi-3 tokenizers ship one, so load the "
+                          "tokenizer saved with the adapter or the base model's own")
+    text = tokenizer.apply_chat_template(as_messages(prompt_or_messages), tokenize=False, add_generation_prompt=True)
+    # The template already holds any special tokens it wants; the data pipeline tokenizes the same way.
+    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = {"do_sample": any(k in sampling for k in SAMPLING_KWARGS)}
+    kwargs.update(sampling)
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0] if stops else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=enc["input_ids"].to(device),
+                                 attention_mask=enc["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
+    finally:
+        model.train(was_training)
+    new_tokens = out[0, enc["input_ids"].shape[1]:]
+    return str(tokenizer.decode(new_tokens, skip_special_tokens=True))
 
 
 def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
@@ -38,39 +117,127 @@ def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str | None = _SAME,
-                   base_model: str | None = None, device: str = "auto",
-                   trust_remote_code: bool = False) -> FineTunedModel:
-    """Load base + adapter. ``quant`` defaults to the quantization the adapter was trained with."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from .model import bnb_config, load_tokenizer, resolve_device
-
-    path = Path(adapter_dir).expanduser()
-    meta = read_adapter_meta(path)
+def _base_of(path: Path, meta: dict[str, Any], base_model: str | None) -> str:
     base = base_model or meta.get("base_model")
     if not base:
         raise ModelSourceError(f"{str(path)!r}: adapter_config.json names no base model; pass base_model=")
-    if quant == _SAME:
-        saved = meta.get("quant")
-        quant = QuantSpec(**saved) if saved else None
-    dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else (
-        torch.float16 if dev.type == "cuda" else torch.float32)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if isinstance(quant, QuantSpec):
-        cdt = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
-        kwargs.update(quantization_config=bnb_config(quant, cdt), device_map={"": dev})
+    return str(base)
+
+
+def _load_base(base: str, path: Path, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, **kwargs)
     except OSError as exc:
         raise ModelSourceError(f"could not load base model {base!r} for adapter {str(path)!r}: {str(exc)[:200]}; "
                                "pass base_model= with a local directory") from exc
+
+
+def _adapter_tokenizer(path: Path, base: str, trust_remote_code: bool) -> Any:
+    from .model import load_tokenizer
+
+    return load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base, trust_remote_code)
+
+
+def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str | None = _SAME,
+                   base_model: str | None = None, device: str = "auto",
+                   trust_remote_code: bool = False) -> FineTunedModel:
+    """Load base + adapter. ``quant`` defaults to the quantization the adapter was trained with; ``None``
+    loads the base unquantized. The base model comes from adapter_config.json unless ``base_model`` is given."""
+    import torch
+    from peft import PeftModel
+
+    from .model import bnb_config, resolve_device
+
+    path = Path(adapter_dir).expanduser()
+    meta = read_adapter_meta(path)
+    base = _base_of(path, meta, base_model)
+    if quant == _SAME:
+        saved = meta.get("quant")
+        quant = QuantSpec(**saved) if saved else None
+    elif isinstance(quant, str):
+        raise ConfigError(f"load_finetuned: quant={quant!r}; give a QuantSpec, None (unquantized) or leave it out "
+                          "(the quantization the adapter was trained with)")
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else (
+        torch.float16 if dev.type == "cuda" else torch.float32)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if isinstance(quant, QuantSpec):
+        cdt = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+        kwargs.update(quantization_config=bnb_config(quant, cdt), device_map={"": dev})
+    model = _load_base(base, path, **kwargs)
     if not isinstance(quant, QuantSpec):
-        model.to(dev)  # type: ignore[arg-type]
+        model.to(dev)
     peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
-    tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base, trust_remote_code)
-    return FineTunedModel(peft_model, tokenizer, path)
+    return FineTunedModel(peft_model, _adapter_tokenizer(path, base, trust_remote_code), path)
+
+
+def _refuse_quantized_base(base: str, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"merge_adapter: could not read the config of base model {base!r} "
+                               f"({str(exc)[:200]}); pass base_model= with a local directory") from exc
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg:
+        method = qcfg.get("quant_method", "?") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", "?")
+        raise ConfigError(
+            f"merge_adapter: base model {base!r} is a quantized checkpoint ({method}). phi3tune never merges into a "
+            "quantized base: the LoRA update would be rounded into 4-bit blocks and mostly lost. Pass base_model= "
+            "with the original full-precision checkpoint (the one the 4-bit base was made from)"
+        )
+
+
+def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: str = "bfloat16",
+                  base_model: str | None = None, overwrite: bool = False,
+                  trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base and write a standalone model directory.
+
+    The base is loaded **unquantized** in ``dtype`` (even when the adapter was trained on a 4-bit base, as in
+    the QLoRA paper), the adapter is merged with PEFT's ``merge_and_unload``, and ``out_dir`` receives
+    safetensors weights, config, generation config and tokenizer: ``AutoModelForCausalLM.from_pretrained``
+    loads it without peft or phi3tune. ``out_dir`` must be new or empty unless ``overwrite=True``.
+    """
+    import torch
+    from peft import PeftModel
+
+    if dtype not in MERGE_DTYPES:
+        quantized = any(s in str(dtype).lower() for s in ("4", "8", "nf", "int", "fp4", "bnb"))
+        why = " phi3tune never merges into a quantized base: the merged weights would be re-rounded to 4/8 bits " \
+              "and the adapter's update mostly lost. Merge in 16/32 bits, then quantize the merged model if " \
+              "you need to." if quantized else ""
+        raise ConfigError(f"merge_adapter: dtype={dtype!r}; use one of {list(MERGE_DTYPES)}.{why}")
+    path = Path(adapter_dir).expanduser()
+    meta = read_adapter_meta(path)
+    base = _base_of(path, meta, base_model)
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputDirError(f"merge_adapter: {str(out)!r} exists and is not empty; choose a new directory or pass "
+                             "overwrite=True (phi3tune merge --overwrite) to replace it")
+    _refuse_quantized_base(base, trust_remote_code)
+    model = _load_base(base, path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    tokenizer = _adapter_tokenizer(path, base, trust_remote_code)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.save_pretrained(tmp)
+        (tmp / MERGE_META_NAME).write_text(json.dumps(
+            {"merged_from_adapter": str(path.resolve()), "base_model": base, "dtype": dtype,
+             "adapter_trained_with_quant": meta.get("quant")}, indent=1))
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

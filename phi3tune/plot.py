@@ -7,23 +7,29 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("phi3tune")
+_said_no_matplotlib = False
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Write the loss curve; without matplotlib, say so (once per call site) and return None."""
-    try:
-        import matplotlib
+    """Write the loss curve; without matplotlib return None, saying so once per process (not once per run).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Uses matplotlib's object API (no pyplot), so a notebook's plotting backend is left as it was.
+    """
+    global _said_no_matplotlib
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
-        log.warning("matplotlib is not installed, so no %s was written (pip install 'phi3tune[plot]')", path.name)
+        if not _said_no_matplotlib:
+            _said_no_matplotlib = True
+            log.warning("matplotlib is not installed, so no %s is written for this or later runs "
+                        "(pip install 'phi3tune[plot]')", path.name)
         return None
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 30 else None)
     if evals:
@@ -34,5 +40,4 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
