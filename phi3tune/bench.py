@@ -22,23 +22,26 @@ from .loss import CE_CHUNK
 GIB = 2**30
 # Dense bf16 matmul throughput measured on the H200 we benchmark on (docs/performance.md).
 PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
-# Saved activation elements per token per decoder layer, fitted on the CPU with saved-tensor hooks
-# (tests/test_bench.py re-measures them): ~3.4 x hidden + 1.1 x intermediate, plus one byte per element of the
-# four LoRA inputs for dropout masks.
-_ACT_D, _ACT_FF = 3.4, 1.1
+# Saved activation elements per token per decoder layer = 14 x hidden + 5 x intermediate + 95, LoRA dropout on:
+# fitted with saved-tensor hooks on seven CPU shapes (13.65 / 5.05 / 95; tests/test_bench.py re-measures it),
+# and the same within 10% on the H200 under bf16 autocast (15.0 / 4.7, docs/performance.md).
+_ACT_COEF = (14.0, 5.0, 95.0)
+_NO_DROPOUT = 0.83  # share of the above left without LoRA dropout (cpu fit)
+_COMPILED = 0.85  # compiled layers keep fewer intermediates (H200: 12.3 vs 14.0 GiB at equal batches)
 
 
 def _dtype_bytes(name: str) -> int:
     return {"bf16": 2, "fp16": 2, "fp32": 4}[name]
 
 
-def estimate_memory(ft: FineTuner, device: str = "cuda") -> dict[str, Any]:
+def estimate_memory(ft: FineTuner, device: str | None = None) -> dict[str, Any]:
     """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only."""
     from torch import nn
 
     from .model import preflight_model, resolve_target_modules
 
-    info = preflight_model(ft.model, ft.trust_remote_code)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
     cfg = info.config
     t, d_spec, q = ft.train_spec, ft.data_spec, ft.quant
     mode = MODES[t.optimize_for]
@@ -68,8 +71,11 @@ def estimate_memory(ft: FineTuner, device: str = "cuda") -> dict[str, Any]:
     opt_state = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}[t.optimizer]
     adapter = lora * (4 + 4 + opt_state)
     d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    tokens = t.batch_size * d_spec.max_seq_length
-    per_layer = act_b * (_ACT_D * d + _ACT_FF * ff) + (3 * d + ff if ft.adapter_spec.dropout > 0 else 0)
+    tokens = t.micro_batch_tokens or mode["micro_batch_tokens"] or t.batch_size * d_spec.max_seq_length
+    a, b, c = _ACT_COEF
+    per_layer = act_b * (a * d + b * ff + c) * (1.0 if ft.adapter_spec.dropout > 0 else _NO_DROPOUT)
+    if device == "cuda" and (t.compile or (t.compile is None and mode["compile"] and d_spec.packing)):
+        per_layer *= _COMPILED
     if t.gradient_checkpointing or mode["checkpointing"]:
         activations = tokens * (layers * d * act_b + per_layer)
     else:
@@ -114,7 +120,7 @@ def _useful_flops_per_token(ft: FineTuner) -> float:
     """4 x non-embedding parameters: forward 2N + backward input-gradients 2N (the base is frozen)."""
     from .model import preflight_model
 
-    info = preflight_model(ft.model, ft.trust_remote_code)
+    info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
 
@@ -161,7 +167,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         "label": label or ft.train_spec.optimize_for, "optimize_for": ft.train_spec.optimize_for,
         "packing": ft.data_spec.packing, "batch_size": ft.train_spec.batch_size,
         "grad_accum": ft.train_spec.grad_accum, "max_seq_length": ft.data_spec.max_seq_length,
-        "optimizer": ft.train_spec.optimizer, "attn": ft.attn_implementation or "sdpa",
+        "optimizer": ft.train_spec.optimizer, "attn": ft.attn_implementation or "auto",
         "steps": len(times), "warmup": warmup,
         "real_tokens_per_s": round(tok_s, 1),
         "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,

@@ -89,8 +89,11 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = False) -> ModelInfo:
-    """Load only the config; fail with a clear message if ``source`` is no usable causal LM."""
+def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = False,
+                    need_weights: bool = True) -> ModelInfo:
+    """Load only the config; fail with a clear message if ``source`` is no usable causal LM.
+
+    ``need_weights=False`` accepts a config-only directory (memory estimates need no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = str(source)
@@ -105,7 +108,7 @@ def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = Fa
                 f"model directory {src!r} has no config.json, so it is not a transformers model{adapter}; "
                 "give a directory written by save_pretrained or a hub id like microsoft/Phi-3-mini-4k-instruct"
             )
-        if not any(path.glob("*.safetensors")):
+        if need_weights and not any(path.glob("*.safetensors")):
             others = sorted(p.name for p in path.glob("*.bin"))
             raise ModelSourceError(
                 f"model directory {src!r} has no .safetensors weights{f' (only {others})' if others else ''}; "

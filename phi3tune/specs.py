@@ -127,7 +127,8 @@ class TrainSpec(_Spec):
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="speed/memory modes: re-cut each step's examples into micro-batches of at most "
         "this many tokens (same examples and loss per step; trades memory for speed)")
-    compile: bool = Field(False, description="torch.compile each decoder layer (CUDA)")
+    compile: bool | None = Field(None, description="torch.compile each decoder layer; None = on for the speed "
+                                 "and memory modes with packing on CUDA, off otherwise")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
 

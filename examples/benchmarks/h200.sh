@@ -39,6 +39,10 @@ run_speed_compile() { ours speed_compile training.optimize_for=speed data.packin
 run_memory_mb8192() { ours memory_mb8192 training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit training.batch_size=16 training.grad_accum=1; }
 run_speed_seq4096() { ours speed_seq4096 training.optimize_for=speed data.packing=true data.max_seq_length=4096 training.batch_size=1 training.grad_accum=4; }
 run_memory_seq4096() { ours memory_seq4096 training.optimize_for=memory data.packing=true data.max_seq_length=4096 training.batch_size=1 training.grad_accum=4 training.optimizer=paged_adamw_8bit; }
+run_speed_c4096() { ours speed_c4096 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1; }
+run_memory_c8192() { ours memory_c8192 training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit training.batch_size=16 training.grad_accum=1; }
+run_memory_c2048() { ours memory_c2048 training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit; }
+run_speed_unpacked_c() { ours speed_unpacked_c training.optimize_for=speed training.batch_size=16 training.grad_accum=1; }
 run_trl() {
   timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
     --out /tmp/trl.json > /tmp/log_trl.txt 2>&1 || echo "trl failed"; cat /tmp/trl.json >> "$OUT/all.jsonl"; tail -c 400 /tmp/trl.json; echo

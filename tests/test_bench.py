@@ -1,0 +1,50 @@
+"""The memory estimate against what the CPU arithmetic really holds."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import rows_of_text
+from helpers import tiny_tuner
+
+from phi3tune.bench import estimate_memory
+from phi3tune.data import Collator
+from phi3tune.loss import TokenLoss
+from phi3tune.model import attach_adapter, load_base_model, preflight_model, resolve_target_modules
+from phi3tune.specs import AdapterSpec, QuantSpec
+
+
+def _saved_bytes(fn) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_estimate_matches_cpu_measurement(tiny_model):
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), batch_size=2, precision="fp32").data(max_seq_length=128)
+    ft.adapter(dropout=0.1)
+    est = estimate_memory(ft, device="cpu")
+    info = preflight_model(tiny_model)
+    base = load_base_model(info, QuantSpec(), torch.float32, torch.device("cpu"))
+    quantized = sum(m.weight.untyped_storage().nbytes() + m.weight.quant_state.absmax.untyped_storage().nbytes()
+                    for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    model = attach_adapter(base, AdapterSpec(r=8, dropout=0.1), resolve_target_modules(AdapterSpec(),
+                                                                                        info.linear_layers))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert est["lora_params"] == lora
+    assert est["quantized_weights"] == pytest.approx(quantized, rel=0.05)
+    # activations of one micro-batch of batch_size x max_seq_length tokens, all trained
+    ids = torch.randint(0, 90, (2, 128))
+    batch = Collator(0)([{"input_ids": r, "labels": r} for r in ids.tolist()])
+    loss = TokenLoss(model, chunk=4096).train()
+    measured = _saved_bytes(lambda: loss(batch["input_ids"], batch["labels"], batch["position_ids"]))
+    predicted = est["activations"] + est["logits_chunk"]
+    assert predicted == pytest.approx(measured, rel=0.35), (predicted, measured)
