@@ -39,6 +39,22 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: Any) -> None:
+    """FSDP shards flat parameters of one dtype: 4-bit weights must be stored in the compute dtype."""
+    if spec.distributed != "fsdp" or quant is None:
+        return
+    import torch
+
+    storage = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        quant.quant_storage)
+    if quant.bits != 4 or storage != compute_dtype:
+        raise ConfigError(
+            f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
+            f"to the compute dtype ({str(compute_dtype).removeprefix('torch.')}); got bits={quant.bits}, "
+            f'quant_storage="{quant.quant_storage}". Set quant_storage="{str(compute_dtype).removeprefix("torch.")}"'
+        )
+
+
 def default_attention(device: Any, fenced: bool) -> str | None:
     """FlexAttention for packed / padding-free batches on CUDA: its document mask skips the blocks between
     examples (SDPA computes them, then masks them: 1.6x slower measured on the H200). SDPA everywhere else."""
@@ -208,6 +224,10 @@ class FineTuner:
         device = resolve_device(t.device)
         precision = resolve_precision(t.precision, device)
         compute_dtype = resolve_compute_dtype(self.quant or QuantSpec(), precision, device)
+        check_distributed(t, self.quant, compute_dtype)
+        from accelerate import PartialState
+
+        state = PartialState(cpu=device.type == "cpu")  # one process, or a rank of accelerate launch / torchrun
         out = Path(t.output_dir)
         ckpt.check_output_dir(out, overwrite, resume, config)
         resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
@@ -223,19 +243,22 @@ class FineTuner:
 
         set_seed(t.seed)
         data = prepare_data(d, tokenizer, t.seed)
-        if t.progress_bar:
+        if t.progress_bar and state.is_main_process:
             from .data import padding_fraction
             from .loop import EpochSampler
 
             order = list(EpochSampler(len(data.train), t.seed))
             lengths = [len(x) for x in data.train["input_ids"]]
             print(data.summary.render(padding_fraction(lengths, order, t.batch_size)))
-        # ---- heavy work from here on
-        if overwrite or (resume and resume_from is None):  # nothing to resume: a killed run's logs start over
-            ckpt.clear_run(out)
-        ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
-        out.mkdir(parents=True, exist_ok=True)
-        self.save_config(out / ckpt.CONFIG_NAME)
+        # ---- heavy work from here on; every rank has checked output_dir before the main one writes to it
+        state.wait_for_everyone()
+        if state.is_main_process:
+            if overwrite or (resume and resume_from is None):  # nothing to resume: a killed run's logs start over
+                ckpt.clear_run(out)
+            ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
+            out.mkdir(parents=True, exist_ok=True)
+            self.save_config(out / ckpt.CONFIG_NAME)
+        state.wait_for_everyone()
         mode = MODES[t.optimize_for]
         attn = self.attn_implementation or default_attention(device, mode["padding_free"] or d.packing)
         base = load_base_model(info, self.quant, compute_dtype, device, self.trust_remote_code,

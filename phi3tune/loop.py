@@ -120,7 +120,8 @@ class Trainer:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu")
+        self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu",
+                                             fsdp_plugin=self._fsdp_plugin())
         s = self.spec
         self.sampler = EpochSampler(len(self.data.train), s.seed)
         collate = Collator(self.tokenizer.pad_token_id, padding_free=self.padding_free)
@@ -142,21 +143,34 @@ class Trainer:
         if self.eval_loader is not None:
             self.eval_loader = acc.prepare(self.eval_loader)
 
+    def _fsdp_plugin(self) -> Any:
+        """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
+        if self.spec.distributed != "fsdp":
+            return None
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        return FullyShardedDataParallelPlugin(auto_wrap_policy=fsdp_auto_wrap_policy(self.model),
+                                              use_orig_params=False, sync_module_states=True,
+                                              cpu_ram_efficient_loading=False)
+
     # ---------------------------------------------------------------- one optimizer step
-    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
+        """One optimizer step; returns (loss, grad norm before clipping, real tokens, trained tokens), all ranks."""
         acc = self.accelerator
-        local = torch.tensor(sum(count_trained(b["labels"]) for b in micro), device=acc.device)
-        n_tokens = int(acc.reduce(local, "sum")) if acc.num_processes > 1 else int(local)
+        counts = torch.tensor([sum(count_trained(b["labels"]) for b in micro),
+                               sum(int(b["num_real_tokens"]) for b in micro)], device=acc.device)
+        if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
+            counts = acc.reduce(counts, "sum")
+        n_tokens, real = int(counts[0]), int(counts[1])
         scale = acc.num_processes / max(1, n_tokens)  # DDP averages over ranks; undo that, divide by all tokens
         loss_sum = torch.zeros((), device=acc.device)
-        real = 0
         for i, b in enumerate(micro):
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
             with sync:
                 part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
                 acc.backward(part * scale)
             loss_sum += part.detach().float()
-            real += int(b["num_real_tokens"])
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         loss = float(loss_sum) / max(1, n_tokens)
@@ -173,7 +187,7 @@ class Trainer:
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, real
+        return loss, grad_norm, real, n_tokens
 
     # ---------------------------------------------------------------- train
     def train(self, resume_from: Path | None = None) -> dict[str, Any]:
@@ -203,8 +217,7 @@ class Trainer:
                     if self.micro_batch_tokens:
                         micro = resplit_flat(micro, self.micro_batch_tokens)
                     lr = self.scheduler.get_last_lr()[0]
-                    n_tok = sum(count_trained(b["labels"]) for b in micro)
-                    loss, grad_norm, real = self._optimizer_step(micro)
+                    loss, grad_norm, real, n_tok = self._optimizer_step(micro)
                     self.step += 1
                     self.micro_in_epoch += consumed
                     window["loss_sum"] += loss * n_tok

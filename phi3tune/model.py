@@ -44,11 +44,12 @@ class ModelInfo:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device of this process: under accelerate launch / torchrun, each rank gets cuda:LOCAL_RANK."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('training.device="cuda" but no CUDA device is visible; use "auto" or "cpu"')
-    return torch.device(device)
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -129,6 +129,9 @@ class TrainSpec(_Spec):
         "this many tokens (same examples and loss per step; trades memory for speed)")
     compile: bool | None = Field(None, description="torch.compile each decoder layer; None = on for the speed "
                                  "and memory modes with packing on CUDA, off otherwise")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="with several processes: ddp (each GPU holds the 4-bit base) or fsdp (shards it; "
+        "needs quant.quant_storage = the compute dtype); auto = ddp")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
 

@@ -1,0 +1,68 @@
+"""Two CPU processes (gloo DDP through accelerate) train exactly like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rows_of_text
+from safetensors.torch import load_file
+
+from phi3tune import ConfigError, FineTuner, QuantSpec
+
+SCRIPT = """
+import json, sys
+from phi3tune import FineTuner
+model, out, batch, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load(open(sys.argv[4]))
+(FineTuner(model).adapter(r=8, alpha=16, dropout=0.0).data(source=rows, max_seq_length=128)
+ .training(output_dir=out, batch_size=batch, grad_accum=2, max_steps=3, logging_steps=1, save_strategy="no",
+           progress_bar=False, learning_rate=2e-3, optimizer="adamw_torch", device="cpu").run())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_ddp_equals_single_process(tiny_model, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(rows_of_text(24, seed=7)))
+    # global batch 2 ranks x 2 sequences x 2 accumulation == 1 process x 4 x 2
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+          str(_free_port()), str(script), str(tiny_model), str(tmp_path / "ddp"), "2", str(rows)], tmp_path)
+    _run([sys.executable, str(script), str(tiny_model), str(tmp_path / "one"), "4", str(rows)], tmp_path)
+    ddp = load_file(str(tmp_path / "ddp" / "final_checkpoint" / "adapter_model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "final_checkpoint" / "adapter_model.safetensors"))
+    assert ddp.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-6)
+    assert any(one[k].abs().sum() > 0 for k in one if "lora_B" in k)  # it trained
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    h_ddp, h_one = read(tmp_path / "ddp"), read(tmp_path / "one")
+    assert [h["step"] for h in h_ddp] == [1, 2, 3]  # written once, by the main process only
+    for a, b in zip(h_ddp, h_one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["trained_tokens"] == b["trained_tokens"]  # counted over both ranks
+
+
+def test_fsdp_needs_quant_storage_matching_the_compute_dtype(tiny_model, tmp_path):
+    ft = (FineTuner(tiny_model).quantize(QuantSpec(quant_storage="uint8")).data(source=[{"text": "a"}])
+          .training(output_dir=str(tmp_path / "o"), distributed="fsdp", precision="fp32"))
+    with pytest.raises(ConfigError, match="quant_storage"):
+        ft.run()
+    assert not (tmp_path / "o").exists()
