@@ -43,6 +43,17 @@ run_speed_c4096() { ours speed_c4096 training.optimize_for=speed data.packing=tr
 run_memory_c8192() { ours memory_c8192 training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit training.batch_size=16 training.grad_accum=1; }
 run_memory_c2048() { ours memory_c2048 training.optimize_for=memory data.packing=true training.optimizer=paged_adamw_8bit; }
 run_speed_unpacked_c() { ours speed_unpacked_c training.optimize_for=speed training.batch_size=16 training.grad_accum=1; }
+multi() {  # label, nproc, then --set overrides: one process per GPU through torchrun
+  local label=$1 n=$2; shift 2
+  local sets=(); for s in "$@"; do sets+=(--set "$s"); done
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  timeout ${LIMIT:-170} python3 -m torch.distributed.run --nproc_per_node $n -m phi3tune.bench /tmp/base.yaml \
+    --steps $STEPS --warmup $WARM --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
+    || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
+  grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; grep -h '^{' "/tmp/log_$label.txt" | cut -c1-900; echo
+}
+run_ddp2() { multi ddp2 2 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1; }
+run_fsdp2() { multi fsdp2 2 training.optimize_for=speed data.packing=true training.compile=false training.distributed=fsdp quant.quant_storage=bfloat16; }
 run_trl() {
   timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
     --out /tmp/trl.json > /tmp/log_trl.txt 2>&1 || echo "trl failed"; cat /tmp/trl.json >> "$OUT/all.jsonl"; tail -c 400 /tmp/trl.json; echo
