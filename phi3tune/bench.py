@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -161,7 +162,8 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     else:
         result = ft.run(callbacks=[on_step])
     real = sum(e["real_tokens"] for e in events)
-    batch = sum(e["batch_tokens"] for e in events)
+    # real tokens are counted over all ranks, batch tokens per rank
+    batch = sum(e["batch_tokens"] for e in events) * int(os.environ.get("WORLD_SIZE", "1"))
     tok_s = real / sum(times) if times else 0.0
     report: dict[str, Any] = {
         "label": label or ft.train_spec.optimize_for, "optimize_for": ft.train_spec.optimize_for,
