@@ -1,0 +1,5 @@
+"""``python -m phi3tune`` = the ``phi3tune`` console script."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,444 @@
+"""``phi3tune demo``: watch a model learn a new skill with 4-bit QLoRA, offline, on a CPU, in about a minute.
+
+1. **Base model.** A tiny Phi-3 (Phi3ForCausalLM, fused qkv/gate_up layers, Phi-3's special tokens and chat
+   template, one token per character) is built and trained *in full* for a few seconds, with plain torch, on a
+   generic instruction: repeat a five-letter string ("Repeat: kTzQa" -> "kTzQa", also "Copy:", "Echo:", …).
+   That makes it a real base model: it follows the chat template, copies, and stops at ``<|end|>``.
+   (A freshly random model cannot be taught anything through LoRA alone: its frozen output head gives
+   near-uniform logits.)
+2. **Before.** Held-out prompts of the new task, ``Uppercase: apple``, go to the 4-bit base. It does what it
+   knows, repeating the word, so exact-match accuracy is 0 %.
+3. **QLoRA.** ``FineTuner(...).quantize(4-bit NF4).adapter(LoRA).data(prompt_completion).training(...).run()``
+   on random lowercase strings -> their upper case.
+4. **After.** The saved adapter is loaded with ``load_finetuned`` and asked the same held-out prompts: real
+   English words it never saw in training. Exact match and held-out loss are measured before and after.
+
+Everything (model, tokenizer, data) is built here; nothing is downloaded. ``--model`` / ``--data`` run the
+same steps on a real model and data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+import string
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .errors import DataFormatError, OutputDirError
+from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
+
+log = logging.getLogger("phi3tune")
+
+TASK = "Uppercase"
+PRETRAIN_VERBS = ("Repeat", "Copy", "Echo", "Say", "Write")
+WORD_LEN = 5
+# Held-out prompts: real words. Training uses random letter strings, so none of these is ever trained on.
+_WORDS = (
+    "apple bread chair dance eagle flame grape house index juice knife lemon magic night ocean piano queen "
+    "river stone tiger urban voice water yacht zebra amber blaze cloud dream frost globe heart ivory jolly "
+    "kayak light mango noble olive pearl quilt robin sugar towel vivid whale young crisp"
+)
+HELDOUT_WORDS = tuple(_WORDS.split())
+BASE_DIR, TRAIN_FILE, HELDOUT_FILE, REPORT_FILE = "base_model", "train.jsonl", "heldout.jsonl", "demo_report.json"
+DEMO_FILES = (BASE_DIR, TRAIN_FILE, HELDOUT_FILE, REPORT_FILE)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run; ``quick`` is the test-suite's shorter version of the same thing."""
+
+    pretrain_steps: int = 300
+    train_examples: int = 400
+    train_steps: int = 80
+    heldout: int = len(HELDOUT_WORDS)
+    shown: int = 8
+
+    @classmethod
+    def make(cls, quick: bool) -> DemoPlan:
+        return cls(pretrain_steps=180, train_steps=40, heldout=12, shown=4) if quick else cls()
+
+
+@dataclass
+class Scored:
+    prompt: str
+    expected: str
+    before: str = ""
+    after: str = ""
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured; also written to ``output_dir/demo_report.json``."""
+
+    output_dir: str
+    adapter_dir: str
+    model: str
+    accuracy_before: float
+    accuracy_after: float
+    heldout_loss_before: float
+    heldout_loss_after: float
+    first_train_loss: float
+    last_train_loss: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    examples: list[Scored] = field(default_factory=list)
+
+    @property
+    def loss_fall(self) -> float:
+        """Fraction by which the training loss fell from the first logged value to the last."""
+        return 1 - self.last_train_loss / self.first_train_loss
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _letters(rng: random.Random, alphabet: str) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(WORD_LEN))
+
+
+def task_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Training data of the new skill: random lowercase strings and their upper case (prompt_completion)."""
+    rng = random.Random(seed)
+    held = set(HELDOUT_WORDS)
+    rows: list[dict[str, str]] = []
+    while len(rows) < n:
+        w = _letters(rng, string.ascii_lowercase)
+        if w not in held:
+            rows.append({"prompt": f"{TASK}: {w}", "completion": w.upper()})
+    return rows
+
+
+def heldout_rows(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"{TASK}: {w}", "completion": w.upper()} for w in HELDOUT_WORDS[:n]]
+
+
+def pretrain_rows(n: int, seed: int = 1) -> list[dict[str, str]]:
+    """The base model's generic instruction data: repeat a mixed-case string, asked in several ways."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = _letters(rng, string.ascii_letters)
+        rows.append({"prompt": f"{rng.choice(PRETRAIN_VERBS)}: {w}", "completion": w})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- base model
+def build_base_model(out_dir: Path, steps: int, seed: int = 0, progress: bool = True) -> Path:
+    """A tiny Phi-3 + char tokenizer, trained in full (fp32, AdamW) on the repeat instruction; saved to out_dir."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import Collator, prepare_dataset
+    from .loss import TokenLoss, count_trained
+    from .tiny import build_char_tokenizer, write_tiny_phi3
+
+    tok = build_char_tokenizer()
+    write_tiny_phi3(out_dir, tok, hidden_size=128, layers=2, heads=8, seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    batch_size = 32
+    rows = prepare_dataset(DataSpec(source=pretrain_rows(1500, seed + 1), format="prompt_completion",
+                                    max_seq_length=64), tok, seed)
+    collate = Collator(tok.pad_token_id)
+    loss_fn = TokenLoss(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(steps), desc="pretraining the base", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+        b = collate([rows[i] for i in idx])
+        loss = loss_fn(b["input_ids"], b["labels"], b["position_ids"]) / count_trained(b["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], fmt: str) -> float:
+    """Mean loss per trained (answer) token, exactly as the training loop's eval computes it."""
+    import torch
+
+    from .data import Collator, prepare_dataset
+    from .loss import TokenLoss, count_trained
+
+    data = prepare_dataset(DataSpec(source=rows, format=fmt, max_seq_length=512), tokenizer)  # type: ignore[arg-type]
+    collate, loss_fn = Collator(tokenizer.pad_token_id), TokenLoss(model)
+    device = next(model.parameters()).device
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(data), 16):
+            b = collate([data[j] for j in range(i, min(i + 16, len(data)))])
+            total += float(loss_fn(*(b[k].to(device) for k in ("input_ids", "labels", "position_ids"))))
+            count += count_trained(b["labels"])
+    return total / max(1.0, count)
+
+
+def exact_match(answers: list[str], expected: list[str]) -> float:
+    return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / max(1, len(expected))
+
+
+def split_prompt(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], str]:
+    """A data row -> (the conversation up to its last answer, that answer)."""
+    from .data.formats import to_messages
+
+    messages = to_messages(row, fmt, "text", None)
+    if messages[-1]["role"] != "assistant":
+        raise DataFormatError(f"demo: a held-out row must end with an answer to compare against: {str(row)[:100]!r}")
+    return messages[:-1], messages[-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------------- output
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Hide datasets' and transformers' progress bars (phi3tune shows its own) and the libraries'
+    FutureWarnings (deprecation notices between them); restore both after."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    ds_off = datasets.utils.logging.is_progress_bar_enabled() is False
+    tf_off = not transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if not ds_off:
+            datasets.enable_progress_bars()
+        if not tf_off:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _table(rows: list[Scored], which: str, n: int, say: Callable[[str], None]) -> None:
+    width = max(len(r.prompt) for r in rows[:n]) if rows else 10
+    say(f"    {'prompt':<{width}}  {'expected':<10}  model answer")
+    for r in rows[:n]:
+        got = getattr(r, which)
+        mark = "right" if got.strip() == r.expected.strip() else "wrong"
+        say(f"    {r.prompt:<{width}}  {r.expected:<10}  {got!r:<14} {mark}")
+
+
+def _prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a directory holding anything unless --overwrite; then remove only the demo's own files."""
+    from . import checkpoints as ckpt
+
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"demo: {str(out)!r} is a file; pass --output-dir with a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputDirError(
+                f"demo: {str(out)!r} already exists and is not empty (a previous demo?). Pass --overwrite to replace "
+                "the demo's files in it, or --output-dir to use another directory")
+        ckpt.clear_run(out)
+        for name in DEMO_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+@dataclass
+class Task:
+    """Training rows, held-out rows (scored by exact match on their last answer) and their data format."""
+
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    format: str
+    description: str
+
+    def scored(self) -> list[Scored]:
+        out = []
+        for row in self.heldout:
+            conversation, expected = split_prompt(row, self.format)
+            shown = conversation[-1]["content"] if len(conversation) == 1 else json.dumps(conversation)
+            out.append(Scored(shown, expected))
+        return out
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        return [split_prompt(r, self.format)[0] for r in self.heldout]
+
+
+def builtin_task(plan: DemoPlan, seed: int) -> Task:
+    train, held = task_rows(plan.train_examples, seed), heldout_rows(plan.heldout)
+    return Task(train, held, "prompt_completion",
+                f"{TASK}: <word> -> <WORD>; trained on {len(train)} random strings, held out: real words")
+
+
+def user_task(data: str, fmt: str, heldout: int, seed: int) -> Task:
+    """Rows of the user's file, shuffled; up to ``heldout`` (at most a tenth) are held out."""
+    from .data import load_source
+    from .data.formats import detect_format
+
+    raw = load_source(data, "train", "demo --data")
+    fmt = detect_format(list(raw.column_names), "text") if fmt == "auto" else fmt
+    if fmt == "text":
+        raise DataFormatError("demo --data needs rows with a prompt and an answer to compare against (formats "
+                              "messages, prompt_completion, alpaca; --format guanaco for '### Human/### Assistant' "
+                              "text); plain text has none")
+    rows = [dict(r) for r in raw]
+    if len(rows) < 4:
+        raise DataFormatError(f"demo --data: {data!r} has {len(rows)} rows; give at least 4 (some are held out)")
+    random.Random(seed).shuffle(rows)
+    n_held = max(1, min(heldout, len(rows) // 10))
+    return Task(rows[n_held:], rows[:n_held], fmt,
+                f"{data} ({fmt}): {len(rows) - n_held} training rows, {n_held} held out")
+
+
+def _specs(tiny: bool, out: Path, steps: int | None, plan: DemoPlan, device: str,
+           seed: int) -> tuple[AdapterSpec, TrainSpec, int]:
+    """LoRA and loop settings: tuned for the tiny base, or the classic recipe's for a real model."""
+    if tiny:
+        return (AdapterSpec(r=16, alpha=32, dropout=0.0),
+                TrainSpec(output_dir=str(out), batch_size=16, grad_accum=1, learning_rate=3e-3,
+                          max_steps=steps or plan.train_steps, warmup_ratio=0.05, optimizer="adamw_torch",
+                          logging_steps=5, eval_steps=10, save_strategy="no", device=device, seed=seed), 64)  # type: ignore[arg-type]
+    return (AdapterSpec(r=16, alpha=32, dropout=0.05),
+            TrainSpec(output_dir=str(out), batch_size=4, grad_accum=4, learning_rate=2e-4, max_steps=steps or 60,
+                      warmup_ratio=0.05, logging_steps=5, eval_steps=20, save_strategy="no", device=device,  # type: ignore[arg-type]
+                      seed=seed), 512)
+
+
+def _score(scored: list[Scored], which: str, answer: Callable[[list[dict[str, str]]], str],
+           conversations: list[list[dict[str, str]]]) -> float:
+    for s, conv in zip(scored, conversations):
+        setattr(s, which, answer(conv))
+    return exact_match([getattr(s, which) for s in scored], [s.expected for s in scored])
+
+
+def _report_lines(report: DemoReport, adapter_name: str, task_is_builtin: bool) -> list[str]:
+    out = Path(report.output_dir)
+    plot = ("    loss.png            train and eval loss against step" if (out / "loss.png").is_file() else
+            "    (no loss.png: matplotlib is not installed; pip install 'phi3tune[plot]')")
+    prompt = f"{TASK}: hello" if task_is_builtin else "<your prompt>"
+    return [
+        "",
+        f"train loss {report.first_train_loss:.3f} -> {report.last_train_loss:.3f} (fell {report.loss_fall:.1%}); "
+        f"held-out exact match {report.accuracy_before:.0%} -> {report.accuracy_after:.0%}; "
+        f"{report.seconds['total']:.0f} s",
+        f"wrote {out}/",
+        f"    {adapter_name}/   the LoRA adapter (PEFT format + tokenizer)",
+        "    metrics.jsonl       train loss, lr, grad norm, tokens/s; held-out (eval) loss",
+        plot,
+        f"    {REPORT_FILE}    accuracy and loss before/after, every held-out answer",
+        f"try it:  phi3tune generate {out / adapter_name} \"{prompt}\"",
+    ]
+
+
+def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = False, quick: bool = False,
+             model: str | None = None, data: str | None = None, data_format: str = "auto",
+             steps: int | None = None, device: str = "auto", seed: int = 0,
+             say: Callable[[str], None] = print) -> DemoReport:
+    """Run the demo (see the module docstring) and return what it measured.
+
+    ``output_dir`` must be new or empty unless ``overwrite=True``, which replaces only the demo's own files.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import FineTuner, load_finetuned
+    from .inference import generate_text
+    from .model import bnb_config, load_tokenizer, preflight_model, resolve_device
+
+    t_start = time.perf_counter()
+    plan = DemoPlan.make(quick)
+    out = Path(output_dir).expanduser().resolve()
+    _prepare_output_dir(out, overwrite)
+    timings: dict[str, float] = {}
+    tiny = model is None
+    say(f"phi3tune demo -> {out}")
+    with quiet_libraries():
+        # -- 1. the base model
+        t = time.perf_counter()
+        if model is None:
+            say(f"[1/4] building the base model: a tiny Phi-3 (2 layers, hidden 128, char tokenizer), trained in "
+                f"full for {plan.pretrain_steps} steps to repeat what it is told")
+            base_path = str(build_base_model(out / BASE_DIR, plan.pretrain_steps, seed))
+        else:
+            base_path = preflight_model(model).source  # a clear error for a wrong path or an unreachable hub id
+            say(f"[1/4] base model: {base_path}")
+        timings["base_model"] = time.perf_counter() - t
+        task = builtin_task(plan, seed) if data is None else user_task(data, data_format, plan.heldout, seed)
+        train_file = _write_jsonl(out / TRAIN_FILE, task.train)
+        held_file = _write_jsonl(out / HELDOUT_FILE, task.heldout)
+        scored, conversations = task.scored(), task.conversations()
+        tokenizer = load_tokenizer(base_path)
+        max_new = min(256, max(len(tokenizer(s.expected)["input_ids"]) for s in scored) + 8)
+        quant = QuantSpec(bits=4, quant_type="nf4", compute_dtype="auto")
+
+        # -- 2. before: the same 4-bit base the adapter will be trained on
+        t = time.perf_counter()
+        say(f"[2/4] before fine-tuning: the 4-bit base on {len(scored)} held-out prompts ({task.description})")
+        dev = resolve_device(device)
+        cdt = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=cdt, quantization_config=bnb_config(quant, cdt),
+                                                    device_map={"": dev})
+        acc_before = _score(scored, "before", partial(generate_text, base, tokenizer, max_new_tokens=max_new),
+                            conversations)
+        loss_before = heldout_loss(base, tokenizer, task.heldout, task.format)
+        del base  # free its memory before training loads the base again
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        _table(scored, "before", plan.shown, say)
+        say(f"    exact match {acc_before:.0%} ({round(acc_before * len(scored))}/{len(scored)}), "
+            f"held-out loss {loss_before:.3f}")
+        timings["before"] = time.perf_counter() - t
+
+        # -- 3. QLoRA through the public builder
+        t = time.perf_counter()
+        adapter, training, max_len = _specs(tiny, out, steps, plan, device, seed)
+        say(f"[3/4] fine-tuning with 4-bit QLoRA: NF4 base, LoRA r={adapter.r} on every linear layer, "
+            f"{training.max_steps} steps of {training.sequences_per_step} examples")
+        result = (FineTuner(base_path).quantize(quant).adapter(adapter)
+                  .data(DataSpec(source=str(train_file), format=task.format,  # type: ignore[arg-type]
+                                 max_seq_length=max_len, eval_source=str(held_file)))
+                  .training(training).run(overwrite=True))
+        timings["fine_tune"] = time.perf_counter() - t
+
+        # -- 4. after: the saved adapter, loaded the way a user would
+        t = time.perf_counter()
+        tuned = load_finetuned(result.adapter_dir, device=device)
+        acc_after = _score(scored, "after", lambda c: tuned.generate(c, max_new_tokens=max_new), conversations)
+        loss_after = float(result.metrics.get("eval_loss", float("nan")))
+        say(f"[4/4] after fine-tuning: the adapter loaded with load_finetuned, the same {len(scored)} prompts")
+        _table(scored, "after", plan.shown, say)
+        say(f"    exact match {acc_after:.0%} ({round(acc_after * len(scored))}/{len(scored)}), "
+            f"held-out loss {loss_after:.3f}")
+        timings["after"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    losses = result.losses
+    report = DemoReport(str(out), str(result.adapter_dir), base_path, acc_before, acc_after, loss_before, loss_after,
+                        losses[0], losses[-1], {k: round(v, 1) for k, v in timings.items()}, scored)
+    (out / REPORT_FILE).write_text(json.dumps({**asdict(report), "loss_fall": report.loss_fall}, indent=1))
+    for line in _report_lines(report, Path(result.adapter_dir).name, data is None):
+        say(line)
+    return report

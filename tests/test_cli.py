@@ -1,0 +1,147 @@
+"""The phi3tune command line, run as users run it: `python -m phi3tune ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import rows_of_text
+from helpers import tiny_tuner
+
+from phi3tune.cli import SUBCOMMANDS, apply_overrides, main, parse_assignment
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONPATH": str(ROOT)}
+OPTIONS = {
+    "train": ["--set", "--resume", "--overwrite", "CONFIG"],
+    "generate": ["--max-new-tokens", "--temperature", "--top-p", "--system", "--quant", "--base-model"],
+    "merge": ["--dtype", "--base-model", "--overwrite", "OUT_DIR"],
+    "push": ["--public", "--message", "REPO_ID"],
+    "demo": ["--output-dir", "--overwrite", "--quick", "--model", "--data", "--steps"],
+}
+
+
+def phi3tune(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "phi3tune", *args], capture_output=True, text=True, env=ENV,
+                          input=stdin, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def train_run(tiny_model, tmp_path_factory):
+    """`phi3tune train` on a config written by FineTuner.save_config, with --set overrides."""
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_of_text(12)))
+    config = tiny_tuner(tiny_model, tmp / "out", str(data), max_steps=50).save_config(tmp / "run.yaml")
+    proc = phi3tune("train", str(config), "--set", "training.max_steps=2", "--set", "adapter.r=4",
+                    "--set", "training.logging_steps=1")
+    return tmp, config, proc
+
+
+def test_every_subcommand_has_help_naming_its_options(capsys):
+    assert set(OPTIONS) <= set(SUBCOMMANDS)
+    for name, options in OPTIONS.items():
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and out.startswith(f"usage: phi3tune {name}"), out
+        for option in [*options, "--quiet"]:
+            assert option in out, (name, option)
+
+
+def test_module_and_console_script_run():
+    script = Path(sys.executable).with_name("phi3tune")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for cmd in ([sys.executable, "-m", "phi3tune", "--help"], [str(script), "demo", "--help"])]
+    (top, err), (demo, err2) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], (err, err2)
+    assert top.startswith("usage: phi3tune") and all(cmd in top for cmd in OPTIONS)
+    assert demo.startswith("usage: phi3tune demo") and "--quick" in demo
+
+
+def test_train_from_config_with_overrides(train_run):
+    tmp, _, proc = train_run
+    assert proc.returncode == 0, proc.stderr
+    adapter = tmp / "out" / "final_checkpoint"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4  # --set adapter.r=4
+    steps = [json.loads(x)["step"] for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # --set training.max_steps=2 (the file says 50), logging_steps=1
+    saved = yaml.safe_load((tmp / "out" / "phi3tune_config.yaml").read_text())
+    assert saved["training"]["max_steps"] == 2 and saved["adapter"]["r"] == 4
+    assert f"adapter: {adapter}" in proc.stdout and "loss curve:" in proc.stdout
+
+
+def test_train_refuses_a_finished_run_and_overwrite_passes_through(train_run, capsys):
+    tmp, config, _ = train_run
+    assert main(["train", str(config), "--set", "training.max_steps=2"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "training.max_steps=1", "--set", "adapter.r=4",
+                 "--overwrite", "-q"]) == 0
+    steps = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1]
+
+
+def test_generate_prints_the_same_answer_as_the_api(train_run, capsys):
+    from phi3tune import load_finetuned
+
+    tmp, _, _ = train_run
+    adapter = tmp / "out" / "final_checkpoint"
+    expected = load_finetuned(adapter).generate("copy abc", max_new_tokens=6)
+    assert main(["generate", str(adapter), "copy abc", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    piped = phi3tune("generate", str(adapter), "--max-new-tokens", "6", "-q", stdin="copy abc\nsay hi\n")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith(f">>> copy abc\n{expected}\n\n>>> say hi\n")
+
+
+def test_merge_writes_a_model_and_refuses_4bit(train_run, capsys):
+    tmp, _, _ = train_run
+    adapter = tmp / "out" / "final_checkpoint"
+    assert main(["merge", str(adapter), str(tmp / "merged"), "--dtype", "float32"]) == 0
+    assert (tmp / "merged" / "model.safetensors").is_file()
+    assert f"merged model: {tmp / 'merged'}" in capsys.readouterr().out
+    assert main(["merge", str(adapter), str(tmp / "m4"), "--dtype", "nf4"]) == 1
+    assert "never merges into a quantized base" in capsys.readouterr().err
+    assert not (tmp / "m4").exists()
+
+
+def test_push_offline_fails_fast(train_run):
+    tmp, _, _ = train_run
+    t = time.perf_counter()
+    proc = phi3tune("push", str(tmp / "out" / "final_checkpoint"), "me/adapter")
+    assert proc.returncode == 1 and "no model hub reachable" in proc.stderr
+    assert time.perf_counter() - t < 10
+
+
+def test_set_values_are_yaml_and_keys_nest():
+    cfg = {"quant": None, "training": {"max_steps": 100}, "model": "m"}
+    overrides = [parse_assignment(s) for s in ("training.max_steps=5", "training.learning_rate=1e-4",
+                                               "adapter.target_modules=[qkv_proj, o_proj]", "quant.bits=8",
+                                               "training.save_steps=null", "model=other/model")]
+    apply_overrides(cfg, overrides)
+    assert cfg == {"quant": {"bits": 8}, "model": "other/model",
+                   "training": {"max_steps": 5, "learning_rate": 1e-4, "save_steps": None},
+                   "adapter": {"target_modules": ["qkv_proj", "o_proj"]}}
+    from phi3tune import ConfigError
+
+    with pytest.raises(ConfigError, match="model is a value"):
+        apply_overrides(cfg, [("model.x", 1)])
+
+
+def test_bad_command_lines_exit_2_and_bad_configs_exit_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as bad:
+        main(["train", "x.yaml", "--set", "no_equals_sign"])
+    assert bad.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("model: m\ntraining: {max_steps: 5}\n")
+    assert main(["train", str(tmp_path / "c.yaml"), "--set", "training.max_stepz=3"]) == 1
+    assert "max_stepz" in capsys.readouterr().err  # pydantic names the unknown field

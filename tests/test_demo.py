@@ -1,0 +1,127 @@
+"""`phi3tune demo` (quick mode, through the CLI) and the loss curve every run writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phi3tune import DataFormatError, OutputDirError
+from phi3tune import plot as plot_module
+from phi3tune.cli import main
+from phi3tune.demo import DEMO_FILES, _prepare_output_dir, run_demo
+from phi3tune.plot import plot_history
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "phi3tune-demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "phi3tune", "demo", "--quick", "--output-dir", str(out)],
+                          capture_output=True, text=True, env=env, cwd=out.parent, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc, json.loads((out / "demo_report.json").read_text())
+
+
+def test_demo_learns_the_task_measurably(demo):
+    _, _, report = demo
+    assert report["accuracy_before"] <= 0.25, report["examples"]
+    assert report["accuracy_after"] >= 0.75, report["examples"]
+    assert report["last_train_loss"] <= 0.5 * report["first_train_loss"]  # the loss falls by at least half
+    assert report["heldout_loss_after"] <= 0.5 * report["heldout_loss_before"]
+    # before: the base does what it was built to do (repeat the word), not the new task
+    repeats = [e for e in report["examples"] if e["before"] == e["expected"].lower()]
+    assert len(repeats) >= len(report["examples"]) // 2
+
+
+def test_demo_uses_4bit_qlora_chat_data_and_its_own_model(demo):
+    out, _, report = demo
+    config = yaml.safe_load((out / "phi3tune_config.yaml").read_text())  # written by FineTuner.run
+    assert config["quant"]["bits"] == 4 and config["quant"]["quant_type"] == "nf4"
+    assert config["data"]["format"] == "prompt_completion"
+    assert config["model"] == str(out / "base_model") == report["model"]  # built here, nothing from ../shared
+    meta = json.loads((out / "final_checkpoint" / "phi3tune.json").read_text())
+    assert meta["quant"]["bits"] == 4
+
+
+def test_demo_writes_adapter_metrics_and_loss_curve(demo):
+    out, proc, _ = demo
+    assert (out / "final_checkpoint" / "adapter_model.safetensors").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in x for x in lines) and any("eval_loss" in x for x in lines)
+    assert (out / "loss.png").read_bytes().startswith(PNG)
+    assert "before fine-tuning" in proc.stdout and "after fine-tuning" in proc.stdout
+    assert f"wrote {out}/" in proc.stdout and "exact match" in proc.stdout
+    assert "training:" in proc.stderr and "pretraining the base" in proc.stderr  # progress bars
+
+
+def test_demo_never_silently_overwrites(demo, capsys):
+    out, _, _ = demo
+    before = (out / "final_checkpoint" / "adapter_model.safetensors").read_bytes()
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "final_checkpoint" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_overwrite_removes_only_the_demos_files(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="--overwrite"):
+        _prepare_output_dir(out, overwrite=False)
+    for name in DEMO_FILES:
+        (out / name).write_text("old")
+    (out / "metrics.jsonl").write_text("old")
+    (out / "final_checkpoint").mkdir()
+    _prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_demo_on_your_model_and_data(tiny_model, tmp_path):
+    rows = [{"prompt": f"say {w}", "completion": w} for w in ("alpha", "beta", "gamma", "delta", "omega") * 4]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said: list[str] = []
+    report = run_demo(tmp_path / "out", model=str(tiny_model), data=str(data), steps=2, say=said.append)
+    assert report.model == str(tiny_model) and not (tmp_path / "out" / "base_model").exists()
+    assert len(report.examples) == 2  # a tenth of 20 rows held out
+    assert [json.loads(x) for x in (tmp_path / "out" / "heldout.jsonl").read_text().splitlines()] == [
+        {"prompt": e.prompt, "completion": e.expected} for e in report.examples]
+    assert len((tmp_path / "out" / "train.jsonl").read_text().splitlines()) == 18
+    assert any("try it:  phi3tune generate" in line for line in said)
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "no answers here"}\n' * 8)
+    with pytest.raises(DataFormatError, match="prompt and an answer"):
+        run_demo(tmp_path / "out2", model=str(tiny_model), data=str(text), say=said.append)
+
+
+# ---------------------------------------------------------------------------------------------- loss.png
+HISTORY = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5},
+           {"step": 3, "loss": 1.0}, {"step": 3, "eval_loss": 1.5}]
+
+
+def test_loss_png_with_train_and_eval(tmp_path):
+    path = plot_history(HISTORY, tmp_path / "loss.png")
+    assert path == tmp_path / "loss.png" and path.read_bytes().startswith(PNG)
+    assert plot_history([], tmp_path / "empty.png") is None and not (tmp_path / "empty.png").exists()
+
+
+def test_without_matplotlib_it_says_so_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setattr(plot_module, "_said_no_matplotlib", False)
+    with caplog.at_level(logging.WARNING, logger="phi3tune"):
+        for i in range(3):
+            assert plot_history(HISTORY, tmp_path / f"loss{i}.png") is None
+    said = [r for r in caplog.records if "matplotlib is not installed" in r.getMessage()]
+    assert len(said) == 1 and "phi3tune[plot]" in said[0].getMessage()
+    assert not list(tmp_path.glob("*.png"))
