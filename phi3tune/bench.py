@@ -185,7 +185,8 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
                       peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
         if peak:
-            report["mfu"] = round(tok_s * _useful_flops_per_token(ft) / (peak * 1e12), 4)
+            gpus = int(os.environ.get("WORLD_SIZE", "1"))  # tokens/s counts every rank; MFU is per GPU
+            report["mfu"] = round(tok_s * _useful_flops_per_token(ft) / (peak * 1e12 * gpus), 4)
     return report
 
 
