@@ -262,7 +262,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Build a tiny Phi-3 base model (trained for a few seconds), show its answers on held-out prompts,
     fine-tune it with 4-bit QLoRA through the public FineTuner builder, and show the answers again, with
     exact-match accuracy and loss before and after. Writes the adapter, metrics.jsonl and loss.png to DIR.
-    Offline, about a minute on a 2-core CPU."""
+    Offline; under a minute on a 2-core CPU."""
     from .demo import run_demo
 
     run_demo(args.output_dir, overwrite=args.overwrite, quick=args.quick, model=args.model, data=args.data,
