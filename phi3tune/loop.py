@@ -238,8 +238,9 @@ class Trainer:
                     if s.save_strategy == "steps" and s.save_steps and self.step % s.save_steps == 0:
                         self.save_checkpoint()
                     if stop.signal:
-                        path = self._saved[1] if self._saved and self._saved[0] == self.step else None
-                        path = path or self.save_checkpoint()
+                        # saved at this step already? (decided the same way on every rank: save has barriers)
+                        saved_now = self._saved is not None and self._saved[0] == self.step
+                        path = self._saved[1] if saved_now and self._saved else self.save_checkpoint()
                         bar.close()
                         raise TrainingInterrupted(
                             f"{stop.signal}: stopped after step {self.step} of {self.total_steps} and saved "
