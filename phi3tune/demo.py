@@ -315,17 +315,17 @@ def user_task(data: str, fmt: str, heldout: int, seed: int) -> Task:
 
 
 def _specs(tiny: bool, out: Path, steps: int | None, plan: DemoPlan, device: str,
-           seed: int) -> tuple[AdapterSpec, TrainSpec, int]:
+           seed: int) -> tuple[AdapterSpec, TrainSpec]:
     """LoRA and loop settings: tuned for the tiny base, or the classic recipe's for a real model."""
     if tiny:
         return (AdapterSpec(r=16, alpha=32, dropout=0.0),
                 TrainSpec(output_dir=str(out), batch_size=16, grad_accum=1, learning_rate=3e-3,
                           max_steps=steps or plan.train_steps, warmup_ratio=0.05, optimizer="adamw_torch",
-                          logging_steps=5, eval_steps=10, save_strategy="no", device=device, seed=seed), 64)  # type: ignore[arg-type]
+                          logging_steps=5, eval_steps=10, save_strategy="no", device=device, seed=seed))  # type: ignore[arg-type]
     return (AdapterSpec(r=16, alpha=32, dropout=0.05),
             TrainSpec(output_dir=str(out), batch_size=4, grad_accum=4, learning_rate=2e-4, max_steps=steps or 60,
                       warmup_ratio=0.05, logging_steps=5, eval_steps=20, save_strategy="no", device=device,  # type: ignore[arg-type]
-                      seed=seed), 512)
+                      seed=seed))
 
 
 def _score(scored: list[Scored], which: str, answer: Callable[[list[dict[str, str]]], str],
@@ -415,7 +415,8 @@ def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = Fals
 
         # -- 3. QLoRA through the public builder
         t = time.perf_counter()
-        adapter, training, max_len = _specs(tiny, out, steps, plan, device, seed)
+        adapter, training = _specs(tiny, out, steps, plan, device, seed)
+        max_len = 64 if data is None else 512  # the built-in task's rows are 30 tokens
         say(f"[3/4] fine-tuning with 4-bit QLoRA: NF4 base, LoRA r={adapter.r} on every linear layer, "
             f"{training.max_steps} steps of {training.sequences_per_step} examples")
         result = (FineTuner(base_path).quantize(quant).adapter(adapter)
