@@ -93,7 +93,7 @@ class DemoReport:
     @property
     def loss_fall(self) -> float:
         """Fraction by which the training loss fell from the first logged value to the last."""
-        return 1 - self.last_train_loss / self.first_train_loss
+        return 1 - self.last_train_loss / max(self.first_train_loss, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- data
