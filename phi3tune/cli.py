@@ -270,6 +270,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+@subcommand("bench", "time training steps: tokens/s, step time, peak memory, MFU", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    """Run a config for --warmup + --steps optimizer steps and print one JSON line: real (non-pad) tokens/s,
+    median step time, peak device memory (read from the device), MFU and padding fraction. --estimate only
+    predicts peak memory from the config, before anything loads. See docs/performance.md."""
+    from .bench import run_cli
+
+    return run_cli(args)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3tune", description="QLoRA fine-tuning for Microsoft Phi-3. "

@@ -31,7 +31,8 @@ def build_char_tokenizer() -> Any:
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *chars])}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PHI3_SPECIALS])
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                             for t in ["<unk>", "<s>", "</s>", *PHI3_SPECIALS]])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="<|endoftext|>",
                                   unk_token="<unk>", pad_token="<|endoftext|>",
                                   additional_special_tokens=PHI3_SPECIALS[1:])

@@ -145,3 +145,19 @@ def test_bad_command_lines_exit_2_and_bad_configs_exit_1(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("model: m\ntraining: {max_steps: 5}\n")
     assert main(["train", str(tmp_path / "c.yaml"), "--set", "training.max_stepz=3"]) == 1
     assert "max_stepz" in capsys.readouterr().err  # pydantic names the unknown field
+
+
+def test_bench_estimate_prints_one_json_line(tiny_model, tmp_path):
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+
+    from phi3tune import FineTuner
+
+    cfg = FineTuner(tiny_model).data(source="data.jsonl").save_config(tmp_path / "run.yaml")
+    proc = _sp.run([_sys.executable, "-m", "phi3tune", "bench", str(cfg), "--estimate",
+                    "--set", "training.batch_size=8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    est = _json.loads(proc.stdout.strip().splitlines()[-1])["estimate"]
+    assert est["tokens_per_micro_batch"] == 8 * 512  # the override reached the estimate
+    assert est["lora_params"] > 0 and est["total_gib"] > 0

@@ -131,3 +131,11 @@ def test_processing_is_deterministic_and_summary_counts(phi3_tokenizer, alpaca_r
     assert s.tokens == sum(len(x) for x in a.train["input_ids"])
     assert 0 < s.trained_fraction < 1
     assert "truncated" in s.render() and "trained tokens" in s.render()
+
+
+def test_mixed_messages_and_conversations_columns(phi3_tokenizer, tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                 '{"conversations": [{"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}\n')
+    ds = prepare_dataset(DataSpec(source=str(f)), phi3_tokenizer)
+    assert [_segments(phi3_tokenizer, r) for r in ds] == [["b<|end|>"], ["d<|end|>"]]

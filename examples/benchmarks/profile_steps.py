@@ -9,30 +9,22 @@ import argparse
 import sys
 
 import torch
-import yaml
 
 from phi3tune import FineTuner
+from phi3tune.cli import apply_overrides, parse_assignment, read_config
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
-    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], type=parse_assignment)
     ap.add_argument("--start", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out")
     a = ap.parse_args()
-    cfg = yaml.safe_load(open(a.config))
-    for item in a.set:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    ft = FineTuner.from_config(cfg).training(max_steps=a.start + a.steps, save_strategy="no",
-                                             progress_bar=False, overwrite_output_dir=True,
-                                             output_dir="/tmp/phi3tune-profile")
+    ft = FineTuner.from_config(apply_overrides(read_config(a.config), a.overrides))
+    ft.training(max_steps=a.start + a.steps, save_strategy="no", progress_bar=False, overwrite_output_dir=True,
+                output_dir="/tmp/phi3tune-profile")
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
 
@@ -46,7 +38,11 @@ def main() -> None:
 
     ft.run(callbacks=[on_step])
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-    (open(a.out, "w") if a.out else sys.stdout).write(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(table)
+    else:
+        sys.stdout.write(table)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def to_messages(row: dict[str, Any], fmt: str, text_field: str, system_prompt: s
     elif fmt == "guanaco":
         messages = split_guanaco(_str(row, text_field))
     else:
-        messages = _normalize_messages(row.get("messages", row.get("conversations")))
+        # a file may mix both column names; datasets fills the absent one with None
+        messages = _normalize_messages(row.get("messages") or row.get("conversations"))
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
     if not any(m["role"] == "assistant" for m in messages):
