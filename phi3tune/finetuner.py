@@ -272,7 +272,7 @@ class FineTuner:
             peft_model: Any = model
             for layer in peft_model.get_base_model().model.layers:
                 layer.compile()
-        trainer = Trainer(model, tokenizer, data, t, precision, device, config, padding_free=mode["padding_free"],
+        trainer = Trainer(model, tokenizer, data, t, precision, device, padding_free=mode["padding_free"],
                           callbacks=callbacks, micro_batch_tokens=t.micro_batch_tokens or mode["micro_batch_tokens"],
                           ce_chunk=512 if t.optimize_for == "memory" else CE_CHUNK)
         trainer.setup()

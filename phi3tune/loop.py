@@ -98,11 +98,11 @@ class Trainer:
     """Runs the loop for an already-built PEFT model and prepared data."""
 
     def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, precision: str,
-                 device: torch.device, run_config: dict[str, Any], padding_free: bool = False,
+                 device: torch.device, padding_free: bool = False,
                  callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
                  micro_batch_tokens: int | None = None, ce_chunk: int = CE_CHUNK) -> None:
         self.model, self.tokenizer, self.data, self.spec = model, tokenizer, data, spec
-        self.precision, self.device, self.run_config = precision, device, run_config
+        self.precision, self.device = precision, device
         self.output_dir = Path(spec.output_dir)
         self.history: list[dict[str, Any]] = []
         self.step = 0
