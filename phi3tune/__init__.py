@@ -4,6 +4,7 @@
     result = FineTuner("microsoft/Phi-3-mini-4k-instruct").training(max_steps=100).run()
 """
 
+from .bench import benchmark, estimate_memory
 from .data import prepare_dataset
 from .errors import (
     CheckpointError,
@@ -43,6 +44,8 @@ __all__ = [
     "TrainSpec",
     "TrainingError",
     "TrainingInterrupted",
+    "benchmark",
+    "estimate_memory",
     "load_finetuned",
     "merge_adapter",
     "prepare_dataset",
