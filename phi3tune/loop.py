@@ -305,12 +305,17 @@ class Trainer:
                 "log_window": {k: self.log_window.get(k, 0) for k in ("loss_sum", "tokens")}}
 
     def save_checkpoint(self) -> Path | None:
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
+        # every rank's RNG (its LoRA dropout stream), so a resumed multi-GPU run draws the same masks everywhere
+        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
         if acc.is_main_process:
             tensors: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
-                                       "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+                                       "scheduler": self.scheduler.state_dict(), "rng": rngs[0],
+                                       "rng_per_rank": rngs}
             if acc.scaler is not None:
                 tensors["scaler"] = acc.scaler.state_dict()
             path = ckpt.save_checkpoint(self.output_dir, self.step, acc.unwrap_model(self.loss_module).model,
@@ -329,7 +334,9 @@ class Trainer:
         self.scheduler.load_state_dict(tensors["scheduler"])
         if "scaler" in tensors and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(tensors["scaler"])
-        ckpt.set_rng_state(tensors["rng"])
+        per_rank = tensors.get("rng_per_rank", [])
+        rank = self.accelerator.process_index
+        ckpt.set_rng_state(per_rank[rank] if len(per_rank) == self.accelerator.num_processes else tensors["rng"])
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         self.history = list(state["history"])
         self.log_window = dict(state.get("log_window", {}))
