@@ -7,6 +7,7 @@ PyTorch's allocator peak. ``estimate_memory`` predicts the peak from the config 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -133,7 +134,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     """Run ``warmup + steps`` optimizer steps; report the timed ``steps`` as one JSON-ready dict."""
     cuda = torch.cuda.is_available() and ft.train_spec.device != "cpu"
     out_dir = tempfile.mkdtemp(prefix="phi3tune-bench-")
-    ft = FineTuner.from_config(ft.to_config()) if not _in_memory(ft) else ft
+    ft = copy.copy(ft)  # the builder replaces specs, never mutates them: the caller's FineTuner stays as it was
     ft.training(max_steps=warmup + steps, save_strategy="no", logging_steps=10**6, progress_bar=False,
                 output_dir=out_dir, overwrite_output_dir=True)
     times: list[float] = []
@@ -187,10 +188,6 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
             gpus = int(os.environ.get("WORLD_SIZE", "1"))  # tokens/s counts every rank; MFU is per GPU
             report["mfu"] = round(tok_s * _useful_flops_per_token(ft) / (peak * 1e12 * gpus), 4)
     return report
-
-
-def _in_memory(ft: FineTuner) -> bool:
-    return not isinstance(ft.data_spec.source, (str, type(None))) and not isinstance(ft.data_spec.source, list)
 
 
 def add_arguments(p: Any) -> None:

@@ -78,3 +78,12 @@ def test_compiled_layers_give_the_same_first_step(tiny_model, tmp_path):
                      compile=True).data(packing=True).run()
     assert got.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-5)
     assert got.history[0]["grad_norm"] == pytest.approx(ref.history[0]["grad_norm"], rel=1e-4)
+
+
+def test_bench_leaves_the_callers_finetuner_alone(tiny_model):
+    from phi3tune.bench import benchmark
+
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(8), batch_size=4)
+    before = ft.to_config()
+    benchmark(ft, steps=1, warmup=1)
+    assert ft.to_config() == before
