@@ -35,23 +35,30 @@ def _dtype_bytes(name: str) -> int:
     return {"bf16": 2, "fp16": 2, "fp32": 4}[name]
 
 
+def _meta_model(ft: FineTuner) -> tuple[Any, Any]:
+    """(preflight info, a weightless copy of the model): shapes without loading anything."""
+    from transformers import AutoModelForCausalLM
+
+    from .model import preflight_model
+
+    info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
+    with torch.device("meta"):
+        return info, AutoModelForCausalLM.from_config(info.config)
+
+
 def estimate_memory(ft: FineTuner, device: str | None = None) -> dict[str, Any]:
     """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only."""
     from torch import nn
 
-    from .model import preflight_model, resolve_target_modules
+    from .model import resolve_target_modules
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
+    info, meta = _meta_model(ft)
     cfg = info.config
     t, d_spec, q = ft.train_spec, ft.data_spec, ft.quant
     mode = MODES[t.optimize_for]
     precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     act_b = _dtype_bytes(precision)
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        meta = AutoModelForCausalLM.from_config(cfg)
     head = meta.get_output_embeddings()
     targets = set(resolve_target_modules(ft.adapter_spec, info.linear_layers))
     quantized = other = lora = 0
@@ -119,13 +126,7 @@ class _DeviceMemory:
 
 def _useful_flops_per_token(ft: FineTuner) -> float:
     """4 x non-embedding parameters: forward 2N + backward input-gradients 2N (the base is frozen)."""
-    from .model import preflight_model
-
-    info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        meta = AutoModelForCausalLM.from_config(info.config)
+    _, meta = _meta_model(ft)
     n = sum(p.numel() for p in meta.parameters()) - meta.get_input_embeddings().weight.numel()
     return 4.0 * n
 
