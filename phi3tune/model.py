@@ -200,6 +200,20 @@ def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
     )
 
 
+def pin_4bit_cpu_kernel(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes 4-bit layer on one CPU kernel, whatever the CPU and whatever ran before.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight the first time the layer runs in eval
+    mode on an input without grad, and from then on takes another kernel for *every* call, training included. So
+    whether a model was ever evaluated (eval loss, generation, a probe) would change its numbers, and a saved
+    adapter would not reproduce what was trained. Layers carry a per-instance switch for this; we turn it off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, with a pad token (Phi-3 pads with eos; labels mask pads by position)."""
     from transformers import AutoTokenizer
@@ -249,6 +263,8 @@ def load_base_model(
         ) from exc
     if quant is None:
         model.to(device)  # type: ignore[arg-type]
+    else:
+        pin_4bit_cpu_kernel(model)
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if quant is not None and upcast_frozen:
