@@ -233,6 +233,7 @@ class Trainer:
         acc, s = self.accelerator, self.spec
         if resume_from is not None:
             self._restore(resume_from)
+        self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
         self._compile_fixed_shapes()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (s.progress_bar and acc.is_main_process))
