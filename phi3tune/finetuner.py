@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .inference import META_NAME
 from .loss import CE_CHUNK
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
+from .tracking import check_report_to
 
 log = logging.getLogger("phi3tune")
 IN_MEMORY = "in-memory:"
@@ -225,6 +226,7 @@ class FineTuner:
         precision = resolve_precision(t.precision, device)
         compute_dtype = resolve_compute_dtype(self.quant or QuantSpec(), precision, device)
         check_distributed(t, self.quant, compute_dtype)
+        check_report_to(t.report_to)  # a tracker whose package is missing would be dropped silently
         from accelerate import PartialState
 
         state = PartialState(cpu=device.type == "cpu")  # one process, or a rank of accelerate launch / torchrun
