@@ -10,8 +10,7 @@ import yaml
 from conftest import rows_of_text
 from helpers import tiny_tuner
 
-from phi3tune import ConfigError, TrainSpec
-from phi3tune import tracking
+from phi3tune import ConfigError, TrainSpec, tracking
 
 
 def _events(run_dir):
