@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoints as ckpt
 from . import tracking
 from .data import Collator, PreparedData
-from .data.packing import resplit_flat
+from .data.packing import pad_to_bucket, resplit_flat
 from .errors import TrainingError, TrainingInterrupted
-from .loss import CE_CHUNK, TokenLoss, count_trained
+from .loss import TokenLoss, count_trained
+from .plan import RunPlan
 from .specs import TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -98,12 +99,10 @@ class _StopFlag:
 class Trainer:
     """Runs the loop for an already-built PEFT model and prepared data."""
 
-    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, precision: str,
-                 device: torch.device, padding_free: bool = False,
-                 callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
-                 micro_batch_tokens: int | None = None, ce_chunk: int = CE_CHUNK) -> None:
-        self.model, self.tokenizer, self.data, self.spec = model, tokenizer, data, spec
-        self.precision, self.device = precision, device
+    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, plan: RunPlan,
+                 callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
+        self.model, self.tokenizer, self.data, self.spec, self.plan = model, tokenizer, data, spec, plan
+        self.precision, self.device = plan.precision, torch.device(plan.device)
         self.output_dir = Path(spec.output_dir)
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -111,9 +110,7 @@ class Trainer:
         self.micro_in_epoch = 0
         self.log_window: dict[str, float] = {}  # loss sum / trained tokens since the last log line
         self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last checkpoint written
-        self.padding_free = padding_free
-        self.micro_batch_tokens = micro_batch_tokens if padding_free else None
-        self.ce_chunk = ce_chunk
+        self.padding_free = plan.padding_free
         self.callbacks = list(callbacks or [])  # called after every optimizer step with that step's numbers
 
     # ---------------------------------------------------------------- setup
@@ -137,8 +134,8 @@ class Trainer:
             self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(s.optimizer, self.params, s.learning_rate, s.weight_decay, self.device)
-        self.loss_module, self.optimizer, self.loader = acc.prepare(TokenLoss(self.model, self.ce_chunk), optimizer,
-                                                                     loader)
+        loss_module = TokenLoss(self.model, self.plan.ce_chunk)
+        self.loss_module, self.optimizer, self.loader = acc.prepare(loss_module, optimizer, loader)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
         self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
         self.scheduler = get_scheduler(s.lr_scheduler, optimizer, math.ceil(s.warmup_ratio * self.total_steps),
@@ -156,6 +153,37 @@ class Trainer:
         return FullyShardedDataParallelPlugin(auto_wrap_policy=fsdp_auto_wrap_policy(self.model),
                                               use_orig_params=False, sync_module_states=True,
                                               cpu_ram_efficient_loading=False)
+
+    def _layout(self, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Padding-free plans: re-cut the step's examples into micro-batches within the token budget, each padded
+        to one of the plan's fixed lengths. Same examples, same trained tokens; only the shapes change."""
+        p = self.plan
+        if not p.padding_free or not p.micro_batch_tokens:
+            return micro
+        return [pad_to_bucket(b, p.token_buckets, self.tokenizer.pad_token_id, p.position_cap)
+                for b in resplit_flat(micro, p.micro_batch_tokens)]
+
+    def _compile_fixed_shapes(self) -> None:
+        """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
+        pad tokens per length, nothing trained, gradients dropped, RNG restored), so no step after the first
+        waits for the compiler and a timed run measures training, not compilation."""
+        p, acc = self.plan, self.accelerator
+        if not (p.compile and p.padding_free and p.token_buckets):
+            return
+        from .checkpoints import rng_state, set_rng_state
+
+        started, rng = time.perf_counter(), rng_state()
+        pad = int(self.tokenizer.pad_token_id)
+        for n in p.token_buckets:
+            ids = torch.full((1, n), pad, dtype=torch.long, device=acc.device)
+            pos = (torch.arange(n, device=acc.device) % max(1, p.position_cap))[None]
+            labels = ids.clone()  # every position trained, so the whole backward graph is built
+            with acc.no_sync(self.loss_module):
+                acc.backward(self.loss_module(ids, labels, pos) * 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+        log.info("compiled layers for micro-batches of %s tokens in %.1f s",
+                 "/".join(map(str, p.token_buckets)), time.perf_counter() - started)
 
     # ---------------------------------------------------------------- one optimizer step
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
@@ -199,6 +227,7 @@ class Trainer:
         acc, s = self.accelerator, self.spec
         if resume_from is not None:
             self._restore(resume_from)
+        self._compile_fixed_shapes()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (s.progress_bar and acc.is_main_process))
         # a resumed run carries on the log window of the checkpoint, so its next log line averages the same steps
@@ -217,8 +246,7 @@ class Trainer:
                     if not micro:
                         break
                     consumed = len(micro)  # loader batches, which a resume skips (before any re-split)
-                    if self.micro_batch_tokens:
-                        micro = resplit_flat(micro, self.micro_batch_tokens)
+                    micro = self._layout(micro)
                     lr = self.scheduler.get_last_lr()[0]
                     loss, grad_norm, real, n_tok = self._optimizer_step(micro)
                     self.step += 1
@@ -293,9 +321,10 @@ class Trainer:
         self.loss_module.eval()
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device)
-        for b in self.eval_loader:
-            total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"]).float()
-            count += count_trained(b["labels"])
+        for batch in self.eval_loader:
+            for b in self._layout([batch]):
+                total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"]).float()
+                count += count_trained(b["labels"])
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
         self.loss_module.train()
         loss = float(total) / max(1.0, float(count))

@@ -28,6 +28,10 @@ ours() {  # label, then --set overrides
     "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; tail -c 700 "/tmp/log_$label.txt"; echo
 }
+run_quickstart() { ours quickstart; }  # the README quickstart as written: optimize_for="auto", unpacked, 4 x 4
+run_quickstart_packed() { ours quickstart_packed data.packing=true; }
+run_seq2048() { ours seq2048 data.packing=true data.max_seq_length=2048; }
+run_seq4096() { ours seq4096 data.packing=true data.max_seq_length=4096; }
 run_balanced() { ours balanced training.optimize_for=balanced; }
 run_speed() { ours speed training.optimize_for=speed; }
 run_speed_packed() { ours speed_packed training.optimize_for=speed data.packing=true; }
