@@ -29,7 +29,7 @@ from . import tracking
 from .data import Collator, PreparedData
 from .data.packing import pad_to_bucket, resplit_flat
 from .errors import TrainingError, TrainingInterrupted
-from .loss import TokenLoss, count_trained
+from .loss import TokenLoss, trained_positions
 from .plan import RunPlan
 from .specs import TrainSpec
 
@@ -128,20 +128,23 @@ class Trainer:
         # Its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed
         # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
         loader = DataLoader(self.data.train, batch_size=s.batch_size, sampler=self.sampler, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(s.seed))
+                            generator=torch.Generator().manual_seed(s.seed), pin_memory=self.device.type == "cuda")
         self.eval_loader = None
         if self.data.eval is not None:
             self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(s.optimizer, self.params, s.learning_rate, s.weight_decay, self.device)
         loss_module = TokenLoss(self.model, self.plan.ce_chunk)
-        self.loss_module, self.optimizer, self.loader = acc.prepare(loss_module, optimizer, loader)
+        self.loss_module, self.optimizer = acc.prepare(loss_module, optimizer)
+        # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
+        # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
+        self.loader = acc.prepare_data_loader(loader, device_placement=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
         self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
         self.scheduler = get_scheduler(s.lr_scheduler, optimizer, math.ceil(s.warmup_ratio * self.total_steps),
                                        self.total_steps)
         if self.eval_loader is not None:
-            self.eval_loader = acc.prepare(self.eval_loader)
+            self.eval_loader = acc.prepare_data_loader(self.eval_loader, device_placement=False)
 
     def _fsdp_plugin(self) -> Any:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
@@ -158,10 +161,14 @@ class Trainer:
         """Padding-free plans: re-cut the step's examples into micro-batches within the token budget, each padded
         to one of the plan's fixed lengths. Same examples, same trained tokens; only the shapes change."""
         p = self.plan
-        if not p.padding_free or not p.micro_batch_tokens:
-            return micro
-        return [pad_to_bucket(b, p.token_buckets, self.tokenizer.pad_token_id, p.position_cap)
-                for b in resplit_flat(micro, p.micro_batch_tokens)]
+        if p.padding_free and p.micro_batch_tokens:
+            micro = [pad_to_bucket(b, p.token_buckets, self.tokenizer.pad_token_id, p.position_cap)
+                     for b in resplit_flat(micro, p.micro_batch_tokens)]
+        return [{**b, "trained_idx": trained_positions(b["labels"])} for b in micro]
+
+    def _to_device(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.accelerator.device
+        return {k: v.to(dev, non_blocking=True) for k, v in b.items() if k != "num_real_tokens"}
 
     def _compile_fixed_shapes(self) -> None:
         """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
@@ -175,11 +182,12 @@ class Trainer:
         started, rng = time.perf_counter(), rng_state()
         pad = int(self.tokenizer.pad_token_id)
         for n in p.token_buckets:
-            ids = torch.full((1, n), pad, dtype=torch.long, device=acc.device)
-            pos = (torch.arange(n, device=acc.device) % max(1, p.position_cap))[None]
-            labels = ids.clone()  # every position trained, so the whole backward graph is built
+            ids = torch.full((1, n), pad, dtype=torch.long)
+            pos = (torch.arange(n) % max(1, p.position_cap))[None]
+            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos,  # every position trained,
+                                 "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
             with acc.no_sync(self.loss_module):
-                acc.backward(self.loss_module(ids, labels, pos) * 0.0)
+                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         set_rng_state(rng)
         log.info("compiled layers for micro-batches of %s tokens in %.1f s",
@@ -189,17 +197,18 @@ class Trainer:
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
         """One optimizer step; returns (loss, grad norm before clipping, real tokens, trained tokens), all ranks."""
         acc = self.accelerator
-        counts = torch.tensor([sum(count_trained(b["labels"]) for b in micro),
-                               sum(int(b["num_real_tokens"]) for b in micro)], device=acc.device)
+        counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
+                               sum(int(b["num_real_tokens"]) for b in micro)])
         if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
-            counts = acc.reduce(counts, "sum")
+            counts = acc.reduce(counts.to(acc.device), "sum").cpu()
         n_tokens, real = int(counts[0]), int(counts[1])
         scale = acc.num_processes / max(1, n_tokens)  # DDP averages over ranks; undo that, divide by all tokens
         loss_sum = torch.zeros((), device=acc.device)
-        for i, b in enumerate(micro):
+        for i, cpu_batch in enumerate(micro):
+            b = self._to_device(cpu_batch)
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
             with sync:
-                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
+                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"])
                 acc.backward(part * scale)
             loss_sum += part.detach().float()
         if acc.num_processes > 1:
@@ -322,9 +331,10 @@ class Trainer:
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device)
         for batch in self.eval_loader:
-            for b in self._layout([batch]):
-                total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"]).float()
-                count += count_trained(b["labels"])
+            for cpu_batch in self._layout([batch]):
+                b = self._to_device(cpu_batch)
+                total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]).float()
+                count += int(cpu_batch["trained_idx"].numel())
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
         self.loss_module.train()
         loss = float(total) / max(1.0, float(count))

@@ -130,9 +130,9 @@ def build_model(ft: FineTuner, run: CheckedRun) -> Any:
                            plan.checkpointing, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
     set_seed(ft.train_spec.seed)  # the adapter's initialisation does not depend on what loading drew
     model: Any = attach_adapter(base, ft.adapter_spec, run.targets)
-    if plan.compile:
+    if plan.compile:  # static graphs, one per fixed micro-batch length of the plan (loop builds them up front)
         for layer in model.get_base_model().model.layers:
-            layer.compile()
+            layer.compile(dynamic=False)
     return model
 
 

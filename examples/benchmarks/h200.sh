@@ -74,6 +74,11 @@ run_trl() {
   timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
     --out /tmp/trl.json > /tmp/log_trl.txt 2>&1 || echo "trl failed"; cat /tmp/trl.json >> "$OUT/all.jsonl"; tail -c 400 /tmp/trl.json; echo
 }
+run_profile_quickstart() {
+  timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 --out "$OUT/profile_quickstart.txt" \
+    > /tmp/log_profile_q.txt 2>&1 || { echo "profile failed"; tail -c 2000 /tmp/log_profile_q.txt; }
+  head -45 "$OUT/profile_quickstart.txt"
+}
 run_profile() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \
     --set data.packing=true --out "$OUT/profile_speed_packed.txt" > /tmp/log_profile.txt 2>&1 || echo "profile failed"
