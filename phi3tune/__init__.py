@@ -18,6 +18,7 @@ from .errors import (
     TrainingError,
     TrainingInterrupted,
 )
+from .export import export_adapter
 from .finetuner import FineTuner, RunResult
 from .hub import HubError, push_to_hub
 from .inference import FineTunedModel, load_finetuned, merge_adapter
@@ -46,6 +47,7 @@ __all__ = [
     "TrainingInterrupted",
     "benchmark",
     "estimate_memory",
+    "export_adapter",
     "load_finetuned",
     "merge_adapter",
     "prepare_dataset",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, OutputDirError
+from .tracking import TRACKER_DIR
 
 CONFIG_NAME = "phi3tune_config.yaml"
 STATE_NAME = "trainer_state.json"
@@ -96,7 +97,7 @@ def clear_run(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     for p in output_dir.iterdir():
-        if p.name in RUN_MARKERS or _CKPT.match(p.name) or _PARTIAL.match(p.name) or p.name == "loss.png":
+        if p.name in (*RUN_MARKERS, "loss.png", TRACKER_DIR) or _CKPT.match(p.name) or _PARTIAL.match(p.name):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -123,7 +124,8 @@ def _run_identity(config: dict[str, Any]) -> dict[str, Any]:
     cfg = json.loads(json.dumps(config, default=str))
     train = cfg.get("training", {})
     for key in ("output_dir", "device", "max_steps", "logging_steps", "save_steps", "save_strategy",
-                "save_total_limit", "eval_steps", "overwrite_output_dir", "progress_bar", "num_epochs"):
+                "save_total_limit", "eval_steps", "overwrite_output_dir", "progress_bar", "num_epochs",
+                "report_to"):
         train.pop(key, None)
     return cfg
 

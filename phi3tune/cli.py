@@ -1,4 +1,4 @@
-"""The ``phi3tune`` command line (also ``python -m phi3tune``): train, generate, merge, push, demo.
+"""The ``phi3tune`` command line (also ``python -m phi3tune``): train, generate, merge, export, push, demo.
 
 Every subcommand is one entry in ``SUBCOMMANDS``: a function that adds its arguments to an argparse
 parser and a function that runs it and returns an exit status. Adding one is a few lines::
@@ -221,6 +221,34 @@ def _merge(args: argparse.Namespace) -> int:
     out = merge_adapter(args.adapter, args.out_dir, dtype=args.dtype, base_model=args.base_model,
                         overwrite=args.overwrite)
     print(f"merged model: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from .export import LAYOUTS
+
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="an adapter directory, e.g. results/final_checkpoint")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the exported adapter (new or empty)")
+    p.add_argument("--layout", choices=LAYOUTS, required=True,
+                   help="split: separate q_proj/k_proj/v_proj and gate_proj/up_proj (Llama-style engines)")
+    p.add_argument("--base-model", metavar="MODEL", help="the fused base to read the shapes from "
+                   "(default: from adapter_config.json)")
+    p.add_argument("--served-base", metavar="NAME", help="the split-layout base the engine serves, written into "
+                   "the exported adapter_config.json (default: the original base)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+
+
+@subcommand("export", "rewrite an adapter for serving engines with separate q/k/v, gate/up layers", _export_args)
+def _export(args: argparse.Namespace) -> int:
+    """Write an equivalent LoRA adapter for engines that expect separate q/k/v and gate/up projections: LoRA A
+    of each fused layer is shared by its parts, LoRA B is cut by the fused layer's output rows. Exact: a
+    split-layout copy of the base with the exported adapter gives the same logits. `merge` is unchanged."""
+    from .export import export_adapter
+
+    out = export_adapter(args.adapter, args.out_dir, layout=args.layout, base_model=args.base_model,
+                         served_base=args.served_base, overwrite=args.overwrite)
+    print(f"exported adapter ({args.layout} layout): {out}")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoints as ckpt
+from . import tracking
 from .data import Collator, PreparedData
 from .data.packing import pad_to_bucket, resplit_flat
 from .errors import TrainingError, TrainingInterrupted
@@ -118,7 +119,9 @@ class Trainer:
         from transformers import get_scheduler
 
         self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu",
-                                             fsdp_plugin=self._fsdp_plugin())
+                                             fsdp_plugin=self._fsdp_plugin(),
+                                             **tracking.accelerator_kwargs(self.spec.report_to, self.output_dir))
+        tracking.start(acc, self.output_dir, {"training": self.spec.model_dump()})
         s = self.spec
         self.sampler = EpochSampler(len(self.data.train), s.seed)
         collate = Collator(self.tokenizer.pad_token_id, padding_free=self.padding_free)
@@ -295,6 +298,7 @@ class Trainer:
         final: dict[str, Any] = {}
         if self.eval_loader is not None:
             final.update(self.evaluate())
+        tracking.finish(acc)
         elapsed = time.perf_counter() - started
         train_losses = [h["loss"] for h in self.history if "loss" in h]
         final.update(steps=self.step, runtime_s=round(elapsed, 3),
@@ -317,6 +321,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        tracking.log_entry(self.accelerator, entry)
 
     # ---------------------------------------------------------------- eval
     @torch.no_grad()

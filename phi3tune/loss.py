@@ -10,6 +10,7 @@ full (tokens x 32k vocab) fp32 logits tensor never exists.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -19,7 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
 
-CE_CHUNK = 2048  # tokens per output-head chunk
+# tokens per output-head chunk. PHI3TUNE_CE_CHUNK is for benchmarks only (examples/benchmarks/h200.sh): a value
+# above the tokens of a micro-batch turns chunking off, i.e. the full logits tensor, to measure what chunking saves.
+CE_CHUNK = int(os.environ.get("PHI3TUNE_CE_CHUNK") or 2048)
 
 
 def count_trained(labels: torch.Tensor) -> int:

@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .inference import META_NAME
 from .plan import RunPlan, resolve_plan
 from .specs import QuantSpec, TrainSpec
+from .tracking import check_report_to
 
 if TYPE_CHECKING:
     from .data import PreparedData
@@ -75,6 +76,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     device = resolve_device(t.device)
     check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant or QuantSpec(),
                                                          resolve_precision(t.precision, device), device))
+    check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
     state = PartialState(cpu=device.type == "cpu")  # one process, or a rank of accelerate launch / torchrun
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)

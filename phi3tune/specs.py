@@ -135,6 +135,9 @@ class TrainSpec(_Spec):
         "needs quant.quant_storage = the compute dtype); auto = ddp")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
+    report_to: str | list[str] | None = Field(
+        None, description='experiment trackers fed the metrics.jsonl numbers: "tensorboard", "wandb", "mlflow", '
+        '"trackio" (or a list); None = none (docs/tracking.md)')
 
     @model_validator(mode="after")
     def _save_steps(self) -> TrainSpec:

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the checkout; PHI3TUNE_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("PHI3TUNE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 PHI3_DIR = SHARED / "models" / "phi3-mini-4k-instruct"
 ALPACA_JSON = SHARED / "data" / "alpaca_en_demo.json"
 GUANACO_JSONL = SHARED / "data" / "alpaca1k_guanaco_text.jsonl"

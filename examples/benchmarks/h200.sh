@@ -58,6 +58,18 @@ multi() {  # label, nproc, then --set overrides: one process per GPU through tor
 }
 run_ddp2() { multi ddp2 2 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1; }
 run_fsdp2() { multi fsdp2 2 training.optimize_for=speed data.packing=true training.compile=false training.distributed=fsdp quant.quant_storage=bfloat16; }
+phi4() {  # Phi-4-mini's real shape (200,064 vocab, tied, partial RoPE) with random weights; no tokenizer ships,
+  # so Phi-3's (its ids fit the vocabulary; the output head is 200,064 wide either way)
+  [ -f /tmp/phi4/config.json ] || { python3 .devshared/bench/make_random_phi3.py --out /tmp/phi4 \
+    --config .devshared/models/phi4-mini-instruct 2>&1 | tail -1; cp .devshared/models/phi3-mini-4k-instruct/tokenizer* \
+    .devshared/models/phi3-mini-4k-instruct/chat_template.jinja /tmp/phi4/; }
+}
+# Chunked CE on Phi-4-mini: 8,192-token micro-batches through the 200k-wide head, chunked (2,048 tokens, recomputed
+# in backward) vs not (PHI3TUNE_CE_CHUNK above the micro-batch: the whole logits tensor at once)
+PHI4_SETS=(model=/tmp/phi4 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1
+           training.micro_batch_tokens=8192)
+run_phi4_ce() { phi4; ours phi4_ce "${PHI4_SETS[@]}"; }
+run_phi4_noce() { phi4; PHI3TUNE_CE_CHUNK=1000000 ours phi4_noce "${PHI4_SETS[@]}"; }
 run_trl() {
   timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
     --out /tmp/trl.json > /tmp/log_trl.txt 2>&1 || echo "trl failed"; cat /tmp/trl.json >> "$OUT/all.jsonl"; tail -c 400 /tmp/trl.json; echo
