@@ -76,7 +76,7 @@ def estimate_memory(ft: FineTuner, device: str | None = None) -> dict[str, Any]:
     linear_params = sum(m.weight.numel() for m in meta.modules() if isinstance(m, nn.Linear) and m is not head)
     rest = sum(p.numel() for p in meta.parameters()) - linear_params
     other += rest * (4 if (mode["upcast_frozen"] and q is not None) or precision == "fp32" else act_b)
-    opt_state = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}[t.optimizer]
+    opt_state = 2 if "8bit" in t.optimizer.lower() else 8  # bytes of optimizer state per adapter weight
     adapter = lora * (4 + 4 + opt_state)
     d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     tokens = t.micro_batch_tokens or mode["micro_batch_tokens"] or t.batch_size * d_spec.max_seq_length

@@ -18,6 +18,14 @@ from . import checkpoints as ckpt
 from .errors import ConfigError
 from .inference import META_NAME
 from .loss import CE_CHUNK
+from .plugins import (
+    AdapterConfigSpec,
+    DataPipelineSpec,
+    QuantizationSpec,
+    check_spec,
+    spec_from_config,
+    spec_to_config,
+)
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -46,8 +54,8 @@ def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: A
     import torch
 
     storage = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-        quant.quant_storage)
-    if quant.bits != 4 or storage != compute_dtype:
+        getattr(quant, "quant_storage", ""))
+    if getattr(quant, "bits", 4) != 4 or storage != compute_dtype:
         raise ConfigError(
             f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
             f"to the compute dtype ({str(compute_dtype).removeprefix('torch.')}); got bits={quant.bits}, "
@@ -82,12 +90,19 @@ class RunResult:
         return [h["loss"] for h in self.history if "loss" in h]
 
 
-def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any]) -> Any:
+def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any], protocol: type, field: str) -> Any:
+    """A fresh spec of the same class (a subclass or plugin keeps its class); keywords override its fields."""
     base = spec if spec is not None else current
+    if base is not None and not hasattr(base, "model_validate"):  # a plugin that is not pydantic: used as given
+        if kwargs:
+            raise ConfigError(f"{field}: keyword arguments need a pydantic spec; build your "
+                              f"{type(base).__name__} with them instead")
+        return check_spec(base, protocol, field)
+    cls = type(base) if base is not None else cls
     if not kwargs:
-        return cls.model_validate(base.model_dump()) if base is not None else cls()
+        return check_spec(cls.model_validate(base.model_dump()) if base is not None else cls(), protocol, field)
     values = base.model_dump() if base is not None else {}
-    return cls(**{**values, **kwargs})
+    return check_spec(cls(**{**values, **kwargs}), protocol, field)
 
 
 class FineTuner:
@@ -100,9 +115,10 @@ class FineTuner:
         if not str(model).strip():
             raise ConfigError("model: give a hub id like microsoft/Phi-3-mini-4k-instruct or a local directory")
         self.model = str(model)
-        self.quant: QuantSpec | None = (quant or QuantSpec()) if quantized else None
-        self.adapter_spec = adapter or AdapterSpec()
-        self.data_spec = data or DataSpec()
+        self.quant: QuantSpec | None = check_spec(quant or QuantSpec(), QuantizationSpec, "quant") \
+            if quantized else None
+        self.adapter_spec: AdapterSpec = check_spec(adapter or AdapterSpec(), AdapterConfigSpec, "adapter")
+        self.data_spec: DataSpec = check_spec(data or DataSpec(), DataPipelineSpec, "data")
         self.train_spec = training or TrainSpec()
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
@@ -115,37 +131,38 @@ class FineTuner:
                 raise ConfigError("quantize(None) takes no other arguments")
             self.quant = None
         else:
-            self.quant = _merge(QuantSpec, self.quant, None if spec is True else spec, kwargs)
+            self.quant = _merge(QuantSpec, self.quant, None if spec is True else spec, kwargs, QuantizationSpec,
+                                "quant")
         return self
 
     def adapter(self, spec: AdapterSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.adapter_spec = _merge(AdapterSpec, self.adapter_spec, spec, kwargs)
+        self.adapter_spec = _merge(AdapterSpec, self.adapter_spec, spec, kwargs, AdapterConfigSpec, "adapter")
         return self
 
     def data(self, spec: DataSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.data_spec = _merge(DataSpec, self.data_spec, spec, kwargs)
+        self.data_spec = _merge(DataSpec, self.data_spec, spec, kwargs, DataPipelineSpec, "data")
         return self
 
     def training(self, spec: TrainSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.train_spec = _merge(TrainSpec, self.train_spec, spec, kwargs)
+        self.train_spec = _merge(TrainSpec, self.train_spec, spec, kwargs, object, "training")
         return self
 
     # ------------------------------------------------------------------ config round trip
     def to_config(self) -> dict[str, Any]:
         """The whole run as plain data (YAML/JSON-ready)."""
-        data = self.data_spec.model_dump()
+        data = spec_to_config(self.data_spec, DataSpec)
         for key in ("source", "eval_source"):
-            value = data[key]
+            value = data.get(key)
             if value is not None and not isinstance(value, (str, list)):
                 data[key] = f"{IN_MEMORY}{type(value).__name__}({len(value)} rows)"
         return {
             "model": self.model,
             "trust_remote_code": self.trust_remote_code,
             "attn_implementation": self.attn_implementation,
-            "quant": self.quant.model_dump() if self.quant is not None else None,
-            "adapter": self.adapter_spec.model_dump(),
+            "quant": spec_to_config(self.quant, QuantSpec) if self.quant is not None else None,
+            "adapter": spec_to_config(self.adapter_spec, AdapterSpec),
             "data": data,
-            "training": self.train_spec.model_dump(),
+            "training": spec_to_config(self.train_spec, TrainSpec),
         }
 
     def save_config(self, path: str | os.PathLike[str]) -> Path:
@@ -182,11 +199,11 @@ class FineTuner:
         quant = config.get("quant", {})
         return cls(
             config.get("model", DEFAULT_MODEL),
-            quant=QuantSpec(**quant) if quant is not None else None,
+            quant=spec_from_config("quant", quant, QuantSpec, QuantizationSpec) if quant is not None else None,
             quantized=quant is not None,
-            adapter=AdapterSpec(**(config.get("adapter") or {})),
-            data=DataSpec(**(config.get("data") or {})),
-            training=TrainSpec(**(config.get("training") or {})),
+            adapter=spec_from_config("adapter", config.get("adapter"), AdapterSpec, AdapterConfigSpec),
+            data=spec_from_config("data", config.get("data"), DataSpec, DataPipelineSpec),
+            training=spec_from_config("training", config.get("training"), TrainSpec, object),
             trust_remote_code=bool(config.get("trust_remote_code", False)),
             attn_implementation=config.get("attn_implementation"),
         )
@@ -203,7 +220,7 @@ class FineTuner:
         ``callbacks`` are called after every optimizer step with a dict of that step's numbers
         (step, loss, grad_norm, lr, real_tokens, trained_tokens, batch_tokens).
         """
-        from .data import prepare_data
+        from .adapters import apply_init, check_init
         from .loop import Trainer
         from .model import (
             attach_adapter,
@@ -234,6 +251,8 @@ class FineTuner:
         info = preflight_model(self.model, self.trust_remote_code)
         targets = resolve_target_modules(self.adapter_spec, info.linear_layers)
         check_modules_to_save(self.adapter_spec, info.module_names)
+        check_init(self.adapter_spec, self.quant, device.type)
+        self.adapter_spec.peft_config(targets)  # PEFT's own refusals, before any weights load
         max_pos = getattr(info.config, "max_position_embeddings", None)
         if max_pos and d.max_seq_length > max_pos:
             raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "
@@ -242,7 +261,7 @@ class FineTuner:
         from accelerate.utils import set_seed
 
         set_seed(t.seed)
-        data = prepare_data(d, tokenizer, t.seed)
+        data = d.prepare(tokenizer, t.seed)
         if t.progress_bar and state.is_main_process:
             from .data import padding_fraction
             from .loop import EpochSampler
@@ -266,6 +285,7 @@ class FineTuner:
                                upcast_frozen=mode["upcast_frozen"])
         set_seed(t.seed)
         model = attach_adapter(base, self.adapter_spec, targets)
+        apply_init(model, self.adapter_spec, info.source)
         # Compiled layers specialise on shapes: only packed rows give the few shapes that keep it fast
         # (unpacked padding-free rows change length every step and recompile; measured 18x slower).
         if t.compile or (t.compile is None and mode["compile"] and device.type == "cuda" and d.packing):
@@ -295,6 +315,6 @@ class FineTuner:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
-                    "quant": self.quant.model_dump() if self.quant is not None else None,
+                    "quant": spec_to_config(self.quant, QuantSpec) if self.quant is not None else None,
                     "trust_remote_code": self.trust_remote_code}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
