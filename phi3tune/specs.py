@@ -152,12 +152,12 @@ class TrainSpec(_Spec):
     grad_accum: int = Field(4, gt=0)
     optimizer: str = Field("paged_adamw_32bit", description="a legacy name, any torch.optim / bitsandbytes.optim "
                            'class name, or "module:Class"')
-    optimizer_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra optimizer keywords")
+    optimizer_kwargs: dict[str, Any] = Field({}, description="extra optimizer keywords")  # pydantic copies it
     loraplus_lr_ratio: float | None = Field(None, ge=1, description="LoRA+: lora_B learns at this x learning_rate")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: str = Field("cosine", description="a transformers SchedulerType name")
-    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. min_lr_rate, num_decay_steps")
+    lr_scheduler_kwargs: dict[str, Any] = Field({}, description="e.g. min_lr_rate, num_decay_steps")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     num_epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(100, gt=0, description="None = run by num_epochs")
