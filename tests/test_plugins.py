@@ -61,7 +61,7 @@ def test_plugin_specs_round_trip_through_a_config_file(tmp_path):
     ("no-colon", "is not an import path"),
 ])
 def test_a_wrong_plugin_path_is_one_clear_config_error(path, says):
-    with pytest.raises(ConfigError, match="quant.class") as info:
+    with pytest.raises(ConfigError, match=r"quant\.class") as info:
         FineTuner.from_config({"model": "m", "quant": {"class": path}})
     assert says in str(info.value)
 
