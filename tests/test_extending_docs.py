@@ -33,7 +33,8 @@ def my_plugins(tmp_path_factory):
     finally:
         sys.path.remove(str(where))
         sys.modules.pop("my_plugins", None)
-        unregister_format("qa")
+        for name in ("qa", "my_plugins:qa"):
+            unregister_format(name)
 
 
 @pytest.fixture(scope="module")
