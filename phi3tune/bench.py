@@ -17,83 +17,34 @@ from typing import Any
 
 import torch
 
-from .finetuner import MODES, FineTuner
-from .loss import CE_CHUNK
+from .finetuner import FineTuner
+from .memory import GIB
+from .plan import RunPlan
 
-GIB = 2**30
 # Dense bf16 matmul throughput measured on the H200 we benchmark on (docs/performance.md).
 PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
-# Saved activation elements per token per decoder layer = 14 x hidden + 5 x intermediate + 95, LoRA dropout on:
-# fitted with saved-tensor hooks on seven CPU shapes (13.65 / 5.05 / 95; tests/test_bench.py re-measures it),
-# and the same within 10% on the H200 under bf16 autocast (15.0 / 4.7, docs/performance.md).
-_ACT_COEF = (14.0, 5.0, 95.0)
-_NO_DROPOUT = 0.83  # share of the above left without LoRA dropout (cpu fit)
-_COMPILED = 0.85  # compiled layers keep fewer intermediates (H200: 12.3 vs 14.0 GiB at equal batches)
 
 
-def _dtype_bytes(name: str) -> int:
-    return {"bf16": 2, "fp16": 2, "fp32": 4}[name]
-
-
-def _meta_model(ft: FineTuner) -> tuple[Any, Any]:
-    """(preflight info, a weightless copy of the model): shapes without loading anything."""
-    from transformers import AutoModelForCausalLM
-
-    from .model import preflight_model
+def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = None) -> RunPlan:
+    """The RunPlan ``ft`` gets on ``device`` ("cuda" / "cpu"; default: this machine's), without loading weights.
+    ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits)."""
+    from .model import preflight_model, resolve_target_modules
+    from .plan import resolve_plan
 
     info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
-    with torch.device("meta"):
-        return info, AutoModelForCausalLM.from_config(info.config)
+    assert info.shape is not None
+    targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_plan(ft, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB))
 
 
-def estimate_memory(ft: FineTuner, device: str | None = None) -> dict[str, Any]:
-    """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only."""
-    from torch import nn
-
-    from .model import resolve_target_modules
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info, meta = _meta_model(ft)
-    cfg = info.config
-    t, d_spec, q = ft.train_spec, ft.data_spec, ft.quant
-    mode = MODES[t.optimize_for]
-    precision = t.precision if t.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    act_b = _dtype_bytes(precision)
-    head = meta.get_output_embeddings()
-    targets = set(resolve_target_modules(ft.adapter_spec, info.linear_layers))
-    quantized = other = lora = 0
-    for name, mod in meta.named_modules():
-        if isinstance(mod, nn.Linear) and mod is not head:
-            n = mod.weight.numel()
-            if q is None:
-                other += n * act_b
-            elif q.bits == 4:
-                quantized += n // 2 + (n // 64) * (1 if q.double_quant else 4)
-            else:
-                quantized += n + mod.out_features * 4
-            if name.rsplit(".", 1)[-1] in targets:
-                lora += ft.adapter_spec.r * (mod.in_features + mod.out_features)
-    linear_params = sum(m.weight.numel() for m in meta.modules() if isinstance(m, nn.Linear) and m is not head)
-    rest = sum(p.numel() for p in meta.parameters()) - linear_params
-    other += rest * (4 if (mode["upcast_frozen"] and q is not None) or precision == "fp32" else act_b)
-    opt_state = 2 if "8bit" in t.optimizer.lower() else 8  # bytes of optimizer state per adapter weight
-    adapter = lora * (4 + 4 + opt_state)
-    d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    tokens = t.micro_batch_tokens or mode["micro_batch_tokens"] or t.batch_size * d_spec.max_seq_length
-    a, b, c = _ACT_COEF
-    per_layer = act_b * (a * d + b * ff + c) * (1.0 if ft.adapter_spec.dropout > 0 else _NO_DROPOUT)
-    if device == "cuda" and (t.compile or (t.compile is None and mode["compile"] and d_spec.packing)):
-        per_layer *= _COMPILED
-    if t.gradient_checkpointing or mode["checkpointing"]:
-        activations = tokens * (layers * d * act_b + per_layer)
-    else:
-        activations = tokens * layers * per_layer
-    logits = min(tokens, CE_CHUNK) * cfg.vocab_size * (act_b + 4 + 4)
-    context = int(0.5 * GIB) if device == "cuda" else 0
-    parts = {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
-             "activations": int(activations), "logits_chunk": logits, "cuda_context": context}
-    return {**parts, "total_gib": round(sum(parts.values()) / GIB, 3), "tokens_per_micro_batch": tokens,
-            "lora_params": lora}
+def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | None = None) -> dict[str, Any]:
+    """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only: the
+    prediction of the RunPlan the run would get (``plan_for``)."""
+    plan = plan_for(ft, device, free_gib)
+    tokens = plan.token_buckets[-1] if plan.token_buckets else ft.train_spec.batch_size * ft.data_spec.max_seq_length
+    return {**plan.memory, "total_gib": plan.predicted_peak_gib, "tokens_per_micro_batch": tokens,
+            "mode": plan.mode, "plan": plan.describe()}
 
 
 class _DeviceMemory:
@@ -126,8 +77,11 @@ class _DeviceMemory:
 
 def _useful_flops_per_token(ft: FineTuner) -> float:
     """4 x non-embedding parameters: forward 2N + backward input-gradients 2N (the base is frozen)."""
-    _, meta = _meta_model(ft)
-    n = sum(p.numel() for p in meta.parameters()) - meta.get_input_embeddings().weight.numel()
+    from .model import preflight_model
+
+    shape = preflight_model(ft.model, ft.trust_remote_code, need_weights=False).shape
+    assert shape is not None
+    n = shape.other_params + sum(i * o for _, i, o in shape.linears) - shape.vocab * shape.hidden
     return 4.0 * n
 
 
@@ -168,6 +122,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     tok_s = real / sum(times) if times else 0.0
     report: dict[str, Any] = {
         "label": label or ft.train_spec.optimize_for, "optimize_for": ft.train_spec.optimize_for,
+        "plan": result.plan.describe() if result.plan else None, "mode": result.plan.mode if result.plan else None,
         "packing": ft.data_spec.packing, "batch_size": ft.train_spec.batch_size,
         "grad_accum": ft.train_spec.grad_accum, "max_seq_length": ft.data_spec.max_seq_length,
         "optimizer": ft.train_spec.optimizer, "attn": ft.attn_implementation or "auto",

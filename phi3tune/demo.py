@@ -261,7 +261,7 @@ def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = Fals
 
     from . import FineTuner, load_finetuned
     from .inference import generate_text
-    from .model import bnb_config, load_tokenizer, preflight_model, resolve_device
+    from .model import bnb_config, load_tokenizer, pin_4bit_cpu_kernel, preflight_model, resolve_device
 
     t_start = time.perf_counter()
     plan = DemoPlan.make(quick)
@@ -296,6 +296,7 @@ def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = Fals
         cdt = torch.float32 if dev.type == "cpu" else torch.bfloat16
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=cdt, quantization_config=bnb_config(quant, cdt),
                                                     device_map={"": dev})
+        pin_4bit_cpu_kernel(base)
         acc_before = _score(scored, "before", partial(generate_text, base, tokenizer, max_new_tokens=max_new),
                             conversations)
         loss_before = heldout_loss(base, tokenizer, task.heldout, task.format)

@@ -16,8 +16,7 @@ from typing import Any
 
 from . import checkpoints as ckpt
 from .errors import ConfigError
-from .inference import META_NAME
-from .loss import CE_CHUNK
+from .plan import RunPlan
 from .plugins import (
     AdapterConfigSpec,
     DataPipelineSpec,
@@ -32,47 +31,6 @@ log = logging.getLogger("phi3tune")
 IN_MEMORY = "in-memory:"
 
 
-# What TrainSpec.optimize_for switches. None changes which tokens are trained or how the loss is weighted.
-MODES: dict[str, dict[str, Any]] = {
-    # the classic recipe's layout: padded batches, frozen non-quantized weights upcast to fp32
-    "balanced": {"padding_free": False, "upcast_frozen": True, "checkpointing": False, "compile": False,
-                 "micro_batch_tokens": None},
-    # no padding at all (each micro-batch is one row, examples fenced by position ids), frozen weights in bf16,
-    # compiled decoder layers (CUDA), each step re-cut into micro-batches of 4096 tokens
-    "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
-              "micro_batch_tokens": 4096},
-    # speed's layout plus activation checkpointing, micro-batches as the user split them
-    "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
-               "micro_batch_tokens": None},
-}
-
-
-def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: Any) -> None:
-    """FSDP shards flat parameters of one dtype: 4-bit weights must be stored in the compute dtype."""
-    if spec.distributed != "fsdp" or quant is None:
-        return
-    import torch
-
-    storage = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-        getattr(quant, "quant_storage", ""))
-    if getattr(quant, "bits", 4) != 4 or storage != compute_dtype:
-        raise ConfigError(
-            f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
-            f"to the compute dtype ({str(compute_dtype).removeprefix('torch.')}); got bits={quant.bits}, "
-            f'quant_storage="{quant.quant_storage}". Set quant_storage="{str(compute_dtype).removeprefix("torch.")}"'
-        )
-
-
-def default_attention(device: Any, fenced: bool) -> str | None:
-    """FlexAttention for packed / padding-free batches on CUDA: its document mask skips the blocks between
-    examples (SDPA computes them, then masks them: 1.6x slower measured on the H200). SDPA everywhere else."""
-    import importlib.util
-
-    if device.type == "cuda" and fenced and importlib.util.find_spec("torch.nn.attention.flex_attention"):
-        return "flex_attention"
-    return None
-
-
 @dataclass
 class RunResult:
     """What a run produced. ``model``/``tokenizer`` are the trained objects still in memory."""
@@ -84,6 +42,7 @@ class RunResult:
     config: dict[str, Any]
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    plan: RunPlan | None = None  # how the run executed (also output_dir/phi3tune_plan.json)
 
     @property
     def losses(self) -> list[float]:
@@ -220,101 +179,27 @@ class FineTuner:
         ``callbacks`` are called after every optimizer step with a dict of that step's numbers
         (step, loss, grad_norm, lr, real_tokens, trained_tokens, batch_tokens).
         """
-        from .adapters import apply_init, check_init
         from .loop import Trainer
-        from .model import (
-            attach_adapter,
-            check_modules_to_save,
-            load_base_model,
-            load_tokenizer,
-            preflight_model,
-            resolve_compute_dtype,
-            resolve_device,
-            resolve_precision,
-            resolve_target_modules,
-        )
+        from .pipeline import build_model, check_run, claim_output_dir, save_final
+        from .plot import plot_history
 
-        t, d = self.train_spec, self.data_spec
-        overwrite = t.overwrite_output_dir if overwrite is None else overwrite
+        overwrite = self.train_spec.overwrite_output_dir if overwrite is None else overwrite
         config = self.to_config()
-        # ---- checks that need no weights
-        device = resolve_device(t.device)
-        precision = resolve_precision(t.precision, device)
-        compute_dtype = resolve_compute_dtype(self.quant or QuantSpec(), precision, device)
-        check_distributed(t, self.quant, compute_dtype)
-        from accelerate import PartialState
-
-        state = PartialState(cpu=device.type == "cpu")  # one process, or a rank of accelerate launch / torchrun
-        out = Path(t.output_dir)
-        ckpt.check_output_dir(out, overwrite, resume, config)
-        resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
-        info = preflight_model(self.model, self.trust_remote_code)
-        targets = resolve_target_modules(self.adapter_spec, info.linear_layers)
-        check_modules_to_save(self.adapter_spec, info.module_names)
-        check_init(self.adapter_spec, self.quant, device.type)
-        self.adapter_spec.peft_config(targets)  # PEFT's own refusals, before any weights load
-        max_pos = getattr(info.config, "max_position_embeddings", None)
-        if max_pos and d.max_seq_length > max_pos:
-            raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "
-                              f"tokens; use max_seq_length <= {max_pos}")
-        tokenizer = load_tokenizer(info.source, self.trust_remote_code)
-        from accelerate.utils import set_seed
-
-        set_seed(t.seed)
-        data = d.prepare(tokenizer, t.seed)
-        if t.progress_bar and state.is_main_process:
-            from .data import padding_fraction
-            from .loop import EpochSampler
-
-            order = list(EpochSampler(len(data.train), t.seed))
-            lengths = [len(x) for x in data.train["input_ids"]]
-            print(data.summary.render(padding_fraction(lengths, order, t.batch_size)))
-        # ---- heavy work from here on; every rank has checked output_dir before the main one writes to it
-        state.wait_for_everyone()
-        if state.is_main_process:
-            if overwrite or (resume and resume_from is None):  # nothing to resume: a killed run's logs start over
-                ckpt.clear_run(out)
-            ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
-            out.mkdir(parents=True, exist_ok=True)
-            self.save_config(out / ckpt.CONFIG_NAME)
-        state.wait_for_everyone()
-        mode = MODES[t.optimize_for]
-        attn = self.attn_implementation or default_attention(device, mode["padding_free"] or d.packing)
-        base = load_base_model(info, self.quant, compute_dtype, device, self.trust_remote_code,
-                               t.gradient_checkpointing or mode["checkpointing"], attn,
-                               upcast_frozen=mode["upcast_frozen"])
-        set_seed(t.seed)
-        model = attach_adapter(base, self.adapter_spec, targets)
-        apply_init(model, self.adapter_spec, info.source)
-        # Compiled layers specialise on shapes: only packed rows give the few shapes that keep it fast
-        # (unpacked padding-free rows change length every step and recompile; measured 18x slower).
-        if t.compile or (t.compile is None and mode["compile"] and device.type == "cuda" and d.packing):
-            peft_model: Any = model
-            for layer in peft_model.get_base_model().model.layers:
-                layer.compile()
-        trainer = Trainer(model, tokenizer, data, t, precision, device, padding_free=mode["padding_free"],
-                          callbacks=callbacks, micro_batch_tokens=t.micro_batch_tokens or mode["micro_batch_tokens"],
-                          ce_chunk=512 if t.optimize_for == "memory" else CE_CHUNK)
+        checked = check_run(self, resume, overwrite, config)  # every user-input check and the plan: no weights
+        claim_output_dir(self, checked, overwrite, resume)
+        model = build_model(self, checked)
+        trainer = Trainer(model, checked.tokenizer, checked.data, self.train_spec, checked.plan, callbacks)
         trainer.setup()
-        if resume_from is None and resume:
-            log.info("resume: no complete checkpoint in %s, starting from step 0", out)
-        metrics = trainer.train(resume_from)
+        if checked.resume_from is None and resume:
+            log.info("resume: no complete checkpoint in %s, starting from step 0", checked.output_dir)
+        metrics = trainer.train(checked.resume_from)
+        out = checked.output_dir
         adapter_dir = out / ckpt.FINAL_DIR
         if trainer.accelerator.is_main_process:
-            self._save_final(trainer.accelerator.unwrap_model(trainer.loss_module).model, tokenizer, adapter_dir)
-            from .plot import plot_history
-
+            save_final(self, trainer.accelerator.unwrap_model(trainer.loss_module).model, checked.tokenizer,
+                       adapter_dir)
             plot_history(trainer.history, out / "loss.png")
         trainer.accelerator.wait_for_everyone()
         model.eval()
-        return RunResult(adapter_dir, out, trainer.history, metrics, config, model, tokenizer)
-
-    def _save_final(self, model: Any, tokenizer: Any, adapter_dir: Path) -> None:
-        """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place."""
-        with ckpt.atomic_dir(adapter_dir, "the final adapter") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
-                    "quant": spec_to_config(self.quant, QuantSpec) if self.quant is not None else None,
-                    "trust_remote_code": self.trust_remote_code}
-            (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+        return RunResult(adapter_dir, out, trainer.history, metrics, config, model, checked.tokenizer,
+                         checked.plan)

@@ -149,7 +149,7 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
     import torch
     from peft import PeftModel
 
-    from .model import bnb_config, resolve_device
+    from .model import bnb_config, pin_4bit_cpu_kernel, resolve_device
 
     path = Path(adapter_dir).expanduser()
     meta = read_adapter_meta(path)
@@ -170,6 +170,8 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
     model = _load_base(base, path, **kwargs)
     if not isinstance(quant, QuantizationSpec):
         model.to(dev)
+    else:
+        pin_4bit_cpu_kernel(model)  # the kernel training used, so the outputs are the trained model's
     peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
     return FineTunedModel(peft_model, _adapter_tokenizer(path, base, trust_remote_code), path)

@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoints as ckpt
 from .data import Collator, PreparedData
-from .data.packing import resplit_flat
+from .data.packing import pad_to_bucket, resplit_flat
 from .errors import TrainingError, TrainingInterrupted
-from .loss import CE_CHUNK, TokenLoss, count_trained
+from .loss import TokenLoss, trained_positions
+from .plan import RunPlan
 from .specs import TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -90,12 +91,10 @@ class _StopFlag:
 class Trainer:
     """Runs the loop for an already-built PEFT model and prepared data."""
 
-    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, precision: str,
-                 device: torch.device, padding_free: bool = False,
-                 callbacks: list[Callable[[dict[str, Any]], None]] | None = None,
-                 micro_batch_tokens: int | None = None, ce_chunk: int = CE_CHUNK) -> None:
-        self.model, self.tokenizer, self.data, self.spec = model, tokenizer, data, spec
-        self.precision, self.device = precision, device
+    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, plan: RunPlan,
+                 callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
+        self.model, self.tokenizer, self.data, self.spec, self.plan = model, tokenizer, data, spec, plan
+        self.precision, self.device = plan.precision, torch.device(plan.device)
         self.output_dir = Path(spec.output_dir)
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -103,9 +102,7 @@ class Trainer:
         self.micro_in_epoch = 0
         self.log_window: dict[str, float] = {}  # loss sum / trained tokens since the last log line
         self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last checkpoint written
-        self.padding_free = padding_free
-        self.micro_batch_tokens = micro_batch_tokens if padding_free else None
-        self.ce_chunk = ce_chunk
+        self.padding_free = plan.padding_free
         self.callbacks = list(callbacks or [])  # called after every optimizer step with that step's numbers
 
     # ---------------------------------------------------------------- setup
@@ -119,19 +116,22 @@ class Trainer:
         # Its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed
         # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
         loader = DataLoader(self.data.train, batch_size=s.batch_size, sampler=self.sampler, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(s.seed))
+                            generator=torch.Generator().manual_seed(s.seed), pin_memory=self.device.type == "cuda")
         self.eval_loader = None
         if self.data.eval is not None:
             self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = s.create_optimizer(self.model, self.params, self.device)  # TrainSpec's hook: optim.py
-        self.loss_module, self.optimizer, self.loader = acc.prepare(TokenLoss(self.model, self.ce_chunk), optimizer,
-                                                                     loader)
+        loss_module = TokenLoss(self.model, self.plan.ce_chunk)
+        self.loss_module, self.optimizer = acc.prepare(loss_module, optimizer)
+        # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
+        # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
+        self.loader = acc.prepare_data_loader(loader, device_placement=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
         self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
         self.scheduler = s.create_scheduler(optimizer, math.ceil(s.warmup_ratio * self.total_steps), self.total_steps)
         if self.eval_loader is not None:
-            self.eval_loader = acc.prepare(self.eval_loader)
+            self.eval_loader = acc.prepare_data_loader(self.eval_loader, device_placement=False)
 
     def _fsdp_plugin(self) -> Any:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
@@ -144,21 +144,58 @@ class Trainer:
                                               use_orig_params=False, sync_module_states=True,
                                               cpu_ram_efficient_loading=False)
 
+    def _layout(self, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Padding-free plans: re-cut the step's examples into micro-batches within the token budget, each padded
+        to one of the plan's fixed lengths. Same examples, same trained tokens; only the shapes change."""
+        p = self.plan
+        if p.padding_free and p.micro_batch_tokens:
+            micro = [pad_to_bucket(b, p.token_buckets, self.tokenizer.pad_token_id, p.position_cap)
+                     for b in resplit_flat(micro, p.micro_batch_tokens)]
+        return [{**b, "trained_idx": trained_positions(b["labels"])} for b in micro]
+
+    def _to_device(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.accelerator.device
+        return {k: v.to(dev, non_blocking=True) for k, v in b.items() if k != "num_real_tokens"}
+
+    def _compile_fixed_shapes(self) -> None:
+        """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
+        pad tokens per length, nothing trained, gradients dropped, RNG restored), so no step after the first
+        waits for the compiler and a timed run measures training, not compilation."""
+        p, acc = self.plan, self.accelerator
+        if not (p.compile and p.padding_free and p.token_buckets):
+            return
+        from .checkpoints import rng_state, set_rng_state
+
+        started, rng = time.perf_counter(), rng_state()
+        pad = int(self.tokenizer.pad_token_id)
+        for n in p.token_buckets:
+            ids = torch.full((1, n), pad, dtype=torch.long)
+            pos = (torch.arange(n) % max(1, p.position_cap))[None]
+            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos,  # every position trained,
+                                 "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
+            with acc.no_sync(self.loss_module):
+                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+        log.info("compiled layers for micro-batches of %s tokens in %.1f s",
+                 "/".join(map(str, p.token_buckets)), time.perf_counter() - started)
+
     # ---------------------------------------------------------------- one optimizer step
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
         """One optimizer step; returns (loss, grad norm before clipping, real tokens, trained tokens), all ranks."""
         acc = self.accelerator
-        counts = torch.tensor([sum(count_trained(b["labels"]) for b in micro),
-                               sum(int(b["num_real_tokens"]) for b in micro)], device=acc.device)
+        counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
+                               sum(int(b["num_real_tokens"]) for b in micro)])
         if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
-            counts = acc.reduce(counts, "sum")
+            counts = acc.reduce(counts.to(acc.device), "sum").cpu()
         n_tokens, real = int(counts[0]), int(counts[1])
         scale = acc.num_processes / max(1, n_tokens)  # DDP averages over ranks; undo that, divide by all tokens
         loss_sum = torch.zeros((), device=acc.device)
-        for i, b in enumerate(micro):
+        for i, cpu_batch in enumerate(micro):
+            b = self._to_device(cpu_batch)
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
             with sync:
-                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
+                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"])
                 acc.backward(part * scale)
             loss_sum += part.detach().float()
         if acc.num_processes > 1:
@@ -186,6 +223,7 @@ class Trainer:
         acc, s = self.accelerator, self.spec
         if resume_from is not None:
             self._restore(resume_from)
+        self._compile_fixed_shapes()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not (s.progress_bar and acc.is_main_process))
         # a resumed run carries on the log window of the checkpoint, so its next log line averages the same steps
@@ -204,8 +242,7 @@ class Trainer:
                     if not micro:
                         break
                     consumed = len(micro)  # loader batches, which a resume skips (before any re-split)
-                    if self.micro_batch_tokens:
-                        micro = resplit_flat(micro, self.micro_batch_tokens)
+                    micro = self._layout(micro)
                     lr = self.scheduler.get_last_lr()[0]
                     loss, grad_norm, real, n_tok = self._optimizer_step(micro)
                     self.step += 1
@@ -278,9 +315,11 @@ class Trainer:
         self.loss_module.eval()
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device)
-        for b in self.eval_loader:
-            total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"]).float()
-            count += count_trained(b["labels"])
+        for batch in self.eval_loader:
+            for cpu_batch in self._layout([batch]):
+                b = self._to_device(cpu_batch)
+                total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]).float()
+                count += int(cpu_batch["trained_idx"].numel())
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
         self.loss_module.train()
         loss = float(total) / max(1.0, float(count))

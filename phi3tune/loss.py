@@ -27,6 +27,12 @@ def count_trained(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into ``labels[:, 1:]``) of the trained positions. Computed on the CPU before the batch moves,
+    so the loss never asks the GPU which positions are trained (a boolean mask would stall every micro-batch)."""
+    return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().flatten()
+
+
 def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
@@ -47,14 +53,14 @@ class TokenLoss(nn.Module):
         m: Any = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                trained_idx: torch.Tensor | None = None) -> torch.Tensor:
         lm = self._causal_lm()
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        shifted = labels[:, 1:]
-        keep = shifted != IGNORE
-        h = hidden[:, :-1][keep]
-        y = shifted[keep]
+        if trained_idx is None:
+            trained_idx = trained_positions(labels)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, trained_idx)
+        y = labels[:, 1:].reshape(-1).index_select(0, trained_idx)
         head = lm.get_output_embeddings()
         if h.shape[0] <= self.chunk or not torch.is_grad_enabled():
             return _chunk_ce(head, h, y)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelSourceError, TargetModulesError
+from .memory import ModelShape
 from .specs import AdapterSpec, QuantSpec
 
 log = logging.getLogger("phi3tune")
@@ -41,6 +42,7 @@ class ModelInfo:
     config: Any
     linear_layers: tuple[str, ...]  # leaf names of nn.Linear modules, output head excluded
     module_names: tuple[str, ...] = ()  # dotted names of every module (for adapter.modules_to_save)
+    shape: ModelShape | None = None  # sizes for the memory estimate and the run plan
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,8 +55,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cuda":  # without CUDA here this is a plan for a GPU elsewhere: assume a current one
+        return bool(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else True
     return device.type == "cpu"
 
 
@@ -133,7 +135,8 @@ def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = Fa
                     getattr(config, "model_type", None))
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return ModelInfo(src, config, linear_layer_names(meta), tuple(n for n, _ in meta.named_modules() if n))
+    return ModelInfo(src, config, linear_layer_names(meta), tuple(n for n, _ in meta.named_modules() if n),
+                     ModelShape.of(meta))
 
 
 def linear_layer_names(model: nn.Module) -> tuple[str, ...]:
@@ -190,6 +193,20 @@ def bnb_config(quant: Any, compute_dtype: torch.dtype) -> Any:
     return quant.quantization_config(compute_dtype)
 
 
+def pin_4bit_cpu_kernel(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes 4-bit layer on one CPU kernel, whatever the CPU and whatever ran before.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight the first time the layer runs in eval
+    mode on an input without grad, and from then on takes another kernel for *every* call, training included. So
+    whether a model was ever evaluated (eval loss, generation, a probe) would change its numbers, and a saved
+    adapter would not reproduce what was trained. Layers carry a per-instance switch for this; we turn it off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+    return model
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, with a pad token (Phi-3 pads with eos; labels mask pads by position)."""
     from transformers import AutoTokenizer
@@ -239,6 +256,8 @@ def load_base_model(
         ) from exc
     if quant is None:
         model.to(device)  # type: ignore[arg-type]
+    else:
+        pin_4bit_cpu_kernel(model)
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if quant is not None and upcast_frozen:

@@ -171,14 +171,15 @@ class TrainSpec(_Spec):
     eval_steps: int | None = Field(None, gt=0)
     seed: int = 42
     overwrite_output_dir: bool = False
-    optimize_for: Literal["balanced", "speed", "memory"] = Field(
-        "balanced", description="speed/memory trade-off; the loss is the same in every mode (docs/performance.md)"
-    )
+    optimize_for: Literal["auto", "speed", "memory", "balanced"] = Field(
+        "auto", description='how the run executes (the RunPlan); "auto": on CUDA the fastest plan whose predicted '
+        'peak fits the free memory (speed, else memory), on the CPU "balanced" (the classic padded layout). The '
+        "loss is the same in every mode (docs/performance.md)")
     micro_batch_tokens: int | None = Field(
-        None, gt=0, description="speed/memory modes: re-cut each step's examples into micro-batches of at most "
-        "this many tokens (same examples and loss per step; trades memory for speed)")
+        None, gt=0, description="speed/memory plans: re-cut each step's examples into micro-batches of at most "
+        "this many tokens (default 4096 / 2048; same examples and loss per step; trades memory for speed)")
     compile: bool | None = Field(None, description="torch.compile each decoder layer; None = on for the speed "
-                                 "and memory modes with packing on CUDA, off otherwise")
+                                 "and memory plans on CUDA, off otherwise")
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="with several processes: ddp (each GPU holds the 4-bit base) or fsdp (shards it; "
         "needs quant.quant_storage = the compute dtype); auto = ddp")

@@ -28,6 +28,10 @@ ours() {  # label, then --set overrides
     "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; tail -c 700 "/tmp/log_$label.txt"; echo
 }
+run_quickstart() { ours quickstart; }  # the README quickstart as written: optimize_for="auto", unpacked, 4 x 4
+run_quickstart_packed() { ours quickstart_packed data.packing=true; }
+run_seq2048() { ours seq2048 data.packing=true data.max_seq_length=2048; }
+run_seq4096() { ours seq4096 data.packing=true data.max_seq_length=4096; }
 run_balanced() { ours balanced training.optimize_for=balanced; }
 run_speed() { ours speed training.optimize_for=speed; }
 run_speed_packed() { ours speed_packed training.optimize_for=speed data.packing=true; }
@@ -57,6 +61,11 @@ run_fsdp2() { multi fsdp2 2 training.optimize_for=speed data.packing=true traini
 run_trl() {
   timeout 200 python3 .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data $DATA --steps $STEPS --warmup $WARM \
     --out /tmp/trl.json > /tmp/log_trl.txt 2>&1 || echo "trl failed"; cat /tmp/trl.json >> "$OUT/all.jsonl"; tail -c 400 /tmp/trl.json; echo
+}
+run_profile_quickstart() {
+  timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 --out "$OUT/profile_quickstart.txt" \
+    > /tmp/log_profile_q.txt 2>&1 || { echo "profile failed"; tail -c 2000 /tmp/log_profile_q.txt; }
+  head -45 "$OUT/profile_quickstart.txt"
 }
 run_profile() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \

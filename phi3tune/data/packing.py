@@ -85,6 +85,25 @@ def resplit_flat(batches: list[dict[str, torch.Tensor]], budget: int) -> list[di
              "num_real_tokens": torch.tensor(b - a)} for a, b in itertools.pairwise(cuts) if b > a]
 
 
+def pad_to_bucket(batch: dict[str, torch.Tensor], buckets: tuple[int, ...], pad_token_id: int,
+                  position_cap: int) -> dict[str, torch.Tensor]:
+    """Pad a one-row padding-free micro-batch at its end to the shortest of a few fixed lengths that holds it,
+    so compiled layers see only those shapes. Pads are never trained (IGNORE labels), never counted as real
+    tokens, and form documents of their own (positions restart at 0, staying below ``position_cap`` so RoPE
+    scaling that depends on the largest position never changes): no real token attends to a pad."""
+    n = int(batch["input_ids"].shape[1])
+    width = next((b for b in buckets if b >= n), n)
+    k = width - n
+    if k == 0:
+        return batch
+    dev = batch["input_ids"].device  # the loader may already have moved the batch to the GPU
+    pad_pos = torch.arange(k, dtype=torch.long, device=dev) % max(1, position_cap)
+    return {"input_ids": torch.cat([batch["input_ids"], torch.full((1, k), pad_token_id, device=dev)], 1),
+            "labels": torch.cat([batch["labels"], torch.full((1, k), IGNORE, device=dev)], 1),
+            "position_ids": torch.cat([batch["position_ids"], pad_pos[None]], 1),
+            "num_real_tokens": batch["num_real_tokens"]}
+
+
 class Collator:
     """Right-pad a list of rows into tensors; pads get IGNORE labels and continuing positions.
 

@@ -1,0 +1,77 @@
+"""Peak-memory arithmetic for a run, from the model's shapes and the plan's settings: no weights, no device.
+
+The activation model (saved elements per token per decoder layer = 14 x hidden + 5 x intermediate + 95, with
+LoRA dropout on) was fitted with saved-tensor hooks on seven CPU shapes (tests/test_bench.py re-measures it) and
+checked within 10% on the H200 under bf16 autocast (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GIB = 2**30
+CUDA_CONTEXT = int(0.5 * GIB)
+_ACT_COEF = (14.0, 5.0, 95.0)
+_NO_DROPOUT = 0.83  # share of the above left without LoRA dropout (CPU fit)
+_COMPILED = 0.85  # compiled layers keep fewer intermediates (H200: 12.3 vs 14.0 GiB at equal batches)
+_OPT_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model: read off a weightless (meta) copy."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    linears: tuple[tuple[str, int, int], ...]  # (dotted name, in, out) of every linear layer but the head
+    other_params: int  # every parameter outside those linears (embeddings, norms, head)
+
+    @classmethod
+    def of(cls, meta_model: Any) -> ModelShape:
+        from torch import nn
+
+        head = meta_model.get_output_embeddings()
+        linears = tuple((name, m.in_features, m.out_features) for name, m in meta_model.named_modules()
+                        if isinstance(m, nn.Linear) and m is not head)
+        total = sum(p.numel() for p in meta_model.parameters())  # tied weights are counted once
+        cfg = meta_model.config
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, linears,
+                   total - sum(i * o for _, i, o in linears))
+
+
+def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, targets: set[str], r: int,
+                   dropout: float, optimizer: str, act_bytes: int, upcast_frozen: bool, tokens: int,
+                   checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool) -> dict[str, int]:
+    """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk."""
+    quantized = other = lora = 0
+    for name, fan_in, fan_out in shape.linears:
+        n = fan_in * fan_out
+        if bits is None:
+            other += n * act_bytes
+        elif bits == 4:
+            quantized += n // 2 + (n // 64) * (1 if double_quant else 4)
+        else:
+            quantized += n + fan_out * 4
+        if name.rsplit(".", 1)[-1] in targets:
+            lora += r * (fan_in + fan_out)
+    other += shape.other_params * (4 if (upcast_frozen and bits is not None) or act_bytes == 4 else act_bytes)
+    adapter = lora * (4 + 4 + _OPT_STATE_BYTES.get(optimizer, 8))
+    a, b, c = _ACT_COEF
+    per_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (1.0 if dropout > 0 else _NO_DROPOUT)
+    if compiled:
+        per_layer *= _COMPILED
+    if checkpointing:  # one saved input per layer, plus one layer's worth recomputed at a time
+        activations = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
+    return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
+            "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,
+            "lora_params": lora}
+
+
+def total_gib(parts: dict[str, int]) -> float:
+    return round(sum(v for k, v in parts.items() if k != "lora_params") / GIB, 3)

@@ -1,0 +1,150 @@
+"""The phases of ``FineTuner.run``, one function each: check → claim the output dir → build the model → save.
+
+``check_run`` does everything that user input can get wrong, and resolves the RunPlan, before one weight loads;
+only then does ``claim_output_dir`` write anything, and ``build_model`` load weights as the plan says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import checkpoints as ckpt
+from .errors import ConfigError
+from .inference import META_NAME
+from .plan import RunPlan, resolve_plan
+from .plugins import spec_to_config
+from .specs import QuantSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from .data import PreparedData
+    from .finetuner import FineTuner
+    from .model import ModelInfo
+
+log = logging.getLogger("phi3tune")
+PLAN_NAME = "phi3tune_plan.json"
+
+
+@dataclass
+class CheckedRun:
+    """What the checks found: everything a run needs before loading weights."""
+
+    plan: RunPlan
+    info: ModelInfo
+    targets: list[str]
+    tokenizer: Any
+    data: PreparedData
+    output_dir: Path
+    resume_from: Path | None
+    state: Any  # accelerate's PartialState: this process's rank
+
+
+def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: torch.dtype) -> None:
+    """FSDP shards flat parameters of one dtype: 4-bit weights must be stored in the compute dtype."""
+    if spec.distributed != "fsdp" or quant is None:
+        return
+    dtype = str(compute_dtype).removeprefix("torch.")
+    if getattr(quant, "bits", 4) != 4 or getattr(quant, "quant_storage", None) != dtype:
+        raise ConfigError(
+            f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
+            f'to the compute dtype ({dtype}); got bits={quant.bits}, quant_storage="{quant.quant_storage}". '
+            f'Set quant_storage="{dtype}"')
+
+
+def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[str, Any]) -> CheckedRun:
+    """Device, output directory, model config, target layers, data and the plan: no weights loaded."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    from .adapters import check_init
+    from .model import (
+        check_modules_to_save,
+        load_tokenizer,
+        preflight_model,
+        resolve_compute_dtype,
+        resolve_device,
+        resolve_precision,
+        resolve_target_modules,
+    )
+
+    t, d = ft.train_spec, ft.data_spec
+    device = resolve_device(t.device)
+    check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant or QuantSpec(),
+                                                         resolve_precision(t.precision, device), device))
+    state = PartialState(cpu=device.type == "cpu")  # one process, or a rank of accelerate launch / torchrun
+    out = Path(t.output_dir)
+    ckpt.check_output_dir(out, overwrite, resume, config)
+    resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
+    info = preflight_model(ft.model, ft.trust_remote_code)
+    targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
+    check_modules_to_save(ft.adapter_spec, info.module_names)
+    check_init(ft.adapter_spec, ft.quant, device.type)
+    ft.adapter_spec.peft_config(targets)  # PEFT's own refusals, before any weights load
+    max_pos = getattr(info.config, "max_position_embeddings", None)
+    if max_pos and d.max_seq_length > max_pos:
+        raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "
+                          f"tokens; use max_seq_length <= {max_pos}")
+    assert info.shape is not None
+    plan = resolve_plan(ft, info.shape, targets, device)
+    tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
+    set_seed(t.seed)
+    data = d.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    log.info(plan.describe())
+    if t.progress_bar and state.is_main_process:
+        from .data import padding_fraction
+        from .loop import EpochSampler
+
+        order = list(EpochSampler(len(data.train), t.seed))
+        lengths = [len(x) for x in data.train["input_ids"]]
+        print(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
+        print(plan.describe())
+    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state)
+
+
+def claim_output_dir(ft: FineTuner, run: CheckedRun, overwrite: bool, resume: bool | str) -> None:
+    """Every rank has checked output_dir before the main one writes to it: the config and the plan."""
+    out, state = run.output_dir, run.state
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite or (resume and run.resume_from is None):  # nothing to resume: a killed run's logs start over
+            ckpt.clear_run(out)
+        ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
+        out.mkdir(parents=True, exist_ok=True)
+        ft.save_config(out / ckpt.CONFIG_NAME)
+        (out / PLAN_NAME).write_text(json.dumps(run.plan.to_dict(), indent=1))
+    state.wait_for_everyone()
+
+
+def build_model(ft: FineTuner, run: CheckedRun) -> Any:
+    """Load the base as the plan says, attach the adapter, compile the decoder layers if the plan says so."""
+    from accelerate.utils import set_seed
+
+    from .adapters import apply_init
+    from .model import attach_adapter, load_base_model
+
+    plan = run.plan
+    base = load_base_model(run.info, ft.quant, plan.dtype, torch.device(plan.device), ft.trust_remote_code,
+                           plan.checkpointing, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
+    set_seed(ft.train_spec.seed)  # the adapter's initialisation does not depend on what loading drew
+    model: Any = attach_adapter(base, ft.adapter_spec, run.targets)
+    apply_init(model, ft.adapter_spec, run.info.source)
+    if plan.compile:  # static graphs, one per fixed micro-batch length of the plan (loop builds them up front)
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=False)
+    return model
+
+
+def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path) -> None:
+    """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place."""
+    with ckpt.atomic_dir(adapter_dir, "the final adapter") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
+                "quant": spec_to_config(ft.quant, QuantSpec) if ft.quant is not None else None,
+                "trust_remote_code": ft.trust_remote_code}
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))

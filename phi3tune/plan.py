@@ -1,0 +1,172 @@
+"""RunPlan: every decision about *how* a run executes, made once, before any weights load.
+
+The four specs say what to train; the plan says how: precision, attention kernel, batch layout, micro-batch
+token budget and its fixed shapes, compiled layers, activation checkpointing, output-head chunk, optimizer
+paging, and the peak memory that all of this predicts. ``run()``, the loop, ``estimate_memory`` and ``bench``
+read the plan; nothing re-derives a setting elsewhere. No plan changes which tokens are trained or how the loss
+is weighted (tests/test_modes.py), so ``optimize_for="auto"`` can pick the fastest plan that fits the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .loss import CE_CHUNK
+from .memory import GIB, ModelShape, estimate_parts, total_gib
+
+if TYPE_CHECKING:
+    from .finetuner import FineTuner
+
+log = logging.getLogger("phi3tune")
+
+# What each mode switches. None of it changes the trained tokens or the loss weighting.
+MODES: dict[str, dict[str, Any]] = {
+    # the classic recipe's layout: right-padded batches, frozen non-quantized weights upcast to fp32 (PEFT)
+    "balanced": {"padding_free": False, "upcast_frozen": True, "checkpointing": False, "compile": False,
+                 "micro_batch_tokens": None, "ce_chunk": CE_CHUNK},
+    # examples laid end to end, fenced by position ids, re-cut into <= 4,096-token micro-batches of a few fixed
+    # lengths; frozen weights in the compute dtype; FlexAttention document masks and compiled layers on CUDA
+    "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
+              "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
+    # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks
+    "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
+               "micro_batch_tokens": 2048, "ce_chunk": 512},
+}
+FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
+_BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The resolved execution plan of one run (see the module docstring)."""
+
+    mode: str  # "speed" | "memory" | "balanced"
+    requested: str  # TrainSpec.optimize_for as given ("auto", ...)
+    device: str
+    precision: str  # "bf16" | "fp16" | "fp32": autocast of the loop
+    compute_dtype: str  # dtype of the frozen base's matmuls: "bfloat16" | "float16" | "float32"
+    attn_implementation: str | None  # None: transformers' default (SDPA)
+    padding_free: bool  # examples laid end to end in one row, fenced by position ids
+    micro_batch_tokens: int | None  # token budget of a micro-batch (padding-free plans)
+    token_buckets: tuple[int, ...]  # every padding-free micro-batch is padded up to one of these lengths
+    position_cap: int  # pads' position ids stay below this (the longest example), so RoPE scaling never changes
+    compile: bool  # torch.compile of every decoder layer
+    checkpointing: bool  # activation checkpointing of every decoder layer
+    upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
+    ce_chunk: int  # tokens per output-head + cross-entropy chunk
+    optimizer: str
+    paged_optimizer: bool
+    sequences_per_step: int
+    predicted_peak_gib: float
+    device_memory_gib: float | None = None  # free device memory when the plan was made (CUDA)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)  # type: ignore[no-any-return]
+
+    def describe(self) -> str:
+        """One line for the log: what runs, and how much memory it should take."""
+        how = [f"padding-free <= {self.micro_batch_tokens:,}-token micro-batches padded to "
+               f"{'/'.join(f'{b:,}' for b in self.token_buckets)} tokens"] if self.padding_free else [
+            f"padded batches, {self.sequences_per_step} sequences a step"]
+        how.append({"flex_attention": "FlexAttention", None: "SDPA"}.get(self.attn_implementation,
+                                                                       str(self.attn_implementation)))
+        how.append("compiled layers" if self.compile else "eager layers")
+        if self.checkpointing:
+            how.append("activation checkpointing")
+        how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
+        how.append(("paged " if self.paged_optimizer else "") + self.optimizer.removeprefix("paged_"))
+        fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
+        chosen = f"{self.mode} (auto)" if self.requested == "auto" else self.mode
+        digits = 1 if self.predicted_peak_gib >= 1 else 2
+        return f"plan: {chosen} — {', '.join(how)}; predicted peak {self.predicted_peak_gib:.{digits}f} GiB{fits}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["token_buckets"] = list(self.token_buckets)
+        d["summary"] = self.describe()
+        return d
+
+
+def token_buckets(budget: int, longest: int, count: int = _BUCKETS) -> tuple[int, ...]:
+    """``count`` evenly spaced lengths up to the budget (at least the longest example), multiples of 8."""
+    top = max(budget, longest)
+    step = max(8, -(-top // count // 8) * 8)
+    return tuple(range(step, -(-top // step) * step + 1, step))
+
+
+def default_attention(device: torch.device, fenced: bool) -> str | None:
+    """FlexAttention for padding-free / packed rows on CUDA: its document mask skips the blocks between examples
+    (SDPA computes them, then masks them: 1.6x slower measured on the H200). SDPA everywhere else."""
+    if device.type == "cuda" and fenced and importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        return "flex_attention"
+    return None
+
+
+def _free_device_memory(device: torch.device) -> int | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
+               requested: str, free: int | None) -> RunPlan:
+    from .model import resolve_compute_dtype, resolve_precision
+    from .specs import QuantSpec
+
+    t, d, q = ft.train_spec, ft.data_spec, ft.quant
+    m = MODES[mode]
+    precision = resolve_precision(t.precision, device)
+    dtype = resolve_compute_dtype(q or QuantSpec(), precision, device)
+    padding_free = bool(m["padding_free"])
+    budget = (t.micro_batch_tokens or m["micro_batch_tokens"]) if padding_free else None
+    buckets = token_buckets(budget, d.max_seq_length) if budget else ()
+    cuda = device.type == "cuda"
+    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
+    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing)
+    attn = ft.attn_implementation or default_attention(device, padding_free or d.packing)
+    tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
+    act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
+    parts = estimate_parts(
+        # plugin specs (plugins.py) may lack these fields: estimate them as a 4-bit base and a rank-16 LoRA
+        shape, bits=getattr(q, "bits", 4) if q is not None else None, double_quant=bool(getattr(q, "double_quant", 0)),
+        targets=set(targets), r=getattr(ft.adapter_spec, "r", 16), dropout=getattr(ft.adapter_spec, "dropout", 0.0),
+        optimizer=t.optimizer,
+        act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
+        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
+    return RunPlan(
+        mode=mode, requested=requested, device=str(device), precision=precision,
+        compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, padding_free=padding_free,
+        micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
+        checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
+        optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
+        sequences_per_step=t.sequences_per_step, predicted_peak_gib=total_gib(parts),
+        device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
+
+
+def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
+                 free_bytes: int | None = None) -> RunPlan:
+    """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
+    fits the free memory (speed, else memory), on the CPU the plain padded layout (no compiler, no Flex kernels
+    to gain from). ``free_bytes`` overrides the measured free memory (estimates for another card)."""
+    requested = ft.train_spec.optimize_for
+    free = free_bytes if free_bytes is not None else _free_device_memory(device)
+    if requested != "auto":
+        return _candidate(ft, shape, targets, device, requested, requested, free)
+    if device.type != "cuda":
+        return _candidate(ft, shape, targets, device, "balanced", requested, free)
+    speed = _candidate(ft, shape, targets, device, "speed", requested, free)
+    if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+        return speed
+    memory = _candidate(ft, shape, targets, device, "memory", requested, free)
+    if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
+        log.warning("%s — more than the free device memory; it may run out of memory. Lower "
+                    "data.max_seq_length or training.micro_batch_tokens", memory.describe())
+    return memory
+

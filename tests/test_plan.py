@@ -1,0 +1,113 @@
+"""The RunPlan: one place decides how a run executes; padding-free micro-batches have a few fixed shapes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import PHI3_DIR, needs_shared, rows_of_text
+from helpers import tiny_tuner
+
+from phi3tune import FineTuner
+from phi3tune.bench import plan_for
+from phi3tune.data import IGNORE, Collator
+from phi3tune.loop import Trainer
+from phi3tune.plan import token_buckets
+
+
+def _rows(n: int, seed: int, longest: int = 120) -> list[dict[str, list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(2, longest)
+        ids = [rng.randint(3, 90) for _ in range(k)]
+        labels = [t if rng.random() < 0.7 else IGNORE for t in ids]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _trained(batches) -> list[int]:
+    """The (shifted) targets the loss sees, as a multiset."""
+    return sorted(t for b in batches for t in b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE].tolist())
+
+
+def test_bucket_lengths_are_few_and_cover_the_longest_example():
+    assert token_buckets(4096, 512) == (1024, 2048, 3072, 4096)
+    assert token_buckets(2048, 4096) == (1024, 2048, 3072, 4096)  # an example never has to be split
+    assert all(b % 8 == 0 for b in token_buckets(100, 37)) and token_buckets(100, 37)[-1] >= 100
+
+
+def test_padding_free_shapes_are_bounded_and_pads_never_trained(tiny_model, tmp_path):
+    """Many steps of unpacked examples of every length: every micro-batch has one of the plan's few lengths,
+    and the layout trains exactly the tokens of the classic padded batches (pads carry no label)."""
+    ft = tiny_tuner(tiny_model, tmp_path, rows_of_text(4), optimize_for="speed", micro_batch_tokens=256,
+                    batch_size=4, grad_accum=3).data(max_seq_length=120)
+    plan = plan_for(ft, "cpu")
+    trainer = Trainer(None, type("Tok", (), {"pad_token_id": 0})(), None, ft.train_spec, plan)
+    flat, padded = Collator(0, padding_free=True), Collator(0)
+    shapes = set()
+    for step in range(60):
+        rows = _rows(12, seed=step)
+        loader_batches = [rows[i:i + 4] for i in range(0, 12, 4)]
+        micro = trainer._layout([flat(b) for b in loader_batches])
+        shapes |= {tuple(b["input_ids"].shape) for b in micro}
+        assert _trained(micro) == _trained([padded(b) for b in loader_batches])
+        assert sum(int(b["num_real_tokens"]) for b in micro) == sum(len(r["input_ids"]) for r in rows)
+        for b in micro:
+            real = int(b["num_real_tokens"])
+            assert (b["labels"][0, real:] == IGNORE).all()  # the pads
+            assert (b["position_ids"][0, real:] < plan.position_cap).all()
+    assert {s[1] for s in shapes} <= set(plan.token_buckets) and len(shapes) <= 4
+
+
+def test_negative_control_without_buckets_every_step_has_a_new_shape(tiny_model, tmp_path):
+    from phi3tune.data.packing import resplit_flat
+
+    flat = Collator(0, padding_free=True)
+    lengths = {resplit_flat([flat(_rows(12, seed=s)[i:i + 4]) for i in range(0, 12, 4)], 256)[0]["input_ids"].shape[1]
+               for s in range(60)}
+    assert len(lengths) > 20
+
+
+def test_auto_picks_the_fastest_plan_that_fits(tiny_model):
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4))
+    assert plan_for(ft, "cpu").mode == "balanced"  # nothing to gain from compile/Flex on the CPU
+    assert plan_for(ft, "cuda", free_gib=80).mode == "speed"
+    speed = plan_for(ft.training(optimize_for="speed"), "cuda")
+    assert speed.compile and speed.attn_implementation == "flex_attention" and speed.precision == "bf16"
+    tight = speed.predicted_peak_gib * 0.8 / 0.9  # too little for speed
+    low = plan_for(ft.training(optimize_for="auto"), "cuda", free_gib=tight)
+    assert low.mode == "memory" and low.checkpointing and low.predicted_peak_gib < speed.predicted_peak_gib
+
+
+@needs_shared
+def test_phi3_mini_plan_on_cards_of_every_size():
+    """The real Phi-3-mini config: speed on a big card, memory on a 16 GiB one; the line says why."""
+    ft = FineTuner(str(PHI3_DIR))
+    big, small = plan_for(ft, "cuda", free_gib=139), plan_for(ft, "cuda", free_gib=16)
+    assert big.mode == "speed" and small.mode == "memory"
+    assert 15 < big.predicted_peak_gib < 30 and small.predicted_peak_gib < 0.9 * 16
+    line = big.describe()
+    assert line.startswith("plan: speed (auto) — padding-free") and "FlexAttention" in line and "of 139.0 GiB" in line
+
+
+def test_the_run_writes_and_returns_its_plan(tiny_model, tmp_path):
+    res = tiny_tuner(tiny_model, tmp_path / "r", rows_of_text(8), optimize_for="speed").run()
+    saved = json.loads((tmp_path / "r" / "phi3tune_plan.json").read_text())
+    assert res.plan is not None and saved["mode"] == res.plan.mode == "speed"
+    assert saved["summary"] == res.plan.describe() and saved["token_buckets"] == list(res.plan.token_buckets)
+
+
+def test_pads_do_not_change_the_loss(tiny_model, tmp_path):
+    """The same step with micro-batches padded to 4 lengths and with a budget that makes each one a different
+    (unpadded-equivalent) length: equal loss and gradient norm."""
+    rows = rows_of_text(12, seed=3)
+    a = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=4, grad_accum=3).run()
+    b = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=3, optimize_for="speed",
+                   micro_batch_tokens=40).run()
+    assert b.plan is not None and len(b.plan.token_buckets) == 4
+    assert b.history[0]["loss"] == pytest.approx(a.history[0]["loss"], rel=1e-5)
+    assert b.history[0]["grad_norm"] == pytest.approx(a.history[0]["grad_norm"], rel=1e-4)
+    assert torch.isfinite(torch.tensor(b.history[0]["loss"]))
