@@ -20,7 +20,10 @@ def _plain_base(path: str, quantized: bool):
     if quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    from phi3tune.model import pin_4bit_cpu_kernel
+
+    # as phi3tune pins its own models: no AVX512-BF16 repack on the first eval forward
+    return pin_4bit_cpu_kernel(AutoModelForCausalLM.from_pretrained(path, **kwargs)).eval()
 
 
 def _round_trip(res, quantized: bool) -> None:
@@ -31,7 +34,7 @@ def _round_trip(res, quantized: bool) -> None:
     ids = res.tokenizer(["### Human: copy abc ### Assistant: abc"], return_tensors="pt").input_ids
     plain = PeftModel.from_pretrained(_plain_base(cfg["base_model_name_or_path"], quantized),
                                       str(res.adapter_dir)).eval()
-    res.model.eval()  # both in eval mode: same bitsandbytes code path on either side
+    res.model.eval()
     with torch.no_grad():
         ours, theirs = res.model(input_ids=ids).logits, plain(input_ids=ids).logits
         bare = _plain_base(cfg["base_model_name_or_path"], quantized)(input_ids=ids).logits
