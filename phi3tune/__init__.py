@@ -5,7 +5,7 @@
 """
 
 from .bench import benchmark, estimate_memory
-from .data import prepare_dataset
+from .data import PreparedData, prepare_dataset, register_format, registered_formats
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -22,15 +22,18 @@ from .export import export_adapter
 from .finetuner import FineTuner, RunResult
 from .hub import HubError, push_to_hub
 from .inference import FineTunedModel, load_finetuned, merge_adapter
+from .plugins import AdapterConfigSpec, DataPipelineSpec, QuantizationSpec
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfigSpec",
     "AdapterSpec",
     "CheckpointError",
     "ConfigError",
     "DataFormatError",
+    "DataPipelineSpec",
     "DataSourceError",
     "DataSpec",
     "FineTunedModel",
@@ -39,7 +42,9 @@ __all__ = [
     "ModelSourceError",
     "OutputDirError",
     "Phi3TuneError",
+    "PreparedData",
     "QuantSpec",
+    "QuantizationSpec",
     "RunResult",
     "TargetModulesError",
     "TrainSpec",
@@ -52,4 +57,6 @@ __all__ = [
     "merge_adapter",
     "prepare_dataset",
     "push_to_hub",
+    "register_format",
+    "registered_formats",
 ]

@@ -17,6 +17,14 @@ from typing import Any
 from . import checkpoints as ckpt
 from .errors import ConfigError
 from .plan import RunPlan
+from .plugins import (
+    AdapterConfigSpec,
+    DataPipelineSpec,
+    QuantizationSpec,
+    check_spec,
+    spec_from_config,
+    spec_to_config,
+)
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -41,12 +49,19 @@ class RunResult:
         return [h["loss"] for h in self.history if "loss" in h]
 
 
-def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any]) -> Any:
+def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any], protocol: type, field: str) -> Any:
+    """A fresh spec of the same class (a subclass or plugin keeps its class); keywords override its fields."""
     base = spec if spec is not None else current
+    if base is not None and not hasattr(base, "model_validate"):  # a plugin that is not pydantic: used as given
+        if kwargs:
+            raise ConfigError(f"{field}: keyword arguments need a pydantic spec; build your "
+                              f"{type(base).__name__} with them instead")
+        return check_spec(base, protocol, field)
+    cls = type(base) if base is not None else cls
     if not kwargs:
-        return cls.model_validate(base.model_dump()) if base is not None else cls()
+        return check_spec(cls.model_validate(base.model_dump()) if base is not None else cls(), protocol, field)
     values = base.model_dump() if base is not None else {}
-    return cls(**{**values, **kwargs})
+    return check_spec(cls(**{**values, **kwargs}), protocol, field)
 
 
 class FineTuner:
@@ -59,9 +74,10 @@ class FineTuner:
         if not str(model).strip():
             raise ConfigError("model: give a hub id like microsoft/Phi-3-mini-4k-instruct or a local directory")
         self.model = str(model)
-        self.quant: QuantSpec | None = (quant or QuantSpec()) if quantized else None
-        self.adapter_spec = adapter or AdapterSpec()
-        self.data_spec = data or DataSpec()
+        self.quant: QuantSpec | None = check_spec(quant or QuantSpec(), QuantizationSpec, "quant") \
+            if quantized else None
+        self.adapter_spec: AdapterSpec = check_spec(adapter or AdapterSpec(), AdapterConfigSpec, "adapter")
+        self.data_spec: DataSpec = check_spec(data or DataSpec(), DataPipelineSpec, "data")
         self.train_spec = training or TrainSpec()
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
@@ -74,37 +90,38 @@ class FineTuner:
                 raise ConfigError("quantize(None) takes no other arguments")
             self.quant = None
         else:
-            self.quant = _merge(QuantSpec, self.quant, None if spec is True else spec, kwargs)
+            self.quant = _merge(QuantSpec, self.quant, None if spec is True else spec, kwargs, QuantizationSpec,
+                                "quant")
         return self
 
     def adapter(self, spec: AdapterSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.adapter_spec = _merge(AdapterSpec, self.adapter_spec, spec, kwargs)
+        self.adapter_spec = _merge(AdapterSpec, self.adapter_spec, spec, kwargs, AdapterConfigSpec, "adapter")
         return self
 
     def data(self, spec: DataSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.data_spec = _merge(DataSpec, self.data_spec, spec, kwargs)
+        self.data_spec = _merge(DataSpec, self.data_spec, spec, kwargs, DataPipelineSpec, "data")
         return self
 
     def training(self, spec: TrainSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.train_spec = _merge(TrainSpec, self.train_spec, spec, kwargs)
+        self.train_spec = _merge(TrainSpec, self.train_spec, spec, kwargs, object, "training")
         return self
 
     # ------------------------------------------------------------------ config round trip
     def to_config(self) -> dict[str, Any]:
         """The whole run as plain data (YAML/JSON-ready)."""
-        data = self.data_spec.model_dump()
+        data = spec_to_config(self.data_spec, DataSpec)
         for key in ("source", "eval_source"):
-            value = data[key]
+            value = data.get(key)
             if value is not None and not isinstance(value, (str, list)):
                 data[key] = f"{IN_MEMORY}{type(value).__name__}({len(value)} rows)"
         return {
             "model": self.model,
             "trust_remote_code": self.trust_remote_code,
             "attn_implementation": self.attn_implementation,
-            "quant": self.quant.model_dump() if self.quant is not None else None,
-            "adapter": self.adapter_spec.model_dump(),
+            "quant": spec_to_config(self.quant, QuantSpec) if self.quant is not None else None,
+            "adapter": spec_to_config(self.adapter_spec, AdapterSpec),
             "data": data,
-            "training": self.train_spec.model_dump(),
+            "training": spec_to_config(self.train_spec, TrainSpec),
         }
 
     def save_config(self, path: str | os.PathLike[str]) -> Path:
@@ -141,11 +158,11 @@ class FineTuner:
         quant = config.get("quant", {})
         return cls(
             config.get("model", DEFAULT_MODEL),
-            quant=QuantSpec(**quant) if quant is not None else None,
+            quant=spec_from_config("quant", quant, QuantSpec, QuantizationSpec) if quant is not None else None,
             quantized=quant is not None,
-            adapter=AdapterSpec(**(config.get("adapter") or {})),
-            data=DataSpec(**(config.get("data") or {})),
-            training=TrainSpec(**(config.get("training") or {})),
+            adapter=spec_from_config("adapter", config.get("adapter"), AdapterSpec, AdapterConfigSpec),
+            data=spec_from_config("data", config.get("data"), DataSpec, DataPipelineSpec),
+            training=spec_from_config("training", config.get("training"), TrainSpec, object),
             trust_remote_code=bool(config.get("trust_remote_code", False)),
             attn_implementation=config.get("attn_implementation"),
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelSourceError, OutputDirError
+from .plugins import QuantizationSpec, spec_from_config
 from .specs import QuantSpec
 
 META_NAME = "phi3tune.json"
@@ -155,7 +156,7 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
     base = _base_of(path, meta, base_model)
     if quant == _SAME:
         saved = meta.get("quant")
-        quant = QuantSpec(**saved) if saved else None
+        quant = spec_from_config("quant", saved, QuantSpec, QuantizationSpec) if saved else None
     elif isinstance(quant, str):
         raise ConfigError(f"load_finetuned: quant={quant!r}; give a QuantSpec, None (unquantized) or leave it out "
                           "(the quantization the adapter was trained with)")
@@ -163,11 +164,11 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else (
         torch.float16 if dev.type == "cuda" else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if isinstance(quant, QuantSpec):
+    if isinstance(quant, QuantizationSpec):
         cdt = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
         kwargs.update(quantization_config=bnb_config(quant, cdt), device_map={"": dev})
     model = _load_base(base, path, **kwargs)
-    if not isinstance(quant, QuantSpec):
+    if not isinstance(quant, QuantizationSpec):
         model.to(dev)
     else:
         pin_4bit_cpu_kernel(model)  # the kernel training used, so the outputs are the trained model's

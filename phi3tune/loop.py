@@ -58,17 +58,10 @@ class EpochSampler(Sampler[int]):
 
 def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
                     device: torch.device) -> Any:
-    """torch AdamW, or bitsandbytes' (paged) AdamW; paging only exists on CUDA, so the CPU gets the unpaged twin."""
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
+    """The optimizer ``name`` (any torch / bitsandbytes class, optim.py); paged ones are unpaged on the CPU."""
+    from .optim import build_optimizer as build
 
-    paged = device.type == "cuda"
-    cls = {
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit if paged else bnb.optim.AdamW32bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit,
-    }[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
+    return build(name, params, lr, weight_decay, device)
 
 
 class _StopFlag:
@@ -116,8 +109,6 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         from accelerate import Accelerator
-        from transformers import get_scheduler
-
         self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu",
                                              fsdp_plugin=self._fsdp_plugin(),
                                              **tracking.accelerator_kwargs(self.spec.report_to, self.output_dir))
@@ -133,7 +124,7 @@ class Trainer:
         if self.data.eval is not None:
             self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(s.optimizer, self.params, s.learning_rate, s.weight_decay, self.device)
+        optimizer = s.create_optimizer(self.model, self.params, self.device)  # TrainSpec's hook: optim.py
         loss_module = TokenLoss(self.model, self.plan.ce_chunk)
         self.loss_module, self.optimizer = acc.prepare(loss_module, optimizer)
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
@@ -141,8 +132,7 @@ class Trainer:
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
         self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
         self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
-        self.scheduler = get_scheduler(s.lr_scheduler, optimizer, math.ceil(s.warmup_ratio * self.total_steps),
-                                       self.total_steps)
+        self.scheduler = s.create_scheduler(optimizer, math.ceil(s.warmup_ratio * self.total_steps), self.total_steps)
         if self.eval_loader is not None:
             self.eval_loader = acc.prepare_data_loader(self.eval_loader, device_placement=False)
 

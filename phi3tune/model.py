@@ -178,7 +178,7 @@ def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) ->
 
 def check_modules_to_save(spec: AdapterSpec, module_names: tuple[str, ...]) -> None:
     """PEFT silently ignores modules_to_save names that match nothing: the user would train less than asked."""
-    unknown = [name for name in spec.modules_to_save or []
+    unknown = [name for name in getattr(spec, "modules_to_save", None) or []
                if not any(m == name or m.endswith("." + name) for m in module_names)]
     if unknown:
         names = set(module_names)
@@ -188,19 +188,9 @@ def check_modules_to_save(spec: AdapterSpec, module_names: tuple[str, ...]) -> N
                                  f"names such as {tops}")
 
 
-def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    storage = torch.uint8 if quant.quant_storage == "uint8" else _DTYPES[quant.quant_storage]
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_quant_storage=storage,
-    )
+def bnb_config(quant: Any, compute_dtype: torch.dtype) -> Any:
+    """The quantization config of any quantization spec (the QuantizationSpec protocol, plugins.py)."""
+    return quant.quantization_config(compute_dtype)
 
 
 def pin_4bit_cpu_kernel(model: nn.Module) -> nn.Module:
@@ -284,20 +274,11 @@ def load_base_model(
 
 
 def attach_adapter(model: nn.Module, spec: AdapterSpec, target_modules: list[str]) -> nn.Module:
-    """Wrap ``model`` in a PEFT LoRA model; adapters stay fp32 so fp16 grad scaling works."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap ``model`` in the spec's PEFT adapter (``spec.peft_config``); adapters stay fp32 so fp16 grad scaling
+    works."""
+    from peft import get_peft_model
 
-    cfg = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
-        lora_dropout=spec.dropout,
-        target_modules=target_modules,
-        bias=spec.bias,
-        use_rslora=spec.use_rslora,
-        modules_to_save=spec.modules_to_save,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, spec.peft_config(target_modules), autocast_adapter_dtype=True)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -18,6 +18,7 @@ from . import checkpoints as ckpt
 from .errors import ConfigError
 from .inference import META_NAME
 from .plan import RunPlan, resolve_plan
+from .plugins import spec_to_config
 from .specs import QuantSpec, TrainSpec
 from .tracking import check_report_to
 
@@ -49,7 +50,7 @@ def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: t
     if spec.distributed != "fsdp" or quant is None:
         return
     dtype = str(compute_dtype).removeprefix("torch.")
-    if quant.bits != 4 or quant.quant_storage != dtype:
+    if getattr(quant, "bits", 4) != 4 or getattr(quant, "quant_storage", None) != dtype:
         raise ConfigError(
             f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
             f'to the compute dtype ({dtype}); got bits={quant.bits}, quant_storage="{quant.quant_storage}". '
@@ -61,7 +62,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from .data import prepare_data
+    from .adapters import check_init
     from .model import (
         check_modules_to_save,
         load_tokenizer,
@@ -84,6 +85,8 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     info = preflight_model(ft.model, ft.trust_remote_code)
     targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
     check_modules_to_save(ft.adapter_spec, info.module_names)
+    check_init(ft.adapter_spec, ft.quant, device.type)
+    ft.adapter_spec.peft_config(targets)  # PEFT's own refusals, before any weights load
     max_pos = getattr(info.config, "max_position_embeddings", None)
     if max_pos and d.max_seq_length > max_pos:
         raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "
@@ -92,7 +95,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     plan = resolve_plan(ft, info.shape, targets, device)
     tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
     set_seed(t.seed)
-    data = prepare_data(d, tokenizer, t.seed)
+    data = d.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
     log.info(plan.describe())
     if t.progress_bar and state.is_main_process:
         from .data import padding_fraction
@@ -123,6 +126,7 @@ def build_model(ft: FineTuner, run: CheckedRun) -> Any:
     """Load the base as the plan says, attach the adapter, compile the decoder layers if the plan says so."""
     from accelerate.utils import set_seed
 
+    from .adapters import apply_init
     from .model import attach_adapter, load_base_model
 
     plan = run.plan
@@ -130,6 +134,7 @@ def build_model(ft: FineTuner, run: CheckedRun) -> Any:
                            plan.checkpointing, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
     set_seed(ft.train_spec.seed)  # the adapter's initialisation does not depend on what loading drew
     model: Any = attach_adapter(base, ft.adapter_spec, run.targets)
+    apply_init(model, ft.adapter_spec, run.info.source)
     if plan.compile:  # static graphs, one per fixed micro-batch length of the plan (loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
@@ -145,6 +150,6 @@ def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path) -> 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
-                "quant": ft.quant.model_dump() if ft.quant is not None else None,
+                "quant": spec_to_config(ft.quant, QuantSpec) if ft.quant is not None else None,
                 "trust_remote_code": ft.trust_remote_code}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))

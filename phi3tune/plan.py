@@ -134,8 +134,10 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     parts = estimate_parts(
-        shape, bits=q.bits if q is not None else None, double_quant=bool(q and q.double_quant),
-        targets=set(targets), r=ft.adapter_spec.r, dropout=ft.adapter_spec.dropout, optimizer=t.optimizer,
+        # plugin specs (plugins.py) may lack these fields: estimate them as a 4-bit base and a rank-16 LoRA
+        shape, bits=getattr(q, "bits", 4) if q is not None else None, double_quant=bool(getattr(q, "double_quant", 0)),
+        targets=set(targets), r=getattr(ft.adapter_spec, "r", 16), dropout=getattr(ft.adapter_spec, "dropout", 0.0),
+        optimizer=t.optimizer,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
     return RunPlan(

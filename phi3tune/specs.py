@@ -3,19 +3,27 @@
 Each spec is plain data (pydantic, extra fields forbidden) so that a run round-trips through YAML/JSON
 and a typo in a field name fails at once instead of being ignored. Defaults are the classic Phi-3 QLoRA
 recipe (NF4, r=64/alpha=16/dropout=0.1, seq 512, 4 x 4 sequences a step, paged AdamW, lr 2e-4, cosine).
+
+Each spec also has the one method the builder calls (the protocols in plugins.py): QuantSpec.quantization_config,
+AdapterSpec.peft_config, DataSpec.prepare; TrainSpec.create_optimizer / create_scheduler. Subclass a spec and
+override its method to plug in your own (docs/extending.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_DATASET = "timdettmers/openassistant-guanaco"
 
-DataFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion", "guanaco"]
+if TYPE_CHECKING:
+    import torch
+
+DataFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion", "guanaco"]  # the built-ins
+AdapterInit = Literal["default", "gaussian", "orthogonal", "olora", "pissa", "loftq"]
 
 
 class _Spec(BaseModel):
@@ -35,6 +43,21 @@ class QuantSpec(_Spec):
         "uint8", description="storage dtype of packed 4-bit weights; FSDP needs it to match the model dtype"
     )
 
+    def quantization_config(self, compute_dtype: torch.dtype) -> Any:
+        """The BitsAndBytesConfig the base is loaded with; ``compute_dtype`` is the resolved dtype."""
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_quant_storage=getattr(torch, self.quant_storage),
+        )
+
 
 class AdapterSpec(_Spec):
     """The LoRA adapter, handed to PEFT's LoraConfig."""
@@ -48,6 +71,9 @@ class AdapterSpec(_Spec):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (PEFT use_dora)")
+    init: AdapterInit = Field("default", description="PEFT init_lora_weights; which work on which base: "
+                              "phi3tune.adapters.INITS")
 
     @field_validator("target_modules")
     @classmethod
@@ -55,6 +81,12 @@ class AdapterSpec(_Spec):
         if isinstance(v, list) and (not v or any(not isinstance(s, str) or not s for s in v)):
             raise ValueError('give "auto" or a non-empty list of layer names, e.g. ["qkv_proj", "o_proj"]')
         return v
+
+    def peft_config(self, target_modules: list[str]) -> Any:
+        """PEFT's LoraConfig for the resolved layer names; PEFT's own refusals become a ConfigError."""
+        from .adapters import lora_config
+
+        return lora_config(self, target_modules)
 
 
 class DataSpec(_Spec):
@@ -67,7 +99,8 @@ class DataSpec(_Spec):
     )
     split: str = "train"
     text_field: str = "text"
-    format: DataFormat = "auto"
+    format: str = Field("auto", description='"auto", a built-in format, a register_format() name or '
+                        '"module:function"')
     train_on: Literal["auto", "all", "completion"] = "auto"
     max_seq_length: int = Field(512, ge=8)
     packing: bool = False
@@ -97,6 +130,19 @@ class DataSpec(_Spec):
             raise ValueError("set eval_fraction or eval_source, not both")
         return self
 
+    @field_validator("format")
+    @classmethod
+    def _format_named(cls, v: str) -> str:
+        if not v.strip():  # registered names are checked when the data is prepared: a plugin may register later
+            raise ValueError('give "auto", a built-in format or a register_format() name')
+        return v
+
+    def prepare(self, tokenizer: Any, seed: int) -> Any:
+        """Load, split, tokenize, mask and pack: the PreparedData the loop trains on."""
+        from .data import prepare_data
+
+        return prepare_data(self, tokenizer, seed)
+
 
 class TrainSpec(_Spec):
     """The training loop."""
@@ -104,10 +150,14 @@ class TrainSpec(_Spec):
     output_dir: str = "./results"
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(4, gt=0)
-    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
+    optimizer: str = Field("paged_adamw_32bit", description="a legacy name, any torch.optim / bitsandbytes.optim "
+                           'class name, or "module:Class"')
+    optimizer_kwargs: dict[str, Any] = Field({}, description="extra optimizer keywords")  # pydantic copies it
+    loraplus_lr_ratio: float | None = Field(None, ge=1, description="LoRA+: lora_B learns at this x learning_rate")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: str = Field("cosine", description="a transformers SchedulerType name")
+    lr_scheduler_kwargs: dict[str, Any] = Field({}, description="e.g. min_lr_rate, num_decay_steps")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     num_epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(100, gt=0, description="None = run by num_epochs")
@@ -145,6 +195,27 @@ class TrainSpec(_Spec):
             raise ValueError('save_strategy="steps" needs save_steps, e.g. save_steps=50')
         return self
 
+    @model_validator(mode="after")
+    def _optimizer_and_schedule(self) -> TrainSpec:
+        from .optim import check_optimizer, check_scheduler
+
+        check_optimizer(self.optimizer, self.optimizer_kwargs)
+        check_scheduler(self.lr_scheduler, self.lr_scheduler_kwargs)
+        return self
+
     @property
     def sequences_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+    def create_optimizer(self, model: Any, params: list[Any], device: torch.device) -> Any:
+        """The optimizer over the trainable ``params`` of ``model`` (optim.py)."""
+        from .optim import build_optimizer
+
+        return build_optimizer(self.optimizer, params, self.learning_rate, self.weight_decay, device,
+                               self.optimizer_kwargs, model, self.loraplus_lr_ratio)
+
+    def create_scheduler(self, optimizer: Any, warmup_steps: int, total_steps: int) -> Any:
+        """The learning-rate schedule, stepped once per optimizer step."""
+        from .optim import build_scheduler
+
+        return build_scheduler(self.lr_scheduler, optimizer, warmup_steps, total_steps, self.lr_scheduler_kwargs)

@@ -62,7 +62,7 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("build,field,hint", [
     (lambda: TrainSpec(learning_rate=0), "learning_rate", "greater than 0"),
     (lambda: TrainSpec(warmup_ratio=1.0), "warmup_ratio", "less than 1"),
-    (lambda: TrainSpec(optimizer="sgd"), "optimizer", "paged_adamw_32bit"),
+    (lambda: TrainSpec(optimizer="sgdd"), "optimizer", "paged_adamw_32bit"),
     (lambda: TrainSpec(precision="fp8"), "precision", "'bf16'"),
     (lambda: TrainSpec(save_total_limit=0), "save_total_limit", "greater than 0"),
     (lambda: AdapterSpec(alpha=-1), "alpha", "greater than 0"),

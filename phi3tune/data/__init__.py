@@ -13,12 +13,13 @@ from ..errors import DataFormatError
 from ..specs import DataSpec
 from .formats import IGNORE, check_columns, detect_format, encode, resolve_train_on
 from .packing import Collator, pack_examples, padding_fraction
+from .registry import register_format, registered_formats, resolve_format
 from .sources import load_source
 
 log = logging.getLogger("phi3tune")
 
 __all__ = ["IGNORE", "Collator", "DataSummary", "PreparedData", "load_source", "padding_fraction",
-           "prepare_data", "prepare_dataset"]
+           "prepare_data", "prepare_dataset", "register_format", "registered_formats"]
 
 
 @dataclass
@@ -51,13 +52,32 @@ class DataSummary:
 
 @dataclass
 class PreparedData:
+    """What the loop trains on: rows of input_ids / labels (IGNORE = not trained), optional position_ids."""
+
     train: Any
     eval: Any | None
     summary: DataSummary
 
+    @classmethod
+    def from_examples(cls, train: list[dict[str, list[int]]], eval: list[dict[str, list[int]]] | None = None,
+                      format: str = "custom") -> PreparedData:
+        """From your own tokenized examples (dicts with input_ids and labels): for a custom DataSpec.prepare."""
+        from datasets import Dataset
+
+        if not train or any(len(e["input_ids"]) != len(e["labels"]) for e in train):
+            raise DataFormatError("PreparedData.from_examples: give examples with input_ids and labels of equal "
+                                  "length")
+        trained = sum(sum(1 for t in e["labels"][1:] if t != IGNORE) for e in train)
+        summary = DataSummary(format, "custom", len(train), len(train), sum(len(e["input_ids"]) for e in train), 0,
+                              trained)
+        keep = ("input_ids", "labels", "position_ids")
+        rows = Dataset.from_list([{k: v for k, v in e.items() if k in keep} for e in train])
+        evals = Dataset.from_list([{k: v for k, v in e.items() if k in keep} for e in eval]) if eval else None
+        return cls(rows, evals, summary)
+
 
 def _resolve_format(spec: DataSpec, columns: list[str]) -> str:
-    fmt: str = spec.format
+    fmt: str = resolve_format(spec.format)  # built-in, registered, or "module:function"
     if fmt == "auto":
         fmt = detect_format(columns, spec.text_field)
         log.info("data.format=auto chose %r from columns %s", fmt, sorted(columns))

@@ -46,6 +46,10 @@ def detect_format(columns: list[str], text_field: str) -> str:
 
 
 def required_columns(fmt: str, text_field: str) -> list[str]:
+    if fmt not in FORMATS:  # a register_format() format: the columns it declared
+        from .registry import columns_of
+
+        return columns_of(fmt)
     return {
         "text": [text_field],
         "guanaco": [text_field],
@@ -115,6 +119,10 @@ def split_guanaco(text: str) -> list[dict[str, str]]:
 
 
 def to_messages(row: dict[str, Any], fmt: str, text_field: str, system_prompt: str | None) -> list[dict[str, str]]:
+    if fmt not in FORMATS:  # a register_format() format: its output takes the built-in messages/prompt_completion path
+        from .registry import as_builtin_row
+
+        row, fmt = as_builtin_row(row, fmt)
     if fmt == "alpaca":
         instruction, extra = _str(row, "instruction"), _str(row, "input")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
