@@ -138,7 +138,7 @@ def build_model(ft: FineTuner, run: CheckedRun) -> Any:
     if plan.compile:  # static graphs, one per fixed micro-batch length of the plan (loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
-        base.enable_input_require_grads()
+        model.get_base_model().enable_input_require_grads()
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=False)
     return model
