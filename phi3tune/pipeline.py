@@ -144,6 +144,11 @@ def build_model(ft: FineTuner, run: CheckedRun) -> Any:
     return model
 
 
+def write_adapter_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:
+    """phi3tune.json beside the adapter: the base and quantization it was trained with (load_finetuned reads it)."""
+    (adapter_dir / META_NAME).write_text(json.dumps(meta, indent=1))
+
+
 def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path) -> None:
     """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place."""
     with ckpt.atomic_dir(adapter_dir, "the final adapter") as tmp:
@@ -152,4 +157,4 @@ def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path) -> 
         meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
                 "quant": spec_to_config(ft.quant, QuantSpec) if ft.quant is not None else None,
                 "trust_remote_code": ft.trust_remote_code}
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+        write_adapter_meta(tmp, meta)

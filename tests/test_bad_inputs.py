@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 import phi3tune.finetuner
 import phi3tune.model
+import phi3tune.pipeline
 from phi3tune import (
     AdapterSpec,
     ConfigError,
@@ -279,10 +280,8 @@ def test_disk_full_while_saving_a_checkpoint(tiny_model, tmp_path, monkeypatch):
 
 
 def test_disk_full_while_saving_the_final_adapter(tiny_model, tmp_path, monkeypatch):
-    class FullDisk:  # phi3tune.finetuner writes the adapter's metadata with json.dumps: make that write fail
-        dumps = staticmethod(lambda *a, **k: _enospc())
-
-    monkeypatch.setattr(phi3tune.finetuner, "json", FullDisk)
+    # the disk fills up while the final adapter's metadata is written (after the adapter weights)
+    monkeypatch.setattr(phi3tune.pipeline, "write_adapter_meta", lambda *a, **k: _enospc())
     out = tmp_path / "out"
     with pytest.raises(OutputDirError) as err:
         tiny_tuner(tiny_model, out, TEXT, save_strategy="steps", save_steps=1).run()
