@@ -4,7 +4,7 @@
     result = FineTuner("microsoft/Phi-3-mini-4k-instruct").training(max_steps=100).run()
 """
 
-from .bench import benchmark, estimate_memory
+from .bench import benchmark, estimate_memory, plan_for
 from .data import PreparedData, prepare_dataset, register_format, registered_formats
 from .errors import (
     CheckpointError,
@@ -23,6 +23,7 @@ from .finetuner import FineTuner, RunResult
 from .hub import HubError, push_to_hub
 from .inference import FineTunedModel, load_finetuned, merge_adapter
 from .plugins import AdapterConfigSpec, DataPipelineSpec, QuantizationSpec
+from .plan import RunPlan
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "PreparedData",
     "QuantSpec",
     "QuantizationSpec",
+    "RunPlan",
     "RunResult",
     "TargetModulesError",
     "TrainSpec",
@@ -52,6 +54,7 @@ __all__ = [
     "TrainingInterrupted",
     "benchmark",
     "estimate_memory",
+    "plan_for",
     "export_adapter",
     "load_finetuned",
     "merge_adapter",
