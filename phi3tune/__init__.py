@@ -22,8 +22,8 @@ from .export import export_adapter
 from .finetuner import FineTuner, RunResult
 from .hub import HubError, push_to_hub
 from .inference import FineTunedModel, load_finetuned, merge_adapter
-from .plugins import AdapterConfigSpec, DataPipelineSpec, QuantizationSpec
 from .plan import RunPlan
+from .plugins import AdapterConfigSpec, DataPipelineSpec, QuantizationSpec
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 __version__ = "0.1.0"
@@ -54,10 +54,10 @@ __all__ = [
     "TrainingInterrupted",
     "benchmark",
     "estimate_memory",
-    "plan_for",
     "export_adapter",
     "load_finetuned",
     "merge_adapter",
+    "plan_for",
     "prepare_dataset",
     "push_to_hub",
     "register_format",
