@@ -116,7 +116,7 @@ def _free_device_memory(device: torch.device) -> int | None:
 
 
 def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
-               requested: str, free: int | None) -> RunPlan:
+               requested: str, free: int | None, budget_override: int | None = None) -> RunPlan:
     from .model import resolve_compute_dtype, resolve_precision
     from .specs import QuantSpec
 
@@ -125,7 +125,7 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     precision = resolve_precision(t.precision, device)
     dtype = resolve_compute_dtype(q or QuantSpec(), precision, device)
     padding_free = bool(m["padding_free"])
-    budget = (t.micro_batch_tokens or m["micro_batch_tokens"]) if padding_free else None
+    budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     buckets = token_buckets(budget, d.max_seq_length) if budget else ()
     cuda = device.type == "cuda"
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
@@ -153,18 +153,23 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
 def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
                  free_bytes: int | None = None) -> RunPlan:
     """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
-    fits the free memory (speed, else memory), on the CPU the plain padded layout (no compiler, no Flex kernels
-    to gain from). ``free_bytes`` overrides the measured free memory (estimates for another card)."""
+    fits the free memory (speed with 4,096-, then 2,048-, then 1,024-token micro-batches, else memory), on the CPU
+    the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
+    free memory (estimates for another card)."""
     requested = ft.train_spec.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if requested != "auto":
         return _candidate(ft, shape, targets, device, requested, requested, free)
     if device.type != "cuda":
         return _candidate(ft, shape, targets, device, "balanced", requested, free)
-    speed = _candidate(ft, shape, targets, device, "speed", requested, free)
-    if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
-        return speed
+    # speed with smaller micro-batches before memory: compiled 2,048-token micro-batches ran 1.5x faster than the
+    # memory plan on the H200 at a third of speed's activation memory (docs/performance.md)
+    for budget in ([None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]):
+        speed = _candidate(ft, shape, targets, device, "speed", requested, free, budget)
+        if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+            return speed
     memory = _candidate(ft, shape, targets, device, "memory", requested, free)
+    assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())

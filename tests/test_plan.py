@@ -84,11 +84,14 @@ def test_auto_picks_the_fastest_plan_that_fits(tiny_model):
 
 @needs_shared
 def test_phi3_mini_plan_on_cards_of_every_size():
-    """The real Phi-3-mini config: speed on a big card, memory on a 16 GiB one; the line says why."""
+    """The real Phi-3-mini config: speed on a big card, speed with smaller micro-batches on a 16 GiB one, memory on
+    an 8 GiB one; each fits in 90% of the card, and the line says what was chosen."""
     ft = FineTuner(str(PHI3_DIR))
-    big, small = plan_for(ft, "cuda", free_gib=139), plan_for(ft, "cuda", free_gib=16)
-    assert big.mode == "speed" and small.mode == "memory"
-    assert 15 < big.predicted_peak_gib < 30 and small.predicted_peak_gib < 0.9 * 16
+    big, mid, small = (plan_for(ft, "cuda", free_gib=g) for g in (139, 16, 8))
+    assert (big.mode, big.micro_batch_tokens) == ("speed", 4096)
+    assert (mid.mode, mid.micro_batch_tokens) == ("speed", 2048)
+    assert small.mode == "memory" and small.checkpointing
+    assert 15 < big.predicted_peak_gib < 30 and mid.predicted_peak_gib < 0.9 * 16 and small.predicted_peak_gib < 0.9 * 8
     line = big.describe()
     assert line.startswith("plan: speed (auto) — padding-free") and "FlexAttention" in line and "of 139.0 GiB" in line
 
