@@ -186,7 +186,7 @@ class Trainer:
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
         """One optimizer step; returns (loss, grad norm before clipping, real tokens, trained tokens), all ranks."""
         acc = self.accelerator
-        micro = distributed.even_micro_batches(acc, self.loss_module, micro)  # FSDP: the same number of forwards on every rank
+        micro = distributed.even_micro_batches(acc, self.loss_module, micro)  # FSDP: as many forwards on each rank
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
                                sum(int(b["num_real_tokens"]) for b in micro)])
         if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
