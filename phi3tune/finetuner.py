@@ -179,6 +179,7 @@ class FineTuner:
         ``callbacks`` are called after every optimizer step with a dict of that step's numbers
         (step, loss, grad_norm, lr, real_tokens, trained_tokens, batch_tokens).
         """
+        from .distributed import full_adapter_state
         from .loop import Trainer
         from .pipeline import build_model, check_run, claim_output_dir, save_final
         from .plot import plot_history
@@ -195,9 +196,10 @@ class FineTuner:
         metrics = trainer.train(checked.resume_from)
         out = checked.output_dir
         adapter_dir = out / ckpt.FINAL_DIR
+        gathered = full_adapter_state(trainer.accelerator, trainer.loss_module)  # FSDP: every rank, a collective
         if trainer.accelerator.is_main_process:
             save_final(self, trainer.accelerator.unwrap_model(trainer.loss_module).model, checked.tokenizer,
-                       adapter_dir)
+                       adapter_dir, gathered)
             plot_history(trainer.history, out / "loss.png")
         trainer.accelerator.wait_for_everyone()
         model.eval()

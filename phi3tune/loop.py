@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoints as ckpt
-from . import tracking
+from . import distributed, tracking
 from .data import Collator, PreparedData
 from .data.packing import pad_to_bucket, resplit_flat
 from .errors import TrainingError, TrainingInterrupted
@@ -107,11 +107,14 @@ class Trainer:
         self.callbacks = list(callbacks or [])  # called after every optimizer step with that step's numbers
 
     # ---------------------------------------------------------------- setup
+    @distributed.collective_errors
     def setup(self) -> None:
         from accelerate import Accelerator
+        fsdp = self._fsdp_plugin()
         self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu",
-                                             fsdp_plugin=self._fsdp_plugin(),
+                                             fsdp_plugin=fsdp,
                                              **tracking.accelerator_kwargs(self.spec.report_to, self.output_dir))
+        distributed.use_fsdp_on_cpu(acc, fsdp)
         tracking.start(acc, self.output_dir, {"training": self.spec.model_dump()})
         s = self.spec
         self.sampler = EpochSampler(len(self.data.train), s.seed)
@@ -127,6 +130,7 @@ class Trainer:
         optimizer = s.create_optimizer(self.model, self.params, self.device)  # TrainSpec's hook: optim.py
         loss_module = TokenLoss(self.model, self.plan.ce_chunk)
         self.loss_module, self.optimizer = acc.prepare(loss_module, optimizer)
+        self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
@@ -140,12 +144,7 @@ class Trainer:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
         if self.spec.distributed != "fsdp":
             return None
-        from accelerate.utils import FullyShardedDataParallelPlugin
-        from peft.utils.other import fsdp_auto_wrap_policy
-
-        return FullyShardedDataParallelPlugin(auto_wrap_policy=fsdp_auto_wrap_policy(self.model),
-                                              use_orig_params=False, sync_module_states=True,
-                                              cpu_ram_efficient_loading=False)
+        return distributed.fsdp_plugin(self.model)
 
     def _layout(self, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Padding-free plans: re-cut the step's examples into micro-batches within the token budget, each padded
@@ -187,6 +186,7 @@ class Trainer:
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
         """One optimizer step; returns (loss, grad norm before clipping, real tokens, trained tokens), all ranks."""
         acc = self.accelerator
+        micro = distributed.even_micro_batches(acc, self.loss_module, micro)  # FSDP: as many forwards on each rank
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
                                sum(int(b["num_real_tokens"]) for b in micro)])
         if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
@@ -220,6 +220,7 @@ class Trainer:
         return loss, grad_norm, real, n_tokens
 
     # ---------------------------------------------------------------- train
+    @distributed.collective_errors
     def train(self, resume_from: Path | None = None) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -322,7 +323,7 @@ class Trainer:
         total = torch.zeros((), device=acc.device)
         count = torch.zeros((), device=acc.device)
         for batch in self.eval_loader:
-            for cpu_batch in self._layout([batch]):
+            for cpu_batch in distributed.even_micro_batches(acc, self.loss_module, self._layout([batch])):
                 b = self._to_device(cpu_batch)
                 total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]).float()
                 count += int(cpu_batch["trained_idx"].numel())

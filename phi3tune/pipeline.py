@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import checkpoints as ckpt
+from .distributed import process_group_kwargs
 from .errors import ConfigError
 from .inference import META_NAME
 from .plan import RunPlan, resolve_plan
@@ -46,8 +47,16 @@ class CheckedRun:
 
 
 def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: torch.dtype) -> None:
-    """FSDP shards flat parameters of one dtype: 4-bit weights must be stored in the compute dtype."""
-    if spec.distributed != "fsdp" or quant is None:
+    """FSDP shards parameters of one dtype: 4-bit weights must be stored in the compute dtype. Checkpoints of a
+    sharded run (optimizer state in shards) are not written yet: refused before anything loads."""
+    if spec.distributed != "fsdp":
+        return
+    if spec.save_strategy != "no":
+        raise ConfigError(
+            f'training.distributed="fsdp" does not write resumable checkpoints yet (the optimizer state is sharded); '
+            f'got save_strategy="{spec.save_strategy}". Set save_strategy="no" (the final adapter is still saved), '
+            f'or use distributed="ddp"')
+    if quant is None:
         return
     dtype = str(compute_dtype).removeprefix("torch.")
     if getattr(quant, "bits", 4) != 4 or getattr(quant, "quant_storage", None) != dtype:
@@ -78,7 +87,8 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant or QuantSpec(),
                                                          resolve_precision(t.precision, device), device))
     check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
-    state = PartialState(cpu=device.type == "cpu")  # one process, or a rank of accelerate launch / torchrun
+    # one process, or a rank of accelerate launch / torchrun; collectives that wait longer raise (distributed.py)
+    state = PartialState(cpu=device.type == "cpu", **process_group_kwargs(t.collective_timeout_s))
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)
     resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
@@ -149,10 +159,12 @@ def write_adapter_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:
     (adapter_dir / META_NAME).write_text(json.dumps(meta, indent=1))
 
 
-def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path) -> None:
-    """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place."""
+def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place. ``state_dict``: the
+    adapter gathered from every rank's shard (FSDP), else the model's own parameters."""
     with ckpt.atomic_dir(adapter_dir, "the final adapter") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
                 "quant": spec_to_config(ft.quant, QuantSpec) if ft.quant is not None else None,

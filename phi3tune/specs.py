@@ -183,6 +183,9 @@ class TrainSpec(_Spec):
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="with several processes: ddp (each GPU holds the 4-bit base) or fsdp (shards it; "
         "needs quant.quant_storage = the compute dtype); auto = ddp")
+    collective_timeout_s: float = Field(
+        900, gt=0, description="with several processes: a collective (all-reduce, all-gather, barrier) that waits "
+        "longer than this raises a TrainingError naming the likely cause instead of hanging (docs/distributed.md)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
     report_to: str | list[str] | None = Field(

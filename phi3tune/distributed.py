@@ -1,0 +1,132 @@
+"""Several processes: the FSDP plugin, the collective timeout, and errors that say why a collective failed.
+
+The loop calls into this module with one line per concern, so the distributed policy lives in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+
+import torch
+
+from .errors import TrainingError
+
+log = logging.getLogger("phi3tune")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# words in torch / gloo / NCCL errors of a collective that timed out or whose peer went away
+_TIMEOUT = ("timed out", "timeout")
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "ncclremoteerror",
+              "nccl communicator was aborted", "socket closed")
+
+
+def process_group_kwargs(timeout_s: float) -> dict[str, Any]:
+    """``init_process_group`` keywords for ``PartialState``: a collective that waits longer than this raises."""
+    return {"timeout": timedelta(seconds=timeout_s)}
+
+
+def is_sharded(module: Any) -> bool:
+    """Whether ``module`` (as accelerate prepared it) is sharded by FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(module, "_orig_mod", module), FSDPModule)
+
+
+def fsdp_plugin(model: Any) -> Any:
+    """FSDP2 (``fully_shard``) per decoder layer and per LoRA leaf (PEFT's wrap policy).
+
+    FSDP2, not FSDP1: accelerate re-points an optimizer built before wrapping at the sharded parameters only for
+    FSDP2 (``Accelerator._prepare_fsdp2``); under FSDP1 with ``use_orig_params=False`` the optimizer keeps the
+    orphaned original LoRA tensors (FSDP1 flattens copies into new FlatParameters) and trains nothing, and
+    clipping sees no gradients. FSDP2 also runs on the CPU with gloo; FSDP1 refuses ("FSDP needs a non-CPU
+    accelerator device"). No ``sync_module_states``: every rank loads the same checkpoint and seeds the adapter
+    the same way, and accelerate refuses it without an accelerator.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                                          reshard_after_forward=True, cpu_ram_efficient_loading=False)
+
+
+def use_fsdp_on_cpu(acc: Any, plugin: Any) -> None:
+    """accelerate turns FSDP on for accelerators only: on the CPU it ignores the plugin and silently runs DDP.
+    torch's FSDP2 runs on the CPU with gloo, so we switch it on: the CPU test exercises accelerate's FSDP2 path."""
+    from accelerate.utils import DistributedType
+
+    if plugin is None or acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    from accelerate.state import PartialState
+
+    acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+
+
+def even_micro_batches(acc: Any, module: Any, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Under FSDP every forward and backward is a collective (all-gather, reduce-scatter), so every rank must run
+    the same number of micro-batches per step. Padding-free plans re-cut each rank's examples by tokens, so
+    counts can differ: ranks with fewer get copies of their last micro-batch with nothing trained (loss 0, no
+    gradient, no tokens counted). DDP needs none of this (one all-reduce per step whatever the count)."""
+    if acc.num_processes == 1 or not is_sharded(module):
+        return micro
+    n = torch.tensor([len(micro)], device=acc.device)
+    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    last = micro[-1]
+    empty = {**last, "trained_idx": last["trained_idx"][:0], "num_real_tokens": torch.tensor(0)}
+    return micro + [empty] * (int(n) - len(micro))
+
+
+def full_adapter_state(acc: Any, model: Any) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the trainable (LoRA) parameters are sharded DTensors: gather them whole on every rank (a
+    collective: call it on all ranks), so the main process can save them. None when not sharded."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in acc.unwrap_model(model).named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name.removeprefix("model.")] = t.detach().cpu()  # names under TokenLoss -> under the PEFT model
+    return out
+
+
+def explain(exc: BaseException, timeout_s: float | None) -> str | None:
+    """The message for a failed collective, or None when ``exc`` is not one."""
+    text = str(exc).lower()
+    dist_error = type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
+    timed_out = any(w in text for w in _TIMEOUT)
+    gone = any(w in text for w in _PEER_GONE)
+    if not (timed_out or gone or dist_error):
+        return None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
+    what = ("waited longer than training.collective_timeout_s" + (f"={timeout_s:g} s" if timeout_s else "")
+            if timed_out else "lost its peer") if (timed_out or gone) else "failed"
+    return (f"rank {rank}: a collective (all-reduce / all-gather / barrier between the processes) {what}. "
+            "Likely causes: another rank died or hangs (look for the first error in every rank's log), ranks ran "
+            "different collectives (different data or number of steps per rank, a rank-dependent branch), or the "
+            "network (NCCL/gloo interface, firewall, MASTER_ADDR/PORT between machines). If a rank legitimately "
+            "needs longer between collectives (a slow checkpoint write, compiling), raise "
+            f"training.collective_timeout_s. Original error: {type(exc).__name__}: {str(exc)[:500]}")
+
+
+def collective_errors(fn: F) -> F:
+    """Turn a timed-out or broken collective inside ``fn`` (a Trainer method) into a TrainingError that says why."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except RuntimeError as e:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise
+            msg = explain(e, getattr(getattr(self, "spec", None), "collective_timeout_s", None))
+            if msg is None:
+                raise
+            raise TrainingError(msg) from e
+
+    return cast(F, wrapper)
