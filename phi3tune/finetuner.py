@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints as ckpt
+from ._isolation import leaves_process_as_found
 from .errors import ConfigError
 from .inference import META_NAME
 from .loss import CE_CHUNK
@@ -196,6 +197,7 @@ class FineTuner:
                f"data={self.data_spec!r}, training={self.train_spec!r})"
 
     # ------------------------------------------------------------------ run
+    @leaves_process_as_found
     def run(self, *, resume: bool | str = False, overwrite: bool | None = None,
             callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
         """Train and save. ``resume=True`` continues from the newest complete checkpoint in output_dir.
