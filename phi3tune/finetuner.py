@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _preflight
 from . import checkpoints as ckpt
 from ._isolation import leaves_process_as_found
 from .errors import ConfigError
@@ -84,10 +85,8 @@ class RunResult:
 
 
 def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any]) -> Any:
-    base = spec if spec is not None else current
-    if not kwargs:
-        return cls.model_validate(base.model_dump()) if base is not None else cls()
-    values = base.model_dump() if base is not None else {}
+    base = _preflight.spec_argument(cls, spec) if spec is not None else current
+    values = _preflight.spec_values(base) if base is not None else {}
     return cls(**{**values, **kwargs})
 
 
@@ -98,15 +97,14 @@ class FineTuner:
                  adapter: AdapterSpec | None = None, data: DataSpec | None = None,
                  training: TrainSpec | None = None, trust_remote_code: bool = False,
                  attn_implementation: str | None = None, quantized: bool = True) -> None:
-        if not str(model).strip():
-            raise ConfigError("model: give a hub id like microsoft/Phi-3-mini-4k-instruct or a local directory")
-        self.model = str(model)
-        self.quant: QuantSpec | None = (quant or QuantSpec()) if quantized else None
-        self.adapter_spec = adapter or AdapterSpec()
-        self.data_spec = data or DataSpec()
-        self.train_spec = training or TrainSpec()
-        self.trust_remote_code = trust_remote_code
-        self.attn_implementation = attn_implementation
+        self.model = _preflight.model_argument(model)
+        quantized = _preflight.as_bool(quantized, "quantized")
+        self.quant: QuantSpec | None = _preflight.spec_argument(QuantSpec, quant) if quantized else None
+        self.adapter_spec = _preflight.spec_argument(AdapterSpec, adapter)
+        self.data_spec = _preflight.spec_argument(DataSpec, data)
+        self.train_spec = _preflight.spec_argument(TrainSpec, training)
+        self.trust_remote_code = _preflight.as_bool(trust_remote_code, "trust_remote_code")
+        self.attn_implementation = _preflight.attn_implementation(attn_implementation)
 
     # ------------------------------------------------------------------ builder
     def quantize(self, spec: QuantSpec | bool | None = True, **kwargs: Any) -> FineTuner:
@@ -176,6 +174,7 @@ class FineTuner:
         unknown = set(config) - known
         if unknown:
             raise ConfigError(f"config: unknown key(s) {sorted(unknown)}; known keys are {sorted(known)}")
+        _preflight.check_sections(config)
         for key in ("source", "eval_source"):
             src = (config.get("data") or {}).get(key)
             if isinstance(src, str) and src.startswith(IN_MEMORY):
@@ -188,7 +187,7 @@ class FineTuner:
             adapter=AdapterSpec(**(config.get("adapter") or {})),
             data=DataSpec(**(config.get("data") or {})),
             training=TrainSpec(**(config.get("training") or {})),
-            trust_remote_code=bool(config.get("trust_remote_code", False)),
+            trust_remote_code=config.get("trust_remote_code", False),
             attn_implementation=config.get("attn_implementation"),
         )
 
@@ -223,6 +222,7 @@ class FineTuner:
         overwrite = t.overwrite_output_dir if overwrite is None else overwrite
         config = self.to_config()
         # ---- checks that need no weights
+        _preflight.check_specs(d, t)
         device = resolve_device(t.device)
         precision = resolve_precision(t.precision, device)
         compute_dtype = resolve_compute_dtype(self.quant or QuantSpec(), precision, device)
@@ -234,6 +234,7 @@ class FineTuner:
         ckpt.check_output_dir(out, overwrite, resume, config)
         resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
         info = preflight_model(self.model, self.trust_remote_code)
+        _preflight.check_model(info, self.attn_implementation, self.trust_remote_code)
         targets = resolve_target_modules(self.adapter_spec, info.linear_layers)
         check_modules_to_save(self.adapter_spec, info.module_names)
         max_pos = getattr(info.config, "max_position_embeddings", None)
