@@ -191,10 +191,11 @@ def builtin_task(plan: DemoPlan, seed: int) -> Task:
 def user_task(data: str, fmt: str, heldout: int, seed: int) -> Task:
     """Rows of the user's file, shuffled; up to ``heldout`` (at most a tenth) are held out."""
     from .data import load_source
-    from .data.formats import detect_format
+    from .data.formats import check_columns, detect_format
 
     raw = load_source(data, "train", "demo --data")
     fmt = detect_format(list(raw.column_names), "text") if fmt == "auto" else fmt
+    check_columns(fmt, list(raw.column_names), "text")
     if fmt == "text":
         raise DataFormatError("demo --data needs rows with a prompt and an answer to compare against (formats "
                               "messages, prompt_completion, alpaca; --format guanaco for '### Human/### Assistant' "
