@@ -173,7 +173,8 @@ class FineTuner:
         known = {"model", "trust_remote_code", "attn_implementation", "quant", "adapter", "data", "training"}
         unknown = set(config) - known
         if unknown:
-            raise ConfigError(f"config: unknown key(s) {sorted(unknown, key=str)}; known keys are {sorted(known)}")
+            raise ConfigError(f"config: unknown key(s) {sorted(unknown, key=str)}; use only the known keys "
+                              f"{sorted(known)}")
         _preflight.check_sections(config)
         for key in ("source", "eval_source"):
             src = (config.get("data") or {}).get(key)

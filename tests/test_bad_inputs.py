@@ -72,8 +72,9 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     (lambda: DataSpec(source=["a", "b"]), "source", "must hold dicts"),
     (lambda: DataSpec(max_seq_length=4), "max_seq_length", "greater than or equal to 8"),
     (lambda: DataSpec(eval_fraction=0.1, eval_source=TEXT), "eval_fraction or eval_source", "not both"),
+    (lambda: DataSpec(source=None), "source", "give a data source"),
 ], ids=["lr-zero", "warmup-1", "optimizer", "precision", "save-limit-0", "alpha-negative", "empty-module-name",
-        "compute-dtype", "empty-source", "list-of-strings", "seq-too-short", "eval-twice"])
+        "compute-dtype", "empty-source", "list-of-strings", "seq-too-short", "eval-twice", "source-none"])
 def test_invalid_spec_value(build: Callable[[], Any], field: str, hint: str):
     with pytest.raises(ValidationError) as err:
         build()
@@ -375,11 +376,21 @@ def test_cli_set_of_a_whole_section_to_a_scalar(tiny_model, tmp_path, capsys, se
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("config", [{"attn_implementation": 5}, {"model": None}, {"model": 3}])
+@pytest.mark.parametrize("config", [{"attn_implementation": 5}, {"model": None}, {"model": 3}, {1: 2, "x": 3}])
 def test_config_values_of_the_wrong_type(config):
     with pytest.raises(ConfigError) as err:
         FineTuner.from_config(config)
-    assert_helpful(err.value, next(iter(config)))
+    assert_helpful(err.value, str(next(iter(config))))
+
+
+def test_demo_data_of_another_format_names_the_missing_column(tiny_model, tmp_path):
+    from phi3tune.demo import run_demo
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    with pytest.raises(DataFormatError) as err:
+        run_demo(tmp_path / "out", model=str(tiny_model), data=str(data), data_format="messages", say=lambda s: None)
+    assert_helpful(err.value, "data.format='messages'", "messages|conversations", "prompt")
 
 
 def test_a_loaded_model_object_is_refused_in_one_line(tiny_model):
