@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ._isolation import leaves_process_as_found
 from .demo_task import (
     HELDOUT_WORDS,
     TASK,
@@ -249,6 +250,7 @@ def _report_lines(report: DemoReport, adapter_name: str, task_is_builtin: bool) 
     ]
 
 
+@leaves_process_as_found  # it seeds the global RNGs to build its base model
 def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = False, quick: bool = False,
              model: str | None = None, data: str | None = None, data_format: str = "auto",
              steps: int | None = None, device: str = "auto", seed: int = 0,
