@@ -44,8 +44,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def holds_run(output_dir: Path) -> bool:
+    """Whether output_dir holds something a run produced. The config alone is not a run: every run writes it
+    before loading weights, so a run that failed (or was killed) before training anything left only that, and
+    its corrected retry must not be refused."""
     return output_dir.is_dir() and (
-        any((output_dir / m).exists() for m in RUN_MARKERS)
+        any((output_dir / m).exists() for m in RUN_MARKERS if m != CONFIG_NAME)
         or any(_CKPT.match(p.name) for p in output_dir.iterdir())
     )
 
@@ -56,7 +59,7 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool | str, conf
         raise OutputDirError(f"training.output_dir {str(output_dir)!r} is a file; give a directory")
     if resume and not overwrite:
         saved = output_dir / CONFIG_NAME
-        if saved.is_file():
+        if saved.is_file() and list_checkpoints(output_dir):  # nothing to resume: any config may start over
             import yaml
 
             old = yaml.safe_load(saved.read_text())

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ._isolation import leaves_process_as_found
 from .demo_task import (
     HELDOUT_WORDS,
     TASK,
@@ -191,10 +192,11 @@ def builtin_task(plan: DemoPlan, seed: int) -> Task:
 def user_task(data: str, fmt: str, heldout: int, seed: int) -> Task:
     """Rows of the user's file, shuffled; up to ``heldout`` (at most a tenth) are held out."""
     from .data import load_source
-    from .data.formats import detect_format
+    from .data.formats import check_columns, detect_format
 
     raw = load_source(data, "train", "demo --data")
     fmt = detect_format(list(raw.column_names), "text") if fmt == "auto" else fmt
+    check_columns(fmt, list(raw.column_names), "text")
     if fmt == "text":
         raise DataFormatError("demo --data needs rows with a prompt and an answer to compare against (formats "
                               "messages, prompt_completion, alpaca; --format guanaco for '### Human/### Assistant' "
@@ -248,6 +250,7 @@ def _report_lines(report: DemoReport, adapter_name: str, task_is_builtin: bool) 
     ]
 
 
+@leaves_process_as_found  # it seeds the global RNGs to build its base model
 def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = False, quick: bool = False,
              model: str | None = None, data: str | None = None, data_format: str = "auto",
              steps: int | None = None, device: str = "auto", seed: int = 0,

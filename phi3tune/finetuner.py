@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _preflight
 from . import checkpoints as ckpt
+from ._isolation import leaves_process_as_found
 from .errors import ConfigError
 from .plan import RunPlan
 from .plugins import (
@@ -50,17 +52,16 @@ class RunResult:
 
 
 def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any], protocol: type, field: str) -> Any:
-    """A fresh spec of the same class (a subclass or plugin keeps its class); keywords override its fields."""
-    base = spec if spec is not None else current
-    if base is not None and not hasattr(base, "model_validate"):  # a plugin that is not pydantic: used as given
+    """A fresh spec of the same class (a subclass keeps its class; a dict of fields builds the built-in); keywords
+    override its fields. A plugin that is not pydantic is used as given."""
+    base = _preflight.spec_argument(cls, spec, protocol, field) if spec is not None else current
+    if base is not None and not hasattr(base, "model_validate"):
         if kwargs:
             raise ConfigError(f"{field}: keyword arguments need a pydantic spec; build your "
                               f"{type(base).__name__} with them instead")
-        return check_spec(base, protocol, field)
+        return base
     cls = type(base) if base is not None else cls
-    if not kwargs:
-        return check_spec(cls.model_validate(base.model_dump()) if base is not None else cls(), protocol, field)
-    values = base.model_dump() if base is not None else {}
+    values = _preflight.spec_values(base) if base is not None else {}
     return check_spec(cls(**{**values, **kwargs}), protocol, field)
 
 
@@ -71,16 +72,15 @@ class FineTuner:
                  adapter: AdapterSpec | None = None, data: DataSpec | None = None,
                  training: TrainSpec | None = None, trust_remote_code: bool = False,
                  attn_implementation: str | None = None, quantized: bool = True) -> None:
-        if not str(model).strip():
-            raise ConfigError("model: give a hub id like microsoft/Phi-3-mini-4k-instruct or a local directory")
-        self.model = str(model)
-        self.quant: QuantSpec | None = check_spec(quant or QuantSpec(), QuantizationSpec, "quant") \
+        self.model = _preflight.model_argument(model)
+        quantized = _preflight.as_bool(quantized, "quantized")
+        self.quant: QuantSpec | None = _preflight.spec_argument(QuantSpec, quant, QuantizationSpec, "quant") \
             if quantized else None
-        self.adapter_spec: AdapterSpec = check_spec(adapter or AdapterSpec(), AdapterConfigSpec, "adapter")
-        self.data_spec: DataSpec = check_spec(data or DataSpec(), DataPipelineSpec, "data")
-        self.train_spec = training or TrainSpec()
-        self.trust_remote_code = trust_remote_code
-        self.attn_implementation = attn_implementation
+        self.adapter_spec: AdapterSpec = _preflight.spec_argument(AdapterSpec, adapter, AdapterConfigSpec, "adapter")
+        self.data_spec: DataSpec = _preflight.spec_argument(DataSpec, data, DataPipelineSpec, "data")
+        self.train_spec: TrainSpec = _preflight.spec_argument(TrainSpec, training, object, "training")
+        self.trust_remote_code = _preflight.as_bool(trust_remote_code, "trust_remote_code")
+        self.attn_implementation = _preflight.attn_implementation(attn_implementation)
 
     # ------------------------------------------------------------------ builder
     def quantize(self, spec: QuantSpec | bool | None = True, **kwargs: Any) -> FineTuner:
@@ -150,7 +150,9 @@ class FineTuner:
         known = {"model", "trust_remote_code", "attn_implementation", "quant", "adapter", "data", "training"}
         unknown = set(config) - known
         if unknown:
-            raise ConfigError(f"config: unknown key(s) {sorted(unknown)}; known keys are {sorted(known)}")
+            raise ConfigError(f"config: unknown key(s) {sorted(unknown, key=str)}; use only the known keys "
+                              f"{sorted(known)}")
+        _preflight.check_sections(config)
         for key in ("source", "eval_source"):
             src = (config.get("data") or {}).get(key)
             if isinstance(src, str) and src.startswith(IN_MEMORY):
@@ -163,7 +165,7 @@ class FineTuner:
             adapter=spec_from_config("adapter", config.get("adapter"), AdapterSpec, AdapterConfigSpec),
             data=spec_from_config("data", config.get("data"), DataSpec, DataPipelineSpec),
             training=spec_from_config("training", config.get("training"), TrainSpec, object),
-            trust_remote_code=bool(config.get("trust_remote_code", False)),
+            trust_remote_code=config.get("trust_remote_code", False),
             attn_implementation=config.get("attn_implementation"),
         )
 
@@ -172,6 +174,7 @@ class FineTuner:
                f"data={self.data_spec!r}, training={self.train_spec!r})"
 
     # ------------------------------------------------------------------ run
+    @leaves_process_as_found
     def run(self, *, resume: bool | str = False, overwrite: bool | None = None,
             callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
         """Train and save. ``resume=True`` continues from the newest complete checkpoint in output_dir.

@@ -71,6 +71,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
+    from . import _preflight
     from .adapters import check_init
     from .model import (
         check_modules_to_save,
@@ -83,6 +84,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     )
 
     t, d = ft.train_spec, ft.data_spec
+    _preflight.check_specs(d, t)
     device = resolve_device(t.device)
     check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant or QuantSpec(),
                                                          resolve_precision(t.precision, device), device))
@@ -93,6 +95,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     ckpt.check_output_dir(out, overwrite, resume, config)
     resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
     info = preflight_model(ft.model, ft.trust_remote_code)
+    _preflight.check_model(info, ft.attn_implementation, ft.trust_remote_code)
     targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
     check_modules_to_save(ft.adapter_spec, info.module_names)
     check_init(ft.adapter_spec, ft.quant, device.type)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_DATASET = "timdettmers/openassistant-guanaco"
@@ -110,7 +110,9 @@ class DataSpec(_Spec):
 
     @field_validator("source", "eval_source")
     @classmethod
-    def _source_kind(cls, v: Any) -> Any:
+    def _source_kind(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None and info.field_name == "source":
+            raise ValueError("give a data source: a file, directory or hub name, a datasets.Dataset or a list of dicts")
         if v is None or isinstance(v, (str, Path, list)):
             if isinstance(v, str) and not v.strip():
                 raise ValueError("an empty string is not a data source; give a file, directory or hub name")

@@ -73,8 +73,9 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     (lambda: DataSpec(source=["a", "b"]), "source", "must hold dicts"),
     (lambda: DataSpec(max_seq_length=4), "max_seq_length", "greater than or equal to 8"),
     (lambda: DataSpec(eval_fraction=0.1, eval_source=TEXT), "eval_fraction or eval_source", "not both"),
+    (lambda: DataSpec(source=None), "source", "give a data source"),
 ], ids=["lr-zero", "warmup-1", "optimizer", "precision", "save-limit-0", "alpha-negative", "empty-module-name",
-        "compute-dtype", "empty-source", "list-of-strings", "seq-too-short", "eval-twice"])
+        "compute-dtype", "empty-source", "list-of-strings", "seq-too-short", "eval-twice", "source-none"])
 def test_invalid_spec_value(build: Callable[[], Any], field: str, hint: str):
     with pytest.raises(ValidationError) as err:
         build()
@@ -180,7 +181,44 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], FineTuner], type[Exception],
                              OutputDirError, ["training.output_dir", "{tmp}/out-file", "is a file"]),
     "output-dir-under-a-file": (lambda m, t, o: tiny_tuner(m, Path(_write(t / "f", "x")) / "out", TEXT),
                                 OutputDirError, ["training.output_dir", "{tmp}/f/out", "is a file"]),
+    # issue 11: these used to fail after output_dir was claimed (a raw error, then the retry refused)
+    "attn-implementation-misspelt": (lambda m, t, o: _with_attn(tiny_tuner(m, o, TEXT), "sdpaa"),
+                                     ConfigError, ["attn_implementation='sdpaa'", "sdpa", "eager"]),
+    "attn-implementation-not-installed": (lambda m, t, o: _with_attn(tiny_tuner(m, o, TEXT), "flash_attention_2"),
+                                          ConfigError, ["attn_implementation='flash_attention_2'", "sdpa"]),
+    "weights-truncated": (lambda m, t, o: tiny_tuner(_damaged_copy(m, t, "truncate"), o, TEXT),
+                          ModelSourceError, ["{tmp}/damaged/model.safetensors", "damaged or incomplete", "again"]),
+    "weights-of-another-config": (lambda m, t, o: tiny_tuner(_damaged_copy(m, t, "config"), o, TEXT),
+                                  ModelSourceError, ["{tmp}/damaged/model.safetensors", "shape", "config.json"]),
+    "shard-missing": (lambda m, t, o: tiny_tuner(_damaged_copy(m, t, "index"), o, TEXT),
+                      ModelSourceError, ["{tmp}/damaged", "model-00002-of-00002.safetensors", "again"]),
+    "eval-steps-without-eval-data": (lambda m, t, o: tiny_tuner(m, o, TEXT, eval_steps=2),
+                                     ConfigError, ["training.eval_steps=2", "data.eval_fraction", "data.eval_source"]),
 }
+
+
+def _with_attn(ft: FineTuner, attn: str) -> FineTuner:
+    ft.attn_implementation = attn
+    return ft
+
+
+def _damaged_copy(model: Path, tmp: Path, how: str) -> Path:
+    """A copy of the tiny model with a truncated weight file, a config of another shape, or a missing shard."""
+    import shutil
+
+    d = tmp / "damaged"
+    shutil.copytree(model, d)
+    weights = d / "model.safetensors"
+    if how == "truncate":  # an interrupted download
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "config":  # config.json of another size
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+        (d / "config.json").write_text(json.dumps(cfg))
+    else:
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return d
 
 
 def _config_only(tmp: Path, text: str) -> Path:
@@ -291,3 +329,138 @@ def test_disk_full_while_saving_the_final_adapter(tiny_model, tmp_path, monkeypa
     monkeypatch.undo()
     res = tiny_tuner(tiny_model, out, TEXT, save_strategy="steps", save_steps=1).run(resume=True)
     assert json.loads((res.adapter_dir / "phi3tune.json").read_text())["base_model"]
+
+
+# ------------------------------------------------------------------------------------------- issue 11
+def test_a_run_that_failed_before_training_does_not_block_its_retry(tiny_model, tmp_path, monkeypatch):
+    """Killed or failed while loading weights (after output_dir holds the run's config): the corrected retry,
+    and a retry with resume=True and another configuration, both run."""
+    out = tmp_path / "out"
+
+    def fails(*_: Any, **__: Any) -> None:
+        raise MemoryError("out of memory while loading")
+
+    monkeypatch.setattr(phi3tune.model, "load_base_model", fails)
+    with pytest.raises(MemoryError):
+        tiny_tuner(tiny_model, out, TEXT).run()
+    assert (out / ckpt.CONFIG_NAME).is_file()  # the claim is there...
+    monkeypatch.undo()
+    assert tiny_tuner(tiny_model, out, TEXT).adapter(r=4).run(resume=True).metrics["steps"] == 1  # ...and no block
+    with pytest.raises(OutputDirError, match="already holds a run"):  # a run that trained is still protected
+        tiny_tuner(tiny_model, out, TEXT).run()
+
+
+@pytest.mark.parametrize("value,expected", [("false", False), ("False", False), ("no", False), (0, False),
+                                            ("true", True), (True, True)])
+def test_string_booleans_in_a_config_are_read_as_pydantic_reads_spec_fields(tiny_model, value, expected):
+    assert FineTuner.from_config({"model": str(tiny_model), "trust_remote_code": value}).trust_remote_code is expected
+    assert (FineTuner(tiny_model, quantized=value).quant is None) is not expected
+
+
+@pytest.mark.parametrize("field", ["trust_remote_code", "quantized"])
+def test_a_boolean_that_is_not_one_is_refused(tiny_model, field):
+    with pytest.raises(ConfigError) as err:
+        FineTuner(tiny_model, **{field: "maybe"})
+    assert_helpful(err.value, field, "'maybe'", "true or false")
+
+
+@pytest.mark.parametrize("section", ["training", "adapter", "data", "quant"])
+def test_cli_set_of_a_whole_section_to_a_scalar(tiny_model, tmp_path, capsys, section):
+    from phi3tune.cli import main
+
+    config = FineTuner(tiny_model).training(output_dir=str(tmp_path / "o")).save_config(tmp_path / "run.yaml")
+    assert main(["train", str(config), "--set", f"{section}=5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"config {section}:" in err and f"--set {section}.FIELD=VALUE" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("config", [{"attn_implementation": 5}, {"model": None}, {"model": 3}, {1: 2, "x": 3}])
+def test_config_values_of_the_wrong_type(config):
+    with pytest.raises(ConfigError) as err:
+        FineTuner.from_config(config)
+    assert_helpful(err.value, str(next(iter(config))))
+
+
+def test_demo_data_of_another_format_names_the_missing_column(tiny_model, tmp_path):
+    from phi3tune.demo import run_demo
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    with pytest.raises(DataFormatError) as err:
+        run_demo(tmp_path / "out", model=str(tiny_model), data=str(data), data_format="messages", say=lambda s: None)
+    assert_helpful(err.value, "data.format='messages'", "messages|conversations", "prompt")
+
+
+def test_a_loaded_model_object_is_refused_in_one_line(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(ConfigError) as err:
+        FineTuner(model)
+    msg = str(err.value)
+    assert_helpful(err.value, "Phi3ForCausalLM", str(tiny_model), "save_pretrained")
+    assert "\n" not in msg and len(msg) < 400
+
+
+def test_builder_takes_what_dataspec_takes(tiny_model):
+    from datasets import Dataset, DatasetDict
+
+    dd = DatasetDict(train=Dataset.from_list(TEXT), test=Dataset.from_list(TEXT))
+    ft = FineTuner(tiny_model).data(DataSpec(source=dd, eval_source=dd["test"])).data(max_seq_length=64)
+    assert ft.data_spec.source is dd and ft.data_spec.eval_source is dd["test"]
+    assert FineTuner(tiny_model, data=DataSpec(source=dd)).data_spec.source is dd
+    assert FineTuner(tiny_model).data({"source": "d.jsonl"}).data_spec.source == "d.jsonl"  # a dict of fields
+
+
+@pytest.mark.parametrize("call", ["data", "training", "adapter", "quantize"])
+def test_builder_refuses_the_wrong_spec_in_one_line(tiny_model, call):
+    with pytest.raises(ConfigError) as err:
+        getattr(FineTuner(tiny_model), call)(TrainSpec() if call != "training" else DataSpec())
+    assert_helpful(err.value, f".{call}()", "takes a")
+
+
+# ---- chat messages: values silently misread
+def _encode(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, str]:
+    from phi3tune.data.formats import encode
+
+    enc = encode({"messages": messages}, tokenizer, "messages", "completion", "text", 512)
+    return tokenizer.decode(enc["input_ids"]), tokenizer.decode([t for t in enc["labels"] if t != -100])
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tiny_model):
+    from phi3tune.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+def test_openai_content_parts_are_trained_as_their_text(char_tokenizer):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}]
+    plain = [{"role": "user", "content": "Hello\nthere"}, {"role": "assistant", "content": "Hi"}]
+    assert _encode(char_tokenizer, parts) == _encode(char_tokenizer, plain)
+    assert "type" not in _encode(char_tokenizer, parts)[0]
+
+
+@pytest.mark.parametrize("turn,names", [
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, ["'image_url' part",
+                                                                                         "text only"]),
+    ({"role": "user", "content": ["plain string part"]}, ["plain string part", '"type": "text"']),
+    ({"role": "user", "content": {"text": "hi"}}, ["content must be text", "dict"]),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, ["tool and function calls"]),
+    ({"role": "tool", "content": "42", "tool_call_id": "1"}, ["tool and function calls"]),
+], ids=["image-part", "string-part", "dict-content", "tool-call", "tool-role"])
+def test_message_shapes_that_are_not_text_are_refused(char_tokenizer, turn, names):
+    messages = [turn, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(DataFormatError) as err:
+        _encode(char_tokenizer, messages)
+    assert_helpful(err.value, *names)
+
+
+def test_a_conversation_opening_with_the_assistant_trains_no_role_marker(char_tokenizer):
+    text, trained = _encode(char_tokenizer, [{"role": "assistant", "content": "Hi there"},
+                                             {"role": "user", "content": "yo"},
+                                             {"role": "assistant", "content": "ok"}])
+    assert text.startswith("<|assistant|>\nHi there")
+    assert trained == "Hi there<|end|>ok<|end|>"

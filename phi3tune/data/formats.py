@@ -97,13 +97,37 @@ def _normalize_messages(turns: Any) -> list[dict[str, str]]:
             raise DataFormatError(f"each message must be a dict with role/content, got {str(turn)[:80]!r}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
+        if turn.get("tool_calls") or turn.get("function_call") or str(role).lower() in ("tool", "function", "ipython"):
+            raise DataFormatError(
+                f"message {str(turn)[:80]!r}: tool and function calls are not supported; give conversations of "
+                "system/user/assistant turns with text content (or drop the rows that call tools)")
         if role is None or content is None or str(role).lower() not in _ROLE_ALIASES:
             raise DataFormatError(
                 f"message {str(turn)[:80]!r} needs role/content (or ShareGPT from/value) with role one of "
                 f"{sorted(set(_ROLE_ALIASES))}"
             )
-        out.append({"role": _ROLE_ALIASES[str(role).lower()], "content": str(content)})
+        out.append({"role": _ROLE_ALIASES[str(role).lower()], "content": _content_text(content, turn)})
     return out
+
+
+def _content_text(content: Any, turn: dict[str, Any]) -> str:
+    """A message's content as text: a string, or OpenAI-style parts [{"type": "text", "text": ...}, ...] joined
+    with newlines. Anything else (images, audio, a dict, a number) is refused, never trained as its repr."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a {kind!r} part" if kind else f"the part {str(part)[:60]!r}"
+                raise DataFormatError(
+                    f"message {str(turn)[:80]!r}: content holds {what}; phi3tune trains on text only. Give content "
+                    'as a string or a list of {"type": "text", "text": ...} parts (drop image/audio parts)')
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise DataFormatError(f"message {str(turn)[:80]!r}: content must be text (a string, or a list of "
+                          f'{{"type": "text", "text": ...}} parts), got {type(content).__name__}')
 
 
 def split_guanaco(text: str) -> list[dict[str, str]]:
@@ -152,19 +176,37 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        prefix = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i
+                  else _opening_prompt(tokenizer, full, msg["content"]))
         if not full.startswith(prefix):
             raise DataFormatError("the tokenizer's chat template does not render conversations incrementally; "
                                   "use data.train_on=\"all\" with this tokenizer")
         start = len(prefix)
-        pos = full.find(msg["content"], start)
-        end = (pos + len(msg["content"])) if pos >= 0 else start
+        text = msg["content"] if msg["content"] in full[start:] else msg["content"].strip()  # templates that trim
+        pos = full.find(text, start)
+        if pos < 0:
+            raise DataFormatError(f"the tokenizer's chat template changes the reply {text[:60]!r} as it renders it, "
+                                  "so its tokens cannot be found; use data.train_on=\"all\" with this tokenizer")
+        end = pos + len(text)
         for closer in closers:
             if full.startswith(closer, end):
                 end += len(closer)
                 break
         spans.append((start, end))
     return full, spans
+
+
+def _opening_prompt(tokenizer: Any, full: str, content: str) -> str:
+    """What the template renders before a reply that opens the conversation (its role marker, never trained):
+    the generation prompt of an empty conversation, or else everything before the reply's text."""
+    try:
+        prompt = tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates that index messages[0]
+        prompt = None
+    if isinstance(prompt, str) and prompt and full.startswith(prompt):
+        return prompt
+    pos = full.find(content) if content else -1
+    return full[:pos] if pos > 0 else ""
 
 
 def encode(row: dict[str, Any], tokenizer: Any, fmt: str, train_on: str, text_field: str,
