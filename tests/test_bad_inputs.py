@@ -280,7 +280,11 @@ def test_disk_full_while_saving_a_checkpoint(tiny_model, tmp_path, monkeypatch):
 
 def test_disk_full_while_saving_the_final_adapter(tiny_model, tmp_path, monkeypatch):
     class FullDisk:  # phi3tune.pipeline writes the adapter's metadata with json.dumps: make that write fail
-        dumps = staticmethod(lambda *a, **k: _enospc())
+        @staticmethod
+        def dumps(obj: Any, *a: Any, **k: Any) -> str:
+            if isinstance(obj, dict) and "base_model" in obj:  # the adapter's phi3tune.json, not the plan
+                _enospc()
+            return json.dumps(obj, *a, **k)
 
     monkeypatch.setattr(phi3tune.pipeline, "json", FullDisk)
     out = tmp_path / "out"
