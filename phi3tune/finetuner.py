@@ -31,7 +31,6 @@ from .plugins import (
 )
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
-log = logging.getLogger("phi3tune")
 IN_MEMORY = "in-memory:"
 
 

@@ -29,11 +29,12 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
     ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits)."""
     from ..model import preflight_model, resolve_target_modules
     from ..plan import resolve_plan
+    from ..precision import resolve_device
 
     info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
     assert info.shape is not None
     targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else resolve_device("auto")  # a named device needs not be here
     return resolve_plan(ft, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB))
 
 
