@@ -1,4 +1,4 @@
-"""Output directory protection and checkpoints that are never half-written.
+"""Output directory protection, checkpoints that are never half-written (``files.atomic_dir``), and RNG state.
 
 A checkpoint is written into a hidden temporary directory and renamed into place only when complete, so a
 kill at any moment leaves either the previous checkpoints or the new one — never a torn one. Resume loads
@@ -7,15 +7,11 @@ only directories with the completion marker; hidden leftovers of a killed save a
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +19,15 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, OutputDirError
-from .tracking import TRACKER_DIR
+from .files import CONFIG_NAME as CONFIG_NAME
+from .files import FINAL_DIR as FINAL_DIR
+from .files import LOSS_PLOT_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, discard
+from .files import STATE_NAME as STATE_NAME
+from .files import TENSORS_NAME as TENSORS_NAME
 
-CONFIG_NAME = "phi3tune_config.yaml"
-STATE_NAME = "trainer_state.json"
-TENSORS_NAME = "training_state.pt"
-FINAL_DIR = "final_checkpoint"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^\.(checkpoint-\d+|final|trash)\.")  # temp dirs of an unfinished save or delete
-RUN_MARKERS = (CONFIG_NAME, "metrics.jsonl", FINAL_DIR)
+RUN_MARKERS = (CONFIG_NAME, METRICS_NAME, FINAL_DIR)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -100,7 +96,7 @@ def clear_run(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     for p in output_dir.iterdir():
-        if p.name in (*RUN_MARKERS, "loss.png", TRACKER_DIR) or _CKPT.match(p.name) or _PARTIAL.match(p.name):
+        if p.name in (*RUN_MARKERS, LOSS_PLOT_NAME, TRACKER_DIR) or _CKPT.match(p.name) or _PARTIAL.match(p.name):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -151,38 +147,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _discard(path: Path) -> None:
-    """Remove a directory without ever leaving a torn copy under its own name: rename aside, then delete."""
-    trash = Path(tempfile.mkdtemp(prefix=".trash.", dir=path.parent))
-    os.replace(path, trash / path.name)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextmanager
-def atomic_dir(final: Path, what: str) -> Iterator[Path]:
-    """Yield a hidden temp dir next to ``final``; when the block ends, rename it to ``final``.
-
-    On any failure (or Ctrl-C) the temp dir is removed and an existing ``final`` is left as it was. A full disk
-    becomes an OutputDirError that names the directory and says what to do.
-    """
-    name = "final" if final.name == FINAL_DIR else final.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputDirError(
-                f"training.output_dir {str(final.parent)!r}: disk full while saving {what} ({exc.strerror}); "
-                "the partial copy was removed and earlier checkpoints are intact. Free some space (or set "
-                "training.save_total_limit, or move output_dir to a larger disk) and resume with run(resume=True)"
-            ) from exc
-        raise
-
-
 def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, train_state: dict[str, Any],
                     tensors: dict[str, Any], keep: int | None = None) -> Path:
     """Write checkpoint-<step>/ atomically (temp dir + rename), then drop all but the newest ``keep``."""
@@ -196,7 +160,7 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, tra
         (tmp / STATE_NAME).write_text(json.dumps(train_state, indent=1))  # written last: the completion mark
     if keep:
         for old in list_checkpoints(output_dir)[:-keep]:
-            _discard(old)
+            discard(old)
     return final
 
 

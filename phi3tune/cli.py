@@ -18,17 +18,17 @@ status 1, usage errors exit status 2, an interrupted run exits 130.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .files import read_config as read_config
+from .logs import console, quiet_libraries
 
 log = logging.getLogger("phi3tune")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -94,25 +94,6 @@ def apply_overrides(config: dict[str, Any], overrides: list[tuple[str, Any]]) ->
     return config
 
 
-def read_config(path: str) -> dict[str, Any]:
-    """A to_config() document from a YAML or JSON file."""
-    import yaml
-
-    from .errors import ConfigError
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; write one with FineTuner(...).save_config(path) "
-                          "or start from examples/qlora_phi3.yaml")
-    try:
-        config = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML/JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping with model/quant/adapter/data/training keys")
-    return config
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="YAML or JSON file written by FineTuner.save_config "
                    "(a FineTuner.to_config() document)")
@@ -153,10 +134,10 @@ QUANT_CHOICES = ("trained", "none", "4bit", "8bit")
 
 def quant_choice(name: str) -> Any:
     """--quant value -> load_finetuned's quant argument."""
-    from .inference import _SAME
+    from .inference import SAME_AS_TRAINING
     from .specs import QuantSpec
 
-    return {"trained": _SAME, "none": None, "4bit": QuantSpec(bits=4), "8bit": QuantSpec(bits=8)}[name]
+    return {"trained": SAME_AS_TRAINING, "none": None, "4bit": QuantSpec(bits=4), "8bit": QuantSpec(bits=8)}[name]
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -298,20 +279,41 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- bench
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from .bench import add_arguments
-
-    add_arguments(p)
+    p.add_argument("config", metavar="CONFIG", help="a FineTuner.to_config() YAML/JSON file")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--estimate", action="store_true", help="only predict peak memory; load no weights")
+    p.add_argument("--label", help="a name for this run in the JSON line")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   type=parse_assignment, help="override a config value, e.g. training.optimize_for=speed")
+    p.add_argument("--out", help="also append the JSON line to this file")
 
 
 @subcommand("bench", "time training steps: tokens/s, step time, peak memory, MFU", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
     """Run a config for --warmup + --steps optimizer steps and print one JSON line: real (non-pad) tokens/s,
     median step time, peak device memory (read from the device), MFU and padding fraction. --estimate only
-    predicts peak memory from the config, before anything loads. See docs/performance.md."""
-    from .bench import run_cli
+    predicts peak memory from the config, before anything loads. See docs/performance.md.
+    `python -m phi3tune.bench` is the same command (for torchrun)."""
+    import json
 
-    return run_cli(args)
+    from .bench import benchmark, estimate_memory
+    from .finetuner import FineTuner
+
+    ft = FineTuner.from_config(apply_overrides(read_config(args.config), args.overrides))
+    if args.estimate:
+        report: dict[str, Any] = {"label": args.label, "estimate": estimate_memory(ft)}
+    else:
+        report = benchmark(ft, args.steps, args.warmup, args.label)
+        report["estimate_gib"] = estimate_memory(ft)["total_gib"]
+    line = json.dumps(report)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -329,23 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _cli_logging(quiet: bool) -> Iterator[None]:
-    """phi3tune's log lines to stderr while a command runs; the logger is left as it was afterwards."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("phi3tune: %(message)s"))
-    level, propagate = log.level, log.propagate
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.addHandler(handler)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        log.propagate = propagate
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``phi3tune`` console script; returns the exit status."""
     from pydantic import ValidationError
@@ -357,10 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from .demo import quiet_libraries
-
-    try:
-        with _cli_logging(args.quiet), quiet_libraries():
+    try:  # phi3tune's log lines to stderr while the command runs (logs.py); the libraries' progress bars off
+        with console(logging.WARNING if args.quiet else logging.INFO, force=True), quiet_libraries():
             return SUBCOMMANDS[args.command].run(args)
     except TrainingInterrupted as exc:
         print(f"phi3tune {args.command}: {exc}", file=sys.stderr)

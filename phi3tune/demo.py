@@ -19,13 +19,12 @@ same steps on a real model and data set.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +42,7 @@ from .demo_task import (
     task_rows,
 )
 from .errors import DataFormatError, OutputDirError
+from .logs import quiet_libraries
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -107,30 +107,6 @@ def split_prompt(row: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], s
 
 
 # ---------------------------------------------------------------------------------------------- output
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Hide datasets' and transformers' progress bars (phi3tune shows its own) and the libraries'
-    FutureWarnings (deprecation notices between them); restore both after."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    ds_off = datasets.utils.logging.is_progress_bar_enabled() is False
-    tf_off = not transformers.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        if not ds_off:
-            datasets.enable_progress_bars()
-        if not tf_off:
-            transformers.utils.logging.enable_progress_bar()
-
-
 def _table(rows: list[Scored], which: str, n: int, say: Callable[[str], None]) -> None:
     width = max(len(r.prompt) for r in rows[:n]) if rows else 10
     say(f"    {'prompt':<{width}}  {'expected':<10}  model answer")
@@ -264,7 +240,8 @@ def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = Fals
 
     from . import FineTuner, load_finetuned
     from .inference import generate_text
-    from .model import bnb_config, load_tokenizer, pin_4bit_cpu_kernel, preflight_model, resolve_device
+    from .model import bnb_config, load_tokenizer, pin_4bit_cpu_kernel, preflight_model
+    from .precision import auto_dtype, resolve_device
 
     t_start = time.perf_counter()
     plan = DemoPlan.make(quick)
@@ -296,7 +273,7 @@ def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = Fals
         t = time.perf_counter()
         say(f"[2/4] before fine-tuning: the 4-bit base on {len(scored)} held-out prompts ({task.description})")
         dev = resolve_device(device)
-        cdt = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        cdt = auto_dtype(dev)  # what training's compute_dtype="auto" picks
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=cdt, quantization_config=bnb_config(quant, cdt),
                                                     device_map={"": dev})
         pin_4bit_cpu_kernel(base)

@@ -108,21 +108,13 @@ def build_base_model(out_dir: Path, steps: int, seed: int = 0, progress: bool = 
 # ---------------------------------------------------------------------------------------------- measuring
 def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], fmt: str) -> float:
     """Mean loss per trained (answer) token, exactly as the training loop's eval computes it."""
-    import torch
-
     from .data import Collator, prepare_dataset
-    from .loss import TokenLoss, count_trained
+    from .loss import TokenLoss, mean_loss
 
     data = prepare_dataset(DataSpec(source=rows, format=fmt, max_seq_length=512), tokenizer)  # type: ignore[arg-type]
-    collate, loss_fn = Collator(tokenizer.pad_token_id), TokenLoss(model)
-    device = next(model.parameters()).device
-    total = count = 0.0
-    with torch.no_grad():
-        for i in range(0, len(data), 16):
-            b = collate([data[j] for j in range(i, min(i + 16, len(data)))])
-            total += float(loss_fn(*(b[k].to(device) for k in ("input_ids", "labels", "position_ids"))))
-            count += count_trained(b["labels"])
-    return total / max(1.0, count)
+    collate = Collator(tokenizer.pad_token_id)
+    batches = (collate([data[j] for j in range(i, min(i + 16, len(data)))]) for i in range(0, len(data), 16))
+    return mean_loss(TokenLoss(model), batches, next(model.parameters()).device)
 
 
 def exact_match(answers: list[str], expected: list[str]) -> float:

@@ -14,17 +14,17 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelSourceError, OutputDirError
+from .files import EXPORT_META_NAME as EXPORT_META_NAME
+from .files import META_NAME, atomic_dir
 
 LAYOUTS = ("split",)
 SPLIT_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-EXPORT_META_NAME = "phi3tune_export.json"
 _WEIGHTS = "adapter_model.safetensors"
-_NOT_COPIED = {_WEIGHTS, "adapter_config.json", "adapter_model.bin", "phi3tune.json"}
+_NOT_COPIED = {_WEIGHTS, "adapter_config.json", "adapter_model.bin", META_NAME}
 _SHARED = ("lora_A.weight",)  # reads the fused layer's input: the same for every slice
 _BY_ROWS = ("lora_B.weight", "lora_B.bias")  # one row per output feature of the fused layer
 
@@ -140,8 +140,7 @@ def export_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLi
             new_cfg[key] = _rename(cfg[key], key)
     new_cfg["base_model_name_or_path"] = served_base or cfg.get("base_model_name_or_path") or base
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, "the exported adapter", full_disk_hint=None) as tmp:
         for f in path.iterdir():
             if f.is_file() and f.name not in _NOT_COPIED:
                 shutil.copy2(f, tmp / f.name)
@@ -150,12 +149,4 @@ def export_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLi
         (tmp / EXPORT_META_NAME).write_text(json.dumps(
             {"exported_from": str(path.resolve()), "layout": layout, "fused_base": base,
              "split": {f: [n for n, _, _ in s] for f, s in fused_slices(base_config).items()}}, indent=1))
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,7 +1,8 @@
 """FineTuner: the builder that composes the four specs and runs them.
 
-``run()`` checks everything that user input can get wrong (device, output directory, model config, target
-layers, data) before a single weight is loaded, then loads, trains and saves.
+``run()`` is the recipe: check everything that user input can get wrong (device, output directory, model config,
+target layers, data) and resolve the plan before a single weight is loaded or a file written, then claim the
+output dir, build the model, fit, save. Each phase is a function of ``pipeline.py``; the loop is ``loop.py``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from . import _preflight
-from . import checkpoints as ckpt
 from ._isolation import leaves_process_as_found
 from .errors import ConfigError
+from .files import read_config
+from .logs import console
+from .loop import Trainer
+from .pipeline import build_model, check_run, claim_output_dir, save_outputs
 from .plan import RunPlan
 from .plugins import (
     AdapterConfigSpec,
@@ -29,7 +33,6 @@ from .plugins import (
 )
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
-log = logging.getLogger("phi3tune")
 IN_MEMORY = "in-memory:"
 
 
@@ -137,16 +140,8 @@ class FineTuner:
     @classmethod
     def from_config(cls, config: str | os.PathLike[str] | dict[str, Any]) -> FineTuner:
         """Build from a to_config() dict or a YAML/JSON file of one."""
-        import yaml
-
         if not isinstance(config, dict):
-            path = Path(config)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist; write one with FineTuner.save_config")
-            config = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
-            if not isinstance(config, dict):
-                raise ConfigError(f"config file {str(path)!r} must hold a mapping with model/quant/adapter/data/"
-                                  "training keys")
+            config = read_config(config)
         known = {"model", "trust_remote_code", "attn_implementation", "quant", "adapter", "data", "training"}
         unknown = set(config) - known
         if unknown:
@@ -182,29 +177,15 @@ class FineTuner:
         ``callbacks`` are called after every optimizer step with a dict of that step's numbers
         (step, loss, grad_norm, lr, real_tokens, trained_tokens, batch_tokens).
         """
-        from .distributed import full_adapter_state
-        from .loop import Trainer
-        from .pipeline import build_model, check_run, claim_output_dir, save_final
-        from .plot import plot_history
-
         overwrite = self.train_spec.overwrite_output_dir if overwrite is None else overwrite
         config = self.to_config()
-        checked = check_run(self, resume, overwrite, config)  # every user-input check and the plan: no weights
-        claim_output_dir(self, checked, overwrite, resume)
-        model = build_model(self, checked)
-        trainer = Trainer(model, checked.tokenizer, checked.data, self.train_spec, checked.plan, callbacks)
-        trainer.setup()
-        if checked.resume_from is None and resume:
-            log.info("resume: no complete checkpoint in %s, starting from step 0", checked.output_dir)
-        metrics = trainer.train(checked.resume_from)
-        out = checked.output_dir
-        adapter_dir = out / ckpt.FINAL_DIR
-        gathered = full_adapter_state(trainer.accelerator, trainer.loss_module)  # FSDP: every rank, a collective
-        if trainer.accelerator.is_main_process:
-            save_final(self, trainer.accelerator.unwrap_model(trainer.loss_module).model, checked.tokenizer,
-                       adapter_dir, gathered)
-            plot_history(trainer.history, out / "loss.png")
-        trainer.accelerator.wait_for_everyone()
+        with console(logging.INFO):  # the data summary and the plan reach a user who set up no logging (logs.py)
+            checked = check_run(self, resume, overwrite, config)  # user-input checks, plan, data: nothing written
+            claim_output_dir(self, checked, overwrite, resume)  # now the output dir is ours: config and plan
+            model = build_model(self, checked)  # weights load, as the plan says
+            trainer = Trainer(model, checked.tokenizer, checked.data, self.train_spec, checked.plan, callbacks)
+            metrics = trainer.fit(checked.resume_from)
+            adapter_dir = save_outputs(self, trainer, checked)  # final adapter and loss.png
         model.eval()
-        return RunResult(adapter_dir, out, trainer.history, metrics, config, model, checked.tokenizer,
+        return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,
                          checked.plan)

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data.formats import add_system_prompt
 from .errors import ConfigError, ModelSourceError, OutputDirError
+from .files import MERGE_META_NAME, atomic_dir
+from .files import META_NAME as META_NAME
 from .plugins import QuantizationSpec, spec_from_config
+from .precision import DTYPES
 from .specs import QuantSpec
 
-META_NAME = "phi3tune.json"
-MERGE_META_NAME = "phi3tune_merge.json"
-_SAME = "same-as-training"
+SAME_AS_TRAINING = "same-as-training"  # load_finetuned(quant=...): as the adapter was trained
 END_OF_TURN = "<|end|>"
-MERGE_DTYPES = ("bfloat16", "float16", "float32")
+MERGE_DTYPES = tuple(DTYPES)
 # Keyword arguments that only make sense when sampling: giving any of them turns sampling on.
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
@@ -54,9 +54,7 @@ def as_messages(prompt_or_messages: str | Messages, system_prompt: str | None = 
         if not messages or bad:
             raise ConfigError("generate: give a prompt string or a non-empty list of {'role': …, 'content': …} "
                               f"messages (role user/assistant/system); got {str(prompt_or_messages)[:120]!r}")
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
+    return add_system_prompt(messages, system_prompt)
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -141,31 +139,30 @@ def _adapter_tokenizer(path: Path, base: str, trust_remote_code: bool) -> Any:
     return load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base, trust_remote_code)
 
 
-def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str | None = _SAME,
+def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str | None = SAME_AS_TRAINING,
                    base_model: str | None = None, device: str = "auto",
                    trust_remote_code: bool = False) -> FineTunedModel:
     """Load base + adapter. ``quant`` defaults to the quantization the adapter was trained with; ``None``
     loads the base unquantized. The base model comes from adapter_config.json unless ``base_model`` is given."""
-    import torch
     from peft import PeftModel
 
-    from .model import bnb_config, pin_4bit_cpu_kernel, resolve_device
+    from .model import bnb_config, pin_4bit_cpu_kernel
+    from .precision import auto_dtype, resolve_compute_dtype, resolve_device, resolve_precision
 
     path = Path(adapter_dir).expanduser()
     meta = read_adapter_meta(path)
     base = _base_of(path, meta, base_model)
-    if quant == _SAME:
+    if quant == SAME_AS_TRAINING:
         saved = meta.get("quant")
         quant = spec_from_config("quant", saved, QuantSpec, QuantizationSpec) if saved else None
     elif isinstance(quant, str):
         raise ConfigError(f"load_finetuned: quant={quant!r}; give a QuantSpec, None (unquantized) or leave it out "
                           "(the quantization the adapter was trained with)")
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else (
-        torch.float16 if dev.type == "cuda" else torch.float32)
+    dtype = auto_dtype(dev)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if isinstance(quant, QuantizationSpec):
-        cdt = dtype if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
+        cdt = resolve_compute_dtype(quant, resolve_precision("auto", dev), dev)
         kwargs.update(quantization_config=bnb_config(quant, cdt), device_map={"": dev})
     model = _load_base(base, path, **kwargs)
     if not isinstance(quant, QuantizationSpec):
@@ -205,7 +202,6 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     safetensors weights, config, generation config and tokenizer: ``AutoModelForCausalLM.from_pretrained``
     loads it without peft or phi3tune. ``out_dir`` must be new or empty unless ``overwrite=True``.
     """
-    import torch
     from peft import PeftModel
 
     if dtype not in MERGE_DTYPES:
@@ -222,12 +218,11 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         raise OutputDirError(f"merge_adapter: {str(out)!r} exists and is not empty; choose a new directory or pass "
                              "overwrite=True (phi3tune merge --overwrite) to replace it")
     _refuse_quantized_base(base, trust_remote_code)
-    model = _load_base(base, path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model = _load_base(base, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     tokenizer = _adapter_tokenizer(path, base, trust_remote_code)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, "the merged model", full_disk_hint=None) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if getattr(merged, "generation_config", None) is not None:
@@ -235,12 +230,4 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         (tmp / MERGE_META_NAME).write_text(json.dumps(
             {"merged_from_adapter": str(path.resolve()), "base_model": base, "dtype": dtype,
              "adapter_trained_with_quant": meta.get("quant")}, indent=1))
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,4 +1,4 @@
-"""The training loop: our own, on accelerate. setup -> train -> save.
+"""The training loop: our own, on accelerate. ``Trainer(...)`` sets everything up, ``fit()`` trains.
 
 One optimizer step = up to ``grad_accum`` micro-batches. We count the trained tokens of the whole step first
 (across micro-batches and ranks), then back-propagate each micro-batch's *summed* loss divided by that count:
@@ -6,62 +6,38 @@ the accumulated gradient is exactly the gradient of the mean loss over every tra
 batch 4 x accum 1 and batch 1 x accum 4 train identically. We use ``accelerator.no_sync`` rather than
 ``accelerator.accumulate`` because the latter assumes every step has ``grad_accum`` micro-batches and scales
 each by 1/grad_accum; an epoch's short last step would then be mis-weighted.
+
+Which micro-batches make up a step is ``steps.optimizer_steps``; where the numbers go is ``metrics.Metrics``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from . import checkpoints as ckpt
 from . import distributed, tracking
 from .data import Collator, PreparedData
-from .data.packing import pad_to_bucket, resplit_flat
 from .errors import TrainingError, TrainingInterrupted
-from .loss import TokenLoss, trained_positions
+from .files import CONFIG_NAME
+from .loss import TokenLoss, mean_loss, trained_positions
+from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
 from .specs import TrainSpec
+from .steps import Batch, EpochSampler, Position, layout, optimizer_steps
 
 log = logging.getLogger("phi3tune")
-_MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+_MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> accelerate's mixed_precision
 
-
-class EpochSampler(Sampler[int]):
-    """A fresh, seeded permutation each epoch, so a resumed run sees the same order as an unbroken one."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-                    device: torch.device) -> Any:
-    """The optimizer ``name`` (any torch / bitsandbytes class, optim.py); paged ones are unpaged on the CPU."""
-    from .optim import build_optimizer as build
-
-    return build(name, params, lr, weight_decay, device)
+__all__ = ["EpochSampler", "StepResult", "Trainer"]
 
 
 class _StopFlag:
@@ -90,55 +66,48 @@ class _StopFlag:
 
 
 class Trainer:
-    """Runs the loop for an already-built PEFT model and prepared data."""
+    """Trains an already-built PEFT model on prepared data, as the plan says. Ready to ``fit()`` once built."""
 
-    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, plan: RunPlan,
-                 callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
-        self.model, self.tokenizer, self.data, self.spec, self.plan = model, tokenizer, data, spec, plan
-        self.precision, self.device = plan.precision, torch.device(plan.device)
-        self.output_dir = Path(spec.output_dir)
-        self.history: list[dict[str, Any]] = []
-        self.step = 0
-        self.epoch = 0
-        self.micro_in_epoch = 0
-        self.log_window: dict[str, float] = {}  # loss sum / trained tokens since the last log line
-        self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last checkpoint written
-        self.padding_free = plan.padding_free
-        self.callbacks = list(callbacks or [])  # called after every optimizer step with that step's numbers
-
-    # ---------------------------------------------------------------- setup
     @distributed.collective_errors
-    def setup(self) -> None:
+    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, spec: TrainSpec, plan: RunPlan,
+                 callbacks: list[StepCallback] | None = None) -> None:
         from accelerate import Accelerator
+
+        self.model, self.tokenizer, self.spec, self.plan = model, tokenizer, spec, plan
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.output_dir = Path(spec.output_dir)
+        self.pos = Position()
+        self.saved: dict[int, Path | None] = {}  # step -> checkpoint written at it (None on other ranks)
+        device = torch.device(plan.device)
         fsdp = self._fsdp_plugin()
-        self.accelerator = acc = Accelerator(mixed_precision=_MIXED[self.precision], cpu=self.device.type == "cpu",
+        self.accelerator = acc = Accelerator(mixed_precision=_MIXED[plan.precision], cpu=device.type == "cpu",
                                              fsdp_plugin=fsdp,
-                                             **tracking.accelerator_kwargs(self.spec.report_to, self.output_dir))
+                                             **tracking.accelerator_kwargs(spec.report_to, self.output_dir))
         distributed.use_fsdp_on_cpu(acc, fsdp)
-        tracking.start(acc, self.output_dir, {"training": self.spec.model_dump()})
-        s = self.spec
-        self.sampler = EpochSampler(len(self.data.train), s.seed)
-        collate = Collator(self.tokenizer.pad_token_id, padding_free=self.padding_free)
+        self.metrics = Metrics(acc, self.output_dir, spec.model_dump(), spec.progress_bar, callbacks)
+
+        collate = Collator(tokenizer.pad_token_id, padding_free=plan.padding_free)
         # Its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed
         # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
-        loader = DataLoader(self.data.train, batch_size=s.batch_size, sampler=self.sampler, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(s.seed), pin_memory=self.device.type == "cuda")
-        self.eval_loader = None
-        if self.data.eval is not None:
-            self.eval_loader = DataLoader(self.data.eval, batch_size=s.batch_size, collate_fn=collate)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = s.create_optimizer(self.model, self.params, self.device)  # TrainSpec's hook: optim.py
-        loss_module = TokenLoss(self.model, self.plan.ce_chunk)
-        self.loss_module, self.optimizer = acc.prepare(loss_module, optimizer)
+        loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=EpochSampler(len(data.train), spec.seed),
+                            collate_fn=collate, generator=torch.Generator().manual_seed(spec.seed),
+                            pin_memory=device.type == "cuda")
+        eval_loader = None
+        if data.eval is not None:
+            eval_loader = DataLoader(data.eval, batch_size=spec.batch_size, collate_fn=collate)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
+        self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk), optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
-        self.steps_per_epoch = max(1, math.ceil(len(self.loader) / s.grad_accum))  # per rank once prepared
-        self.total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * self.steps_per_epoch))
-        self.scheduler = s.create_scheduler(optimizer, math.ceil(s.warmup_ratio * self.total_steps), self.total_steps)
-        if self.eval_loader is not None:
-            self.eval_loader = acc.prepare_data_loader(self.eval_loader, device_placement=False)
+        self.steps_per_epoch = max(1, math.ceil(len(self.loader) / spec.grad_accum))  # per rank once prepared
+        self.total_steps = spec.max_steps or max(1, math.ceil(spec.num_epochs * self.steps_per_epoch))
+        self.scheduler = spec.create_scheduler(optimizer, math.ceil(spec.warmup_ratio * self.total_steps),
+                                               self.total_steps)
+        self.eval_loader = None if eval_loader is None else acc.prepare_data_loader(eval_loader,
+                                                                                     device_placement=False)
 
     def _fsdp_plugin(self) -> Any:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
@@ -146,45 +115,76 @@ class Trainer:
             return None
         return distributed.fsdp_plugin(self.model)
 
-    def _layout(self, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Padding-free plans: re-cut the step's examples into micro-batches within the token budget, each padded
-        to one of the plan's fixed lengths. Same examples, same trained tokens; only the shapes change."""
-        p = self.plan
-        if p.padding_free and p.micro_batch_tokens:
-            micro = [pad_to_bucket(b, p.token_buckets, self.tokenizer.pad_token_id, p.position_cap)
-                     for b in resplit_flat(micro, p.micro_batch_tokens)]
-        return [{**b, "trained_idx": trained_positions(b["labels"])} for b in micro]
+    # ---------------------------------------------------------------- what the run reads afterwards
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.metrics.history
 
-    def _to_device(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    @property
+    def is_main_process(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def trained_model(self) -> Any:
+        """The PEFT model without the distributed wrappers (what save_pretrained writes)."""
+        return self.accelerator.unwrap_model(self.loss_module).model
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def full_adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """FSDP: the whole adapter gathered from every rank's shard (a collective: call it on every rank)."""
+        return distributed.full_adapter_state(self.accelerator, self.loss_module)
+
+    # ---------------------------------------------------------------- fit
+    @distributed.collective_errors
+    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
+        """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers."""
+        if resume_from is not None:
+            self._restore(resume_from)
+        s, pos = self.spec, self.pos
+        self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
+        self._compile_fixed_shapes()
+        self.metrics.start(pos.step, self.total_steps)
+        with _StopFlag() as stop:
+            for micro in optimizer_steps(self.loader, pos, self.total_steps, s.grad_accum, self.plan, self.pad_id,
+                                         self.accelerator.skip_first_batches, self._end_of_epoch):
+                lr = self.scheduler.get_last_lr()[0]
+                result = self._train_step(micro)
+                self.metrics.step_done(pos.step, result, lr)
+                if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:
+                    epoch = pos.epoch + pos.micro_in_epoch / max(1, len(self.loader))
+                    self.metrics.log_train(pos.step, epoch, lr, result.grad_norm)
+                if s.eval_steps and pos.step % s.eval_steps == 0 and pos.step != self.total_steps:
+                    self.evaluate()
+                if s.save_strategy == "steps" and s.save_steps and pos.step % s.save_steps == 0:
+                    self.save_checkpoint()
+                if stop.signal:
+                    self._interrupted(stop.signal)
+        self.metrics.close_bar()
+        final = self.evaluate() if self.eval_loader is not None else {}
+        return self.metrics.finish(pos.step, final)
+
+    def _end_of_epoch(self) -> None:
+        if self.spec.save_strategy == "epoch":
+            self.save_checkpoint()
+
+    def _interrupted(self, signal_name: str) -> NoReturn:
+        """Save (unless this step is saved already: decided the same way on every rank, save has barriers)."""
+        step = self.pos.step
+        path = self.saved[step] if step in self.saved else self.save_checkpoint()
+        self.metrics.close_bar()
+        raise TrainingInterrupted(
+            f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}. Resume with "
+            f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{self.output_dir / CONFIG_NAME}')"
+            ".run(resume=True)", str(path))
+
+    # ---------------------------------------------------------------- one optimizer step
+    def _to_device(self, b: Batch) -> Batch:
         dev = self.accelerator.device
         return {k: v.to(dev, non_blocking=True) for k, v in b.items() if k != "num_real_tokens"}
 
-    def _compile_fixed_shapes(self) -> None:
-        """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
-        pad tokens per length, nothing trained, gradients dropped, RNG restored), so no step after the first
-        waits for the compiler and a timed run measures training, not compilation."""
-        p, acc = self.plan, self.accelerator
-        if not (p.compile and p.padding_free and p.token_buckets):
-            return
-        from .checkpoints import rng_state, set_rng_state
-
-        started, rng = time.perf_counter(), rng_state()
-        pad = int(self.tokenizer.pad_token_id)
-        for n in p.token_buckets:
-            ids = torch.full((1, n), pad, dtype=torch.long)
-            pos = (torch.arange(n) % max(1, p.position_cap))[None]
-            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos,  # every position trained,
-                                 "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
-            with acc.no_sync(self.loss_module):
-                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        set_rng_state(rng)
-        log.info("compiled layers for micro-batches of %s tokens in %.1f s",
-                 "/".join(map(str, p.token_buckets)), time.perf_counter() - started)
-
-    # ---------------------------------------------------------------- one optimizer step
-    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
-        """One optimizer step; returns (loss, grad norm before clipping, real tokens, trained tokens), all ranks."""
+    def _train_step(self, micro: list[Batch]) -> StepResult:
+        """One optimizer step over the micro-batches of ``micro`` (``self.pos.step`` is its number)."""
         acc = self.accelerator
         micro = distributed.even_micro_batches(acc, self.loss_module, micro)  # FSDP: as many forwards on each rank
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
@@ -206,10 +206,10 @@ class Trainer:
         loss = float(loss_sum) / max(1, n_tokens)
         max_norm = self.spec.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and self.precision != "fp16"):
+        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
             last = ckpt.list_checkpoints(self.output_dir)
             raise TrainingError(
-                f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"step {self.pos.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                 f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: "
                 f"{str(last[-1]) if last else 'none'}. Lower training.learning_rate or use precision=\"bf16\""
             )
@@ -217,133 +217,46 @@ class Trainer:
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, real, n_tokens
+        return StepResult(loss, grad_norm, real, n_tokens, sum(int(b["input_ids"].numel()) for b in micro))
 
-    # ---------------------------------------------------------------- train
-    @distributed.collective_errors
-    def train(self, resume_from: Path | None = None) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
-        acc, s = self.accelerator, self.spec
-        if resume_from is not None:
-            self._restore(resume_from)
-        self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
-        self._compile_fixed_shapes()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", dynamic_ncols=True,
-                   disable=not (s.progress_bar and acc.is_main_process))
-        # a resumed run carries on the log window of the checkpoint, so its next log line averages the same steps
-        window = self.log_window = {"loss_sum": 0.0, "tokens": 0, **self.log_window, "real": 0,
-                                    "t0": time.perf_counter()}
-        started, start_step, real_total = time.perf_counter(), self.step, 0
-        self.loss_module.train()
-        with _StopFlag() as stop:
-            while self.step < self.total_steps:
-                self.loader.set_epoch(self.epoch)  # accelerate re-sets the sampler's epoch from this on iter()
-                loader = (acc.skip_first_batches(self.loader, self.micro_in_epoch)
-                          if self.micro_in_epoch else self.loader)
-                batches = iter(loader)
-                while self.step < self.total_steps:
-                    micro = list(islice(batches, s.grad_accum))
-                    if not micro:
-                        break
-                    consumed = len(micro)  # loader batches, which a resume skips (before any re-split)
-                    micro = self._layout(micro)
-                    lr = self.scheduler.get_last_lr()[0]
-                    loss, grad_norm, real, n_tok = self._optimizer_step(micro)
-                    self.step += 1
-                    self.micro_in_epoch += consumed
-                    window["loss_sum"] += loss * n_tok
-                    window["tokens"] += n_tok
-                    window["real"] += real
-                    real_total += real
-                    bar.update(1)
-                    if self.callbacks:
-                        event = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                                 "real_tokens": real, "trained_tokens": n_tok,
-                                 "batch_tokens": sum(int(b["input_ids"].numel()) for b in micro)}
-                        for fn in self.callbacks:
-                            fn(event)
-                    if self.step % s.logging_steps == 0 or self.step == self.total_steps:
-                        self._log_train(window, lr, grad_norm, bar)
-                    if s.eval_steps and self.step % s.eval_steps == 0 and self.step != self.total_steps:
-                        self.evaluate()
-                    if s.save_strategy == "steps" and s.save_steps and self.step % s.save_steps == 0:
-                        self.save_checkpoint()
-                    if stop.signal:
-                        # saved at this step already? (decided the same way on every rank: save has barriers)
-                        saved_now = self._saved is not None and self._saved[0] == self.step
-                        path = self._saved[1] if saved_now and self._saved else self.save_checkpoint()
-                        bar.close()
-                        raise TrainingInterrupted(
-                            f"{stop.signal}: stopped after step {self.step} of {self.total_steps} and saved "
-                            f"{path}. Resume with .run(resume=True) on the same FineTuner, or "
-                            f"FineTuner.from_config('{self.output_dir / ckpt.CONFIG_NAME}').run(resume=True)",
-                            str(path))
-                else:  # the inner loop ran out of steps, not of data: training is done
-                    break
-                self.epoch += 1
-                self.micro_in_epoch = 0
-                if s.save_strategy == "epoch" and self.step < self.total_steps:
-                    self.save_checkpoint()
-        bar.close()
-        final: dict[str, Any] = {}
-        if self.eval_loader is not None:
-            final.update(self.evaluate())
-        tracking.finish(acc)
-        elapsed = time.perf_counter() - started
-        train_losses = [h["loss"] for h in self.history if "loss" in h]
-        final.update(steps=self.step, runtime_s=round(elapsed, 3),
-                     train_loss=train_losses[-1] if train_losses else None,
-                     tokens_per_s=real_total / elapsed if elapsed and self.step > start_step else None)
-        return final
-
-    def _log_train(self, window: dict[str, float], lr: float, grad_norm: float, bar: Any) -> None:
-        now = time.perf_counter()
-        entry = {"step": self.step, "epoch": round(self.epoch + self.micro_in_epoch / max(1, len(self.loader)), 4),
-                 "loss": window["loss_sum"] / max(1, window["tokens"]), "lr": lr, "grad_norm": grad_norm,
-                 "tokens_per_s": window["real"] / max(1e-9, now - window["t0"]), "trained_tokens": window["tokens"]}
-        self._record(entry)
-        bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
-        window.update(loss_sum=0.0, tokens=0, real=0, t0=now)
-
-    def _record(self, entry: dict[str, Any]) -> None:
-        self.history.append(entry)
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        tracking.log_entry(self.accelerator, entry)
+    def _compile_fixed_shapes(self) -> None:
+        """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
+        pad tokens per length, nothing trained, gradients dropped, RNG restored), so no step after the first
+        waits for the compiler and a timed run measures training, not compilation."""
+        p, acc = self.plan, self.accelerator
+        if not (p.compile and p.padding_free and p.token_buckets):
+            return
+        started, rng = time.perf_counter(), ckpt.rng_state()
+        for n in p.token_buckets:
+            ids = torch.full((1, n), self.pad_id, dtype=torch.long)
+            pos = (torch.arange(n) % max(1, p.position_cap))[None]
+            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos,  # every position trained,
+                                 "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
+            with acc.no_sync(self.loss_module):
+                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        ckpt.set_rng_state(rng)
+        log.info("compiled layers for micro-batches of %s tokens in %.1f s",
+                 "/".join(map(str, p.token_buckets)), time.perf_counter() - started)
 
     # ---------------------------------------------------------------- eval
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Mean loss per trained token over the eval data, all ranks; logged like a train line."""
         assert self.eval_loader is not None
         acc = self.accelerator
         self.loss_module.eval()
-        total = torch.zeros((), device=acc.device)
-        count = torch.zeros((), device=acc.device)
-        for batch in self.eval_loader:
-            for cpu_batch in distributed.even_micro_batches(acc, self.loss_module, self._layout([batch])):
-                b = self._to_device(cpu_batch)
-                total += self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]).float()
-                count += int(cpu_batch["trained_idx"].numel())
-        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        even = distributed.even_micro_batches  # FSDP: as many forwards on every rank
+        batches = (b for batch in self.eval_loader
+                   for b in even(acc, self.loss_module, layout([batch], self.plan, self.pad_id)))
+        loss = mean_loss(self.loss_module, batches, acc.device, self._to_device, lambda t: acc.reduce(t, "sum"))
         self.loss_module.train()
-        loss = float(total) / max(1.0, float(count))
-        entry = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-        self._record(entry)
-        return {"eval_loss": loss, "eval_perplexity": entry["eval_perplexity"]}
+        return self.metrics.log_eval(self.pos.step, loss)
 
     # ---------------------------------------------------------------- save / restore
-    def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                "total_steps": self.total_steps, "history": self.history,
-                "log_window": {k: self.log_window.get(k, 0) for k in ("loss_sum", "tokens")}}
-
     def save_checkpoint(self) -> Path | None:
         from accelerate.utils import gather_object
 
-        acc = self.accelerator
+        acc, pos = self.accelerator, self.pos
         acc.wait_for_everyone()
         path = None
         # every rank's RNG (its LoRA dropout stream), so a resumed multi-GPU run draws the same masks everywhere
@@ -354,9 +267,11 @@ class Trainer:
                                        "rng_per_rank": rngs}
             if acc.scaler is not None:
                 tensors["scaler"] = acc.scaler.state_dict()
-            path = ckpt.save_checkpoint(self.output_dir, self.step, acc.unwrap_model(self.loss_module).model,
-                                        self.tokenizer, self._state(), tensors, self.spec.save_total_limit)
-        self._saved = (self.step, path)
+            state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
+                     "total_steps": self.total_steps, **self.metrics.state()}
+            path = ckpt.save_checkpoint(self.output_dir, pos.step, self.trained_model(), self.tokenizer, state,
+                                        tensors, self.spec.save_total_limit)
+        self.saved[pos.step] = path
         acc.wait_for_everyone()
         return path
 
@@ -364,20 +279,16 @@ class Trainer:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        acc = self.accelerator
         state, tensors = ckpt.load_checkpoint(path)
         set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
-        if "scaler" in tensors and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(tensors["scaler"])
+        if "scaler" in tensors and acc.scaler is not None:
+            acc.scaler.load_state_dict(tensors["scaler"])
         per_rank = tensors.get("rng_per_rank", [])
-        rank = self.accelerator.process_index
-        ckpt.set_rng_state(per_rank[rank] if len(per_rank) == self.accelerator.num_processes else tensors["rng"])
-        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
-        self.history = list(state["history"])
-        self.log_window = dict(state.get("log_window", {}))
-        if self.accelerator.is_main_process:  # metrics.jsonl = history up to the checkpoint, no duplicates
-            with open(self.output_dir / "metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in self.history)
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.step, self.epoch,
-                 self.micro_in_epoch)
+        ckpt.set_rng_state(per_rank[acc.process_index] if len(per_rank) == acc.num_processes else tensors["rng"])
+        self.pos = Position(state["step"], state["epoch"], state["micro_in_epoch"])
+        self.metrics.restore(state)
+        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.pos.step, self.pos.epoch,
+                 self.pos.micro_in_epoch)

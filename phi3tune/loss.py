@@ -11,6 +11,7 @@ full (tokens x 32k vocab) fp32 logits tensor never exists.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -73,3 +74,22 @@ class TokenLoss(nn.Module):
                                        use_reentrant=False)
         return total
 
+
+
+@torch.no_grad()
+def mean_loss(loss_fn: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+              to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """The mean loss per trained token over ``batches`` (CPU batches; ``to_device`` moves each one): the loop's
+    eval loss and the demo's held-out loss. ``reduce`` sums the totals across ranks."""
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for cpu_batch in batches:
+        if "trained_idx" not in cpu_batch:
+            cpu_batch = {**cpu_batch, "trained_idx": trained_positions(cpu_batch["labels"])}
+        b = to_device(cpu_batch) if to_device else {k: v.to(device) for k, v in cpu_batch.items()}
+        total += loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]).float()
+        count += int(cpu_batch["trained_idx"].numel())
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
+    return float(total) / max(1.0, float(count))

@@ -15,8 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelSourceError, TargetModulesError
+from .errors import ModelSourceError, TargetModulesError
+from .files import looks_like_path
 from .memory import ModelShape
+
+# dtype / precision / device resolution lives in precision.py; these names stay importable from here
+from .precision import bf16_supported as bf16_supported
+from .precision import resolve_compute_dtype as resolve_compute_dtype
+from .precision import resolve_device as resolve_device
+from .precision import resolve_precision as resolve_precision
 from .specs import AdapterSpec, QuantSpec
 
 log = logging.getLogger("phi3tune")
@@ -30,9 +37,6 @@ CLASSIC_TO_FUSED = {
     "up_proj": "gate_up_proj",
 }
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_PRECISION_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -43,53 +47,6 @@ class ModelInfo:
     linear_layers: tuple[str, ...]  # leaf names of nn.Linear modules, output head excluded
     module_names: tuple[str, ...] = ()  # dotted names of every module (for adapter.modules_to_save)
     shape: ModelShape | None = None  # sizes for the memory estimate and the run plan
-
-
-def resolve_device(device: str) -> torch.device:
-    """The device of this process: under accelerate launch / torchrun, each rank gets cuda:LOCAL_RANK."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError('training.device="cuda" but no CUDA device is visible; use "auto" or "cpu"')
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":  # without CUDA here this is a plan for a GPU elsewhere: assume a current one
-        return bool(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else True
-    return device.type == "cpu"
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" = bf16 where the device supports it, fp16 on older GPUs, fp32 on CPU."""
-    if precision == "auto":
-        if device.type == "cpu":
-            return "fp32"
-        return "bf16" if bf16_supported(device) else "fp16"
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError('training.precision="fp16" needs a GPU (fp16 autocast with a grad scaler); '
-                          'on the CPU use "fp32", "bf16" or "auto"')
-    if precision == "bf16" and not bf16_supported(device):
-        raise ConfigError(
-            f'training.precision="bf16" but {device} has no bf16 support; use precision="fp16" or "auto"'
-        )
-    return precision
-
-
-def resolve_compute_dtype(quant: QuantSpec, precision: str, device: torch.device) -> torch.dtype:
-    if quant.compute_dtype == "auto":
-        return _PRECISION_DTYPE[precision]
-    dtype = _DTYPES[quant.compute_dtype]
-    if dtype == torch.bfloat16 and not bf16_supported(device):
-        raise ConfigError(
-            f'quant.compute_dtype="bfloat16" but {device} has no bf16 support; use "float16" or "auto"'
-        )
-    return dtype
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are "name" or "org/name"; anything else with a path shape is meant as a local path."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
 def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = False,
@@ -118,7 +75,7 @@ def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = Fa
                 "phi3tune loads safetensors only: re-save the model with save_pretrained(safe_serialization=True)"
             )
         src = str(path.resolve())
-    elif _looks_like_path(src):
+    elif looks_like_path(src):
         raise ModelSourceError(
             f"model path {src!r} does not exist; give an existing local directory or a hub id "
             "like microsoft/Phi-3-mini-4k-instruct"

@@ -1,7 +1,11 @@
-"""The phases of ``FineTuner.run``, one function each: check → claim the output dir → build the model → save.
+"""The phases of ``FineTuner.run``, one function each, in the order they run:
 
-``check_run`` does everything that user input can get wrong, and resolves the RunPlan, before one weight loads;
-only then does ``claim_output_dir`` write anything, and ``build_model`` load weights as the plan says.
+1. ``check_run``: everything user input can get wrong (device, output dir, model config, target layers), the
+   RunPlan (``plan.py``), then the tokenizer and the data (``prepare_data``): no weights loaded, nothing written;
+2. ``claim_output_dir``: only now is anything written (the config and the plan);
+3. ``build_model``: weights load as the plan says, the adapter is attached;
+4. (``loop.Trainer(...).fit()`` trains;)
+5. ``save_outputs``: the final adapter (``save_final``) and the loss curve.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 from . import checkpoints as ckpt
 from .distributed import process_group_kwargs
 from .errors import ConfigError
-from .inference import META_NAME
+from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, atomic_dir
+from .files import PLAN_NAME as PLAN_NAME
 from .plan import RunPlan, resolve_plan
 from .plugins import spec_to_config
 from .specs import QuantSpec, TrainSpec
@@ -26,10 +31,10 @@ from .tracking import check_report_to
 if TYPE_CHECKING:
     from .data import PreparedData
     from .finetuner import FineTuner
+    from .loop import Trainer
     from .model import ModelInfo
 
 log = logging.getLogger("phi3tune")
-PLAN_NAME = "phi3tune_plan.json"
 
 
 @dataclass
@@ -67,33 +72,39 @@ def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: t
 
 
 def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[str, Any]) -> CheckedRun:
-    """Device, output directory, model config, target layers, data and the plan: no weights loaded."""
+    """Device, output directory, model config, target layers, the plan and the data: no weights loaded, nothing
+    written. The data is prepared here too, so that a bad row fails the run before the output dir is touched."""
     from accelerate import PartialState
-    from accelerate.utils import set_seed
 
     from . import _preflight
-    from .adapters import check_init
-    from .model import (
-        check_modules_to_save,
-        load_tokenizer,
-        preflight_model,
-        resolve_compute_dtype,
-        resolve_device,
-        resolve_precision,
-        resolve_target_modules,
-    )
+    from .precision import resolve_compute_dtype, resolve_device, resolve_precision
 
-    t, d = ft.train_spec, ft.data_spec
-    _preflight.check_specs(d, t)
-    device = resolve_device(t.device)
-    check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant or QuantSpec(),
-                                                         resolve_precision(t.precision, device), device))
-    check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
+    t = ft.train_spec
+    _preflight.check_specs(ft.data_spec, t)
+    kind = resolve_device(t.device)
     # one process, or a rank of accelerate launch / torchrun; collectives that wait longer raise (distributed.py)
-    state = PartialState(cpu=device.type == "cpu", **process_group_kwargs(t.collective_timeout_s))
+    state = PartialState(cpu=kind.type == "cpu", **process_group_kwargs(t.collective_timeout_s))
+    device = resolve_device(t.device, state.local_process_index)
+    check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant, resolve_precision(t.precision, device), device))
+    check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)
     resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
+    if resume and resume_from is None:
+        log.info("resume: no complete checkpoint in %s, starting from step 0", out)
+    info, targets = check_model(ft, device)
+    assert info.shape is not None
+    plan = resolve_plan(ft, info.shape, targets, device)
+    tokenizer, data = prepare_data(ft, info, plan, state.is_main_process)
+    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state)
+
+
+def check_model(ft: FineTuner, device: torch.device) -> tuple[ModelInfo, list[str]]:
+    """The model's config (no weights): its layers for the adapter, its context for the data."""
+    from . import _preflight
+    from .adapters import check_init
+    from .model import check_modules_to_save, preflight_model, resolve_target_modules
+
     info = preflight_model(ft.model, ft.trust_remote_code)
     _preflight.check_model(info, ft.attn_implementation, ft.trust_remote_code)
     targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
@@ -101,24 +112,31 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     check_init(ft.adapter_spec, ft.quant, device.type)
     ft.adapter_spec.peft_config(targets)  # PEFT's own refusals, before any weights load
     max_pos = getattr(info.config, "max_position_embeddings", None)
-    if max_pos and d.max_seq_length > max_pos:
-        raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds the model's context of {max_pos} "
+    max_len = ft.data_spec.max_seq_length
+    if max_pos and max_len > max_pos:
+        raise ConfigError(f"data.max_seq_length={max_len} exceeds the model's context of {max_pos} "
                           f"tokens; use max_seq_length <= {max_pos}")
-    assert info.shape is not None
-    plan = resolve_plan(ft, info.shape, targets, device)
+    return info, targets
+
+
+def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bool) -> tuple[Any, PreparedData]:
+    """Tokenizer and tokenized data; the data summary and the plan go to the log (logs.py: who shows them)."""
+    from accelerate.utils import set_seed
+
+    from .data import padding_fraction
+    from .model import load_tokenizer
+    from .steps import EpochSampler
+
+    t = ft.train_spec
     tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
     set_seed(t.seed)
-    data = d.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
-    log.info(plan.describe())
-    if t.progress_bar and state.is_main_process:
-        from .data import padding_fraction
-        from .loop import EpochSampler
-
+    data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    if t.progress_bar and main_process:
         order = list(EpochSampler(len(data.train), t.seed))
         lengths = [len(x) for x in data.train["input_ids"]]
-        print(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
-        print(plan.describe())
-    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state)
+        log.info(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
+    log.info(plan.describe())
+    return tokenizer, data
 
 
 def claim_output_dir(ft: FineTuner, run: CheckedRun, overwrite: bool, resume: bool | str) -> None:
@@ -166,10 +184,24 @@ def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place. ``state_dict``: the
     adapter gathered from every rank's shard (FSDP), else the model's own parameters."""
-    with ckpt.atomic_dir(adapter_dir, "the final adapter") as tmp:
+    with atomic_dir(adapter_dir, "the final adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
                 "quant": spec_to_config(ft.quant, QuantSpec) if ft.quant is not None else None,
                 "trust_remote_code": ft.trust_remote_code}
         write_adapter_meta(tmp, meta)
+
+
+def save_outputs(ft: FineTuner, trainer: Trainer, run: CheckedRun) -> Path:
+    """The main process writes the final adapter and loss.png; every rank waits for them. Returns the adapter.
+    Under FSDP every rank first gathers the adapter from the shards (a collective)."""
+    from .plot import plot_history
+
+    adapter_dir = run.output_dir / FINAL_DIR
+    gathered = trainer.full_adapter_state()
+    if trainer.is_main_process:
+        save_final(ft, trainer.trained_model(), run.tokenizer, adapter_dir, gathered)
+        plot_history(trainer.history, run.output_dir / LOSS_PLOT_NAME)
+    trainer.wait_for_everyone()
+    return adapter_dir

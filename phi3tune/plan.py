@@ -18,6 +18,7 @@ import torch
 
 from .loss import CE_CHUNK
 from .memory import GIB, ModelShape, estimate_parts, total_gib
+from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 
 if TYPE_CHECKING:
     from .finetuner import FineTuner
@@ -68,7 +69,7 @@ class RunPlan:
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(torch, self.compute_dtype)  # type: ignore[no-any-return]
+        return DTYPES[self.compute_dtype]
 
     def describe(self) -> str:
         """One line for the log: what runs, and how much memory it should take."""
@@ -117,13 +118,10 @@ def _free_device_memory(device: torch.device) -> int | None:
 
 def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                requested: str, free: int | None, budget_override: int | None = None) -> RunPlan:
-    from .model import resolve_compute_dtype, resolve_precision
-    from .specs import QuantSpec
-
     t, d, q = ft.train_spec, ft.data_spec, ft.quant
     m = MODES[mode]
     precision = resolve_precision(t.precision, device)
-    dtype = resolve_compute_dtype(q or QuantSpec(), precision, device)
+    dtype = resolve_compute_dtype(q, precision, device)
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     buckets = token_buckets(budget, d.max_seq_length) if budget else ()

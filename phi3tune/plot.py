@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
+from .files import LOSS_PLOT_NAME
+
 log = logging.getLogger("phi3tune")
-_said_no_matplotlib = False
+
+
+@functools.cache
+def say_no_matplotlib() -> None:
+    """The warning, once per process (cached; ``say_no_matplotlib.cache_clear()`` lets it speak again)."""
+    log.warning("matplotlib is not installed, so no %s is written for this or later runs "
+                "(pip install 'phi3tune[plot]')", LOSS_PLOT_NAME)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
@@ -15,14 +24,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
 
     Uses matplotlib's object API (no pyplot), so a notebook's plotting backend is left as it was.
     """
-    global _said_no_matplotlib
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        if not _said_no_matplotlib:
-            _said_no_matplotlib = True
-            log.warning("matplotlib is not installed, so no %s is written for this or later runs "
-                        "(pip install 'phi3tune[plot]')", path.name)
+        say_no_matplotlib()
         return None
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .files import CONFIG_NAME, TRACKER_DIR
 
 log = logging.getLogger("phi3tune")
 
@@ -26,7 +27,6 @@ TRACKERS: dict[str, tuple[str, str]] = {
     "mlflow": ("mlflow", "mlflow"),
     "trackio": ("trackio", "trackio"),
 }
-TRACKER_DIR = "runs"  # under output_dir: TensorBoard event files, hparams.yml
 PROJECT = "phi3tune"  # TensorBoard sub-directory / W&B and trackio project / MLflow experiment
 
 
@@ -80,8 +80,6 @@ def start(accelerator: Any, output_dir: Path, fallback_config: dict[str, Any]) -
     if not accelerator.log_with:
         return
     import yaml
-
-    from .checkpoints import CONFIG_NAME
 
     saved = output_dir / CONFIG_NAME
     config = yaml.safe_load(saved.read_text()) if saved.is_file() else fallback_config

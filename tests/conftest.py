@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Phi-3 checkpoints built here, never downloaded."""
+"""Shared fixtures: tiny random Phi-3 checkpoints built here, never downloaded; the resume reference run.
+Shared constants and functions are in helpers.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# ../shared beside the checkout; PHI3TUNE_SHARED points elsewhere (e.g. from a git worktree)
-SHARED = Path(os.environ.get("PHI3TUNE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-PHI3_DIR = SHARED / "models" / "phi3-mini-4k-instruct"
-ALPACA_JSON = SHARED / "data" / "alpaca_en_demo.json"
-GUANACO_JSONL = SHARED / "data" / "alpaca1k_guanaco_text.jsonl"
-
-needs_shared = pytest.mark.skipif(not PHI3_DIR.is_dir(), reason="../shared (Phi-3 tokenizer, data) is absent")
+from helpers import PHI3_DIR, resume_tuner
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +47,8 @@ def _phi3tune_logs(caplog: pytest.LogCaptureFixture):
     yield
 
 
-def rows_of_text(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Examples of varied length: a copy task the tiny model can learn."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for _i in range(n):
-        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 24)))
-        out.append({"text": f"### Human: copy {word} ### Assistant: {word}"})
-    return out
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """The uninterrupted resume run (helpers.resume_tuner) that resumed and interrupted runs must equal."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    return resume_tuner(tiny_model, out).run()

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import SHARED
+from helpers import SHARED
 
 PHI3_CONFIG = SHARED / "models" / "phi3-mini-4k-instruct" / "config.json"
 PHI4_CONFIG = SHARED / "models" / "phi4-mini-instruct" / "config.json"

@@ -1,11 +1,37 @@
-"""Small helpers shared by tests."""
+"""Helpers shared by tests (test files import this module, never each other; fixtures live in conftest.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from phi3tune import FineTuner
+
+TESTS = Path(__file__).resolve().parent
+# ../shared beside the checkout; PHI3TUNE_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("PHI3TUNE_SHARED") or TESTS.parent.parent / "shared")
+PHI3_DIR = SHARED / "models" / "phi3-mini-4k-instruct"
+ALPACA_JSON = SHARED / "data" / "alpaca_en_demo.json"
+GUANACO_JSONL = SHARED / "data" / "alpaca1k_guanaco_text.jsonl"
+
+needs_shared = pytest.mark.skipif(not PHI3_DIR.is_dir(), reason="../shared (Phi-3 tokenizer, data) is absent")
+
+
+def rows_of_text(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Examples of varied length: a copy task the tiny model can learn."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _i in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 24)))
+        out.append({"text": f"### Human: copy {word} ### Assistant: {word}"})
+    return out
 
 
 def tiny_tuner(model: Path, out: Path, rows: Any, **train: Any) -> FineTuner:
@@ -22,3 +48,57 @@ def adapter_tensors(result: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+ROWS = rows_of_text(12, seed=3)
+
+
+def resume_tuner(model: Path, out: Path, **train: Any) -> FineTuner:
+    """9 train rows -> 5 micro-batches of 2 -> 3 steps an epoch (the last one short); 8 steps = 3 epochs.
+    LoRA dropout on, bitsandbytes AdamW, warmup + cosine, eval every 4 steps, a log line every 3."""
+    args: dict[str, Any] = dict(batch_size=2, grad_accum=2, max_steps=8, save_strategy="steps", save_steps=1,
+                                logging_steps=3, eval_steps=4, optimizer="paged_adamw_32bit", warmup_ratio=0.25,
+                                learning_rate=5e-3)
+    args.update(train)
+    return tiny_tuner(model, out, ROWS, **args).adapter(dropout=0.1).data(eval_fraction=0.25)
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without tokens/s (wall-clock time is the one thing a resumed run cannot repeat)."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in lines]
+
+
+def _history(res: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in res.history]
+
+
+def assert_same_run(got: Any, ref: Any) -> None:
+    """Final adapters equal tensor by tensor (torch.equal, not allclose); logged numbers equal."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(got.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(ref.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[:3]}"
+    assert _history(got) == _history(ref)
+    assert _metrics(got.output_dir) == _metrics(ref.output_dir)
+
+
+def kill_after(ref_out: Path, dst: Path, n: int) -> Path:
+    """The output_dir as a kill right after checkpoint-n was renamed into place would leave it."""
+    from phi3tune import checkpoints as ckpt
+
+    shutil.copytree(ref_out, dst)
+    for p in [dst / ckpt.FINAL_DIR, dst / "loss.png"]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in dst.glob("checkpoint-*"):
+        if int(p.name.split("-")[1]) > n:
+            shutil.rmtree(p)
+    partial = dst / f".checkpoint-{n + 1}.k1ll3d"  # the next save, cut off mid-write
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+    return dst

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import adapter_tensors, tiny_tuner
+from helpers import adapter_tensors, rows_of_text, tiny_tuner
 
 from phi3tune import ConfigError
 

@@ -7,8 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import FineTuner, OutputDirError, load_finetuned
 

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 from pydantic import ValidationError
 
-import phi3tune.finetuner
 import phi3tune.model
 import phi3tune.pipeline
+import phi3tune.precision
 from phi3tune import (
     AdapterSpec,
     ConfigError,
@@ -247,7 +246,7 @@ def test_bad_input_fails_before_weights_load(case, tiny_model, tmp_path, no_weig
 
 @pytest.mark.parametrize("where", ["precision", "compute_dtype"])
 def test_bf16_on_a_device_without_it(tiny_model, tmp_path, monkeypatch, no_weights, where):
-    monkeypatch.setattr(phi3tune.model, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(phi3tune.precision, "bf16_supported", lambda device: False)
     ft = tiny_tuner(tiny_model, tmp_path / "out", TEXT)
     if where == "precision":
         ft.training(precision="bf16")

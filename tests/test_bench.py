@@ -5,8 +5,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 
 from phi3tune.bench import estimate_memory
 from phi3tune.data import Collator

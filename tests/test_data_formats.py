@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ALPACA_JSON, needs_shared
+from helpers import ALPACA_JSON, needs_shared
 
 from phi3tune import ConfigError, DataFormatError, DataSpec, prepare_dataset
 from phi3tune.data import IGNORE, prepare_data

@@ -120,7 +120,7 @@ def test_loss_png_with_train_and_eval(tmp_path):
 def test_without_matplotlib_it_says_so_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    monkeypatch.setattr(plot_module, "_said_no_matplotlib", False)
+    plot_module.say_no_matplotlib.cache_clear()
     with caplog.at_level(logging.WARNING, logger="phi3tune"):
         for i in range(3):
             assert plot_history(HISTORY, tmp_path / f"loss{i}.png") is None

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rows_of_text
+from helpers import rows_of_text
 from safetensors.torch import load_file
 
 from phi3tune import ConfigError, FineTuner, QuantSpec

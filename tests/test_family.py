@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PHI3_DIR, needs_shared
 from family import MEMBERS, PUBLISHED_PARAMS, full_config, write_config_dir, write_tiny
+from helpers import PHI3_DIR, needs_shared
 from split_layout import to_split_phi3
 
 from phi3tune import FineTuner, estimate_memory, export_adapter, load_finetuned, merge_adapter

@@ -8,8 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import PHI3_DIR, needs_shared, rows_of_text
-from helpers import tiny_tuner
+from helpers import PHI3_DIR, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune import ConfigError, HubError, ModelSourceError, OutputDirError, load_finetuned, merge_adapter, push_to_hub
 from phi3tune.inference import as_messages, generate_text, stop_token_ids

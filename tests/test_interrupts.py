@@ -15,13 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from test_resume import TESTS, assert_same_run, reference, resume_tuner
+from helpers import TESTS, assert_same_run, resume_tuner
 
 from phi3tune import TrainingError, TrainingInterrupted
 from phi3tune import checkpoints as ckpt
 from phi3tune.loop import _StopFlag
-
-__all__ = ["reference"]  # the uninterrupted run, shared with test_resume
 
 
 def _signal_at(step: int, sig: signal.Signals = signal.SIGINT) -> Any:
@@ -80,7 +78,7 @@ def test_sigterm_to_a_training_process(reference, tiny_model, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path[:0] = [{str(TESTS)!r}]
-        from test_resume import resume_tuner
+        from helpers import resume_tuner
         def tell(event):
             print("step", event["step"], flush=True)
             time.sleep(0.2)

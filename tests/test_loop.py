@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import GUANACO_JSONL, needs_shared
-from helpers import adapter_tensors, tiny_tuner
+from helpers import GUANACO_JSONL, adapter_tensors, needs_shared, tiny_tuner
 
 from phi3tune import DataSpec, FineTuner, prepare_dataset
 from phi3tune.data import IGNORE, Collator

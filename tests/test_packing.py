@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import DataSpec, prepare_dataset
 from phi3tune.data import IGNORE, Collator

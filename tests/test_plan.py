@@ -7,14 +7,13 @@ import random
 
 import pytest
 import torch
-from conftest import PHI3_DIR, needs_shared, rows_of_text
-from helpers import tiny_tuner
+from helpers import PHI3_DIR, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune import FineTuner
 from phi3tune.bench import plan_for
 from phi3tune.data import IGNORE, Collator
-from phi3tune.loop import Trainer
 from phi3tune.plan import token_buckets
+from phi3tune.steps import layout
 
 
 def _rows(n: int, seed: int, longest: int = 120) -> list[dict[str, list[int]]]:
@@ -45,13 +44,12 @@ def test_padding_free_shapes_are_bounded_and_pads_never_trained(tiny_model, tmp_
     ft = tiny_tuner(tiny_model, tmp_path, rows_of_text(4), optimize_for="speed", micro_batch_tokens=256,
                     batch_size=4, grad_accum=3).data(max_seq_length=120)
     plan = plan_for(ft, "cpu")
-    trainer = Trainer(None, type("Tok", (), {"pad_token_id": 0})(), None, ft.train_spec, plan)
     flat, padded = Collator(0, padding_free=True), Collator(0)
     shapes = set()
     for step in range(60):
         rows = _rows(12, seed=step)
         loader_batches = [rows[i:i + 4] for i in range(0, 12, 4)]
-        micro = trainer._layout([flat(b) for b in loader_batches])
+        micro = layout([flat(b) for b in loader_batches], plan, pad_id=0)
         shapes |= {tuple(b["input_ids"].shape) for b in micro}
         assert _trained(micro) == _trained([padded(b) for b in loader_batches])
         assert sum(int(b["num_real_tokens"]) for b in micro) == sum(len(r["input_ids"]) for r in rows)

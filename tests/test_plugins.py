@@ -8,8 +8,7 @@ import json
 import plugin_specs
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 from plugin_specs import FP4Quant, QkvOnlyAdapter
 from pydantic import ValidationError
 

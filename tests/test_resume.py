@@ -21,66 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import tiny_tuner
-from safetensors.torch import load_file
+from helpers import TESTS, assert_same_run, kill_after, resume_tuner
 
-from phi3tune import CheckpointError, FineTuner, OutputDirError
+from phi3tune import CheckpointError, OutputDirError
 from phi3tune import checkpoints as ckpt
-
-TESTS = Path(__file__).resolve().parent
-ROWS = rows_of_text(12, seed=3)
-
-
-def resume_tuner(model: Path, out: Path, **train: Any) -> FineTuner:
-    """9 train rows -> 5 micro-batches of 2 -> 3 steps an epoch (the last one short); 8 steps = 3 epochs.
-    LoRA dropout on, bitsandbytes AdamW, warmup + cosine, eval every 4 steps, a log line every 3."""
-    args: dict[str, Any] = dict(batch_size=2, grad_accum=2, max_steps=8, save_strategy="steps", save_steps=1,
-                                logging_steps=3, eval_steps=4, optimizer="paged_adamw_32bit", warmup_ratio=0.25,
-                                learning_rate=5e-3)
-    args.update(train)
-    return tiny_tuner(model, out, ROWS, **args).adapter(dropout=0.1).data(eval_fraction=0.25)
-
-
-def _metrics(out: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl without tokens/s (wall-clock time is the one thing a resumed run cannot repeat)."""
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in lines]
-
-
-def _history(res: Any) -> list[dict[str, Any]]:
-    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in res.history]
-
-
-def assert_same_run(got: Any, ref: Any) -> None:
-    """Final adapters equal tensor by tensor (torch.equal, not allclose); logged numbers equal."""
-    a = load_file(str(got.adapter_dir / "adapter_model.safetensors"))
-    b = load_file(str(ref.adapter_dir / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[:3]}"
-    assert _history(got) == _history(ref)
-    assert _metrics(got.output_dir) == _metrics(ref.output_dir)
-
-
-def kill_after(ref_out: Path, dst: Path, n: int) -> Path:
-    """The output_dir as a kill right after checkpoint-n was renamed into place would leave it."""
-    shutil.copytree(ref_out, dst)
-    for p in [dst / ckpt.FINAL_DIR, dst / "loss.png"]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for p in dst.glob("checkpoint-*"):
-        if int(p.name.split("-")[1]) > n:
-            shutil.rmtree(p)
-    partial = dst / f".checkpoint-{n + 1}.k1ll3d"  # the next save, cut off mid-write
-    partial.mkdir()
-    (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    return resume_tuner(tiny_model, out).run()
 
 
 def test_reference_run_layout(reference):
@@ -159,7 +103,7 @@ def test_sigkill_mid_run_then_resume(reference, tiny_model, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path[:0] = [{str(TESTS)!r}]
-        from test_resume import resume_tuner
+        from helpers import resume_tuner
         slow = lambda event: time.sleep(0.25)  # so that the kill lands mid-run
         resume_tuner({str(tiny_model)!r}, {str(out)!r}).run(callbacks=[slow])
     """))

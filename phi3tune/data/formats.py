@@ -142,6 +142,14 @@ def split_guanaco(text: str) -> list[dict[str, str]]:
     return messages
 
 
+def add_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """``system_prompt`` as the first message unless the conversation has a system message (in place; returned).
+    Training (``data.system_prompt``) and generation (``--system``) add it the same way."""
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
 def to_messages(row: dict[str, Any], fmt: str, text_field: str, system_prompt: str | None) -> list[dict[str, str]]:
     if fmt not in FORMATS:  # a register_format() format: its output takes the built-in messages/prompt_completion path
         from .registry import as_builtin_row
@@ -161,8 +169,7 @@ def to_messages(row: dict[str, Any], fmt: str, text_field: str, system_prompt: s
     else:
         # a file may mix both column names; datasets fills the absent one with None
         messages = _normalize_messages(row.get("messages") or row.get("conversations"))
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    add_system_prompt(messages, system_prompt)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataFormatError(f"example has no assistant turn to learn from: {str(messages)[:120]!r}")
     return messages

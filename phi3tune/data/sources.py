@@ -7,12 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataFormatError, DataSourceError
+from ..files import looks_like_path
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in _FILE_BUILDERS or s.count("/") > 1
 
 
 def _find_bad_json(path: Path) -> str | None:
@@ -107,7 +104,7 @@ def load_source(source: Any, split: str = "train", field: str = "data.source") -
             ds = _load_file(path, field)
         elif path.is_dir():
             ds = _load_dir(path, split, field)
-        elif _looks_like_path(str(source)):
+        elif looks_like_path(str(source), tuple(_FILE_BUILDERS)):
             raise DataSourceError(
                 f"{field}: {str(source)!r} does not exist; give an existing .json/.jsonl/.csv/.parquet file, "
                 "a directory, a hub dataset name, a datasets.Dataset or a list of dicts"

@@ -3,13 +3,12 @@
 ``benchmark`` times optimizer steps after a warm-up with the device synchronized, and reads peak memory from
 the *device* (used memory sampled in a thread), so paged optimizer state and allocator slack count, not only
 PyTorch's allocator peak. ``estimate_memory`` predicts the peak from the config alone, before any weights load.
+The command line is ``phi3tune bench`` (cli.py); ``python -m phi3tune.bench`` runs the same (``__main__.py``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import tempfile
 import threading
 import time
@@ -17,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .finetuner import FineTuner
-from .memory import GIB
-from .plan import RunPlan
+from ..finetuner import FineTuner
+from ..memory import GIB
+from ..plan import RunPlan
 
 # Dense bf16 matmul throughput measured on the H200 we benchmark on (docs/performance.md).
 PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
@@ -28,13 +27,14 @@ PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
 def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = None) -> RunPlan:
     """The RunPlan ``ft`` gets on ``device`` ("cuda" / "cpu"; default: this machine's), without loading weights.
     ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits)."""
-    from .model import preflight_model, resolve_target_modules
-    from .plan import resolve_plan
+    from ..model import preflight_model, resolve_target_modules
+    from ..plan import resolve_plan
+    from ..precision import resolve_device
 
     info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
     assert info.shape is not None
     targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else resolve_device("auto")  # a named device needs not be here
     return resolve_plan(ft, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB))
 
 
@@ -77,7 +77,7 @@ class _DeviceMemory:
 
 def _useful_flops_per_token(ft: FineTuner) -> float:
     """4 x non-embedding parameters: forward 2N + backward input-gradients 2N (the base is frozen)."""
-    from .model import preflight_model
+    from ..model import preflight_model
 
     shape = preflight_model(ft.model, ft.trust_remote_code, need_weights=False).shape
     assert shape is not None
@@ -116,9 +116,12 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
             result = ft.run(callbacks=[on_step])
     else:
         result = ft.run(callbacks=[on_step])
+    from accelerate import PartialState
+
+    gpus = PartialState().num_processes  # the run's processes (accelerate launch / torchrun), as accelerate sees them
     real = sum(e["real_tokens"] for e in events)
     # real tokens are counted over all ranks, batch tokens per rank
-    batch = sum(e["batch_tokens"] for e in events) * int(os.environ.get("WORLD_SIZE", "1"))
+    batch = sum(e["batch_tokens"] for e in events) * gpus
     tok_s = real / sum(times) if times else 0.0
     report: dict[str, Any] = {
         "label": label or ft.train_spec.optimize_for, "optimize_for": ft.train_spec.optimize_for,
@@ -141,50 +144,6 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
                       peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
         if peak:
-            gpus = int(os.environ.get("WORLD_SIZE", "1"))  # tokens/s counts every rank; MFU is per GPU
+            # tokens/s counts every rank; MFU is per GPU
             report["mfu"] = round(tok_s * _useful_flops_per_token(ft) / (peak * 1e12 * gpus), 4)
     return report
-
-
-def add_arguments(p: Any) -> None:
-    """The options of `phi3tune bench` (also `python -m phi3tune.bench`)."""
-    from .cli import parse_assignment
-
-    p.add_argument("config", metavar="CONFIG", help="a FineTuner.to_config() YAML/JSON file")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--estimate", action="store_true", help="only predict peak memory; load no weights")
-    p.add_argument("--label", help="a name for this run in the JSON line")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   type=parse_assignment, help="override a config value, e.g. training.optimize_for=speed")
-    p.add_argument("--out", help="also append the JSON line to this file")
-
-
-def run_cli(args: Any) -> int:
-    """Benchmark (or estimate) the config and print one JSON line."""
-    from .cli import apply_overrides, read_config
-
-    ft = FineTuner.from_config(apply_overrides(read_config(args.config), args.overrides))
-    if args.estimate:
-        report: dict[str, Any] = {"label": args.label, "estimate": estimate_memory(ft)}
-    else:
-        report = benchmark(ft, args.steps, args.warmup, args.label)
-        report["estimate_gib"] = estimate_memory(ft)["total_gib"]
-    line = json.dumps(report)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="phi3tune bench", description=__doc__)
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Where a run's numbers go: ``RunResult.history``, ``output_dir/metrics.jsonl``, the trackers, the progress
+bar and the step callbacks. The loop hands over each step's result and says when a log line is due.
+
+A log line averages the loss over every trained token since the previous line (the *window*), so it weighs
+tokens the same way a step does; a checkpoint saves the window, and a resumed run's next line averages the
+same steps as an unbroken run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .files import METRICS_NAME
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, summed over its micro-batches and every rank (``batch_tokens``: this rank's)."""
+
+    loss: float  # mean over the step's trained tokens
+    grad_norm: float  # before clipping
+    real_tokens: int  # non-pad tokens
+    trained_tokens: int  # tokens with a label
+    batch_tokens: int  # tokens of the micro-batches as laid out, pads included
+
+
+@dataclass
+class _Window:
+    """Loss sum and tokens since the last log line; ``real`` and ``t0`` give its tokens/s."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+    real: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class Metrics:
+    """History, metrics.jsonl (main process), trackers, progress bar and callbacks of one run."""
+
+    def __init__(self, accelerator: Any, output_dir: Path, training_config: dict[str, Any], progress_bar: bool,
+                 callbacks: list[StepCallback] | None = None) -> None:
+        self.accelerator, self.output_dir = accelerator, output_dir
+        self.show_bar = progress_bar and accelerator.is_main_process
+        self.callbacks = list(callbacks or [])  # called after every optimizer step with that step's numbers
+        self.history: list[dict[str, Any]] = []
+        self.window = _Window()
+        self.bar: Any = None
+        self.real_total, self.started, self.start_step = 0, 0.0, 0
+        tracking.start(accelerator, output_dir, {"training": training_config})
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history,
+                "log_window": {"loss_sum": self.window.loss_sum, "tokens": self.window.tokens}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The history and window of a checkpoint; metrics.jsonl is rewritten to that history (no duplicates)."""
+        self.history = list(state["history"])
+        saved = state.get("log_window", {})
+        self.window = _Window(saved.get("loss_sum", 0.0), saved.get("tokens", 0))
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / METRICS_NAME, "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in self.history)
+
+    # ---------------------------------------------------------------- during training
+    def start(self, step: int, total_steps: int) -> None:
+        """Training starts (or resumes) at ``step``: the bar appears and the clocks start."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=step, desc="training", dynamic_ncols=True,
+                        disable=not self.show_bar)
+        # a resumed run carries on the window of the checkpoint; tokens/s counts from now
+        self.window.real, self.window.t0 = 0, time.perf_counter()
+        self.started, self.start_step = time.perf_counter(), step
+
+    def step_done(self, step: int, result: StepResult, lr: float) -> None:
+        self.window.loss_sum += result.loss * result.trained_tokens
+        self.window.tokens += result.trained_tokens
+        self.window.real += result.real_tokens
+        self.real_total += result.real_tokens
+        self.bar.update(1)
+        if self.callbacks:
+            event = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,
+                     "real_tokens": result.real_tokens, "trained_tokens": result.trained_tokens,
+                     "batch_tokens": result.batch_tokens}
+            for fn in self.callbacks:
+                fn(event)
+
+    def log_train(self, step: int, epoch: float, lr: float, grad_norm: float) -> None:
+        """A log line: the window's mean loss and tokens/s; the window starts over."""
+        now, w = time.perf_counter(), self.window
+        entry = {"step": step, "epoch": round(epoch, 4), "loss": w.loss_sum / max(1, w.tokens), "lr": lr,
+                 "grad_norm": grad_norm, "tokens_per_s": w.real / max(1e-9, now - w.t0), "trained_tokens": w.tokens}
+        self.record(entry)
+        self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
+        self.window = _Window(t0=now)
+
+    def log_eval(self, step: int, loss: float) -> dict[str, float]:
+        entry = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        self.record(entry)
+        return {"eval_loss": loss, "eval_perplexity": entry["eval_perplexity"]}
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        tracking.log_entry(self.accelerator, entry)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    # ---------------------------------------------------------------- the end
+    def finish(self, step: int, final: dict[str, Any]) -> dict[str, Any]:
+        """Close the trackers; the run's final numbers (``final``: the last eval, if any)."""
+        tracking.finish(self.accelerator)
+        elapsed = time.perf_counter() - self.started
+        train_losses = [h["loss"] for h in self.history if "loss" in h]
+        return {**final, "steps": step, "runtime_s": round(elapsed, 3),
+                "train_loss": train_losses[-1] if train_losses else None,
+                "tokens_per_s": self.real_total / elapsed if elapsed and step > self.start_step else None}
