@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import DataFormatError, OutputDirError
 from phi3tune import plot as plot_module

@@ -13,8 +13,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import rows_of_text
-from helpers import tiny_tuner
+from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import DataSpec, FineTuner
 
