@@ -77,7 +77,7 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     from accelerate import PartialState
 
     from . import _preflight
-    from .precision import resolve_compute_dtype, resolve_device, resolve_precision
+    from .precision import resolve_device
 
     t = ft.train_spec
     _preflight.check_specs(ft.data_spec, t)
@@ -85,7 +85,6 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     # one process, or a rank of accelerate launch / torchrun; collectives that wait longer raise (distributed.py)
     state = PartialState(cpu=kind.type == "cpu", **process_group_kwargs(t.collective_timeout_s))
     device = resolve_device(t.device, state.local_process_index)
-    check_distributed(t, ft.quant, resolve_compute_dtype(ft.quant, resolve_precision(t.precision, device), device))
     check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)
@@ -94,7 +93,8 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
         log.info("resume: no complete checkpoint in %s, starting from step 0", out)
     info, targets = check_model(ft, device)
     assert info.shape is not None
-    plan = resolve_plan(ft, info.shape, targets, device)
+    plan = resolve_plan(ft, info.shape, targets, device)  # resolves precision and compute dtype
+    check_distributed(t, ft.quant, plan.dtype)
     tokenizer, data = prepare_data(ft, info, plan, state.is_main_process)
     return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state)
 

@@ -63,6 +63,7 @@ class RunPlan:
     optimizer: str
     paged_optimizer: bool
     sequences_per_step: int
+    peak_micro_batch_tokens: int  # the largest micro-batch, whose activations the predicted peak counts
     predicted_peak_gib: float
     device_memory_gib: float | None = None  # free device memory when the plan was made (CUDA)
     memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak
@@ -144,7 +145,7 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
         optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
-        sequences_per_step=t.sequences_per_step, predicted_peak_gib=total_gib(parts),
+        sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
 
 

@@ -42,8 +42,7 @@ def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | 
     """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only: the
     prediction of the RunPlan the run would get (``plan_for``)."""
     plan = plan_for(ft, device, free_gib)
-    tokens = plan.token_buckets[-1] if plan.token_buckets else ft.train_spec.batch_size * ft.data_spec.max_seq_length
-    return {**plan.memory, "total_gib": plan.predicted_peak_gib, "tokens_per_micro_batch": tokens,
+    return {**plan.memory, "total_gib": plan.predicted_peak_gib, "tokens_per_micro_batch": plan.peak_micro_batch_tokens,
             "mode": plan.mode, "plan": plan.describe()}
 
 

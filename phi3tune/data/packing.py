@@ -96,7 +96,7 @@ def pad_to_bucket(batch: dict[str, torch.Tensor], buckets: tuple[int, ...], pad_
     k = width - n
     if k == 0:
         return batch
-    dev = batch["input_ids"].device  # the loader may already have moved the batch to the GPU
+    dev = batch["input_ids"].device
     pad_pos = torch.arange(k, dtype=torch.long, device=dev) % max(1, position_cap)
     return {"input_ids": torch.cat([batch["input_ids"], torch.full((1, k), pad_token_id, device=dev)], 1),
             "labels": torch.cat([batch["labels"], torch.full((1, k), IGNORE, device=dev)], 1),
