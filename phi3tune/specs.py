@@ -107,6 +107,12 @@ class DataSpec(_Spec):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     eval_source: Any = None
     system_prompt: str | None = None
+    num_proc: int | None = Field(None, gt=0, description="processes that tokenize; None = the cores this process "
+                                 "may use, at most 8 (one for small datasets)")
+    cache_dir: str | None = Field(None, description="where prepared rows are cached; None = phi3tune/ under the "
+                                  "datasets cache (HF_DATASETS_CACHE)")
+    streaming: bool = Field(False, description="read, tokenize and pack the source while training instead of "
+                            "before (sources larger than RAM or disk); needs training.max_steps (docs/data.md)")
 
     @field_validator("source", "eval_source")
     @classmethod
@@ -130,6 +136,9 @@ class DataSpec(_Spec):
     def _eval_choice(self) -> DataSpec:
         if self.eval_fraction and self.eval_source is not None:
             raise ValueError("set eval_fraction or eval_source, not both")
+        if self.streaming and self.eval_fraction:
+            raise ValueError("streaming=True cannot split off eval_fraction (a stream has no length to split); "
+                             "give eval_source (it is streamed too), or set streaming=False")
         return self
 
     @field_validator("format")

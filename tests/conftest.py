@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared rows are cached (phi3tune/data/build.py): the tests' entries go to a fresh directory, not the user's cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="phi3tune-tests-datasets-"))
 
 from helpers import PHI3_DIR, resume_tuner
 

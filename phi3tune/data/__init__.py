@@ -6,74 +6,24 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import DataFormatError
 from ..specs import DataSpec
-from .formats import IGNORE, check_columns, detect_format, encode, resolve_train_on
-from .packing import Collator, pack_examples, padding_fraction
+from .build import build_entry, cache_root, default_num_proc, entry_key, load_entry
+from .fingerprint import dataset_fingerprint, function_fingerprint, source_fingerprint, tokenizer_fingerprint
+from .formats import IGNORE, check_columns, detect_format, resolve_train_on
+from .packing import Collator, padding_fraction
+from .prepared import DataSummary, PreparedData, row_lengths
 from .registry import register_format, registered_formats, resolve_format
 from .sources import load_source
+from .tokenize import make_encoder
 
 log = logging.getLogger("phi3tune")
 
 __all__ = ["IGNORE", "Collator", "DataSummary", "PreparedData", "load_source", "padding_fraction",
-           "prepare_data", "prepare_dataset", "register_format", "registered_formats"]
-
-
-@dataclass
-class DataSummary:
-    """The one-screen account of what the loop will see."""
-
-    format: str
-    train_on: str
-    examples: int
-    rows: int
-    tokens: int
-    truncated: int
-    trained_tokens: int
-
-    @property
-    def trained_fraction(self) -> float:
-        return self.trained_tokens / max(1, self.tokens)
-
-    def render(self, padding_fraction: float | None = None) -> str:
-        lines = [
-            f"data: format={self.format} train_on={self.train_on}",
-            f"  examples {self.examples:,} -> rows {self.rows:,}; tokens {self.tokens:,}",
-            f"  truncated examples {self.truncated:,} ({self.truncated / max(1, self.examples):.1%})",
-            f"  trained tokens {self.trained_tokens:,} ({self.trained_fraction:.1%} of tokens)",
-        ]
-        if padding_fraction is not None:
-            lines.append(f"  padding {padding_fraction:.1%} of batch tokens (estimated at batch_size)")
-        return "\n".join(lines)
-
-
-@dataclass
-class PreparedData:
-    """What the loop trains on: rows of input_ids / labels (IGNORE = not trained), optional position_ids."""
-
-    train: Any
-    eval: Any | None
-    summary: DataSummary
-
-    @classmethod
-    def from_examples(cls, train: list[dict[str, list[int]]], eval: list[dict[str, list[int]]] | None = None,
-                      format: str = "custom") -> PreparedData:
-        """From your own tokenized examples (dicts with input_ids and labels): for a custom DataSpec.prepare."""
-        from datasets import Dataset
-
-        if not train or any(len(e["input_ids"]) != len(e["labels"]) for e in train):
-            raise DataFormatError("PreparedData.from_examples: give examples with input_ids and labels of equal "
-                                  "length")
-        trained = sum(sum(1 for t in e["labels"][1:] if t != IGNORE) for e in train)
-        summary = DataSummary(format, "custom", len(train), len(train), sum(len(e["input_ids"]) for e in train), 0,
-                              trained)
-        keep = ("input_ids", "labels", "position_ids")
-        rows = Dataset.from_list([{k: v for k, v in e.items() if k in keep} for e in train])
-        evals = Dataset.from_list([{k: v for k, v in e.items() if k in keep} for e in eval]) if eval else None
-        return cls(rows, evals, summary)
+           "prepare_data", "prepare_dataset", "register_format", "registered_formats", "row_lengths"]
 
 
 def _resolve_format(spec: DataSpec, columns: list[str]) -> str:
@@ -85,57 +35,86 @@ def _resolve_format(spec: DataSpec, columns: list[str]) -> str:
     return fmt
 
 
-def _tokenize(ds: Any, spec: DataSpec, tokenizer: Any, fmt: str, train_on: str) -> Any:
-    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-        out = [encode(r, tokenizer, fmt, train_on, spec.text_field, spec.max_seq_length, spec.system_prompt)
-               for r in rows]
-        return {k: [o[k] for o in out] for k in ("input_ids", "labels", "truncated")}
+def _format_key(fmt: str) -> Any:
+    """The format as the cache key sees it: a user format function by its code too, so editing it re-tokenizes."""
+    from .registry import _REGISTRY
 
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
-                  desc="tokenizing")
+    return [fmt, function_fingerprint(_REGISTRY[fmt].fn)] if fmt in _REGISTRY else fmt
 
 
-def _to_rows(tok_ds: Any, spec: DataSpec) -> Any:
-    from datasets import Dataset
+class _Parts:
+    """Finds or builds the cache entry of each part of the data (train, eval) for one spec and tokenizer."""
 
-    if not spec.packing:
-        return tok_ds.remove_columns(["truncated"])
-    rows = pack_examples([{"input_ids": i, "labels": la} for i, la in
-                          zip(tok_ds["input_ids"], tok_ds["labels"])], spec.max_seq_length)
-    return Dataset.from_list(rows)
+    def __init__(self, spec: DataSpec, tokenizer: Any, seed: int) -> None:
+        self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
+        self.root = cache_root(spec.cache_dir)
+        self.tokens = {"format": _format_key(resolve_format(spec.format)), "text_field": spec.text_field,
+                       "system_prompt": spec.system_prompt, "train_on": spec.train_on,
+                       "max_seq_length": spec.max_seq_length, "packing": spec.packing}
+        self.tokenizer_fp = tokenizer_fingerprint(tokenizer)
+
+    def entry(self, source_fp: str | None, part: Any) -> Path | None:
+        return None if source_fp is None else self.root / entry_key(source_fp, part, self.tokens, self.tokenizer_fp)
+
+    def build(self, raw: Any, entry: Path, fmt: str) -> tuple[Any, DataSummary]:
+        spec = self.spec
+        train_on = resolve_train_on(fmt, spec.train_on)
+        encoder = make_encoder(self.tokenizer, fmt, train_on, spec.text_field, spec.max_seq_length,
+                               spec.system_prompt)
+        return build_entry(raw, entry, encoder, fmt, train_on, spec.max_seq_length, spec.packing,
+                           default_num_proc(len(raw), spec.num_proc))
 
 
-def _tokens_and_summary(ds: Any, spec: DataSpec, tokenizer: Any, fmt: str) -> tuple[Any, DataSummary]:
-    train_on = resolve_train_on(fmt, spec.train_on)
-    tok_ds = _tokenize(ds, spec, tokenizer, fmt, train_on)
-    lengths = [len(x) for x in tok_ds["input_ids"]]
-    trained = sum(sum(1 for t in la[1:] if t != IGNORE) for la in tok_ds["labels"])
-    if trained == 0:
-        raise DataFormatError(
-            f"data: no example has a trained token after masking (format={fmt}, train_on={train_on}); "
-            "check the assistant/output columns or raise data.max_seq_length"
-        )
-    rows = _to_rows(tok_ds, spec)
-    summary = DataSummary(fmt, train_on, len(tok_ds), len(rows), sum(lengths), sum(tok_ds["truncated"]), trained)
-    return rows, summary
+def _cached(entries: list[Path | None]) -> list[tuple[Any, DataSummary]] | None:
+    found = [load_entry(e) if e is not None else None for e in entries]
+    if any(f is None for f in found):
+        return None
+    return [f for f in found if f is not None]
 
 
 def prepare_data(spec: DataSpec, tokenizer: Any, seed: int = 42) -> PreparedData:
-    """Load, split, tokenize and (optionally) pack the train and eval sets."""
+    """Load, split, tokenize and (optionally) pack the train and eval sets: once, into the cache (build.py);
+    a second run or a resume memory-maps what the first one wrote. ``streaming=True``: rows read as needed."""
+    if spec.streaming:
+        from .stream import prepare_stream
+
+        return prepare_stream(spec, tokenizer)
+    parts = _Parts(spec, tokenizer, seed)
+    split = ("split", spec.eval_fraction, seed)
+    train_part, eval_part = ((*split, "train"), (*split, "test")) if spec.eval_fraction else ("all", "all")
+    source_fp = source_fingerprint(spec.source, spec.split)
+    eval_fp = source_fingerprint(spec.eval_source, spec.split) if spec.eval_source is not None else None
+    wanted = [parts.entry(source_fp, train_part)]
+    if spec.eval_fraction:
+        wanted.append(parts.entry(source_fp, eval_part))
+    elif spec.eval_source is not None:
+        wanted.append(parts.entry(eval_fp, eval_part))
+    hit = _cached(wanted)
+    if hit is not None:
+        log.info("data: reusing the prepared rows in %s (tokenized by an earlier run)", wanted[0])
+        return PreparedData(hit[0][0], hit[1][0] if len(hit) > 1 else None, hit[0][1])
+
     raw = load_source(spec.source, spec.split, "data.source")
     fmt = _resolve_format(spec, list(raw.column_names))
+    source_fp = source_fp or dataset_fingerprint(raw)
     eval_raw = None
     if spec.eval_source is not None:
         eval_raw = load_source(spec.eval_source, spec.split, "data.eval_source")
         check_columns(fmt, list(eval_raw.column_names), spec.text_field)
+        eval_fp = eval_fp or dataset_fingerprint(eval_raw)
     elif spec.eval_fraction:
         if len(raw) < 2:
             raise DataFormatError("data.eval_fraction needs at least 2 examples to split off an eval set")
-        parts = raw.train_test_split(test_size=spec.eval_fraction, seed=seed)
-        raw, eval_raw = parts["train"], parts["test"]
-    train, summary = _tokens_and_summary(raw, spec, tokenizer, fmt)
-    eval_rows = _tokens_and_summary(eval_raw, spec, tokenizer, fmt)[0] if eval_raw is not None else None
+        split_parts = raw.train_test_split(test_size=spec.eval_fraction, seed=seed)
+        raw, eval_raw, eval_fp = split_parts["train"], split_parts["test"], source_fp
+    train_entry = parts.entry(source_fp, train_part)
+    assert train_entry is not None
+    train, summary = load_entry(train_entry) or parts.build(raw, train_entry, fmt)
+    eval_rows = None
+    if eval_raw is not None:
+        eval_entry = parts.entry(eval_fp, eval_part)
+        assert eval_entry is not None
+        eval_rows = (load_entry(eval_entry) or parts.build(eval_raw, eval_entry, fmt))[0]
     return PreparedData(train, eval_rows, summary)
 
 

@@ -13,30 +13,57 @@ Batches are right-padded without an attention mask: under a causal mask a real t
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 from typing import Any
 
+import numpy as np
 import torch
 
 from .formats import IGNORE
 
 
-def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: example indices per row, each row's total length <= capacity."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (free space, row index)
-    for i in order:
-        need = min(lengths[i], capacity)
-        k = bisect.bisect_left(free, (need, -1))
-        if k < len(free):
-            space, row = free.pop(k)
+def best_fit_rows(lengths: Any, capacity: int) -> np.ndarray:
+    """Best-fit decreasing bin packing: the row of each example, each row's total length <= capacity.
+
+    Examples are placed longest first (ties: lower index first), each into the row with the least free space
+    that holds it (ties: the older row), else into a new row. Free spaces are kept as a sorted list of distinct
+    values, each with a heap of the rows that have it, so a million examples pack in seconds."""
+    need_of = np.minimum(np.asarray(lengths, dtype=np.int64).reshape(-1), capacity)
+    order = np.lexsort((np.arange(len(need_of)), -need_of))
+    row_of = [0] * len(need_of)
+    spaces: list[int] = []  # sorted distinct free space values that some row has
+    rows_with: dict[int, list[int]] = {}  # free space -> heap of rows with exactly that space
+    n_rows = 0
+    for i, need in zip(order.tolist(), need_of[order].tolist(), strict=True):
+        k = bisect.bisect_left(spaces, need)
+        if k < len(spaces):
+            space = spaces[k]
+            heap = rows_with[space]
+            row = heapq.heappop(heap)
+            if not heap:
+                del spaces[k], rows_with[space]
         else:
-            space, row = capacity, len(rows)
-            rows.append([])
-        rows[row].append(i)
-        if space - need > 0:
-            bisect.insort(free, (space - need, row))
+            space, row = capacity, n_rows
+            n_rows += 1
+        row_of[i] = row
+        rest = space - need
+        if rest > 0:
+            if rest in rows_with:
+                heapq.heappush(rows_with[rest], row)
+            else:
+                rows_with[rest] = [row]
+                bisect.insort(spaces, rest)
+    return np.asarray(row_of, dtype=np.int64)
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Example indices per row (in placement order), as ``best_fit_rows`` assigns them."""
+    row_of = best_fit_rows(lengths, capacity)
+    rows: list[list[int]] = [[] for _ in range(int(row_of.max()) + 1 if len(row_of) else 0)]
+    need = np.minimum(np.asarray(lengths, dtype=np.int64), capacity)
+    for i in np.lexsort((np.arange(len(need)), -need)).tolist():
+        rows[int(row_of[i])].append(i)
     return rows
 
 

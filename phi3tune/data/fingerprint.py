@@ -1,0 +1,90 @@
+"""Fingerprints: short, stable names for "the same data" and "the same tokens".
+
+One place for them, so the prepared-data cache, the written config and checkpoints agree on what counts as the
+same source. A fingerprint never holds the data itself: an in-memory source of a million rows is recorded as a
+hash and a row count, never copied into ``phi3tune_config.yaml`` or a tracker's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+# Bump when the prepared rows change for the same inputs (a new column, a masking fix): old cache entries are
+# then never read again.
+LAYOUT_VERSION = "phi3tune-data-1"
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
+def digest(*parts: Any) -> str:
+    """A 16-hex-digit hash of JSON-able parts (str() for anything else)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    """A local file or directory by what `make` looks at: each data file's resolved path, size and mtime.
+    No file is read, so a cached run decides in milliseconds that it may reuse its tokens."""
+    path = path.expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and not p.name.startswith("."))
+    return digest("file", [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """A ``datasets`` Dataset: its own fingerprint, which datasets derives from the table's content (in memory)
+    or from its files and the transforms applied to them; stable across processes and runs."""
+    return digest("dataset", getattr(ds, "_fingerprint", None), len(ds) if hasattr(ds, "__len__") else None)
+
+
+def source_fingerprint(source: Any, split: str) -> str | None:
+    """The fingerprint of a source before it is loaded, where that is cheap: a local file or directory, a
+    Dataset or DatasetDict, a list of dicts. None for a hub name (known only once loaded: ``dataset_fingerprint``)."""
+    if isinstance(source, list):
+        return digest("rows", hashlib.blake2b(json.dumps(source, sort_keys=True, default=str).encode(),
+                                              digest_size=16).hexdigest(), len(source))
+    if hasattr(source, "keys") and type(source).__name__ == "DatasetDict":
+        return dataset_fingerprint(source[split]) if split in source else None
+    if type(source).__name__ == "Dataset":
+        return dataset_fingerprint(source)
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        return digest(file_fingerprint(path), split)
+    return None
+
+
+def describe_in_memory(source: Any) -> str:
+    """What the written config records for an in-memory source: its kind, row count and fingerprint."""
+    if type(source).__name__ == "DatasetDict":
+        rows = sum(len(v) for v in source.values())
+        return f"{type(source).__name__}({rows} rows, fingerprint {digest([dataset_fingerprint(v) for v in source.values()])})"
+    return f"{type(source).__name__}({len(source)} rows, fingerprint {source_fingerprint(source, 'train')})"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Everything about a tokenizer that changes the tokens: its full definition (vocab, merges, normalizer,
+    post-processor), special tokens and chat template; not where it was loaded from."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else _pickled(tokenizer)
+    return digest("tokenizer", type(tokenizer).__name__, hashlib.blake2b(definition.encode()).hexdigest(),
+                  getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", {})),
+                  getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None),
+                  getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
+
+
+def function_fingerprint(fn: Any) -> str:
+    """A user format function: its qualified name and source code, so editing it prepares the data again."""
+    try:
+        code = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(getattr(fn, "__code__", None), "co_code", b"").hex()
+    return digest(getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), code)
+
+
+def _pickled(obj: Any) -> str:
+    from datasets.fingerprint import Hasher
+
+    return str(Hasher.hash(obj))
