@@ -18,6 +18,7 @@ from typing import Any
 from . import _preflight
 from ._isolation import leaves_process_as_found
 from .errors import ConfigError
+from .data.fingerprint import describe_in_memory
 from .files import read_config
 from .logs import console
 from .loop import Trainer
@@ -33,7 +34,7 @@ from .plugins import (
 )
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
-IN_MEMORY = "in-memory:"
+IN_MEMORY = "in-memory:"  # a config's record of rows given in memory (sources.py refuses to load it)
 
 
 @dataclass
@@ -115,8 +116,8 @@ class FineTuner:
         data = spec_to_config(self.data_spec, DataSpec)
         for key in ("source", "eval_source"):
             value = data.get(key)
-            if value is not None and not isinstance(value, (str, list)):
-                data[key] = f"{IN_MEMORY}{type(value).__name__}({len(value)} rows)"
+            if value is not None and not isinstance(value, str):  # rows: a fingerprint, never the rows themselves
+                data[key] = IN_MEMORY + describe_in_memory(getattr(self.data_spec, key))
         return {
             "model": self.model,
             "trust_remote_code": self.trust_remote_code,
@@ -148,10 +149,6 @@ class FineTuner:
             raise ConfigError(f"config: unknown key(s) {sorted(unknown, key=str)}; use only the known keys "
                               f"{sorted(known)}")
         _preflight.check_sections(config)
-        for key in ("source", "eval_source"):
-            src = (config.get("data") or {}).get(key)
-            if isinstance(src, str) and src.startswith(IN_MEMORY):
-                raise ConfigError(f"config data.{key} was an in-memory dataset ({src}); set it to a file or hub name")
         quant = config.get("quant", {})
         return cls(
             config.get("model", DEFAULT_MODEL),

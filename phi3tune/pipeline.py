@@ -123,7 +123,7 @@ def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bo
     """Tokenizer and tokenized data; the data summary and the plan go to the log (logs.py: who shows them)."""
     from accelerate.utils import set_seed
 
-    from .data import padding_fraction
+    from .data import padding_fraction, row_lengths
     from .model import load_tokenizer
     from .steps import EpochSampler
 
@@ -131,9 +131,12 @@ def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bo
     tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
     set_seed(t.seed)
     data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
-    if t.progress_bar and main_process:
+    if data.streaming:
+        log.info("data: streaming format=%s train_on=%s (rows are read, tokenized and packed as training asks "
+                 "for them)", data.summary.format, data.summary.train_on)
+    elif t.progress_bar and main_process:
         order = list(EpochSampler(len(data.train), t.seed))
-        lengths = [len(x) for x in data.train["input_ids"]]
+        lengths = row_lengths(data.train).tolist()
         log.info(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
     log.info(plan.describe())
     return tokenizer, data

@@ -44,8 +44,11 @@ def source_fingerprint(source: Any, split: str) -> str | None:
     """The fingerprint of a source before it is loaded, where that is cheap: a local file or directory, a
     Dataset or DatasetDict, a list of dicts. None for a hub name (known only once loaded: ``dataset_fingerprint``)."""
     if isinstance(source, list):
-        return digest("rows", hashlib.blake2b(json.dumps(source, sort_keys=True, default=str).encode(),
-                                              digest_size=16).hexdigest(), len(source))
+        h = hashlib.blake2b(digest_size=16)
+        for row in source:  # row by row: never a second copy of the whole list as one string
+            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+            h.update(b"\n")
+        return digest("rows", h.hexdigest(), len(source))
     if hasattr(source, "keys") and type(source).__name__ == "DatasetDict":
         return dataset_fingerprint(source[split]) if split in source else None
     if type(source).__name__ == "Dataset":
@@ -60,7 +63,8 @@ def describe_in_memory(source: Any) -> str:
     """What the written config records for an in-memory source: its kind, row count and fingerprint."""
     if type(source).__name__ == "DatasetDict":
         rows = sum(len(v) for v in source.values())
-        return f"{type(source).__name__}({rows} rows, fingerprint {digest([dataset_fingerprint(v) for v in source.values()])})"
+        fp = digest([dataset_fingerprint(v) for v in source.values()])
+        return f"{type(source).__name__}({rows} rows, fingerprint {fp})"
     return f"{type(source).__name__}({len(source)} rows, fingerprint {source_fingerprint(source, 'train')})"
 
 

@@ -98,6 +98,10 @@ def load_source(source: Any, split: str = "train", field: str = "data.source") -
             raise DataFormatError(f"{field}: the list of rows does not make a table ({_reason(exc)}); give each "
                                   "column one type in every row (e.g. text everywhere, not text in one row and a "
                                   "number in another)") from exc
+    elif str(source).startswith("in-memory:"):
+        raise DataSourceError(
+            f"{field}: {source!r} is the record of rows a run was given in memory (the config keeps only their "
+            "fingerprint); give the rows again with .data(source=...), or set a file or hub name")
     else:
         path = Path(str(source)).expanduser()
         if path.is_file():
