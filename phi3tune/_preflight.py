@@ -164,6 +164,10 @@ def spec_values(spec: Any) -> dict[str, Any]:
 
 def check_specs(data: Any, train: Any) -> None:
     """Combinations of fields of different specs that cannot work (each spec checks its own fields)."""
+    if getattr(data, "streaming", False) and train.max_steps is None:
+        raise ConfigError("data.streaming=True needs training.max_steps: a stream's length is unknown, so "
+                          f"num_epochs={train.num_epochs} cannot be turned into steps; set max_steps (the stream "
+                          "starts over at its end), or set streaming=False")
     if train.eval_steps and data.eval_source is None and not data.eval_fraction:
         raise ConfigError(
             f"training.eval_steps={train.eval_steps} but there is no eval data; set data.eval_fraction (e.g. 0.05) "

@@ -65,6 +65,11 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def _positioned(loader: Any, n: int) -> Any:
+    """A resumed stream needs no skipping: ``StreamRows.resume`` put it at the checkpoint's row already."""
+    return loader
+
+
 class Trainer:
     """Trains an already-built PEFT model on prepared data, as the plan says. Ready to ``fit()`` once built."""
 
@@ -87,9 +92,11 @@ class Trainer:
         self.metrics = Metrics(acc, self.output_dir, spec.model_dump(), spec.progress_bar, callbacks)
 
         collate = Collator(tokenizer.pad_token_id, padding_free=plan.padding_free)
+        self.stream = data.train if data.streaming else None  # StreamRows: positioned by _restore, never skipped
         # Its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed
         # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
-        loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=EpochSampler(len(data.train), spec.seed),
+        sampler = None if data.streaming else EpochSampler(len(data.train), spec.seed)
+        loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler,
                             collate_fn=collate, generator=torch.Generator().manual_seed(spec.seed),
                             pin_memory=device.type == "cuda")
         eval_loader = None
@@ -102,7 +109,9 @@ class Trainer:
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
-        self.steps_per_epoch = max(1, math.ceil(len(self.loader) / spec.grad_accum))  # per rank once prepared
+        # per rank once prepared; a stream's length is unknown (preflight: streaming needs max_steps)
+        self.loader_len = None if data.streaming else len(self.loader)
+        self.steps_per_epoch = max(1, math.ceil((self.loader_len or 1) / spec.grad_accum))
         self.total_steps = spec.max_steps or max(1, math.ceil(spec.num_epochs * self.steps_per_epoch))
         self.scheduler = spec.create_scheduler(optimizer, math.ceil(spec.warmup_ratio * self.total_steps),
                                                self.total_steps)
@@ -146,13 +155,14 @@ class Trainer:
         self._compile_fixed_shapes()
         self.metrics.start(pos.step, self.total_steps)
         with _StopFlag() as stop:
+            skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
             for micro in optimizer_steps(self.loader, pos, self.total_steps, s.grad_accum, self.plan, self.pad_id,
-                                         self.accelerator.skip_first_batches, self._end_of_epoch):
+                                         skip, self._end_of_epoch):
                 lr = self.scheduler.get_last_lr()[0]
                 result = self._train_step(micro)
                 self.metrics.step_done(pos.step, result, lr)
                 if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:
-                    epoch = pos.epoch + pos.micro_in_epoch / max(1, len(self.loader))
+                    epoch = pos.epoch + (pos.micro_in_epoch / self.loader_len if self.loader_len else 0)
                     self.metrics.log_train(pos.step, epoch, lr, result.grad_norm)
                 if s.eval_steps and pos.step % s.eval_steps == 0 and pos.step != self.total_steps:
                     self.evaluate()
@@ -269,6 +279,8 @@ class Trainer:
                 tensors["scaler"] = acc.scaler.state_dict()
             state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
                      "total_steps": self.total_steps, **self.metrics.state()}
+            if self.stream is not None:  # the stream's position after the loader batches consumed so far
+                state["stream"] = self.stream.state_at(pos.epoch, pos.micro_in_epoch * self.spec.batch_size)
             path = ckpt.save_checkpoint(self.output_dir, pos.step, self.trained_model(), self.tokenizer, state,
                                         tensors, self.spec.save_total_limit)
         self.saved[pos.step] = path
@@ -289,6 +301,8 @@ class Trainer:
         per_rank = tensors.get("rng_per_rank", [])
         ckpt.set_rng_state(per_rank[acc.process_index] if len(per_rank) == acc.num_processes else tensors["rng"])
         self.pos = Position(state["step"], state["epoch"], state["micro_in_epoch"])
+        if self.stream is not None and "stream" in state:
+            self.stream.resume(state["stream"])
         self.metrics.restore(state)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.pos.step, self.pos.epoch,
                  self.pos.micro_in_epoch)

@@ -85,6 +85,9 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     # one process, or a rank of accelerate launch / torchrun; collectives that wait longer raise (distributed.py)
     state = PartialState(cpu=kind.type == "cpu", **process_group_kwargs(t.collective_timeout_s))
     device = resolve_device(t.device, state.local_process_index)
+    if getattr(ft.data_spec, "streaming", False) and state.num_processes > 1:
+        raise ConfigError(f"data.streaming=True runs on one process; this run has {state.num_processes}. Prepare "
+                          "the data map-style (streaming=False: tokenized once into the cache) for several GPUs")
     check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)

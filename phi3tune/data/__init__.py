@@ -91,7 +91,7 @@ def prepare_data(spec: DataSpec, tokenizer: Any, seed: int = 42) -> PreparedData
         wanted.append(parts.entry(eval_fp, eval_part))
     hit = _cached(wanted)
     if hit is not None:
-        log.info("data: reusing the prepared rows in %s (tokenized by an earlier run)", wanted[0])
+        log.info("data: reusing the prepared rows in %s (prepared by an earlier run)", wanted[0])
         return PreparedData(hit[0][0], hit[1][0] if len(hit) > 1 else None, hit[0][1])
 
     raw = load_source(spec.source, spec.split, "data.source")

@@ -29,8 +29,9 @@ def best_fit_rows(lengths: Any, capacity: int) -> np.ndarray:
     Examples are placed longest first (ties: lower index first), each into the row with the least free space
     that holds it (ties: the older row), else into a new row. Free spaces are kept as a sorted list of distinct
     values, each with a heap of the rows that have it, so a million examples pack in seconds."""
-    need_of = np.minimum(np.asarray(lengths, dtype=np.int64).reshape(-1), capacity)
-    order = np.lexsort((np.arange(len(need_of)), -need_of))
+    length = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    need_of = np.minimum(length, capacity)
+    order = np.lexsort((np.arange(len(length)), -length))
     row_of = [0] * len(need_of)
     spaces: list[int] = []  # sorted distinct free space values that some row has
     rows_with: dict[int, list[int]] = {}  # free space -> heap of rows with exactly that space
@@ -61,8 +62,8 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Example indices per row (in placement order), as ``best_fit_rows`` assigns them."""
     row_of = best_fit_rows(lengths, capacity)
     rows: list[list[int]] = [[] for _ in range(int(row_of.max()) + 1 if len(row_of) else 0)]
-    need = np.minimum(np.asarray(lengths, dtype=np.int64), capacity)
-    for i in np.lexsort((np.arange(len(need)), -need)).tolist():
+    length = np.asarray(lengths, dtype=np.int64)
+    for i in np.lexsort((np.arange(len(length)), -length)).tolist():
         rows[int(row_of[i])].append(i)
     return rows
 

@@ -135,3 +135,31 @@ def _reason(exc: BaseException) -> str:
 
 def _describe(source: Any) -> str:
     return repr(source) if isinstance(source, (str, Path)) else f"({type(source).__name__})"
+
+
+def load_stream(source: Any, split: str = "train", field: str = "data.source") -> Any:
+    """A ``datasets.IterableDataset`` over any supported source kind, read as it is iterated (never whole)."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    if isinstance(source, (list, Dataset, DatasetDict)):
+        return load_source(source, split, field).to_iterable_dataset()
+    if str(source).startswith("in-memory:"):
+        load_source(source, split, field)  # raises: the rows are not in the config
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None or path.stat().st_size == 0:
+            _load_file(path, field)  # raises the same error a map-style run would
+        return load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return load_from_disk(str(path)).to_iterable_dataset()
+        return load_dataset(str(path), split=split, streaming=True)
+    if looks_like_path(str(source), tuple(_FILE_BUILDERS)):
+        load_source(source, split, field)  # raises: the path does not exist
+    try:
+        return load_dataset(str(source), split=split, streaming=True)
+    except Exception as exc:
+        raise DataSourceError(f"{field}: could not stream hub dataset {str(source)!r} split {split!r} "
+                              f"({exc.__class__.__name__}: {str(exc)[:200]}). Offline, give a local file instead"
+                              ) from exc
