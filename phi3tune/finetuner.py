@@ -17,8 +17,8 @@ from typing import Any
 
 from . import _preflight
 from ._isolation import leaves_process_as_found
-from .errors import ConfigError
 from .data.fingerprint import describe_in_memory
+from .errors import ConfigError
 from .files import read_config
 from .logs import console
 from .loop import Trainer

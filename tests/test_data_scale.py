@@ -4,7 +4,6 @@ in-memory sources recorded by fingerprint, and streaming with exact resume."""
 from __future__ import annotations
 
 import bisect
-import logging
 import random
 
 import numpy as np
@@ -14,7 +13,7 @@ from pydantic import ValidationError
 
 from phi3tune import ConfigError, DataSpec
 from phi3tune import checkpoints as ckpt
-from phi3tune.data import prepare_data
+from phi3tune.data import prepare_data, row_lengths
 from phi3tune.data.packing import best_fit_rows, pack_best_fit, pack_examples
 
 
@@ -73,7 +72,7 @@ def test_packed_arrow_rows_equal_pack_examples(tmp_path, tiny_tokenizer):
     examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in plain.train]
     assert _rows(packed.train) == pack_examples(examples, 48)
     assert packed.summary.rows == len(packed.train) < plain.summary.rows
-    assert packed.summary.tokens == plain.summary.tokens == sum(packed.train.with_format("numpy")["length"])
+    assert packed.summary.tokens == plain.summary.tokens == sum(row_lengths(packed.train))
 
 
 def test_second_prepare_reuses_the_cache_and_any_token_change_does_not(tmp_path, tiny_tokenizer, caplog):
@@ -177,3 +176,34 @@ def test_streaming_resume_after_kill_equals_an_unbroken_run(tiny_model, tmp_path
     out = kill_after(ref.output_dir, tmp_path / "run", 6)
     res = _stream_tuner(tiny_model, out).run(resume=True)
     assert_same_run(res, ref)
+
+
+@pytest.mark.parametrize("fmt", ["text", "guanaco"])
+def test_batched_encoding_equals_the_one_row_reference(fmt, tiny_tokenizer, phi3_or_none):
+    """encode_batch (one Rust call per batch, NumPy labels) gives encode()'s tokens and labels, row by row."""
+    from phi3tune.data.formats import encode, resolve_train_on
+    from phi3tune.data.tokenize import make_encoder
+
+    rows = [*rows_of_text(40, seed=5), {"text": "### Human: é ✓ tabs\tand  spaces ### Assistant: ok"}]
+    seen = set()
+    for tok in [tiny_tokenizer, *([phi3_or_none] if phi3_or_none is not None else [])]:
+        for max_len in (24, 4096):
+            train_on = resolve_train_on(fmt, "auto")
+            out = make_encoder(tok, fmt, train_on, "text", max_len, None)({"text": [r["text"] for r in rows]})
+            for i, row in enumerate(rows):
+                ref = encode(row, tok, fmt, train_on, "text", max_len)
+                assert list(out["input_ids"][i]) == ref["input_ids"] and list(out["labels"][i]) == ref["labels"]
+                assert out["truncated"][i] == ref["truncated"] and out["length"][i] == len(ref["input_ids"])
+                seen.add(ref["truncated"])
+    assert seen == {True, False}  # cut and whole examples both compared
+
+
+@pytest.fixture(scope="module")
+def phi3_or_none():
+    from helpers import PHI3_DIR
+
+    if not PHI3_DIR.is_dir():
+        return None
+    from phi3tune.model import load_tokenizer
+
+    return load_tokenizer(str(PHI3_DIR))

@@ -60,7 +60,7 @@ class _Parts:
         spec = self.spec
         train_on = resolve_train_on(fmt, spec.train_on)
         encoder = make_encoder(self.tokenizer, fmt, train_on, spec.text_field, spec.max_seq_length,
-                               spec.system_prompt)
+                               spec.system_prompt, as_arrow=True)
         return build_entry(raw, entry, encoder, fmt, train_on, spec.max_seq_length, spec.packing,
                            default_num_proc(len(raw), spec.num_proc))
 

@@ -84,9 +84,9 @@ def build_entry(raw: Any, entry: Path, encoder: Any, fmt: str, train_on: str, ma
         tok = raw.map(encoder, batched=True, remove_columns=raw.column_names, features=token_features(),
                       num_proc=num_proc if num_proc > 1 else None, cache_file_name=str(tmp / "tokens.arrow"),
                       load_from_cache_file=False, new_fingerprint=entry.name, desc="tokenizing")
-        columns = tok.with_format("numpy", columns=["length", "trained", "truncated"])
-        lengths = np.asarray(columns["length"], dtype=np.int64)
-        trained = int(np.asarray(columns["trained"], dtype=np.int64).sum())
+        columns = tok.with_format("arrow", columns=["length", "trained", "truncated"])[:]  # one Arrow slice
+        lengths = columns.column("length").to_numpy().astype(np.int64)
+        trained = int(columns.column("trained").to_numpy().astype(np.int64).sum())
         if trained == 0:
             raise DataFormatError(
                 f"data: no example has a trained token after masking (format={fmt}, train_on={train_on}); "
@@ -98,7 +98,7 @@ def build_entry(raw: Any, entry: Path, encoder: Any, fmt: str, train_on: str, ma
         else:
             n_rows, files = len(tok), token_files
         summary = DataSummary(fmt, train_on, len(tok), n_rows, int(lengths.sum()),
-                              int(np.asarray(columns["truncated"]).sum()), trained)
+                              int(columns.column("truncated").to_numpy(zero_copy_only=False).sum()), trained)
         del tok, columns  # close the memory maps before the token files go
         if packing:
             for name in token_files:

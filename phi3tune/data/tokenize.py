@@ -27,16 +27,19 @@ def token_features() -> Any:
 
 
 def make_encoder(tokenizer: Any, fmt: str, train_on: str, text_field: str, max_len: int,
-                 system_prompt: str | None) -> Callable[[Batch], Batch]:
-    """The batched function ``Dataset.map`` runs (in each worker process)."""
+                 system_prompt: str | None, as_arrow: bool = False) -> Callable[[Batch], Any]:
+    """The batched function ``Dataset.map`` runs (in each worker process); ``as_arrow``: it returns an Arrow
+    table of ``token_features()`` instead of lists."""
 
-    def encode_batch(batch: Batch) -> Batch:
+    def encode_batch(batch: Batch) -> Any:
         n = len(next(iter(batch.values()))) if batch else 0
         if fmt == "text":
-            return _text(batch[text_field], text_field, tokenizer, max_len)
-        rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-        rendered = [assistant_spans(tokenizer, to_messages(r, fmt, text_field, system_prompt)) for r in rows]
-        return _chat(rendered, tokenizer, train_on, max_len)
+            out = _text(batch[text_field], text_field, tokenizer, max_len)
+        else:
+            rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+            rendered = [assistant_spans(tokenizer, to_messages(r, fmt, text_field, system_prompt)) for r in rows]
+            out = _chat(rendered, tokenizer, train_on, max_len)
+        return to_arrow(out) if as_arrow else out
 
     return encode_batch
 
@@ -44,12 +47,21 @@ def make_encoder(tokenizer: Any, fmt: str, train_on: str, text_field: str, max_l
 def _text(texts: list[Any], text_field: str, tokenizer: Any, max_len: int) -> Batch:
     checked = [t if isinstance(t, str) else _str({text_field: t}, text_field) for t in texts]
     out: Batch = {k: [] for k in TOKEN_COLUMNS}
-    for ids in tokenizer(checked, add_special_tokens=True)["input_ids"]:
+    for ids in _token_ids(tokenizer, checked):
         truncated = len(ids) + 1 > max_len
         # A cut example gets no eos: it would teach the model to stop mid-sentence.
         ids = ids[:max_len] if truncated else [*ids, tokenizer.eos_token_id]
         _append(out, ids, ids, max(0, len(ids) - 1), truncated)
     return out
+
+
+def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """The ids the tokenizer gives each text (with its special tokens): straight from the Rust tokenizer where
+    that is the same thing (no truncation or padding set on it), which skips transformers' per-row conversion."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    return list(tokenizer(texts, add_special_tokens=True)["input_ids"])
 
 
 def _chat(rendered: list[tuple[str, list[tuple[int, int]]]], tokenizer: Any, train_on: str, max_len: int) -> Batch:
@@ -70,6 +82,27 @@ def _chat(rendered: list[tuple[str, list[tuple[int, int]]]], tokenizer: Any, tra
         ids, labels = ids[:max_len], labels[:max_len]
         _append(out, ids, labels, int(np.count_nonzero(labels[1:] != IGNORE)), truncated)
     return out
+
+
+def to_arrow(out: Batch) -> Any:
+    """The batch as an Arrow table built from flat NumPy arrays: datasets would otherwise encode every token
+    through Python to apply the int32 features."""
+    import itertools
+
+    import pyarrow as pa
+
+    lengths = np.asarray(out["length"], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    total = int(lengths.sum())
+
+    def flat(column: list[Any]) -> Any:
+        return pa.array(np.fromiter(itertools.chain.from_iterable(column), dtype=np.int32, count=total))
+
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, flat(out["input_ids"])),
+                     "labels": pa.ListArray.from_arrays(offsets, flat(out["labels"])),
+                     "length": pa.array(lengths.astype(np.int32)),
+                     "trained": pa.array(np.asarray(out["trained"], dtype=np.int32)),
+                     "truncated": pa.array(np.asarray(out["truncated"], dtype=bool))})
 
 
 def _append(out: Batch, ids: Any, labels: Any, trained: int, truncated: bool) -> None:
