@@ -2,10 +2,10 @@
 streaming) on a generated JSONL file of N conversations (~200 Phi-3 tokens each). Numbers: docs/data.md.
 
     python examples/benchmarks/data_scale.py --rows 1000000 --tokenizer ../shared/models/phi3-mini-4k-instruct \
-        --work /tmp/data-scale [--phases prepare,first,second,stream]
+        --work /tmp/data-scale [--phases first,second,stream] [--packing]
 
 Each phase runs in a fresh Python process (its peak RSS is its own; tokenizing workers are counted too):
-``prepare`` times prepare_data on a cold cache; ``first`` / ``second`` time a whole FineTuner run (a tiny random
+``prepare`` times prepare_data alone on a cold cache; ``first`` / ``second`` time a whole FineTuner run (a tiny random
 Phi-3 that uses the given tokenizer, one CPU step) from process start to the end of step 1, cold then warm cache;
 ``stream`` does the same with DataSpec(streaming=True). The model is tiny on purpose: what is timed is the data.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,11 +33,42 @@ def make_rows(path: Path, n: int, seed_file: Path) -> None:
             f.write(json.dumps({"text": f"[{i}] {seeds[i % len(seeds)]}"}) + "\n")
 
 
+class PeakMemory:
+    """Samples this process and its children (the tokenizing workers) every 0.2 s: the peak of their summed RSS,
+    and of their summed anonymous memory (RSS less file-backed pages, e.g. the memory-mapped Arrow files that the
+    kernel can drop at any time)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.rss = self.anon = 0.0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            rss = anon = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    m = p.memory_info()
+                except psutil.Error:
+                    continue
+                rss, anon = rss + m.rss, anon + m.rss - m.shared
+            self.rss, self.anon = max(self.rss, rss / 2**30), max(self.anon, anon / 2**30)
+            time.sleep(0.2)
+
+    def report(self) -> dict[str, float]:
+        return {"peak_rss_gb": round(self.rss, 2), "peak_anon_gb": round(self.anon, 2)}
+
+
+MEMORY: PeakMemory | None = None
+
+
 def peak_rss_gb() -> dict[str, float]:
-    """This process's peak and its largest child's (the tokenizing workers), in GB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"peak_rss_gb": round(own, 2), "peak_rss_child_gb": round(kids, 2)}
+    assert MEMORY is not None
+    return MEMORY.report()
 
 
 def phase_prepare(a: argparse.Namespace) -> dict[str, object]:
@@ -73,8 +104,22 @@ def phase_run(a: argparse.Namespace, streaming: bool) -> dict[str, object]:
                 cache_dir=str(a.work / "cache"))
           .training(output_dir=str(a.work / "out"), max_steps=1, batch_size=4, grad_accum=1, save_strategy="no",
                     progress_bar=False, device="cpu", overwrite_output_dir=True, optimizer="adamw_torch"))
+    logged: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logging.getLogger("phi3tune").addHandler(Keep())
     ft.run(callbacks=[lambda _: first_step.append(time.perf_counter() - STARTED)])
-    return {"first_step_s": round(first_step[0], 1), **peak_rss_gb()}
+    out: dict[str, object] = {"first_step_s": round(first_step[0], 1)}
+    done = next((m for m in logged if m.startswith("data: tokenized")), None)
+    if done:  # "data: tokenized N examples with P process(es) in T s into ..."
+        words = done.split()
+        n, procs, took = int(words[2]), int(words[5]), float(words[8])
+        out.update(tokenize_s=took, processes=procs, rows_per_s=round(n / took),
+                   rows_per_s_per_process=round(n / took / procs))
+    return {**out, **peak_rss_gb()}
 
 
 def main() -> None:
@@ -83,12 +128,14 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="../shared/models/phi3-mini-4k-instruct")
     ap.add_argument("--seed-file", default="../shared/data/alpaca1k_guanaco_text.jsonl")
     ap.add_argument("--work", default="/tmp/phi3tune-data-scale", type=Path)
-    ap.add_argument("--phases", default="prepare,first,second,stream")
+    ap.add_argument("--phases", default="first,second,stream")
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     a = ap.parse_args()
     a.file = a.work / f"rows-{a.rows}.jsonl"
     if a.phase:
+        global MEMORY
+        MEMORY = PeakMemory()
         result = {"prepare": phase_prepare, "first": lambda x: phase_run(x, False),
                   "second": lambda x: phase_run(x, False), "stream": lambda x: phase_run(x, True)}[a.phase](a)
         print("RESULT " + json.dumps(result), flush=True)
@@ -98,7 +145,7 @@ def main() -> None:
         make_rows(a.file, a.rows, Path(a.seed_file))
     print(f"# {a.rows:,} rows, {a.file.stat().st_size / 2**20:.0f} MiB, {os.cpu_count()} cores, packing={a.packing}")
     for phase in a.phases.split(","):
-        if phase in ("prepare", "first"):  # cold: no prepared rows yet
+        if phase in ("prepare", "first"):  # cold: no prepared rows yet (the JSON's own datasets cache stays)
             shutil.rmtree(a.work / "cache", ignore_errors=True)
         cmd = [sys.executable, __file__, "--phase", phase, *sys.argv[1:]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
