@@ -40,6 +40,7 @@ ours() {  # label gib variant
     || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" | sed "s/^{/{\"card\": \"$gib\", /" >> "$OUT/all.jsonl"
   grep -h 'plan:\|as_card' "/tmp/log_$label.txt" | cut -c1-400
+  { echo "== $label"; grep -v '^{' "/tmp/log_$label.txt" | grep -iv 'it/s\]' | tail -25 | cut -c1-300; } >> "$OUT/logs.txt"
   grep -h '^{' "/tmp/log_$label.txt" | python3 -c "import json,sys
 for l in sys.stdin:
     d=json.loads(l); print({k: d.get(k) for k in ('label','real_tokens_per_s','peak_alloc_gib','peak_reserved_gib',
