@@ -126,6 +126,8 @@ def _run_identity(config: dict[str, Any]) -> dict[str, Any]:
                 "save_total_limit", "eval_steps", "overwrite_output_dir", "progress_bar", "num_epochs",
                 "report_to"):
         train.pop(key, None)
+    for key in ("num_proc", "cache_dir"):  # how the rows are prepared, not which rows
+        cfg.get("data", {}).pop(key, None)
     return cfg
 
 

@@ -160,7 +160,8 @@ def test_streaming_refuses_what_it_cannot_do(tiny_model, tmp_path):
 def _stream_tuner(tiny_model, out):
     ft = tiny_tuner(tiny_model, out, rows_of_text(14, seed=4), batch_size=2, grad_accum=2, max_steps=7,
                     save_strategy="steps", save_steps=1, learning_rate=5e-3, logging_steps=1)
-    return ft.adapter(dropout=0.1).data(streaming=True, packing=True)
+    ft.training(eval_steps=3)  # the eval source is streamed too, from its start at every evaluation
+    return ft.adapter(dropout=0.1).data(streaming=True, packing=True, eval_source=rows_of_text(5, seed=9))
 
 
 def test_streaming_resume_after_kill_equals_an_unbroken_run(tiny_model, tmp_path, monkeypatch):
@@ -207,3 +208,35 @@ def phi3_or_none():
     from phi3tune.model import load_tokenizer
 
     return load_tokenizer(str(PHI3_DIR))
+
+
+def test_a_cached_file_is_not_read_again_until_it_changes(tmp_path, tiny_tokenizer, monkeypatch, caplog):
+    import json
+    import os
+
+    import phi3tune.data as data
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_of_text(50)))
+    spec = DataSpec(source=str(path), format="guanaco", max_seq_length=48, cache_dir=str(tmp_path / "cache"))
+    first = prepare_data(spec, tiny_tokenizer)
+
+    def never(*a, **k):
+        raise AssertionError("the source was loaded although its rows are cached")
+
+    monkeypatch.setattr(data, "load_source", never)
+    assert _rows(prepare_data(spec, tiny_tokenizer).train) == _rows(first.train)  # by path, size and mtime only
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: maybe new rows
+    with pytest.raises(AssertionError, match="was loaded"):
+        prepare_data(spec, tiny_tokenizer)
+
+
+def test_processes_and_cache_dir_do_not_change_what_a_resume_accepts(tiny_model):
+    from phi3tune import FineTuner
+
+    base = FineTuner(str(tiny_model)).data(source="rows.jsonl")
+    same = FineTuner(str(tiny_model)).data(source="rows.jsonl", num_proc=3, cache_dir="/elsewhere")
+    other = FineTuner(str(tiny_model)).data(source="rows.jsonl", max_seq_length=256)
+    identity = ckpt._run_identity
+    assert identity(same.to_config()) == identity(base.to_config()) != identity(other.to_config())

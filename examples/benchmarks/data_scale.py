@@ -34,14 +34,14 @@ def make_rows(path: Path, n: int, seed_file: Path) -> None:
 
 
 class PeakMemory:
-    """Samples this process and its children (the tokenizing workers) every 0.2 s: the peak of their summed RSS,
-    and of their summed anonymous memory (RSS less file-backed pages, e.g. the memory-mapped Arrow files that the
-    kernel can drop at any time)."""
+    """Samples this process and its children (the tokenizing workers) every 0.5 s: the peak of their summed PSS
+    (proportional set size: pages shared between forked processes counted once, not per process) and of the
+    parent's own RSS."""
 
     def __init__(self) -> None:
         import threading
 
-        self.rss = self.anon = 0.0
+        self.pss = self.rss = 0.0
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -49,18 +49,18 @@ class PeakMemory:
 
         me = psutil.Process()
         while True:
-            rss = anon = 0
+            pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    m = p.memory_info()
+                    pss += p.memory_full_info().pss
                 except psutil.Error:
                     continue
-                rss, anon = rss + m.rss, anon + m.rss - m.shared
-            self.rss, self.anon = max(self.rss, rss / 2**30), max(self.anon, anon / 2**30)
-            time.sleep(0.2)
+            self.pss = max(self.pss, pss / 2**30)
+            self.rss = max(self.rss, me.memory_info().rss / 2**30)
+            time.sleep(0.5)
 
     def report(self) -> dict[str, float]:
-        return {"peak_rss_gb": round(self.rss, 2), "peak_anon_gb": round(self.anon, 2)}
+        return {"peak_pss_tree_gb": round(self.pss, 2), "peak_rss_parent_gb": round(self.rss, 2)}
 
 
 MEMORY: PeakMemory | None = None
@@ -111,6 +111,7 @@ def phase_run(a: argparse.Namespace, streaming: bool) -> dict[str, object]:
             logged.append(record.getMessage())
 
     logging.getLogger("phi3tune").addHandler(Keep())
+    logging.getLogger("phi3tune").setLevel(logging.INFO)
     ft.run(callbacks=[lambda _: first_step.append(time.perf_counter() - STARTED)])
     out: dict[str, object] = {"first_step_s": round(first_step[0], 1)}
     done = next((m for m in logged if m.startswith("data: tokenized")), None)

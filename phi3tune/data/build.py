@@ -129,7 +129,7 @@ def write_packed(tok: Any, lengths: np.ndarray, capacity: int, path: Path) -> in
     members = np.argsort(row_of, kind="stable")  # grouped by row, example order inside a row
     per_row = np.bincount(row_of, minlength=n_rows)
     first = np.concatenate([[0], np.cumsum(per_row)])
-    table = tok.data.table if tok._indices is None else tok.flatten_indices().data.table
+    table = (tok if tok._indices is None else tok.flatten_indices()).data  # datasets' Table: fast_gather
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                         ("position_ids", pa.list_(pa.int32())), ("num_examples", pa.int32()),
                         ("length", pa.int32())])
@@ -143,7 +143,9 @@ def write_packed(tok: Any, lengths: np.ndarray, capacity: int, path: Path) -> in
 def _packed_batch(table: Any, take: np.ndarray, row_of: np.ndarray, r0: int, r1: int, schema: Any) -> Any:
     import pyarrow as pa
 
-    part = table.select(["input_ids", "labels", "length"]).take(pa.array(take))
+    # fast_gather slices the record batches that hold the rows: pyarrow's take() would first concatenate each
+    # whole column (the whole dataset's tokens in memory, once per batch)
+    part = table.fast_gather(take).select(["input_ids", "labels", "length"])
     ex_len = part.column("length").to_numpy().astype(np.int64)
     ids = part.column("input_ids").combine_chunks().flatten().to_numpy()
     labels = part.column("labels").combine_chunks().flatten().to_numpy().copy()

@@ -139,7 +139,7 @@ def _describe(source: Any) -> str:
 
 def load_stream(source: Any, split: str = "train", field: str = "data.source") -> Any:
     """A ``datasets.IterableDataset`` over any supported source kind, read as it is iterated (never whole)."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    from datasets import Dataset, DatasetDict, load_dataset
 
     if isinstance(source, (list, Dataset, DatasetDict)):
         return load_source(source, split, field).to_iterable_dataset()
@@ -152,8 +152,8 @@ def load_stream(source: Any, split: str = "train", field: str = "data.source") -
             _load_file(path, field)  # raises the same error a map-style run would
         return load_dataset(builder, data_files=str(path), split="train", streaming=True)
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return load_from_disk(str(path)).to_iterable_dataset()
+        if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            return _load_dir(path, split, field).to_iterable_dataset()  # a save_to_disk dataset: one split of it
         return load_dataset(str(path), split=split, streaming=True)
     if looks_like_path(str(source), tuple(_FILE_BUILDERS)):
         load_source(source, split, field)  # raises: the path does not exist
