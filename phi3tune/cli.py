@@ -219,7 +219,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="out_format", choices=("adapter", "gguf"), default="adapter",
                    help="adapter (default): a rewritten adapter (needs --layout); gguf: one merged GGUF file "
                    "for llama.cpp, Ollama and LM Studio")
-    p.add_argument("--dtype", choices=GGUF_DTYPES, default="q8_0", help="--format gguf: weight type (default q8_0)")
+    p.add_argument("--dtype", default="q8_0", metavar="DTYPE",
+                   help=f"--format gguf: the weights' type, one of {', '.join(GGUF_DTYPES)} (default q8_0)")
     p.add_argument("--base-model", metavar="MODEL", help="the fused base to read the shapes from "
                    "(default: from adapter_config.json); --format gguf: the full-precision base to merge into")
     p.add_argument("--served-base", metavar="NAME", help="the split-layout base the engine serves, written into "
@@ -234,6 +235,10 @@ def _export(args: argparse.Namespace) -> int:
     rows. Exact: a split-layout copy of the base with the exported adapter gives the same logits.
     --format gguf: merge the adapter into its unquantized base and write one GGUF file (--dtype q8_0, f16, bf16,
     f32) with the tokenizer and chat template, for llama.cpp, Ollama (`FROM ./model.gguf`) and LM Studio."""
+    if args.out_format == "gguf" and args.layout:
+        print("phi3tune export: error: give --layout split (a rewritten adapter) or --format gguf (one GGUF file), "
+              "not both", file=sys.stderr)
+        return 2
     if args.out_format == "gguf":
         from .gguf_export import export_gguf
 

@@ -231,8 +231,9 @@ def _nbytes(shape: tuple[int, ...], kind: Any) -> tuple[tuple[int, ...], Any, in
     return raw, np.dtype(np.uint8), int(np.prod(raw))
 
 
-def write_gguf(model_dir: Path, tmp_file: Path, dtype: str, vocab: Any, tokenizer: Any, config: Any) -> int:
-    """Write a merged model directory as GGUF to ``tmp_file``; returns the number of tensors."""
+def write_gguf(model_dir: Path, tmp_file: Path, dtype: str, vocab: Any, tokenizer: Any, config: Any,
+               name: str) -> int:
+    """Write a merged model directory as GGUF to ``tmp_file`` (``name``: general.name); returns the tensor count."""
     from .gguf_vocab import add_vocab
 
     gguf = _gguf()
@@ -241,7 +242,7 @@ def write_gguf(model_dir: Path, tmp_file: Path, dtype: str, vocab: Any, tokenize
     plan = _plan(model_dir, config, dtype)
     writer = gguf.GGUFWriter(str(tmp_file), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
     try:
-        _add_hparams(writer, config, int(file_type), model_dir.name)
+        _add_hparams(writer, config, int(file_type), name)
         add_vocab(writer, vocab, tokenizer)
         for new, _hf, shape, kind in plan:
             info_shape, np_dtype, nbytes = _nbytes(shape, kind)
@@ -275,6 +276,7 @@ def export_gguf(adapter_or_merged_dir: str | os.PathLike[str], out_file: str | o
         hint = " For 4-bit GGUF (Q4_K_M, …) export f16 and run llama.cpp's llama-quantize on it." \
             if any(s in str(dtype).lower() for s in ("4", "q", "k", "int")) else ""
         raise ConfigError(f"export_gguf: dtype={dtype!r}; use one of {list(GGUF_DTYPES)}.{hint}")
+    _gguf()  # the package is there before anything else happens
     path = Path(adapter_or_merged_dir).expanduser()
     if not path.is_dir():
         raise ModelSourceError(f"export_gguf: {str(path)!r} is not a directory; give an adapter directory or a "
@@ -286,7 +288,6 @@ def export_gguf(adapter_or_merged_dir: str | os.PathLike[str], out_file: str | o
     config = _read_config(str(path) if kind == "merged" else str(base), trust_remote_code)
     tok_dir = _tokenizer_dir(path, kind, base)
     vocab = read_vocab(tok_dir, config.vocab_size) if tok_dir else None  # bad tokenizers fail before merging
-    _gguf()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -299,7 +300,7 @@ def export_gguf(adapter_or_merged_dir: str | os.PathLike[str], out_file: str | o
         assert vocab is not None
         tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
         log.info("writing %s (%s)", out, dtype)
-        count = write_gguf(model_dir, work / "model.gguf", dtype, vocab, tokenizer, config)
+        count = write_gguf(model_dir, work / "model.gguf", dtype, vocab, tokenizer, config, out.stem)
         os.replace(work / "model.gguf", out)
         log.info("wrote %d tensors to %s (%.1f MB)", count, out, out.stat().st_size / 1e6)
     finally:
