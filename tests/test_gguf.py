@@ -325,6 +325,27 @@ def test_refuses_bad_input_before_any_work(strong_adapter, tiny_model, tmp_path)
     assert _leftovers(tmp_path) == ["empty", "file", "llama", "old.gguf"]
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda tj: tj["model"].update(type="Unigram"), "a Unigram tokenizer"),
+    (lambda tj: tj.update(normalizer={"type": "NFC"}), "neither SentencePiece-style"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\w+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}),
+     "no llama.cpp name"),
+])
+def test_refuses_tokenizers_llama_cpp_cannot_reproduce(tiny_model, tmp_path, edit, match):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tj = json.loads((model / "tokenizer.json").read_text())
+    edit(tj)
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ConfigError, match=match):
+        export_gguf(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_cli_errors_are_one_line_each(strong_adapter, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "old.gguf").write_text("keep me")
