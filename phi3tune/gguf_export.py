@@ -110,8 +110,8 @@ def longrope(config: Any) -> tuple[list[float], list[float], float] | None:
                           f"{rope_dims(config) // 2}")
     orig = _original_context(config)
     scale = config.max_position_embeddings / orig
-    attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
-    return long, short, attn
+    attn = rope.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+    return long, short, float(attn)
 
 
 def _original_context(config: Any) -> int:
