@@ -40,8 +40,10 @@ _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> 
 __all__ = ["EpochSampler", "StepResult", "Trainer"]
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is saved; a second Ctrl-C aborts."""
+class StopFlag:
+    """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is saved (or, after the last step,
+    the final adapter); a second Ctrl-C aborts. A signal the process ignores (``nohup``, a background job) stays
+    ignored."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -52,10 +54,11 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         try:
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             self._old = {}
         return self
@@ -137,15 +140,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     @distributed.collective_errors
-    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
-        """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers."""
+    def fit(self, resume_from: Path | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+        """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
+        ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
         if resume_from is not None:
             self._restore(resume_from)
         s, pos = self.spec, self.pos
         self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
         self._compile_fixed_shapes()
         self.metrics.start(pos.step, self.total_steps)
-        with _StopFlag() as stop:
+        with nullcontext(stop) if stop is not None else StopFlag() as stop:
             for micro in optimizer_steps(self.loader, pos, self.total_steps, s.grad_accum, self.plan, self.pad_id,
                                          self.accelerator.skip_first_batches, self._end_of_epoch):
                 lr = self.scheduler.get_last_lr()[0]
@@ -158,10 +162,10 @@ class Trainer:
                     self.evaluate()
                 if s.save_strategy == "steps" and s.save_steps and pos.step % s.save_steps == 0:
                     self.save_checkpoint()
-                if stop.signal:
+                if stop.signal and pos.step < self.total_steps:  # after the last step: the final save instead
                     self._interrupted(stop.signal)
-        self.metrics.close_bar()
-        final = self.evaluate() if self.eval_loader is not None else {}
+            self.metrics.close_bar()
+            final = self.evaluate() if self.eval_loader is not None else {}
         return self.metrics.finish(pos.step, final)
 
     def _end_of_epoch(self) -> None:
@@ -177,6 +181,12 @@ class Trainer:
             f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}. Resume with "
             f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{self.output_dir / CONFIG_NAME}')"
             ".run(resume=True)", str(path))
+
+    def interrupted_after_training(self, signal_name: str, adapter_dir: Path) -> TrainingInterrupted:
+        """A signal came after the last step: training and the final save finished first; say so."""
+        return TrainingInterrupted(
+            f"{signal_name}: arrived after the last step ({self.pos.step} of {self.total_steps}); the run finished "
+            f"first and its final adapter is saved in {adapter_dir}", str(adapter_dir))
 
     # ---------------------------------------------------------------- one optimizer step
     def _to_device(self, b: Batch) -> Batch:

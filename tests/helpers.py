@@ -98,7 +98,7 @@ def kill_after(ref_out: Path, dst: Path, n: int) -> Path:
     for p in dst.glob("checkpoint-*"):
         if int(p.name.split("-")[1]) > n:
             shutil.rmtree(p)
-    partial = dst / f".checkpoint-{n + 1}.k1ll3d"  # the next save, cut off mid-write
+    partial = dst / f".checkpoint-{n + 1}.k1ll3d00"  # the next save, cut off mid-write
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)
     return dst

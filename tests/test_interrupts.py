@@ -19,7 +19,7 @@ from helpers import TESTS, assert_same_run, resume_tuner
 
 from phi3tune import TrainingError, TrainingInterrupted
 from phi3tune import checkpoints as ckpt
-from phi3tune.loop import _StopFlag
+from phi3tune.loop import StopFlag
 
 
 def _signal_at(step: int, sig: signal.Signals = signal.SIGINT) -> Any:
@@ -61,7 +61,7 @@ def test_interrupt_on_a_save_step_saves_once(tiny_model, tmp_path, monkeypatch):
 
 
 def test_second_ctrl_c_aborts_at_once():
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         assert stop.signal is None
         signal.raise_signal(signal.SIGTERM)
         assert stop.signal == "SIGTERM"
