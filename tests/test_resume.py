@@ -25,6 +25,7 @@ from helpers import TESTS, assert_same_run, kill_after, resume_tuner
 
 from phi3tune import CheckpointError, OutputDirError
 from phi3tune import checkpoints as ckpt
+from phi3tune.files import MANIFEST_NAME
 
 
 def test_reference_run_layout(reference):
@@ -167,7 +168,7 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     ckpt.save_checkpoint(tmp_path, 1, _Model(), None, {"step": 1, "v": "old"}, {})
     ckpt.save_checkpoint(tmp_path, 1, _Model(), None, {"step": 1, "v": "new"}, {})
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-1")[0]["v"] == "new"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", MANIFEST_NAME]
 
 
 # ------------------------------------------------------------------------------------------- output protection
