@@ -213,13 +213,16 @@ class Trainer:
             loss_sum += part.detach().float()
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
-        loss = float(loss_sum) / max(1, n_tokens)
+        loss = float(loss_sum) / n_tokens if n_tokens else None  # None: no token of the step has a label
+        if loss is None:
+            log.warning("step %d: no trained tokens (every label of its micro-batches is masked, e.g. answers cut "
+                        "off by data.max_seq_length); no loss is logged for it", self.pos.step)
         max_norm = self.spec.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
+        if not math.isfinite(loss or 0.0) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
             last = ckpt.list_checkpoints(self.output_dir)
             raise TrainingError(
-                f"step {self.pos.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"step {self.pos.step}: non-finite {'gradient norm' if math.isfinite(loss or 0.0) else 'loss'} "
                 f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: "
                 f"{str(last[-1]) if last else 'none'}. Lower training.learning_rate or use precision=\"bf16\""
             )
@@ -285,6 +288,29 @@ class Trainer:
         acc.wait_for_everyone()
         return path
 
+    def _follow_new_total(self, saved_total: int | None) -> None:
+        """A resume with another step count (max_steps / num_epochs changed): the schedule is the one for the new
+        total from the next step on (not the old schedule's last value), and the log says how the LR moves."""
+        if not saved_total or saved_total == self.total_steps:
+            return
+        import warnings
+
+        old = self.scheduler.get_last_lr()
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # a plugin's schedule: say it only
+            log.warning("resume: the run is now %d steps, the checkpoint's was %d; the learning-rate schedule is "
+                        "recomputed for the new total", self.total_steps, saved_total)
+            return
+        with warnings.catch_warnings():  # get_lr() outside step(): the schedule's value at this step, wanted here
+            warnings.simplefilter("ignore")
+            new = self.scheduler.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, new):
+            group["lr"] = lr
+        self.scheduler._last_lr = list(new)
+        log.warning("resume: the run is now %d steps (training.max_steps / num_epochs), the checkpoint's was %d; "
+                    "the learning-rate schedule (warmup_ratio, lr_scheduler) is recomputed for %d steps, so the "
+                    "learning rate at step %d goes from %.3g (old schedule) to %.3g", self.total_steps, saved_total,
+                    self.total_steps, self.pos.step + 1, old[0], new[0])
+
     def _restore(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -299,6 +325,7 @@ class Trainer:
         per_rank = tensors.get("rng_per_rank", [])
         ckpt.set_rng_state(per_rank[acc.process_index] if len(per_rank) == acc.num_processes else tensors["rng"])
         self.pos = Position(state["step"], state["epoch"], state["micro_in_epoch"])
+        self._follow_new_total(state.get("total_steps"))
         self.metrics.restore(state)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.pos.step, self.pos.epoch,
                  self.pos.micro_in_epoch)

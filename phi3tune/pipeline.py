@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .model import ModelInfo
 
 log = logging.getLogger("phi3tune")
+TRUNCATION_WARNING = 0.05  # share of examples cut by data.max_seq_length above which the run warns
 
 
 @dataclass
@@ -141,6 +142,12 @@ def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bo
         order = list(EpochSampler(len(data.train), t.seed))
         lengths = [len(x) for x in data.train["input_ids"]]
         log.info(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
+    summary = data.summary
+    if main_process and summary.truncated > TRUNCATION_WARNING * summary.examples:
+        log.warning("data: %d of %d examples (%.1f%%) are longer than data.max_seq_length=%d and were cut (a cut "
+                    "answer is trained without its end); raise data.max_seq_length or shorten the examples",
+                    summary.truncated, summary.examples, 100 * summary.truncated / max(1, summary.examples),
+                    ft.data_spec.max_seq_length)
     log.info(plan.describe())
     return tokenizer, data
 
