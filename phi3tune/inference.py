@@ -112,23 +112,39 @@ def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
             f"adapter directory {str(adapter_dir)!r} has no adapter_config.json; give a directory written by "
             "phi3tune or PEFT's save_pretrained (e.g. results/final_checkpoint)"
         )
-    meta = {"base_model": json.loads(cfg_path.read_text()).get("base_model_name_or_path")}
+    meta = {"base_model": _json_file(cfg_path).get("base_model_name_or_path")}
     if (adapter_dir / META_NAME).is_file():
-        meta.update(json.loads((adapter_dir / META_NAME).read_text()))
+        meta.update(_json_file(adapter_dir / META_NAME))
     elif (adapter_dir / STATE_NAME).is_file() and (adapter_dir.parent / CONFIG_NAME).is_file():
         # a checkpoint-N of a run: the run's config says how it was trained (4-bit, like its final adapter)
-        import yaml
+        from .files import read_config
 
-        run = yaml.safe_load((adapter_dir.parent / CONFIG_NAME).read_text()) or {}
+        run = read_config(adapter_dir.parent / CONFIG_NAME)
         meta.update(quant=run.get("quant"), trust_remote_code=bool(run.get("trust_remote_code", False)),
-                    checkpoint_step=json.loads((adapter_dir / STATE_NAME).read_text()).get("step"))
+                    checkpoint_step=_json_file(adapter_dir / STATE_NAME).get("step"))
     return meta
 
 
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelSourceError(f"{str(path)!r} is not readable JSON ({exc}); give an adapter directory written by "
+                               "phi3tune or PEFT's save_pretrained") from exc
+    if not isinstance(doc, dict):
+        raise ModelSourceError(f"{str(path)!r} holds a {type(doc).__name__}, not a JSON object; give an adapter "
+                               "directory written by phi3tune or PEFT's save_pretrained")
+    return doc
+
+
 def _base_of(path: Path, meta: dict[str, Any], base_model: str | None) -> str:
+    from .hub import check_hub_id
+
     base = base_model or meta.get("base_model")
     if not base:
         raise ModelSourceError(f"{str(path)!r}: adapter_config.json names no base model; pass base_model=")
+    if not Path(str(base)).expanduser().is_dir():
+        check_hub_id(str(base), f"the base model of adapter {str(path)!r} (pass base_model= to choose another)")
     return str(base)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoints as ckpt
 from .distributed import process_group_kwargs
-from .errors import ConfigError
+from .errors import ConfigError, DataFormatError
 from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir
 from .files import PLAN_NAME as PLAN_NAME
 from .plan import RunPlan, resolve_plan
@@ -137,7 +137,14 @@ def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bo
     t = ft.train_spec
     tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
     set_seed(t.seed)
-    data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    try:
+        data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    except DataFormatError as exc:  # a row-level message ("column 'text' must hold text"): say whose row
+        if "data." in str(exc):
+            raise
+        source = getattr(ft.data_spec, "source", None)
+        where = repr(source) if isinstance(source, (str, Path)) else f"(a {type(source).__name__})"
+        raise DataFormatError(f"data.source {where}: {exc}") from exc
     if t.progress_bar and main_process:
         order = list(EpochSampler(len(data.train), t.seed))
         lengths = [len(x) for x in data.train["input_ids"]]

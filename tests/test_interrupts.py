@@ -71,6 +71,20 @@ def test_second_ctrl_c_aborts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_sigint_stays_ignored(tiny_model, tmp_path):
+    """Under nohup or in a background job SIGINT is ignored: a run neither un-ignores it nor stops on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen: list[Any] = []
+
+    def ctrl_c(event: dict[str, Any]) -> None:
+        seen.append(signal.getsignal(signal.SIGINT))
+        signal.raise_signal(signal.SIGINT)
+
+    res = resume_tuner(tiny_model, tmp_path / "run", max_steps=2, save_strategy="no").run(callbacks=[ctrl_c])
+    assert res.metrics["steps"] == 2 and seen == [signal.SIG_IGN, signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_sigterm_to_a_training_process(reference, tiny_model, tmp_path):
     """A real process gets SIGTERM (what a scheduler or `kill` sends): it saves, explains and exits non-zero."""
     out = tmp_path / "run"

@@ -14,13 +14,14 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 def _find_bad_json(path: Path) -> str | None:
     """Locate a malformed line so the error can point at it (datasets' own message does not)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # a BOM (Windows editors) is no JSON error
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
             return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        return None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else None
+        return None if bad is None else f"element {bad}: expected a JSON object per example, not {rows[bad]!r:.40}"
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
