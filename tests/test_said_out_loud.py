@@ -185,3 +185,45 @@ def test_split_export_of_an_adapter_whose_init_rewrote_the_base_is_refused(tmp_p
     with pytest.raises(ConfigError, match=rf"init_lora_weights='{init}': that init rewrites the base"):
         export_adapter(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- the plan
+def _micro_batches(plan: Any, lengths: list[list[int]]) -> list[Any]:
+    """The micro-batches ``layout`` makes of steps whose loader batches hold examples of these lengths."""
+    import torch
+
+    from phi3tune.data import Collator
+    from phi3tune.steps import layout
+
+    flat = Collator(0, padding_free=True)
+    out = []
+    for step in lengths:
+        rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in step]
+        out += layout([flat(rows)], plan, pad_id=0)
+    assert all(isinstance(b["input_ids"], torch.Tensor) for b in out)
+    return out
+
+
+def test_a_small_step_is_not_padded_up_to_the_budget(tiny_model):
+    from phi3tune.bench import plan_for
+    from phi3tune.plan import token_buckets
+
+    assert token_buckets(4096, 64, 64) == (16, 32, 48, 64)  # 1 sequence of <= 64 tokens a step
+    assert token_buckets(4096, 512, 16 * 512) == (1024, 2048, 3072, 4096)  # a step that can fill the budget
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), batch_size=1, grad_accum=1, optimize_for="speed")
+    plan = plan_for(ft.data(max_seq_length=64), "cpu")
+    widths = [int(b["input_ids"].shape[1]) for b in _micro_batches(plan, [[30], [5], [64]])]
+    assert widths == [32, 16, 64] and plan.micro_batch_tokens == 4096 and "<= 64 tokens" in plan.describe()
+
+
+def test_the_plan_states_the_micro_batch_sizes_the_run_makes(tiny_model):
+    """micro_batch_tokens below max_seq_length: a longer example is a micro-batch of its own, and the plan says
+    so (line and phi3tune_plan.json), instead of promising micro-batches it does not make."""
+    from phi3tune.bench import plan_for
+
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), optimize_for="speed", micro_batch_tokens=128)
+    plan = plan_for(ft.data(max_seq_length=512), "cpu")
+    widths = [int(b["input_ids"].shape[1]) for b in _micro_batches(plan, [[300, 20], [500], [60, 60]])]
+    assert max(widths) > 128 and max(widths) <= plan.peak_micro_batch_tokens == plan.to_dict()["token_buckets"][-1]
+    assert "<= 128 tokens (training.micro_batch_tokens), or one example of up to 512 (data.max_seq_length)" in \
+        plan.to_dict()["summary"]
