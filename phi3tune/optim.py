@@ -72,7 +72,7 @@ def check_optimizer(name: str, kwargs: dict[str, Any], weight_decay: float = 0.0
     """Fail at once on an unknown optimizer, one whose step needs a closure (our loop gives none), a keyword its
     constructor does not take, or a weight_decay it has no notion of."""
     cls = optimizer_class(name)
-    closure = inspect.signature(cls.step).parameters.get("closure")
+    closure = inspect.signature(getattr(cls, "step")).parameters.get("closure")  # noqa: B009 - cls is a type
     if closure is not None and closure.default is inspect.Parameter.empty:
         raise ValueError(f"training.optimizer={name!r}: {cls.__name__}.step needs a closure (it re-evaluates the "
                          "loss), which phi3tune's loop does not give; use an optimizer such as adamw_torch")

@@ -44,6 +44,14 @@ def tiny_tuner(model: Path, out: Path, rows: Any, **train: Any) -> FineTuner:
             .data(source=rows, max_seq_length=64).training(**defaults))
 
 
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading the base model fail: a test that expects an error "before weights load" proves it."""
+    def fail(*_: Any, **__: Any) -> None:
+        raise AssertionError("model weights were loaded")
+
+    monkeypatch.setattr("phi3tune.model.load_base_model", fail)
+
+
 def adapter_tensors(result: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 

@@ -9,18 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import resume_tuner, rows_of_text, tiny_tuner
+from helpers import no_weights, resume_tuner, rows_of_text, tiny_tuner
 
 from phi3tune import OutputDirError, TrainingInterrupted
 from phi3tune import checkpoints as ckpt
 from phi3tune.files import MANIFEST_NAME
-
-
-def _no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*_: Any, **__: Any) -> None:
-        raise AssertionError("model weights were loaded before the check")
-
-    monkeypatch.setattr("phi3tune.model.load_base_model", fail)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -55,7 +48,7 @@ def test_a_checkpoint_dir_phi3tune_did_not_write_is_refused_not_replaced(tiny_mo
     (out / "checkpoint-7").mkdir()
     (out / "checkpoint-7" / "model.bin").write_text("another tool's checkpoint")
     before = _tree(out)
-    _no_weights(monkeypatch)
+    no_weights(monkeypatch)
     with pytest.raises(OutputDirError, match=r"\['checkpoint-7'\], which phi3tune did not write") as err:
         tiny_tuner(tiny_model, out, rows_of_text(4)).run(resume=resume, overwrite=not resume)
     assert MANIFEST_NAME in str(err.value) and "Move them away" in str(err.value)

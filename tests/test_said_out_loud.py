@@ -10,17 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROWS, kill_after, resume_tuner, rows_of_text, tiny_tuner
+from helpers import ROWS, kill_after, no_weights, resume_tuner, rows_of_text, tiny_tuner
 
 from phi3tune import ConfigError, DataFormatError, OutputDirError
 from phi3tune.data import load_source
-
-
-def _no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*_: Any, **__: Any) -> None:
-        raise AssertionError("model weights were loaded")
-
-    monkeypatch.setattr("phi3tune.model.load_base_model", fail)
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> str:
@@ -64,7 +57,7 @@ def test_resume_refuses_other_data_or_template_naming_it(run_on_a_file, monkeypa
         data.write_text(data.read_text().replace("copy", "kopy", 1))
     elif change == "chat_template":
         _edit_template(model)
-    _no_weights(monkeypatch)
+    no_weights(monkeypatch)
     if change == "none":  # negative control: the check passes and the run goes on to load weights
         with pytest.raises(AssertionError, match="model weights were loaded"):
             tuner(max_steps=3).run(resume=True)
@@ -78,7 +71,7 @@ def test_resume_refuses_other_data_or_template_naming_it(run_on_a_file, monkeypa
 
 def test_a_refused_resume_names_the_field_that_differs(reference, tiny_model, tmp_path, monkeypatch):
     out = kill_after(reference.output_dir, tmp_path / "run", 2)
-    _no_weights(monkeypatch)
+    no_weights(monkeypatch)
     with pytest.raises(OutputDirError, match=r"adapter\.r: 8 in the checkpoints' run, 4 now"):
         resume_tuner(tiny_model, out).adapter(r=4).run(resume=True)
 
@@ -90,7 +83,7 @@ def test_resume_with_no_checkpoint_says_so(tiny_model, tmp_path, caplog):
 
 def test_resume_with_max_steps_below_the_checkpoint_is_refused(reference, tiny_model, tmp_path, monkeypatch):
     out = kill_after(reference.output_dir, tmp_path / "run", 4)
-    _no_weights(monkeypatch)
+    no_weights(monkeypatch)
     with pytest.raises(ConfigError, match=r"training\.max_steps=2 is below the step of the checkpoint") as err:
         resume_tuner(tiny_model, out, max_steps=2).run(resume=True)
     assert "step 4" in str(err.value)
@@ -127,7 +120,7 @@ def test_rows_of_different_formats_are_refused_naming_the_row():
 
 
 def test_many_truncated_examples_warn_naming_max_seq_length(tiny_model, tmp_path, monkeypatch, caplog):
-    _no_weights(monkeypatch)
+    no_weights(monkeypatch)
     for length, warned in ((8, True), (128, False)):
         caplog.clear()
         with pytest.raises(AssertionError, match="model weights were loaded"):
@@ -141,7 +134,7 @@ def test_a_tokenizer_without_chat_template_is_a_data_format_error(tmp_path, monk
     tok = build_char_tokenizer()
     tok.chat_template = None
     model = write_tiny_phi3(tmp_path / "m", tokenizer=tok)
-    _no_weights(monkeypatch)
+    no_weights(monkeypatch)
     rows = [{"instruction": "say a", "output": "a"}] * 4
     with pytest.raises(DataFormatError, match=r"data\.format='alpaca' .* chat template") as err:
         tiny_tuner(model, tmp_path / "run", rows).run()
