@@ -138,7 +138,8 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool | str, conf
     if foreign:
         raise OutputDirError(
             f"training.output_dir {str(output_dir)!r} holds {foreign}, which phi3tune did not write (they are not "
-            f"in its {MANIFEST_NAME}); a run would write over them. Move them away or choose another output_dir")
+            f"in its {MANIFEST_NAME}: another tool's, yours, or a run of a phi3tune without manifests); a run would "
+            "write over them. Move them away or choose another output_dir")
     _check_writable(output_dir)
 
 
