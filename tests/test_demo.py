@@ -14,6 +14,7 @@ import yaml
 from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import DataFormatError, OutputDirError
+from phi3tune import checkpoints as ckpt
 from phi3tune import plot as plot_module
 from phi3tune.cli import main
 from phi3tune.demo import DEMO_FILES, _prepare_output_dir, run_demo
@@ -108,6 +109,7 @@ def test_overwrite_removes_only_the_demos_files(tmp_path):
         _prepare_output_dir(out, overwrite=False)
     for name in DEMO_FILES:
         (out / name).write_text("old")
+    ckpt.record(out, "metrics.jsonl", "final_checkpoint")  # what the previous demo's run wrote, in its manifest
     (out / "metrics.jsonl").write_text("old")
     (out / "final_checkpoint").mkdir()
     _prepare_output_dir(out, overwrite=True)
