@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import DataFormatError
 from ..specs import DataSpec
 from .build import build_entry, cache_root, default_num_proc, entry_key, load_entry
-from .fingerprint import dataset_fingerprint, function_fingerprint, source_fingerprint, tokenizer_fingerprint
+from .fingerprint import dataset_fingerprint, digest, function_fingerprint, source_fingerprint, tokenizer_fingerprint
 from .formats import IGNORE, check_columns, detect_format, resolve_train_on
 from .packing import Collator, padding_fraction
 from .prepared import DataSummary, PreparedData, row_lengths
@@ -92,7 +92,8 @@ def prepare_data(spec: DataSpec, tokenizer: Any, seed: int = 42) -> PreparedData
     hit = _cached(wanted)
     if hit is not None:
         log.info("data: reusing the prepared rows in %s (prepared by an earlier run)", wanted[0])
-        return PreparedData(hit[0][0], hit[1][0] if len(hit) > 1 else None, hit[0][1])
+        return PreparedData(hit[0][0], hit[1][0] if len(hit) > 1 else None, hit[0][1],
+                            fingerprint=digest([str(w) for w in wanted if w is not None]))
 
     raw = load_source(spec.source, spec.split, "data.source")
     fmt = _resolve_format(spec, list(raw.column_names))
@@ -110,12 +111,13 @@ def prepare_data(spec: DataSpec, tokenizer: Any, seed: int = 42) -> PreparedData
     train_entry = parts.entry(source_fp, train_part)
     assert train_entry is not None
     train, summary = load_entry(train_entry) or parts.build(raw, train_entry, fmt)
-    eval_rows = None
+    eval_rows, entries = None, [train_entry]
     if eval_raw is not None:
         eval_entry = parts.entry(eval_fp, eval_part)
         assert eval_entry is not None
         eval_rows = (load_entry(eval_entry) or parts.build(eval_raw, eval_entry, fmt))[0]
-    return PreparedData(train, eval_rows, summary)
+        entries.append(eval_entry)
+    return PreparedData(train, eval_rows, summary, fingerprint=digest([str(e) for e in entries]))
 
 
 def prepare_dataset(data_spec: DataSpec, tokenizer: Any, seed: int = 42) -> Any:

@@ -51,6 +51,7 @@ class PreparedData:
     eval: Any | None
     summary: DataSummary
     streaming: bool = False
+    fingerprint: str | None = None  # what the rows are made of (checkpoints compare it on resume); None: hash rows
 
     @classmethod
     def from_examples(cls, train: list[dict[str, list[int]]], eval: list[dict[str, list[int]]] | None = None,

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import DataFormatError
 from ..specs import DataSpec
+from .fingerprint import LAYOUT_VERSION, digest, source_fingerprint
 from .formats import check_columns, detect_format, resolve_train_on
 from .packing import pack_examples
 from .prepared import DataSummary, PreparedData
@@ -107,4 +108,7 @@ def prepare_stream(spec: DataSpec, tokenizer: Any) -> PreparedData:
     if spec.eval_source is not None:
         evals = StreamRows(load_stream(spec.eval_source, spec.split, "data.eval_source"), encoder, spec.packing,
                            spec.max_seq_length)
-    return PreparedData(train, evals, DataSummary(fmt, train_on, 0, 0, 0, 0, 0), streaming=True)
+    options = [spec.format, spec.text_field, spec.system_prompt, spec.train_on, spec.max_seq_length, spec.packing]
+    sources = [source_fingerprint(s, spec.split) or str(s) for s in (spec.source, spec.eval_source)]
+    return PreparedData(train, evals, DataSummary(fmt, train_on, 0, 0, 0, 0, 0), streaming=True,
+                        fingerprint=digest("stream", LAYOUT_VERSION, sources, options))
