@@ -123,4 +123,7 @@ def prepare_data(spec: DataSpec, tokenizer: Any, seed: int = 42) -> PreparedData
 def prepare_dataset(data_spec: DataSpec, tokenizer: Any, seed: int = 42) -> Any:
     """The training rows exactly as the loop sees them: input_ids, labels (-100 = not trained), and with
     packing, position_ids restarting at 0 at each example."""
-    return prepare_data(data_spec, tokenizer, seed).train
+    rows = prepare_data(data_spec, tokenizer, seed).train
+    if data_spec.streaming:
+        return rows
+    return rows.remove_columns("length")  # the cache's bookkeeping column, not a row field

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .formats import IGNORE, _str, assistant_spans, to_messages
+from .formats import IGNORE, _str, assistant_spans, require_chat_template, to_messages
 
 Batch = dict[str, list[Any]]
 TOKEN_COLUMNS = ("input_ids", "labels", "length", "trained", "truncated")
@@ -30,6 +30,8 @@ def make_encoder(tokenizer: Any, fmt: str, train_on: str, text_field: str, max_l
                  system_prompt: str | None, as_arrow: bool = False) -> Callable[[Batch], Any]:
     """The batched function ``Dataset.map`` runs (in each worker process); ``as_arrow``: it returns an Arrow
     table of ``token_features()`` instead of lists."""
+    if fmt != "text":
+        require_chat_template(tokenizer, fmt)
 
     def encode_batch(batch: Batch) -> Any:
         n = len(next(iter(batch.values()))) if batch else 0
