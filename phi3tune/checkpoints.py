@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, OutputDirError
+from .errors import OVERWRITE, RESUME, CheckpointError, OutputDirError, hint, resume_from
 from .files import CONFIG_NAME as CONFIG_NAME
 from .files import FINAL_DIR as FINAL_DIR
 from .files import LOSS_PLOT_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, discard
@@ -61,20 +61,19 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool | str, conf
             old = yaml.safe_load(saved.read_text())
             if not isinstance(old, dict) or _run_identity(old) != _run_identity(config):
                 raise OutputDirError(
-                    f"training.output_dir {str(output_dir)!r} holds checkpoints of a different configuration; "
-                    "resume with the same specs, or use a new output_dir (or overwrite=True to discard them)"
-                )
+                    f"training.output_dir {str(output_dir)!r} holds checkpoints of a different configuration",
+                    hint("; resume with the same specs, or use a new output_dir (or {overwrite} to discard them)",
+                         overwrite=OVERWRITE))
         if resume is True and (output_dir / FINAL_DIR).exists() and not list_checkpoints(output_dir):
             raise OutputDirError(
                 f"training.output_dir {str(output_dir)!r} holds a finished run with no checkpoint to resume from; "
-                f"its adapter is in {str(output_dir / FINAL_DIR)!r}. Pass overwrite=True to train it again, "
-                "or choose another output_dir"
-            )
+                f"its adapter is in {str(output_dir / FINAL_DIR)!r}",
+                hint(". Pass {overwrite} to train it again, or choose another output_dir", overwrite=OVERWRITE))
     elif not resume and holds_run(output_dir) and not overwrite:
         raise OutputDirError(
-            f"training.output_dir {str(output_dir)!r} already holds a run; pass resume=True to continue it, "
-            "overwrite=True (or training.overwrite_output_dir) to replace it, or choose another output_dir"
-        )
+            f"training.output_dir {str(output_dir)!r} already holds a run",
+            hint("; pass {resume} to continue it, {overwrite} (or training.overwrite_output_dir) to replace it, "
+                 "or choose another output_dir", resume=RESUME, overwrite=OVERWRITE))
     _check_writable(output_dir)
 
 
@@ -167,14 +166,15 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, tra
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state, tensors) of a complete checkpoint."""
     if not (path / STATE_NAME).is_file() or not (path / TENSORS_NAME).is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} is missing or incomplete (no {STATE_NAME}); "
-                              "resume=True picks the newest complete one")
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing or incomplete (no {STATE_NAME})",
+                              hint("; {resume} picks the newest complete one", resume=RESUME))
     try:
         state = json.loads((path / STATE_NAME).read_text())
         tensors = torch.load(path / TENSORS_NAME, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupted file: json, pickle and zip errors of many types
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc.__class__.__name__}: "
-                              f"{str(exc)[:200]}); resume from an older one with resume='checkpoint-N'") from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc.__class__.__name__}: {str(exc)[:200]})",
+                              hint("; resume from an older one with {older}", older=resume_from("checkpoint-N"))
+                              ) from exc
     return state, tensors
 
 
@@ -185,10 +185,9 @@ def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path | None:
         inside = output_dir / given
         path = inside if not given.is_absolute() and (inside / STATE_NAME).is_file() else given
         if not (path / STATE_NAME).is_file():
-            raise CheckpointError(f"resume={resume!r}: no complete checkpoint there; "
-                                  f"complete ones in {str(output_dir)!r}: "
-                                  f"{[p.name for p in list_checkpoints(output_dir)]}; pass one of them "
-                                  "or resume=True for the newest")
+            raise CheckpointError(f"checkpoint to resume from {resume!r}: no complete checkpoint there; complete "
+                                  f"ones in {str(output_dir)!r}: {[p.name for p in list_checkpoints(output_dir)]}",
+                                  hint("; pass one of them or {resume} for the newest", resume=RESUME))
         return path
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
