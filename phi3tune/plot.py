@@ -42,6 +42,18 @@ def summary(history: list[dict[str, Any]]) -> str:
     return f"step {steps}: " + ", ".join(parts)
 
 
+def _plain_log_formatter() -> Any:
+    """Log-axis tick labels as plain numbers (0.3, 4.4; not 3e-01, 4.4 x 10^0), on the ticks matplotlib's
+    LogFormatter would label (minor ticks too when the axis spans little more than a decade)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+
+
 def loss_figure(history: list[dict[str, Any]], name: str = "") -> Figure | None:
     """The loss.png figure of a run's ``history`` (``RunResult.history``, or metrics.jsonl's lines); ``name``
     heads the title. None when the history holds no loss. Raises ImportError without matplotlib.
@@ -59,6 +71,8 @@ def loss_figure(history: list[dict[str, Any]], name: str = "") -> Figure | None:
     if evals:
         loss_ax.plot(*zip(*evals), label="eval loss", marker="o")
     loss_ax.set_yscale("log")
+    for axis_formatter in (loss_ax.yaxis.set_major_formatter, loss_ax.yaxis.set_minor_formatter):
+        axis_formatter(_plain_log_formatter())
     loss_ax.set_ylabel("loss (log scale)")
     loss_ax.grid(alpha=0.3, which="both")
     loss_ax.legend()
