@@ -376,7 +376,8 @@ def _bench(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {"label": args.label, "estimate": estimate_memory(ft)}
     else:
         report = benchmark(ft, args.steps, args.warmup, args.label)
-        report["estimate_gib"] = estimate_memory(ft)["total_gib"]
+        # the run's own plan: planning again now would see the memory this run still holds
+        report["estimate_gib"] = report["predicted_peak_gib"]
     line = json.dumps(report)
     print(line, flush=True)
     if args.out:
