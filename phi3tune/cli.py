@@ -163,17 +163,9 @@ def _init(args: argparse.Namespace) -> int:
     ready to edit and run with `phi3tune train PATH`. --template copies a shipped template instead
     (`qlora_phi3`: the classic Phi-3 QLoRA recipe). An existing PATH is kept unless --overwrite."""
     from .errors import OVERWRITE, ConfigError, hint
-    from .templates import commented_config, path
+    from .templates import init_text
 
-    if args.template:
-        if args.model or args.data:
-            raise ConfigError("--template copies the template as it is; leave out --model/--data and set them at "
-                              f"train time: phi3tune train {args.path} --model MODEL --data DATA")
-        text = path(args.template).read_text()
-    else:
-        text = commented_config(default_config(args.model, args.data),
-                                f"A phi3tune run config (phi3tune {__version__}): `phi3tune train THIS_FILE`. "
-                                "Every field shows its default; delete the ones you keep as they are.")
+    text = init_text(args.template, args.model, args.data)
     if args.path == "-":
         print(text, end="")
         return 0
@@ -184,17 +176,6 @@ def _init(args: argparse.Namespace) -> int:
     out.write_text(text)
     print(f"wrote {out}; edit it, then: phi3tune train {out}")
     return 0
-
-
-def default_config(model: str | None = None, data: str | None = None) -> dict[str, Any]:
-    """FineTuner's defaults as a to_config() dict, with ``model`` and ``data`` where given."""
-    from .finetuner import FineTuner
-
-    ft = FineTuner(model or DEFAULT_MODEL)
-    if data:
-        ft.data(source=data)
-    return ft.to_config()
-
 
 
 # ---------------------------------------------------------------------------------------------- generate

@@ -74,3 +74,22 @@ def commented_config(config: dict[str, Any], header: str = "") -> str:
             lines += _comment(note, "  ")
             lines.append(f"  {name}: {_value(value.get(name, default))}")
     return "\n".join(lines) + "\n"
+
+
+def init_text(template: str | None = None, model: str | None = None, data: str | None = None) -> str:
+    """What ``phi3tune init`` writes: a shipped template as it is, or the defaults (with ``model`` and ``data``
+    where given) as a commented config."""
+    from .. import __version__
+    from ..errors import ConfigError
+    from ..finetuner import FineTuner
+
+    if template:
+        if model or data:
+            raise ConfigError("init: --template copies the template as it is; leave out --model/--data and give "
+                              "them at train time: phi3tune train PATH --model MODEL --data DATA")
+        return path(template).read_text()
+    ft = FineTuner(model) if model else FineTuner()
+    if data:
+        ft.data(source=data)
+    return commented_config(ft.to_config(), f"A phi3tune run config (phi3tune {__version__}): `phi3tune train "
+                            "THIS_FILE`. Every field shows its default; delete the ones you keep as they are.")
