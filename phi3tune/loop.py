@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from . import checkpoints as ckpt
 from . import distributed, tracking
 from .data import Collator, PreparedData
-from .errors import TrainingError, TrainingInterrupted
+from .errors import Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
 from .loss import TokenLoss, mean_loss, trained_positions
 from .metrics import Metrics, StepCallback, StepResult
@@ -158,6 +158,10 @@ class Trainer:
         s, pos = self.spec, self.pos
         self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
         self._compile_fixed_shapes()
+        if pos.step == 0 and self.eval_loader is not None:  # the held-out loss before training: the curve's start
+            rng = ckpt.rng_state()  # evaluating draws no dropout, but its loader may draw a seed
+            self.evaluate()
+            ckpt.set_rng_state(rng)
         self.metrics.start(pos.step, self.total_steps)
         with nullcontext(stop) if stop is not None else StopFlag() as stop, _graph_room(self.plan):
             for micro in optimizer_steps(self.loader, pos, self.total_steps, s.grad_accum, self.plan, self.pad_id,
@@ -187,10 +191,11 @@ class Trainer:
         step = self.pos.step
         path = self.saved[step] if step in self.saved else self.save_checkpoint()
         self.metrics.close_bar()
-        raise TrainingInterrupted(
-            f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}. Resume with "
-            f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{self.output_dir / CONFIG_NAME}')"
-            ".run(resume=True)", str(path))
+        config = self.output_dir / CONFIG_NAME
+        how = Say(f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{config}').run(resume=True)",
+                  f"`phi3tune train {config} --resume`")
+        raise TrainingInterrupted(f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}",
+                                  str(path), hint(". Resume with {how}", how=how))
 
     def interrupted_after_training(self, signal_name: str, adapter_dir: Path) -> TrainingInterrupted:
         """A signal came after the last step: training and the final save finished first; say so."""
