@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .loss import CE_CHUNK
-from .memory import GIB, ModelShape, estimate_parts, total_gib
+from .memory import GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 
 if TYPE_CHECKING:
@@ -66,7 +67,13 @@ class RunPlan:
     peak_micro_batch_tokens: int  # the largest micro-batch, whose activations the predicted peak counts
     predicted_peak_gib: float
     device_memory_gib: float | None = None  # free device memory when the plan was made (CUDA)
-    memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak (per GPU)
+    processes: int = 1  # ranks of the run (torchrun / accelerate launch)
+    sharded: bool = False  # FSDP over those ranks: the peak counts each rank's shard
+    shard_from_cpu: bool = False  # FSDP on CUDA: load the base on the CPU, so no GPU ever holds all of it
+    # DDP's gradient buckets (DistributedDataParallelKwargs). PHI3TUNE_DDP overrides them, for benchmarks only
+    # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,static_graph=1,gradient_as_bucket_view=1"
+    ddp: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,6 +91,11 @@ class RunPlan:
             how.append("activation checkpointing")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         how.append(("paged " if self.paged_optimizer else "") + self.optimizer.removeprefix("paged_"))
+        if self.sharded:
+            how.append(f"FSDP over {self.processes} processes (peak per GPU)"
+                       + (", base loaded on the CPU" if self.shard_from_cpu else ""))
+        elif self.ddp:
+            how.append("DDP " + " ".join(f"{k}={v}" for k, v in sorted(self.ddp.items())))
         fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
         chosen = f"{self.mode} (auto)" if self.requested == "auto" else self.mode
         digits = 1 if self.predicted_peak_gib >= 1 else 2
@@ -117,8 +129,20 @@ def _free_device_memory(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
+def ddp_settings() -> dict[str, Any]:
+    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others."""
+    out: dict[str, Any] = {}
+    for item in filter(None, os.environ.get("PHI3TUNE_DDP", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("bucket_cap_mb", "static_graph", "gradient_as_bucket_view"):
+            raise ValueError(f"PHI3TUNE_DDP: unknown {key!r}; use bucket_cap_mb, static_graph, "
+                             "gradient_as_bucket_view")
+        out[key] = int(value) if key == "bucket_cap_mb" else value.lower() in ("1", "true", "yes")
+    return out
+
+
 def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
-               requested: str, free: int | None, budget_override: int | None = None) -> RunPlan:
+               requested: str, free: int | None, budget_override: int | None = None, processes: int = 1) -> RunPlan:
     t, d, q = ft.train_spec, ft.data_spec, ft.quant
     m = MODES[mode]
     precision = resolve_precision(t.precision, device)
@@ -139,6 +163,10 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         optimizer=t.optimizer,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
+    sharded = t.distributed == "fsdp" and processes > 1
+    whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
+    shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
+    parts = per_rank_parts(parts, shape, processes) if sharded else parts
     return RunPlan(
         mode=mode, requested=requested, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, padding_free=padding_free,
@@ -146,28 +174,29 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
         optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
-        device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
+        device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
+        sharded=sharded, shard_from_cpu=shard_from_cpu, ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
 def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
-                 free_bytes: int | None = None) -> RunPlan:
+                 free_bytes: int | None = None, processes: int = 1) -> RunPlan:
     """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory (speed with 4,096-, then 2,048-, then 1,024-token micro-batches, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
-    free memory (estimates for another card)."""
+    free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards)."""
     requested = ft.train_spec.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if requested != "auto":
-        return _candidate(ft, shape, targets, device, requested, requested, free)
+        return _candidate(ft, shape, targets, device, requested, requested, free, None, processes)
     if device.type != "cuda":
-        return _candidate(ft, shape, targets, device, "balanced", requested, free)
+        return _candidate(ft, shape, targets, device, "balanced", requested, free, None, processes)
     # speed with smaller micro-batches before memory: compiled 2,048-token micro-batches ran 1.5x faster than the
     # memory plan on the H200 at a third of speed's activation memory (docs/performance.md)
     for budget in ([None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]):
-        speed = _candidate(ft, shape, targets, device, "speed", requested, free, budget)
+        speed = _candidate(ft, shape, targets, device, "speed", requested, free, budget, processes)
         if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
             return speed
-    memory = _candidate(ft, shape, targets, device, "memory", requested, free)
+    memory = _candidate(ft, shape, targets, device, "memory", requested, free, None, processes)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
