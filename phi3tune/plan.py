@@ -72,7 +72,7 @@ class RunPlan:
     sharded: bool = False  # FSDP over those ranks: the peak counts each rank's shard
     shard_from_cpu: bool = False  # FSDP on CUDA: load the base on the CPU, so no GPU ever holds all of it
     # DDP's gradient buckets (DistributedDataParallelKwargs). PHI3TUNE_DDP overrides them, for benchmarks only
-    # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,static_graph=1,gradient_as_bucket_view=1"
+    # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,gradient_as_bucket_view=1"
     ddp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -130,13 +130,14 @@ def _free_device_memory(device: torch.device) -> int | None:
 
 
 def ddp_settings() -> dict[str, Any]:
-    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others."""
+    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others. Not static_graph:
+    torch's reducer fails an internal assert ("expect_autograd_hooks_") when a backward runs under no_sync,
+    which the loop uses for every micro-batch but a step's last (measured, gloo, torch 2.13)."""
     out: dict[str, Any] = {}
     for item in filter(None, os.environ.get("PHI3TUNE_DDP", "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("bucket_cap_mb", "static_graph", "gradient_as_bucket_view"):
-            raise ValueError(f"PHI3TUNE_DDP: unknown {key!r}; use bucket_cap_mb, static_graph, "
-                             "gradient_as_bucket_view")
+        if key not in ("bucket_cap_mb", "gradient_as_bucket_view"):
+            raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view")
         out[key] = int(value) if key == "bucket_cap_mb" else value.lower() in ("1", "true", "yes")
     return out
 
