@@ -81,6 +81,7 @@ on_cards() {  # label, processes, then --set overrides: like multi, each rank on
   local label=$1 n=$2; shift 2
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-16}  # the base is quantized on the CPU: torchrun would give each rank 1
   timeout ${LIMIT:-500} python3 -m torch.distributed.run --nproc_per_node $n .devshared/bench/as_card.py 8 \
     -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" "${sets[@]}" \
     > "/tmp/log_$label.txt" 2>&1 || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
