@@ -73,7 +73,8 @@ class LocalShardSteps:
             local = p.to_local()
             if view.data_ptr() != local.data_ptr():  # FSDP re-padded its storage (load_state_dict(assign=True))
                 view.data = local.detach()
-            view.grad = None if p.grad is None else p.grad.to_local().detach()
+            # an empty shard (a tensor with fewer rows than ranks) has nothing to step: bitsandbytes skips it
+            view.grad = None if p.grad is None or not view.numel() else p.grad.to_local().detach()
 
 
 def _check_alias(view: torch.Tensor, p: Any) -> None:

@@ -89,11 +89,11 @@ on_cards() {  # label, processes, then --set overrides: like multi, each rank on
 }
 run_fsdp_medium_2x8() { medium; on_cards fsdp_medium_2x8 2 "${MEDIUM_SETS[@]}" training.distributed=fsdp; }
 run_medium_1x8() { medium; on_cards medium_1x8 1 "${MEDIUM_SETS[@]}"; }
-# Resume under FSDP: an unbroken run, and the same run killed with kill -9 (torchrun and both ranks) once
+# Resume under FSDP (eager layers: this checks correctness, not speed): an unbroken run, and the same run killed with kill -9 (torchrun and both ranks) once
 # checkpoint-4 is complete, then resumed; prints the largest difference between the two final adapters
 run_fsdp_resume() {
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-  local sets=(); for s in "${FSDP_SETS[@]}" training.max_steps=8 training.save_strategy=steps training.save_steps=2 \
+  local sets=(); for s in "${FSDP_SETS[@]}" training.compile=false training.max_steps=8 training.save_strategy=steps training.save_steps=2 \
     training.logging_steps=1 training.progress_bar=false; do sets+=(--set "$s"); done
   local train=(python3 -m torch.distributed.run --nproc_per_node 2 -m phi3tune train /tmp/base.yaml "${sets[@]}")
   rm -rf /tmp/resume_full /tmp/resume_kill
