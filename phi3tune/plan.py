@@ -152,7 +152,12 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     buckets = token_buckets(budget, d.max_seq_length) if budget else ()
     cuda = device.type == "cuda"
-    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
+    sharded = t.distributed == "fsdp" and processes > 1
+    # Not by default under FSDP with a 4-bit base: each forward bitsandbytes re-wraps the gathered weight in a new
+    # Params4bit (fix_4bit_weight_quant_state_from_module), which breaks the graph and recompiles until dynamo's
+    # limit, after which layers run eager anyway (CPU, 2 ranks; one process: one graph per length, no break)
+    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free
+                                                             and not (sharded and q is not None))
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing)
     attn = ft.attn_implementation or default_attention(device, padding_free or d.packing)
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
@@ -164,7 +169,6 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         optimizer=t.optimizer,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
-    sharded = t.distributed == "fsdp" and processes > 1
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts

@@ -191,8 +191,9 @@ def test_phi3_medium_does_not_fit_one_8gib_card_but_fits_two_under_fsdp():
     two = plan_for(_medium("fsdp"), "cuda", free_gib=7.5, processes=2)
     check_fits(two)
     assert two.sharded and two.shard_from_cpu  # no GPU may hold the whole base, not even while loading
+    assert one.compile and not two.compile  # bitsandbytes re-wraps gathered 4-bit weights: recompiles (plan.py)
     assert two.predicted_peak_gib * GIB <= FIT_FRACTION * 7.5 * GIB
     assert two.memory["quantized_weights"] < 0.6 * one.memory["quantized_weights"]
-    assert two.memory["activations"] == one.memory["activations"]  # each rank's own micro-batch
+    assert two.memory["activations"] >= one.memory["activations"]  # each rank's own micro-batch (eager: more)
     ddp = plan_for(_medium("ddp"), "cuda", free_gib=7.5, processes=2)  # DDP replicates: nothing divided
     assert ddp.memory == one.memory and not ddp.sharded
