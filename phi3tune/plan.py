@@ -41,6 +41,14 @@ MODES: dict[str, dict[str, Any]] = {
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
 _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
+# What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
+# time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
+# their size suggests: each one pays a fixed host-side cost (kernel launches of 32 compiled layers and their 4-bit
+# matmuls, ~0.15 s) that the GPU work no longer hides (1,024 tokens: 3,359 tokens/s vs 17,120 at 4,096, with no
+# memory pressure at all). So a card that cannot hold 4,096-token activations keeps large micro-batches and
+# checkpoints some layers instead of cutting the micro-batch.
+_BUDGET_COST = {4096: 1.0, 2048: 1.31, 1024: 5.1}
+_RECOMPUTE_COST = 1.0  # every layer checkpointed: time per token x2 (memory vs speed plan at 2,048 tokens, H200)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,8 @@ class RunPlan:
     token_buckets: tuple[int, ...]  # every padding-free micro-batch is padded up to one of these lengths
     position_cap: int  # pads' position ids stay below this (the longest example), so RoPE scaling never changes
     compile: bool  # torch.compile of every decoder layer
-    checkpointing: bool  # activation checkpointing of every decoder layer
+    checkpointing: bool  # activation checkpointing of (some) decoder layers
+    checkpoint_layers: int  # how many decoder layers are checkpointed (the first ones); the rest keep activations
     upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     ce_chunk: int  # tokens per output-head + cross-entropy chunk
     optimizer: str
@@ -88,7 +97,7 @@ class RunPlan:
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
         if self.checkpointing:
-            how.append("activation checkpointing")
+            how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         how.append(("paged " if self.paged_optimizer else "") + self.optimizer.removeprefix("paged_"))
         if self.sharded:
@@ -143,7 +152,10 @@ def ddp_settings() -> dict[str, Any]:
 
 
 def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
-               requested: str, free: int | None, budget_override: int | None = None, processes: int = 1) -> RunPlan:
+               requested: str, free: int | None, budget_override: int | None = None,
+               checkpoint_layers: int | None = None, processes: int = 1) -> RunPlan:
+    """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
+    ``processes``: the run's ranks (under FSDP the peak is per GPU)."""
     t, d, q = ft.train_spec, ft.data_spec, ft.quant
     m = MODES[mode]
     precision = resolve_precision(t.precision, device)
@@ -158,7 +170,9 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     # limit, after which layers run eager anyway (CPU, 2 ranks; one process: one graph per length, no break)
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free
                                                              and not (sharded and q is not None))
-    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing)
+    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
+    if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
+        checkpoint_layers = shape.layers if checkpointing else 0
     attn = ft.attn_implementation or default_attention(device, padding_free or d.packing)
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
@@ -168,7 +182,7 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         targets=set(targets), r=getattr(ft.adapter_spec, "r", 16), dropout=getattr(ft.adapter_spec, "dropout", 0.0),
         optimizer=t.optimizer,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
-        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
+        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers)
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
@@ -176,32 +190,56 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         mode=mode, requested=requested, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, padding_free=padding_free,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
-        checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
+        checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, upcast_frozen=bool(m["upcast_frozen"]),
+        ce_chunk=int(m["ce_chunk"]),
         optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
+def expected_cost(plan: RunPlan, layers: int) -> float:
+    """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200)."""
+    budget = plan.micro_batch_tokens or 4096
+    size = min(_BUDGET_COST, key=lambda b: abs(b - budget))
+    return _BUDGET_COST[size] * (1 + _RECOMPUTE_COST * plan.checkpoint_layers / max(1, layers))
+
+
+def _speed_candidates(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, requested: str,
+                      free: int | None, processes: int = 1) -> list[RunPlan]:
+    """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024): the speed plan that checkpoints the
+    fewest layers and still fits ``free`` (all of them when none fits)."""
+    budgets = [None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]
+    out = []
+    for budget in budgets:
+        for k in range(shape.layers + 1):
+            plan = _candidate(ft, shape, targets, device, "speed", requested, free, budget, k, processes)
+            if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+                break
+        out.append(plan)
+        if k == 0:  # fits whole: a smaller budget is only slower
+            break
+    return out
+
+
 def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
                  free_bytes: int | None = None, processes: int = 1) -> RunPlan:
     """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
-    fits the free memory (speed with 4,096-, then 2,048-, then 1,024-token micro-batches, else memory), on the CPU
+    fits the free memory, by ``expected_cost`` (speed with 4,096-, 2,048- or 1,024-token micro-batches and the fewest
+    checkpointed layers that fit, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
     free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards)."""
     requested = ft.train_spec.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if requested != "auto":
-        return _candidate(ft, shape, targets, device, requested, requested, free, None, processes)
+        return _candidate(ft, shape, targets, device, requested, requested, free, processes=processes)
     if device.type != "cuda":
-        return _candidate(ft, shape, targets, device, "balanced", requested, free, None, processes)
-    # speed with smaller micro-batches before memory: compiled 2,048-token micro-batches ran 1.5x faster than the
-    # memory plan on the H200 at a third of speed's activation memory (docs/performance.md)
-    for budget in ([None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]):
-        speed = _candidate(ft, shape, targets, device, "speed", requested, free, budget, processes)
-        if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
-            return speed
-    memory = _candidate(ft, shape, targets, device, "memory", requested, free, None, processes)
+        return _candidate(ft, shape, targets, device, "balanced", requested, free, processes=processes)
+    fits = [plan for plan in _speed_candidates(ft, shape, targets, device, requested, free, processes)
+            if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
+    if fits:
+        return min(fits, key=lambda p: expected_cost(p, shape.layers))
+    memory = _candidate(ft, shape, targets, device, "memory", requested, free, processes=processes)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
