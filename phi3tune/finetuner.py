@@ -20,7 +20,7 @@ from ._isolation import leaves_process_as_found
 from .errors import ConfigError
 from .files import read_config
 from .logs import console
-from .loop import Trainer
+from .loop import StopFlag, Trainer
 from .pipeline import build_model, check_run, claim_output_dir, save_outputs
 from .plan import RunPlan
 from .plugins import (
@@ -184,8 +184,11 @@ class FineTuner:
             claim_output_dir(self, checked, overwrite, resume)  # now the output dir is ours: config and plan
             model = build_model(self, checked)  # weights load, as the plan says
             trainer = Trainer(model, checked.tokenizer, checked.data, self.train_spec, checked.plan, callbacks)
-            metrics = trainer.fit(checked.resume_from)
-            adapter_dir = save_outputs(self, trainer, checked)  # final adapter and loss.png
+            with StopFlag() as stop:  # Ctrl-C / SIGTERM from here on: the final adapter is still saved
+                metrics = trainer.fit(checked.resume_from, stop)
+                adapter_dir = save_outputs(self, trainer, checked)  # final adapter and loss.png
         model.eval()
+        if stop.signal:
+            raise trainer.interrupted_after_training(stop.signal, adapter_dir)
         return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,
                          checked.plan)

@@ -20,14 +20,14 @@ import torch
 
 from . import checkpoints as ckpt
 from .distributed import process_group_kwargs
-from .errors import ConfigError
-from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, atomic_dir
+from .errors import ConfigError, DataFormatError
+from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir
 from .files import PLAN_NAME as PLAN_NAME
 from .plan import RunPlan, resolve_plan
 from .plugins import spec_to_config
 from .shards import check_optimizer_shardable
 from .specs import QuantSpec, TrainSpec
-from .tracking import check_report_to
+from .tracking import check_report_to, tracker_names
 
 if TYPE_CHECKING:
     from .data import PreparedData
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .model import ModelInfo
 
 log = logging.getLogger("phi3tune")
+TRUNCATION_WARNING = 0.05  # share of examples cut by data.max_seq_length above which the run warns
 
 
 @dataclass
@@ -50,6 +51,7 @@ class CheckedRun:
     output_dir: Path
     resume_from: Path | None
     state: Any  # accelerate's PartialState: this process's rank
+    fingerprints: dict[str, str]  # what the run trains on (checkpoints.fingerprints), kept in the manifest
 
 
 def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: torch.dtype,
@@ -105,16 +107,21 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)
-    resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
+    resume_from = ckpt.find_resume_checkpoint(out, resume) if resume else None
     if resume and resume_from is None:
-        log.info("resume: no complete checkpoint in %s, starting from step 0", out)
+        log.warning("resume=True: no complete checkpoint in %s, so the run starts from step 0", out)
+    if resume_from is not None:
+        ckpt.check_resume_step(resume_from, t.max_steps)
     info, targets = check_model(ft, device)
     assert info.shape is not None
     plan = resolve_plan(ft, info.shape, targets, device, processes=state.num_processes)  # precision, dtype, peak
     check_distributed(t, ft.quant, plan.dtype, device.type)
     check_fits(plan)
     tokenizer, data = prepare_data(ft, info, plan, state.is_main_process)
-    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state)
+    prints = ckpt.fingerprints(tokenizer, data)
+    if resume_from is not None:
+        ckpt.check_fingerprints(out, prints)
+    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state, prints)
 
 
 def check_model(ft: FineTuner, device: torch.device) -> tuple[ModelInfo, list[str]]:
@@ -148,11 +155,24 @@ def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bo
     t = ft.train_spec
     tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
     set_seed(t.seed)
-    data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    try:
+        data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    except DataFormatError as exc:  # a row-level message ("column 'text' must hold text"): say whose row
+        if "data." in str(exc):
+            raise
+        source = getattr(ft.data_spec, "source", None)
+        where = repr(source) if isinstance(source, (str, Path)) else f"(a {type(source).__name__})"
+        raise DataFormatError(f"data.source {where}: {exc}") from exc
     if t.progress_bar and main_process:
         order = list(EpochSampler(len(data.train), t.seed))
         lengths = [len(x) for x in data.train["input_ids"]]
         log.info(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
+    summary = data.summary
+    if main_process and summary.truncated > TRUNCATION_WARNING * summary.examples:
+        log.warning("data: %d of %d examples (%.1f%%) are longer than data.max_seq_length=%d and were cut (a cut "
+                    "answer is trained without its end); raise data.max_seq_length or shorten the examples",
+                    summary.truncated, summary.examples, 100 * summary.truncated / max(1, summary.examples),
+                    ft.data_spec.max_seq_length)
     log.info(plan.describe())
     return tokenizer, data
 
@@ -163,9 +183,13 @@ def claim_output_dir(ft: FineTuner, run: CheckedRun, overwrite: bool, resume: bo
     state.wait_for_everyone()
     if state.is_main_process:
         if overwrite or (resume and run.resume_from is None):  # nothing to resume: a killed run's logs start over
-            ckpt.clear_run(out)
+            ckpt.clear_run(out)  # only what the manifest lists: phi3tune's own files
         ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
         out.mkdir(parents=True, exist_ok=True)
+        # runs/ is ours only if we create it: another tool's runs/ gets our tracker files but is never deleted
+        tracker = tracker_names(ft.train_spec.report_to) and not (out / TRACKER_DIR).exists()
+        ckpt.record(out, ckpt.CONFIG_NAME, PLAN_NAME, METRICS_NAME, *([TRACKER_DIR] if tracker else []),
+                    fingerprints=run.fingerprints)
         ft.save_config(out / ckpt.CONFIG_NAME)
         (out / PLAN_NAME).write_text(json.dumps(run.plan.to_dict(), indent=1))
     state.wait_for_everyone()
@@ -223,6 +247,7 @@ def save_outputs(ft: FineTuner, trainer: Trainer, run: CheckedRun) -> Path:
     adapter_dir = run.output_dir / FINAL_DIR
     gathered = trainer.full_adapter_state()
     if trainer.is_main_process:
+        ckpt.record(run.output_dir, FINAL_DIR, LOSS_PLOT_NAME)
         save_final(ft, trainer.trained_model(), run.tokenizer, adapter_dir, gathered)
         plot_history(trainer.history, run.output_dir / LOSS_PLOT_NAME)
     trainer.wait_for_everyone()

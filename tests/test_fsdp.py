@@ -16,6 +16,7 @@ from helpers import kill_after, rows_of_text, run_script, torchrun
 from safetensors.torch import load_file
 
 from phi3tune import ConfigError, FineTuner
+from phi3tune.checkpoints import read_manifest
 
 SCRIPT = """
 import json, os, signal, sys
@@ -144,6 +145,7 @@ def test_a_killed_fsdp_job_resumes_to_the_unbroken_adapter(runs):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert {p.name for p in (out / "checkpoint-2").iterdir()} >= {"shard.rank0.pt", "shard.rank1.pt",
                                                                   "adapter_model.safetensors"}
+    assert "checkpoint-2" in read_manifest(out)["files"]  # the rank files live in a directory phi3tune records
     kill_after(tmp / "fsdp" / "adamw_torch", tmp / "killed" / "adamw_torch", 2)
     launch(torchrun(2), "killed", 2, "resume", ["paged_adamw_32bit", "adamw_torch"])
     for opt in ("paged_adamw_32bit", "adamw_torch"):
