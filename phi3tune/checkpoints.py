@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -287,12 +288,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, train_state: dict[str, Any],
-                    tensors: dict[str, Any], keep: int | None = None) -> Path:
-    """Write checkpoint-<step>/ atomically (temp dir + rename), then drop all but the newest ``keep``."""
+                    tensors: dict[str, Any], keep: int | None = None,
+                    adapter_state: dict[str, torch.Tensor] | None = None,
+                    write_shards: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint-<step>/ atomically (temp dir + rename), then drop all but the newest ``keep``.
+
+    FSDP: ``adapter_state`` is the adapter gathered whole; ``write_shards(tmp)`` has every rank write its shard
+    into the temp dir (and waits for them) before the completion mark, so a kill leaves no checkpoint that
+    looks complete without every rank's part."""
     final = output_dir / f"checkpoint-{step}"
     record(output_dir, final.name)
     with atomic_dir(final, f"checkpoint-{step}") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_shards is not None:
+            write_shards(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(tensors, tmp / TENSORS_NAME)
