@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from phi3tune import DataSpec, FineTuner, load_finetuned, prepare_dataset
+from phi3tune import DataSpec, FineTuner, Phi3TuneError, load_finetuned, prepare_dataset
 from phi3tune.model import load_tokenizer
 
 SYSTEM = "You are a terse unit converter. Answer with the number and unit only."
@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--output-dir", default="./results-chat")
     ap.add_argument("--max-steps", type=int, default=60)
     ap.add_argument("--tiny", action="store_true", help="offline: a tiny random Phi-3, 4 steps")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="chat-data-"))
     model, steps = args.model, args.max_steps
@@ -73,7 +74,7 @@ def main() -> None:
               .training(output_dir=args.output_dir, max_steps=steps, batch_size=4, grad_accum=2,
                         learning_rate=2e-4, logging_steps=min(10, steps), eval_steps=min(20, steps),
                         save_strategy="no")
-              .run(overwrite=args.overwrite))
+              .run(resume=args.resume, overwrite=args.overwrite))
     print("train loss", result.metrics["train_loss"], "eval loss", result.metrics.get("eval_loss"))
 
     ft = load_finetuned(result.adapter_dir)
@@ -86,4 +87,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Phi3TuneError as exc:  # one line naming this script's flags (--overwrite), not a traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {exc.cli_message()}") from None

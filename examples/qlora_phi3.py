@@ -8,6 +8,7 @@ original's bugs phi3tune fixes (docs/troubleshooting.md).
     python examples/qlora_phi3.py                                    # GPU, model and data from the hub
     python examples/qlora_phi3.py --model /models/phi3-mini --data guanaco.jsonl
     python examples/qlora_phi3.py --tiny                             # offline CPU check of the whole path
+    python examples/qlora_phi3.py --resume                           # continue after Ctrl-C (or --overwrite)
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from phi3tune import AdapterSpec, DataSpec, FineTuner, QuantSpec, TrainSpec, load_finetuned, merge_adapter
+from phi3tune import (
+    AdapterSpec,
+    DataSpec,
+    FineTuner,
+    Phi3TuneError,
+    QuantSpec,
+    TrainSpec,
+    load_finetuned,
+    merge_adapter,
+)
 
 
 def tiny_setup(work: Path) -> tuple[str, str]:
@@ -39,6 +49,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--tiny", action="store_true", help="offline: a tiny random Phi-3 and 64 rows, 4 steps")
     ap.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     args = ap.parse_args()
     model, data, steps, seq = args.model, args.data, args.max_steps, 512
     if args.tiny:
@@ -60,7 +71,7 @@ def main() -> None:
                          learning_rate=2e-4, lr_scheduler="cosine", max_steps=steps, logging_steps=min(10, steps),
                          save_strategy="no", precision="auto")
     result = FineTuner(model).quantize(quant).adapter(adapter).data(data_spec).training(training).run(
-        overwrite=args.overwrite)
+        resume=args.resume, overwrite=args.overwrite)
     print(f"adapter: {result.adapter_dir}; losses: {[round(x, 3) for x in result.losses]}")
     print(f"loss curve: {result.output_dir / 'loss.png'}")
 
@@ -76,4 +87,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Phi3TuneError as exc:  # one line naming this script's flags (--overwrite), not a traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {exc.cli_message()}") from None

@@ -14,13 +14,14 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, ConfigError, OutputDirError
+from .errors import OVERWRITE, RESUME, CheckpointError, ConfigError, OutputDirError, hint, resume_from
 from .files import CONFIG_NAME as CONFIG_NAME
 from .files import FINAL_DIR as FINAL_DIR
 from .files import LOSS_PLOT_NAME, MANIFEST_NAME, METRICS_NAME, atomic_dir, discard
@@ -108,9 +109,10 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool | str, conf
         raise OutputDirError(f"training.output_dir {str(output_dir)!r} is a file; give a directory")
     if resume and overwrite:
         raise OutputDirError(
-            f"resume={resume!r} together with overwrite (overwrite=True or training.overwrite_output_dir=true): "
-            "resuming keeps the checkpoints, overwriting deletes them. Pass only resume to continue the run in "
-            f"{str(output_dir)!r}, or only overwrite to start it over")
+            f"resume={resume!r} together with overwrite (or training.overwrite_output_dir=true): resuming keeps "
+            "the checkpoints, overwriting deletes them",
+            hint(f". Pass only {{resume}} to continue the run in {str(output_dir)!r}, or only {{overwrite}} to start "
+                 "it over", resume=RESUME, overwrite=OVERWRITE))
     if resume:
         saved = output_dir / CONFIG_NAME
         if saved.is_file() and list_checkpoints(output_dir):  # nothing to resume: any config may start over
@@ -121,19 +123,19 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool | str, conf
             if diff:
                 raise OutputDirError(
                     f"training.output_dir {str(output_dir)!r} holds checkpoints of a different configuration "
-                    f"({diff}); resume with the same specs, or use a new output_dir (or run without resume, "
-                    "with overwrite=True, to discard them)")
+                    f"({diff})",
+                    hint("; resume with the same specs, or use a new output_dir (or run without resume, with "
+                         "{overwrite}, to discard them)", overwrite=OVERWRITE))
         if resume is True and (output_dir / FINAL_DIR).exists() and not list_checkpoints(output_dir):
             raise OutputDirError(
                 f"training.output_dir {str(output_dir)!r} holds a finished run with no checkpoint to resume from; "
-                f"its adapter is in {str(output_dir / FINAL_DIR)!r}. Pass overwrite=True to train it again, "
-                "or choose another output_dir"
-            )
+                f"its adapter is in {str(output_dir / FINAL_DIR)!r}",
+                hint(". Pass {overwrite} to train it again, or choose another output_dir", overwrite=OVERWRITE))
     elif holds_run(output_dir) and not overwrite:
         raise OutputDirError(
-            f"training.output_dir {str(output_dir)!r} already holds a run; pass resume=True to continue it, "
-            "overwrite=True (or training.overwrite_output_dir) to replace it, or choose another output_dir"
-        )
+            f"training.output_dir {str(output_dir)!r} already holds a run",
+            hint("; pass {resume} to continue it, {overwrite} (or training.overwrite_output_dir) to replace it, "
+                 "or choose another output_dir", resume=RESUME, overwrite=OVERWRITE))
     foreign = foreign_files(output_dir)
     if foreign:
         raise OutputDirError(
@@ -293,12 +295,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, train_state: dict[str, Any],
-                    tensors: dict[str, Any], keep: int | None = None) -> Path:
-    """Write checkpoint-<step>/ atomically (temp dir + rename), then drop all but the newest ``keep``."""
+                    tensors: dict[str, Any], keep: int | None = None,
+                    adapter_state: dict[str, torch.Tensor] | None = None,
+                    write_shards: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint-<step>/ atomically (temp dir + rename), then drop all but the newest ``keep``.
+
+    FSDP: ``adapter_state`` is the adapter gathered whole; ``write_shards(tmp)`` has every rank write its shard
+    into the temp dir (and waits for them) before the completion mark, so a kill leaves no checkpoint that
+    looks complete without every rank's part."""
     final = output_dir / f"checkpoint-{step}"
     record(output_dir, final.name)
     with atomic_dir(final, f"checkpoint-{step}") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_shards is not None:
+            write_shards(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(tensors, tmp / TENSORS_NAME)
@@ -313,14 +323,15 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, tra
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state, tensors) of a complete checkpoint."""
     if not (path / STATE_NAME).is_file() or not (path / TENSORS_NAME).is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} is missing or incomplete (no {STATE_NAME}); "
-                              "resume=True picks the newest complete one")
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing or incomplete (no {STATE_NAME})",
+                              hint("; {resume} picks the newest complete one", resume=RESUME))
     try:
         state = json.loads((path / STATE_NAME).read_text())
         tensors = torch.load(path / TENSORS_NAME, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupted file: json, pickle and zip errors of many types
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc.__class__.__name__}: "
-                              f"{str(exc)[:200]}); resume from an older one with resume='checkpoint-N'") from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({exc.__class__.__name__}: {str(exc)[:200]})",
+                              hint("; resume from an older one with {older}", older=resume_from("checkpoint-N"))
+                              ) from exc
     return state, tensors
 
 
@@ -331,10 +342,9 @@ def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path | None:
         inside = output_dir / given
         path = inside if not given.is_absolute() and (inside / STATE_NAME).is_file() else given
         if not (path / STATE_NAME).is_file():
-            raise CheckpointError(f"resume={resume!r}: no complete checkpoint there; "
-                                  f"complete ones in {str(output_dir)!r}: "
-                                  f"{[p.name for p in list_checkpoints(output_dir)]}; pass one of them "
-                                  "or resume=True for the newest")
+            raise CheckpointError(f"checkpoint to resume from {resume!r}: no complete checkpoint there; complete "
+                                  f"ones in {str(output_dir)!r}: {[p.name for p in list_checkpoints(output_dir)]}",
+                                  hint("; pass one of them or {resume} for the newest", resume=RESUME))
         return path
     found = list_checkpoints(output_dir)
     return found[-1] if found else None

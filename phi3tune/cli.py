@@ -24,11 +24,13 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .files import read_config as read_config
 from .logs import console, quiet_libraries
+from .specs import DEFAULT_DATASET, DEFAULT_MODEL
 
 log = logging.getLogger("phi3tune")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -73,6 +75,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({exc})") from exc
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # and no/yes/on/off as bools: save_strategy=no means "no"
     return key, value
 
 
@@ -95,8 +99,14 @@ def apply_overrides(config: dict[str, Any], overrides: list[tuple[str, Any]]) ->
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="YAML or JSON file written by FineTuner.save_config "
-                   "(a FineTuner.to_config() document)")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML or JSON file holding a FineTuner.to_config() "
+                   "document (`phi3tune init` writes one); none: the defaults, the README quickstart")
+    p.add_argument("--model", metavar="MODEL", help="base model, hub id or local directory "
+                   f"(default: the config's, else {DEFAULT_MODEL})")
+    p.add_argument("--data", metavar="DATA", help="training data: a .json/.jsonl/.csv/.parquet file, a directory or "
+                   f"a hub dataset (default: the config's, else {DEFAULT_DATASET})")
+    p.add_argument("--output-dir", metavar="DIR", help="where the run's files go (default: the config's, else "
+                   "./results)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    type=parse_assignment, help="override one config value (repeatable); the value is read as YAML: "
                    "--set training.max_steps=5 --set adapter.r=8 --set quant=null")
@@ -106,15 +116,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="replace a previous run's artifacts in output_dir (other files are kept)")
 
 
-@subcommand("train", "fine-tune from a config file", _train_args)
+def train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config ``phi3tune train`` runs: CONFIG (or the defaults), then --model/--data/--output-dir, then --set."""
+    config = read_config(args.config) if args.config else {}
+    flags = [("model", args.model), ("data.source", args.data), ("training.output_dir", args.output_dir)]
+    return apply_overrides(config, [(key, value) for key, value in flags if value is not None] + args.overrides)
+
+
+@subcommand("train", "fine-tune: from flags, or a config file", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    """Fine-tune with QLoRA as a config file describes: `phi3tune train run.yaml --set training.max_steps=50`.
-    The config is a FineTuner.to_config() document (FineTuner.save_config writes one; every run saves its own
-    as output_dir/phi3tune_config.yaml)."""
+    """Fine-tune with QLoRA. Without CONFIG every value is the default (the README quickstart):
+    `phi3tune train --model microsoft/Phi-3-mini-4k-instruct --data train.jsonl --set training.max_steps=50`.
+    CONFIG is a FineTuner.to_config() document (`phi3tune init` writes one with every field commented; every
+    run saves its own as output_dir/phi3tune_config.yaml). --model, --data, --output-dir and --set override it."""
     from .finetuner import FineTuner
 
-    config = apply_overrides(read_config(args.config), args.overrides)
-    result = FineTuner.from_config(config).run(resume=args.resume, overwrite=args.overwrite)
+    result = FineTuner.from_config(train_config(args)).run(resume=args.resume, overwrite=args.overwrite)
     m = result.metrics
     print(f"adapter: {result.adapter_dir}")
     losses = f"train loss {m['train_loss']:.4f}" if m.get("train_loss") is not None else "no train loss"
@@ -125,6 +142,39 @@ def _train(args: argparse.Namespace) -> int:
     if (result.output_dir / "loss.png").is_file():
         print(f"loss curve: {result.output_dir / 'loss.png'}")
     print(f"try it: phi3tune generate {result.adapter_dir} \"your prompt\"")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- init
+def _init_args(p: argparse.ArgumentParser) -> None:
+    from .templates import names
+
+    p.add_argument("path", metavar="PATH", nargs="?", default="phi3tune.yaml",
+                   help="the config file to write (default phi3tune.yaml); - prints it")
+    p.add_argument("--template", choices=names(), help="copy a shipped template instead (comments included)")
+    p.add_argument("--model", metavar="MODEL", help="write this base model instead of the default")
+    p.add_argument("--data", metavar="DATA", help="write this data source instead of the default")
+    p.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+
+
+@subcommand("init", "write a config file: every field with its default and a line of help", _init_args)
+def _init(args: argparse.Namespace) -> int:
+    """Write a FineTuner.to_config() document to PATH, every field commented with its help (from the specs),
+    ready to edit and run with `phi3tune train PATH`. --template copies a shipped template instead
+    (`qlora_phi3`: the classic Phi-3 QLoRA recipe). An existing PATH is kept unless --overwrite."""
+    from .errors import OVERWRITE, ConfigError, hint
+    from .templates import init_text
+
+    text = init_text(args.template, args.model, args.data)
+    if args.path == "-":
+        print(text, end="")
+        return 0
+    out = Path(args.path)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{str(out)!r} exists and was left as it is", hint("; pass {overwrite} to replace it, "
+                          "or give another PATH", overwrite=OVERWRITE))
+    out.write_text(text)
+    print(f"wrote {out}; edit it, then: phi3tune train {out}")
     return 0
 
 
@@ -361,22 +411,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``phi3tune`` console script; returns the exit status."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if unknown:  # the command's own usage, not the top level's
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+
     from pydantic import ValidationError
 
     from .errors import Phi3TuneError, TrainingInterrupted
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
     try:  # phi3tune's log lines to stderr while the command runs (logs.py); the libraries' progress bars off
         with console(logging.WARNING if args.quiet else logging.INFO, force=True), quiet_libraries():
             return SUBCOMMANDS[args.command].run(args)
-    except TrainingInterrupted as exc:
-        print(f"phi3tune {args.command}: {exc}", file=sys.stderr)
+    except TrainingInterrupted as exc:  # the command line's words: --resume, not resume=True
+        print(f"phi3tune {args.command}: {exc.cli_message()}", file=sys.stderr)
         return 130
-    except (Phi3TuneError, ValidationError) as exc:
+    except Phi3TuneError as exc:
+        print(f"phi3tune {args.command}: error: {exc.cli_message()}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
         print(f"phi3tune {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

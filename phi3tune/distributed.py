@@ -29,6 +29,15 @@ def process_group_kwargs(timeout_s: float) -> dict[str, Any]:
     return {"timeout": timedelta(seconds=timeout_s)}
 
 
+def ddp_kwargs(settings: dict[str, Any]) -> list[Any]:
+    """accelerate's DDP keywords for the plan's bucket settings (RunPlan.ddp; none: torch's defaults). The loop
+    syncs once per optimizer step (no_sync on all but the last micro-batch), where DDP's buckets all-reduce as
+    the backward pass fills them: bucket size and gradients-as-bucket-views set how much of that overlaps."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(**settings)] if settings else []
+
+
 def is_sharded(module: Any) -> bool:
     """Whether ``module`` (as accelerate prepared it) is sharded by FSDP2."""
     from torch.distributed.fsdp import FSDPModule

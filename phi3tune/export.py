@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelSourceError, OutputDirError
+from .errors import OVERWRITE, ConfigError, ModelSourceError, OutputDirError, hint
 from .files import EXPORT_META_NAME as EXPORT_META_NAME
 from .files import META_NAME, atomic_dir
 
@@ -128,8 +128,8 @@ def export_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLi
                                "save_pretrained(safe_serialization=True)")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputDirError(f"export: {str(out)!r} exists and is not empty; choose a new directory or pass "
-                             "overwrite=True (phi3tune export --overwrite)")
+        raise OutputDirError(f"export: {str(out)!r} exists and is not empty",
+                             hint("; choose a new directory or pass {overwrite}", overwrite=OVERWRITE))
     cfg = json.loads((path / "adapter_config.json").read_text())
     _check_splittable(cfg, path)
     base = _base_of(path, meta, base_model)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, OutputDirError
+from .errors import RESUME, ConfigError, Hint, OutputDirError, Say, hint
 
 # ---------------------------------------------------------------------------------------------- artifact names
 CONFIG_NAME = "phi3tune_config.yaml"  # output_dir: the run's FineTuner.to_config()
@@ -43,12 +43,13 @@ def discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-_FULL_DISK_HINT = ("the partial copy was removed and earlier checkpoints are intact. Free some space (or set "
-                   "training.save_total_limit, or move output_dir to a larger disk) and resume with run(resume=True)")
+_FULL_DISK_HINT = hint("; the partial copy was removed and earlier checkpoints are intact. Free some space (or set "
+                       "training.save_total_limit, or move output_dir to a larger disk) and resume with {resume}",
+                       resume=RESUME)
 
 
 @contextmanager
-def atomic_dir(final: Path, what: str, full_disk_hint: str | None = _FULL_DISK_HINT) -> Iterator[Path]:
+def atomic_dir(final: Path, what: str, full_disk_hint: Hint | None = _FULL_DISK_HINT) -> Iterator[Path]:
     """Yield a hidden temp dir next to ``final``; when the block ends, rename it to ``final``.
 
     On any failure (or Ctrl-C) the temp dir is removed and an existing ``final`` is left as it was. A full disk
@@ -66,7 +67,7 @@ def atomic_dir(final: Path, what: str, full_disk_hint: str | None = _FULL_DISK_H
         shutil.rmtree(tmp, ignore_errors=True)
         if full_disk_hint and isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputDirError(f"training.output_dir {str(final.parent)!r}: disk full while saving {what} "
-                                 f"({exc.strerror}); {full_disk_hint}") from exc
+                                 f"({exc.strerror})", full_disk_hint) from exc
         raise
 
 
@@ -78,6 +79,13 @@ def looks_like_path(source: str, suffixes: tuple[str, ...] = ()) -> bool:
             or (bool(suffixes) and Path(source).suffix.lower() in suffixes))
 
 
+_NO_CONFIG_HINT = hint("; {write}", write=Say(
+    "write one with FineTuner(...).save_config(path), or start from a shipped template: "
+    "FineTuner.from_config(phi3tune.templates.path('qlora_phi3'))",
+    "write one with `phi3tune init PATH` (every field with its default and help; `--template qlora_phi3` copies "
+    "the classic recipe), or train without a file: `phi3tune train --model MODEL --data DATA`"))
+
+
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A ``FineTuner.to_config()`` document from a YAML file, or a JSON one (``.json``: read as JSON, since YAML
     1.1 would read a number like ``1e-05`` as a string)."""
@@ -87,8 +95,7 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; write one with FineTuner(...).save_config(path) "
-                          "or start from examples/qlora_phi3.yaml")
+        raise ConfigError(f"config file {str(p)!r} does not exist", _NO_CONFIG_HINT)
     try:
         config = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

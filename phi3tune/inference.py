@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .data.formats import add_system_prompt
-from .errors import ConfigError, ModelSourceError, OutputDirError
+from .errors import OVERWRITE, ConfigError, ModelSourceError, OutputDirError, hint
 from .files import CONFIG_NAME, MERGE_META_NAME, STATE_NAME, atomic_dir
 from .files import META_NAME as META_NAME
+from .logs import peft_wrapping
 from .plugins import QuantizationSpec, spec_from_config
 from .precision import DTYPES
 from .specs import QuantSpec
@@ -194,7 +195,8 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
         model.to(dev)
     else:
         pin_4bit_cpu_kernel(model)  # the kernel training used, so the outputs are the trained model's
-    peft_model = PeftModel.from_pretrained(model, str(path))
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
     log.info("loaded adapter %s%s on base %s, %s, on %s", path, _step_note(meta), base,
              _quant_note(quant, meta), dev)
@@ -252,11 +254,12 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     base = _base_of(path, meta, base_model)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputDirError(f"merge_adapter: {str(out)!r} exists and is not empty; choose a new directory or pass "
-                             "overwrite=True (phi3tune merge --overwrite) to replace it")
+        raise OutputDirError(f"merge_adapter: {str(out)!r} exists and is not empty",
+                             hint("; choose a new directory or pass {overwrite} to replace it", overwrite=OVERWRITE))
     _refuse_quantized_base(base, trust_remote_code)
     model = _load_base(base, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    with peft_wrapping():
+        merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     log.info("merged adapter %s%s into base %s loaded unquantized in %s", path, _step_note(meta), base, dtype)
     tokenizer = _adapter_tokenizer(path, base, trust_remote_code)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,11 +50,20 @@ def console(level: int = logging.INFO, force: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Hide datasets' and transformers' progress bars (phi3tune shows its own) and the libraries'
-    FutureWarnings (deprecation notices between them); restore both after."""
+def peft_wrapping() -> Iterator[None]:
+    """While PEFT wraps a model (get_peft_model, PeftModel.from_pretrained): PEFT reads transformers'
+    deprecated ``is_gradient_checkpointing`` property there, which warns (a FutureWarning) on every run and
+    every load, about code neither we nor the user can change. That one warning is ignored, nothing else."""
     import warnings
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Hide datasets' and transformers' progress bars (phi3tune shows its own); restore them after."""
     import datasets
     import transformers
 
@@ -63,9 +72,7 @@ def quiet_libraries() -> Iterator[None]:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
+        yield
     finally:
         if not ds_off:
             datasets.enable_progress_bars()

@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoints as ckpt
-from . import distributed, tracking
+from . import distributed, shards, tracking
 from .data import Collator, PreparedData
-from .errors import TrainingError, TrainingInterrupted
+from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
 from .loss import TokenLoss, mean_loss, trained_positions
 from .metrics import Metrics, StepCallback, StepResult
@@ -99,7 +99,7 @@ class Trainer:
         device = torch.device(plan.device)
         fsdp = self._fsdp_plugin()
         self.accelerator = acc = Accelerator(mixed_precision=_MIXED[plan.precision], cpu=device.type == "cpu",
-                                             fsdp_plugin=fsdp,
+                                             fsdp_plugin=fsdp, kwargs_handlers=distributed.ddp_kwargs(plan.ddp),
                                              **tracking.accelerator_kwargs(spec.report_to, self.output_dir))
         distributed.use_fsdp_on_cpu(acc, fsdp)
         self.metrics = Metrics(acc, self.output_dir, spec.model_dump(), spec.progress_bar, callbacks)
@@ -119,6 +119,9 @@ class Trainer:
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk), optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
+        self.sharded = distributed.is_sharded(self.loss_module)
+        if self.sharded:  # bitsandbytes cannot step DTensors: it steps this rank's local shards (shards.py)
+            shards.step_local_shards(self.optimizer)
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
@@ -167,6 +170,10 @@ class Trainer:
         s, pos = self.spec, self.pos
         self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
         self._compile_fixed_shapes()
+        if pos.step == 0 and self.eval_loader is not None:  # the held-out loss before training: the curve's start
+            rng = ckpt.rng_state()  # evaluating draws no dropout, but its loader may draw a seed
+            self.evaluate()
+            ckpt.set_rng_state(rng)
         self.metrics.start(pos.step, self.total_steps)
         skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
         with nullcontext(stop) if stop is not None else StopFlag() as stop, _graph_room(self.plan):
@@ -197,10 +204,11 @@ class Trainer:
         step = self.pos.step
         path = self.saved[step] if step in self.saved else self.save_checkpoint()
         self.metrics.close_bar()
-        raise TrainingInterrupted(
-            f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}. Resume with "
-            f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{self.output_dir / CONFIG_NAME}')"
-            ".run(resume=True)", str(path))
+        config = self.output_dir / CONFIG_NAME
+        how = Say(f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{config}').run(resume=True)",
+                  f"`phi3tune train {config} --resume`")
+        raise TrainingInterrupted(f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}",
+                                  str(path), hint(". Resume with {how}", how=how))
 
     def interrupted_after_training(self, signal_name: str, adapter_dir: Path) -> TrainingInterrupted:
         """A signal came after the last step: training and the final save finished first; say so."""
@@ -249,8 +257,14 @@ class Trainer:
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         return StepResult(loss, grad_norm, real, n_tokens, sum(int(b["input_ids"].numel()) for b in micro))
+
+    def _zero_grad(self) -> None:
+        """The optimizer's gradients and the model's: under FSDP a bitsandbytes optimizer holds views of the
+        shards (shards.py), so the DTensor gradients FSDP accumulates into are the model's to drop."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_module.zero_grad(set_to_none=True)
 
     def _compile_fixed_shapes(self) -> None:
         """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
@@ -267,7 +281,7 @@ class Trainer:
                                  "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
             with acc.no_sync(self.loss_module):
                 acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         ckpt.set_rng_state(rng)
         log.info("compiled layers for micro-batches of %s tokens in %.1f s",
                  "/".join(map(str, p.token_buckets)), time.perf_counter() - started)
@@ -294,10 +308,12 @@ class Trainer:
         path = None
         # every rank's RNG (its LoRA dropout stream), so a resumed multi-GPU run draws the same masks everywhere
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
+        adapter = self.full_adapter_state()  # FSDP: gathered whole (a collective), for adapter_model.safetensors
         if acc.is_main_process:
-            tensors: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
-                                       "scheduler": self.scheduler.state_dict(), "rng": rngs[0],
+            tensors: dict[str, Any] = {"scheduler": self.scheduler.state_dict(), "rng": rngs[0],
                                        "rng_per_rank": rngs}
+            if not self.sharded:  # FSDP: each rank's optimizer state is in its shard file (shards.py)
+                tensors["optimizer"] = self.optimizer.state_dict()
             if acc.scaler is not None:
                 tensors["scaler"] = acc.scaler.state_dict()
             state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
@@ -305,10 +321,25 @@ class Trainer:
             if self.stream is not None:  # the stream's position after the loader batches consumed so far
                 state["stream"] = self.stream.state_at(pos.epoch, pos.micro_in_epoch * self.spec.batch_size)
             path = ckpt.save_checkpoint(self.output_dir, pos.step, self.trained_model(), self.tokenizer, state,
-                                        tensors, self.spec.save_total_limit)
+                                        tensors, self.spec.save_total_limit, adapter,
+                                        self._write_shard if self.sharded else None)
+        elif self.sharded:
+            self._write_shard(None)
         self.saved[pos.step] = path
         acc.wait_for_everyone()
         return path
+
+    def _write_shard(self, tmp: Path | None) -> None:
+        """FSDP: every rank writes its adapter shard and optimizer state into the main process's temp dir."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        where = broadcast_object_list([str(tmp) if tmp is not None else None], from_process=0)[0]
+        shards.save_shard(Path(where), acc.process_index, acc.num_processes, self._trainable(), self.optimizer)
+        acc.wait_for_everyone()
+
+    def _trainable(self) -> list[tuple[str, Any]]:
+        return [(n, p) for n, p in self.loss_module.named_parameters() if p.requires_grad]
 
     def _follow_new_total(self, saved_total: int | None) -> None:
         """A resume with another step count (max_steps / num_epochs changed): the schedule is the one for the new
@@ -339,8 +370,14 @@ class Trainer:
 
         acc = self.accelerator
         state, tensors = ckpt.load_checkpoint(path)
-        set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        if self.sharded:
+            shards.load_shard(path, acc.process_index, acc.num_processes, self._trainable(), self.optimizer)
+        elif "optimizer" not in tensors:
+            raise CheckpointError(f"checkpoint {str(path)!r} was written by a sharded run (training.distributed="
+                                  '"fsdp"); resume it with distributed="fsdp" on as many processes as wrote it')
+        else:
+            set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
+            self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         if "scaler" in tensors and acc.scaler is not None:
             acc.scaler.load_state_dict(tensors["scaler"])

@@ -74,5 +74,27 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
             "lora_params": lora}
 
 
+def per_rank_parts(parts: dict[str, int], shape: ModelShape, processes: int) -> dict[str, int]:
+    """FSDP over ``processes`` GPUs: each holds 1/n of the 4-bit weights, of the embedding and of the adapter with
+    its gradients and optimizer state, plus what is gathered whole at the peak: two decoder layers (the one
+    running and the one prefetched) and the output head with the final norm (accelerate keeps that unit gathered
+    through the step; a tied embedding stays with it). Activations are each rank's own micro-batch: unchanged."""
+    if processes <= 1:
+        return parts
+    n, layers = processes, max(1, shape.layers)
+    q, adapter, other = parts["quantized_weights"], parts["adapter_and_optimizer"], parts["other_weights"]
+    embed = shape.vocab * shape.hidden * other / max(1, shape.other_params)
+    tied = shape.other_params < 2 * shape.vocab * shape.hidden
+    return {**parts, "quantized_weights": int(q / n + 2 * q / layers),
+            "other_weights": int(other - (0 if tied else embed) * (1 - 1 / n)),
+            "adapter_and_optimizer": int(adapter / n + 2 * adapter / layers)}
+
+
+def fixed_bytes(parts: dict[str, int]) -> int:
+    """What no smaller micro-batch reduces: weights, adapter with gradients and optimizer state, CUDA context."""
+    return sum(parts.get(k, 0) for k in ("quantized_weights", "other_weights", "adapter_and_optimizer",
+                                          "cuda_context"))
+
+
 def total_gib(parts: dict[str, int]) -> float:
     return round(sum(v for k, v in parts.items() if k != "lora_params") / GIB, 3)

@@ -1,5 +1,7 @@
 """Where a run's numbers go: ``RunResult.history``, ``output_dir/metrics.jsonl``, the trackers, the progress
-bar and the step callbacks. The loop hands over each step's result and says when a log line is due.
+bar (or, without one, a progress line per log step) and the step callbacks. The loop hands over each step's
+result and says when a log line is due. Every eval's loss and perplexity is also said as a line on the
+``phi3tune`` logger, so it reaches the console while training, bar or not (logs.py says who shows it).
 
 A log line averages the loss over every trained token since the previous line (the *window*), so it weighs
 tokens the same way a step does; a checkpoint saves the window, and a resumed run's next line averages the
@@ -9,9 +11,11 @@ same steps as an unbroken run's.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 from . import tracking
 from .files import METRICS_NAME
 
+log = logging.getLogger("phi3tune")
 StepCallback = Callable[[dict[str, Any]], None]
 
 
@@ -54,7 +59,7 @@ class Metrics:
         self.history: list[dict[str, Any]] = []
         self.window = _Window()
         self.bar: Any = None
-        self.real_total, self.started, self.start_step = 0, 0.0, 0
+        self.real_total, self.started, self.start_step, self.total_steps = 0, 0.0, 0, 0
         tracking.start(accelerator, output_dir, {"training": training_config})
 
     # ---------------------------------------------------------------- checkpoint state
@@ -80,7 +85,7 @@ class Metrics:
                         disable=not self.show_bar)
         # a resumed run carries on the window of the checkpoint; tokens/s counts from now
         self.window.real, self.window.t0 = 0, time.perf_counter()
-        self.started, self.start_step = time.perf_counter(), step
+        self.started, self.start_step, self.total_steps = time.perf_counter(), step, total_steps
 
     def step_done(self, step: int, result: StepResult, lr: float) -> None:
         self.window.loss_sum += (result.loss or 0.0) * result.trained_tokens  # a step without tokens adds nothing
@@ -105,12 +110,29 @@ class Metrics:
         self.record(entry)
         if w.tokens:
             self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
+        if not self.show_bar and self.accelerator.is_main_process:  # a batch job's log shows progress
+            self.say(progress_line(entry, self.total_steps, self.eta_s(step)))
         self.window = _Window(t0=now)
 
     def log_eval(self, step: int, loss: float) -> dict[str, float]:
         entry = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
         self.record(entry)
+        if self.accelerator.is_main_process:
+            self.say(f"step {step}: eval loss {loss:.4f}, perplexity {entry['eval_perplexity']:.2f}")
         return {"eval_loss": loss, "eval_perplexity": entry["eval_perplexity"]}
+
+    def eta_s(self, step: int) -> float | None:
+        """Seconds left at this run's pace so far (None before a step has been timed)."""
+        done = step - self.start_step
+        return (time.perf_counter() - self.started) / done * (self.total_steps - step) if done > 0 else None
+
+    def say(self, line: str) -> None:
+        """An INFO line on the phi3tune logger; above a live progress bar, without tearing it."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        live = self.bar is not None and not self.bar.disable
+        with logging_redirect_tqdm([log]) if live else nullcontext():
+            log.info(line)
 
     def record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -123,6 +145,7 @@ class Metrics:
     def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
     # ---------------------------------------------------------------- the end
     def finish(self, step: int, final: dict[str, Any]) -> dict[str, Any]:
@@ -133,3 +156,12 @@ class Metrics:
         return {**final, "steps": step, "runtime_s": round(elapsed, 3),
                 "train_loss": train_losses[-1] if train_losses else None,
                 "tokens_per_s": self.real_total / elapsed if elapsed and step > self.start_step else None}
+
+
+def progress_line(entry: dict[str, Any], total_steps: int, eta_s: float | None) -> str:
+    """``step 20/100  loss 1.2345  lr 2.00e-04  812 tokens/s  ETA 0:04:10``: a log step, for logs without a bar."""
+    eta = "?" if eta_s is None else time.strftime("%H:%M:%S", time.gmtime(eta_s)) if eta_s < 86_400 \
+        else f"{eta_s / 86_400:.1f} days"
+    loss = f"loss {entry['loss']:.4f}" if "loss" in entry else "no trained tokens"
+    return (f"step {entry['step']}/{total_steps}  {loss}  lr {entry['lr']:.2e}  "
+            f"{entry['tokens_per_s']:,.0f} tokens/s  ETA {eta}")

@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import ModelSourceError, TargetModulesError
 from .files import looks_like_path
+from .logs import peft_wrapping
 from .memory import ModelShape
 
 # dtype / precision / device resolution lives in precision.py; these names stay importable from here
@@ -242,7 +243,8 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, target_modules: list[str
     works."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, spec.peft_config(target_modules), autocast_adapter_dtype=True)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, spec.peft_config(target_modules), autocast_adapter_dtype=True)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -25,6 +25,7 @@ from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_D
 from .files import PLAN_NAME as PLAN_NAME
 from .plan import RunPlan, resolve_plan
 from .plugins import spec_to_config
+from .shards import check_optimizer_shardable
 from .specs import QuantSpec, TrainSpec
 from .tracking import check_report_to, tracker_names
 
@@ -53,16 +54,13 @@ class CheckedRun:
     fingerprints: dict[str, str]  # what the run trains on (checkpoints.fingerprints), kept in the manifest
 
 
-def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: torch.dtype) -> None:
-    """FSDP shards parameters of one dtype: 4-bit weights must be stored in the compute dtype. Checkpoints of a
-    sharded run (optimizer state in shards) are not written yet: refused before anything loads."""
+def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: torch.dtype,
+                      device_type: str = "cuda") -> None:
+    """FSDP shards parameters of one dtype: 4-bit weights must be stored in the compute dtype. An optimizer that
+    needs a norm over each whole parameter cannot step shards (shards.py). Both refused before anything loads."""
     if spec.distributed != "fsdp":
         return
-    if spec.save_strategy != "no":
-        raise ConfigError(
-            f'training.distributed="fsdp" does not write resumable checkpoints yet (the optimizer state is sharded); '
-            f'got save_strategy="{spec.save_strategy}". Set save_strategy="no" (the final adapter is still saved), '
-            f'or use distributed="ddp"')
+    check_optimizer_shardable(spec.optimizer, spec.optimizer_kwargs, device_type)
     if quant is None:
         return
     dtype = str(compute_dtype).removeprefix("torch.")
@@ -71,6 +69,25 @@ def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: t
             f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
             f'to the compute dtype ({dtype}); got bits={quant.bits}, quant_storage="{quant.quant_storage}". '
             f'Set quant_storage="{dtype}"')
+
+
+def check_fits(plan: RunPlan) -> None:
+    """Refuse a run whose weights, adapter and optimizer state alone (no activation yet) exceed the free device
+    memory: no micro-batch size can help, and loading would end in an out-of-memory error minutes later."""
+    from .memory import GIB, fixed_bytes
+
+    if plan.device_memory_gib is None:
+        return
+    need = fixed_bytes(plan.memory) / GIB
+    if need <= plan.device_memory_gib:
+        return
+    per_gpu = "per GPU " if plan.sharded else ""
+    raise ConfigError(
+        f"this model needs {need:.1f} GiB {per_gpu}for its weights, adapter and optimizer state before any "
+        f"activation, and {plan.device} has {plan.device_memory_gib:.1f} GiB free. Shard it over several GPUs "
+        '(training.distributed="fsdp" under torchrun / accelerate launch divides it by their number; '
+        "phi3tune.estimate_memory(ft, processes=N) shows the share), or lower adapter.r, use "
+        'optimizer="paged_adamw_8bit", or a larger GPU')
 
 
 def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[str, Any]) -> CheckedRun:
@@ -100,8 +117,9 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
         ckpt.check_resume_step(resume_from, t.max_steps)
     info, targets = check_model(ft, device)
     assert info.shape is not None
-    plan = resolve_plan(ft, info.shape, targets, device)  # resolves precision and compute dtype
-    check_distributed(t, ft.quant, plan.dtype)
+    plan = resolve_plan(ft, info.shape, targets, device, processes=state.num_processes)  # precision, dtype, peak
+    check_distributed(t, ft.quant, plan.dtype, device.type)
+    check_fits(plan)
     tokenizer, data = prepare_data(ft, info, plan, state.is_main_process)
     prints = ckpt.fingerprints(tokenizer, data)
     if resume_from is not None:
@@ -191,7 +209,8 @@ def build_model(ft: FineTuner, run: CheckedRun) -> Any:
     from .model import attach_adapter, load_base_model
 
     plan = run.plan
-    base = load_base_model(run.info, ft.quant, plan.dtype, torch.device(plan.device), ft.trust_remote_code,
+    where = torch.device("cpu" if plan.shard_from_cpu else plan.device)  # FSDP moves each rank's shards there
+    base = load_base_model(run.info, ft.quant, plan.dtype, where, ft.trust_remote_code,
                            plan.checkpointing, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
     set_seed(ft.train_spec.seed)  # the adapter's initialisation does not depend on what loading drew
     model: Any = attach_adapter(base, ft.adapter_spec, run.targets)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .loss import CE_CHUNK
-from .memory import GIB, ModelShape, estimate_parts, total_gib
+from .memory import GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 
 if TYPE_CHECKING:
@@ -75,7 +76,13 @@ class RunPlan:
     peak_micro_batch_tokens: int  # the largest micro-batch, whose activations the predicted peak counts
     predicted_peak_gib: float
     device_memory_gib: float | None = None  # free device memory when the plan was made (CUDA)
-    memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak (per GPU)
+    processes: int = 1  # ranks of the run (torchrun / accelerate launch)
+    sharded: bool = False  # FSDP over those ranks: the peak counts each rank's shard
+    shard_from_cpu: bool = False  # FSDP on CUDA: load the base on the CPU, so no GPU ever holds all of it
+    # DDP's gradient buckets (DistributedDataParallelKwargs). PHI3TUNE_DDP overrides them, for benchmarks only
+    # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,gradient_as_bucket_view=1"
+    ddp: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,6 +100,11 @@ class RunPlan:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         how.append(("paged " if self.paged_optimizer else "") + self.optimizer.removeprefix("paged_"))
+        if self.sharded:
+            how.append(f"FSDP over {self.processes} processes (peak per GPU)"
+                       + (", base loaded on the CPU" if self.shard_from_cpu else ""))
+        elif self.ddp:
+            how.append("DDP " + " ".join(f"{k}={v}" for k, v in sorted(self.ddp.items())))
         fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
         chosen = f"{self.mode} (auto)" if self.requested == "auto" else self.mode
         digits = 1 if self.predicted_peak_gib >= 1 else 2
@@ -137,10 +149,24 @@ def _free_device_memory(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
+def ddp_settings() -> dict[str, Any]:
+    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others. Not static_graph:
+    torch's reducer fails an internal assert ("expect_autograd_hooks_") when a backward runs under no_sync,
+    which the loop uses for every micro-batch but a step's last (measured, gloo, torch 2.13)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, os.environ.get("PHI3TUNE_DDP", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("bucket_cap_mb", "gradient_as_bucket_view"):
+            raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view")
+        out[key] = int(value) if key == "bucket_cap_mb" else value.lower() in ("1", "true", "yes")
+    return out
+
+
 def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                requested: str, free: int | None, budget_override: int | None = None,
-               checkpoint_layers: int | None = None) -> RunPlan:
-    """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's)."""
+               checkpoint_layers: int | None = None, processes: int = 1) -> RunPlan:
+    """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
+    ``processes``: the run's ranks (under FSDP the peak is per GPU)."""
     t, d, q = ft.train_spec, ft.data_spec, ft.quant
     m = MODES[mode]
     precision = resolve_precision(t.precision, device)
@@ -149,7 +175,12 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length) if budget else ()
     cuda = device.type == "cuda"
-    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
+    sharded = t.distributed == "fsdp" and processes > 1
+    # Not by default under FSDP with a 4-bit base: each forward bitsandbytes re-wraps the gathered weight in a new
+    # Params4bit (fix_4bit_weight_quant_state_from_module), which breaks the graph and recompiles until dynamo's
+    # limit, after which layers run eager anyway (CPU, 2 ranks; one process: one graph per length, no break)
+    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free
+                                                             and not (sharded and q is not None))
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
@@ -163,6 +194,9 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         optimizer=t.optimizer,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers)
+    whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
+    shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
+    parts = per_rank_parts(parts, shape, processes) if sharded else parts
     return RunPlan(
         mode=mode, requested=requested, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, padding_free=padding_free,
@@ -171,7 +205,8 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         ce_chunk=int(m["ce_chunk"]),
         optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
-        device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
+        device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
+        sharded=sharded, shard_from_cpu=shard_from_cpu, ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
 def expected_cost(plan: RunPlan, layers: int) -> float:
@@ -182,14 +217,14 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
 
 
 def _speed_candidates(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, requested: str,
-                      free: int | None) -> list[RunPlan]:
+                      free: int | None, processes: int = 1) -> list[RunPlan]:
     """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024): the speed plan that checkpoints the
     fewest layers and still fits ``free`` (all of them when none fits)."""
     budgets = [None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]
     out = []
     for budget in budgets:
         for k in range(shape.layers + 1):
-            plan = _candidate(ft, shape, targets, device, "speed", requested, free, budget, k)
+            plan = _candidate(ft, shape, targets, device, "speed", requested, free, budget, k, processes)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
                 break
         out.append(plan)
@@ -199,23 +234,23 @@ def _speed_candidates(ft: FineTuner, shape: ModelShape, targets: list[str], devi
 
 
 def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
-                 free_bytes: int | None = None) -> RunPlan:
+                 free_bytes: int | None = None, processes: int = 1) -> RunPlan:
     """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory, by ``expected_cost`` (speed with 4,096-, 2,048- or 1,024-token micro-batches and the fewest
     checkpointed layers that fit, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
-    free memory (estimates for another card)."""
+    free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards)."""
     requested = ft.train_spec.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if requested != "auto":
-        return _candidate(ft, shape, targets, device, requested, requested, free)
+        return _candidate(ft, shape, targets, device, requested, requested, free, processes=processes)
     if device.type != "cuda":
-        return _candidate(ft, shape, targets, device, "balanced", requested, free)
-    fits = [plan for plan in _speed_candidates(ft, shape, targets, device, requested, free)
+        return _candidate(ft, shape, targets, device, "balanced", requested, free, processes=processes)
+    fits = [plan for plan in _speed_candidates(ft, shape, targets, device, requested, free, processes)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers))
-    memory = _candidate(ft, shape, targets, device, "memory", requested, free)
+    memory = _candidate(ft, shape, targets, device, "memory", requested, free, processes=processes)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "

@@ -33,12 +33,12 @@ class _Spec(BaseModel):
 class QuantSpec(_Spec):
     """How the frozen base is quantized by bitsandbytes."""
 
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, QLoRA) or 8 (LLM.int8)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 or fp4")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description='"auto": bf16 where supported, else fp16 on GPU, fp32 on CPU'
     )
-    double_quant: bool = False
+    double_quant: bool = Field(False, description="quantize the quantization constants too (~0.4 bit/param)")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="storage dtype of packed 4-bit weights; FSDP needs it to match the model dtype"
     )
@@ -62,15 +62,16 @@ class QuantSpec(_Spec):
 class AdapterSpec(_Spec):
     """The LoRA adapter, handed to PEFT's LoraConfig."""
 
-    r: int = Field(64, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    r: int = Field(64, gt=0, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="scaling numerator: alpha / r (alpha / sqrt(r) with rsLoRA)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="LoRA dropout, in [0, 1)")
     target_modules: Literal["auto"] | list[str] = Field(
         "auto", description='"auto": every linear layer but the output head'
     )
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train: none, all, lora_only")
+    use_rslora: bool = Field(False, description="rank-stabilized scaling")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full and saved with the "
+                                              'adapter, e.g. ["lm_head"]')
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (PEFT use_dora)")
     init: AdapterInit = Field("default", description="PEFT init_lora_weights; which work on which base: "
                               "phi3tune.adapters.INITS")
@@ -97,16 +98,19 @@ class DataSpec(_Spec):
         description="hub dataset name, local .json/.jsonl/.csv/.parquet file or directory, "
         "a datasets.Dataset, or a list of dicts",
     )
-    split: str = "train"
-    text_field: str = "text"
+    split: str = Field("train", description="split of a hub or directory dataset")
+    text_field: str = Field("text", description="column holding the text (formats text and guanaco)")
     format: str = Field("auto", description='"auto", a built-in format, a register_format() name or '
                         '"module:function"')
-    train_on: Literal["auto", "all", "completion"] = "auto"
-    max_seq_length: int = Field(512, ge=8)
-    packing: bool = False
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    eval_source: Any = None
-    system_prompt: str | None = None
+    train_on: Literal["auto", "all", "completion"] = Field(
+        "auto", description='which tokens train: "auto" (the completion for chat formats, all for text), "all", '
+        '"completion"')
+    max_seq_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated")
+    packing: bool = Field(False, description="pack examples into rows, with no attention across examples")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of source for eval")
+    eval_source: Any = Field(None, description="a separate eval set (same kinds as source); not with "
+                             "eval_fraction")
+    system_prompt: str | None = Field(None, description="a system message for chat examples that have none")
     num_proc: int | None = Field(None, gt=0, description="processes that tokenize; None = the cores this process "
                                  "may use, at most 8 (one for small datasets)")
     cache_dir: str | None = Field(None, description="where prepared rows are cached; None = phi3tune/ under the "
@@ -158,30 +162,34 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """The training loop."""
 
-    output_dir: str = "./results"
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(4, gt=0)
+    output_dir: str = Field("./results", description="where the adapter, checkpoints, metrics.jsonl and "
+                            "loss.png go; a directory holding a run needs resume or overwrite")
+    batch_size: int = Field(4, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(4, gt=0, description="micro-batches per optimizer step")
     optimizer: str = Field("paged_adamw_32bit", description="a legacy name, any torch.optim / bitsandbytes.optim "
                            'class name, or "module:Class"')
     optimizer_kwargs: dict[str, Any] = Field({}, description="extra optimizer keywords")  # pydantic copies it
     loraplus_lr_ratio: float | None = Field(None, ge=1, description="LoRA+: lora_B learns at this x learning_rate")
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     lr_scheduler: str = Field("cosine", description="a transformers SchedulerType name")
     lr_scheduler_kwargs: dict[str, Any] = Field({}, description="e.g. min_lr_rate, num_decay_steps")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    num_epochs: float = Field(1, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of the steps spent warming up")
+    num_epochs: float = Field(1, gt=0, description="passes over the data, when max_steps is None")
     max_steps: int | None = Field(100, gt=0, description="None = run by num_epochs")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description='"auto": bf16 where supported, fp16 on older GPUs, fp32 on the CPU')
     max_grad_norm: float | None = Field(1.0, gt=0, description="None: no clipping (norm still logged)")
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(10, gt=0)
-    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
-    save_steps: int | None = Field(None, gt=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    logging_steps: int = Field(10, gt=0, description="a progress line and a metrics.jsonl entry every N steps")
+    save_strategy: Literal["epoch", "steps", "no"] = Field("epoch", description="when to write a resumable "
+                                                           "checkpoint: epoch, steps, no")
+    save_steps: int | None = Field(None, gt=0, description='a checkpoint every N steps (save_strategy="steps")')
     save_total_limit: int | None = Field(None, gt=0, description="keep only the newest K checkpoints")
-    eval_steps: int | None = Field(None, gt=0)
-    seed: int = 42
-    overwrite_output_dir: bool = False
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps; with eval data the loss is "
+                                   "also taken before the first step and at the end")
+    seed: int = Field(42, description="data order, dropout, adapter init")
+    overwrite_output_dir: bool = Field(False, description="replace a previous run's artifacts in output_dir")
     optimize_for: Literal["auto", "speed", "memory", "balanced"] = Field(
         "auto", description='how the run executes (the RunPlan); "auto": on CUDA the fastest plan whose predicted '
         'peak fits the free memory (speed, else memory), on the CPU "balanced" (the classic padded layout). The '
@@ -197,8 +205,8 @@ class TrainSpec(_Spec):
     collective_timeout_s: float = Field(
         900, gt=0, description="with several processes: a collective (all-reduce, all-gather, barrier) that waits "
         "longer than this raises a TrainingError naming the likely cause instead of hanging (docs/distributed.md)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    progress_bar: bool = True
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
+    progress_bar: bool = Field(True, description="a tqdm bar; off: one progress line per logging step")
     report_to: str | list[str] | None = Field(
         None, description='experiment trackers fed the metrics.jsonl numbers: "tensorboard", "wandb", "mlflow", '
         '"trackio" (or a list); None = none (docs/tracking.md)')

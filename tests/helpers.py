@@ -110,3 +110,34 @@ def kill_after(ref_out: Path, dst: Path, n: int) -> Path:
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)
     return dst
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_script(cmd: list[str], cwd: Path, ok: bool = True, timeout: int = 300, **env_vars: str) -> Any:
+    """Run ``cmd`` quietly (one thread, offline, plus ``env_vars``) in its own process group; assert it succeeded
+    unless ``ok=False``."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           **env_vars}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          start_new_session=True)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def torchrun(n: int) -> list[str]:
+    """The launcher prefix for ``n`` CPU (gloo) processes on a free port."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+            str(free_port())]

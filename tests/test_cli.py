@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": str(ROOT)}
 OPTIONS = {
-    "train": ["--set", "--resume", "--overwrite", "CONFIG"],
+    "train": ["--set", "--resume", "--overwrite", "CONFIG", "--model", "--data", "--output-dir"],
+    "init": ["--template", "--model", "--data", "--overwrite", "PATH"],
     "generate": ["--max-new-tokens", "--temperature", "--top-p", "--system", "--quant", "--base-model"],
     "merge": ["--dtype", "--base-model", "--overwrite", "OUT_DIR"],
     "push": ["--public", "--message", "REPO_ID"],
@@ -38,9 +39,9 @@ def train_run(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows_of_text(12)))
-    config = tiny_tuner(tiny_model, tmp / "out", str(data), max_steps=50).save_config(tmp / "run.yaml")
-    proc = phi3tune("train", str(config), "--set", "training.max_steps=2", "--set", "adapter.r=4",
-                    "--set", "training.logging_steps=1")
+    config = tiny_tuner(tiny_model, tmp / "elsewhere", "missing.jsonl", max_steps=50).save_config(tmp / "run.yaml")
+    proc = phi3tune("train", str(config), "--data", str(data), "--output-dir", str(tmp / "out"),  # flags beat the file
+                    "--set", "training.max_steps=2", "--set", "adapter.r=4", "--set", "training.logging_steps=1")
     return tmp, config, proc
 
 
@@ -75,14 +76,20 @@ def test_train_from_config_with_overrides(train_run):
     assert steps == [1, 2]  # --set training.max_steps=2 (the file says 50), logging_steps=1
     saved = yaml.safe_load((tmp / "out" / "phi3tune_config.yaml").read_text())
     assert saved["training"]["max_steps"] == 2 and saved["adapter"]["r"] == 4
+    assert saved["data"]["source"] == str(tmp / "train.jsonl")  # --data and --output-dir override the file
+    assert saved["training"]["output_dir"] == str(tmp / "out") and not (tmp / "elsewhere").exists()
     assert f"adapter: {adapter}" in proc.stdout and "loss curve:" in proc.stdout
 
 
 def test_train_refuses_a_finished_run_and_overwrite_passes_through(train_run, capsys):
     tmp, config, _ = train_run
-    assert main(["train", str(config), "--set", "training.max_steps=2"]) == 1
-    assert "already holds a run" in capsys.readouterr().err
-    assert main(["train", str(config), "--set", "training.max_steps=1", "--set", "adapter.r=4",
+    out = ["--output-dir", str(tmp / "out"), "--data", str(tmp / "train.jsonl")]
+    assert main(["train", str(config), *out, "--set", "training.max_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("phi3tune train: error: ") and "Traceback" not in err
+    assert "already holds a run" in err
+    assert "pass --resume to continue it, --overwrite" in err and "=True" not in err  # the CLI's words
+    assert main(["train", str(config), *out, "--set", "training.max_steps=1", "--set", "adapter.r=4",
                  "--overwrite", "-q"]) == 0
     steps = [json.loads(x) for x in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1]
@@ -160,3 +167,102 @@ def test_bench_estimate_prints_one_json_line(tiny_model, tmp_path):
     est = _json.loads(proc.stdout.strip().splitlines()[-1])["estimate"]
     assert est["tokens_per_micro_batch"] == 8 * 512  # the override reached the estimate
     assert est["lora_params"] > 0 and est["total_gib"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- issue 27
+HEAVY = {"torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"}
+
+
+def imported_by(*argv: str, then: str = "") -> set[str]:
+    """Top-level modules loaded after `phi3tune ARGV` parses (in a fresh interpreter), plus ``then``'s import."""
+    code = (f"import sys\nfrom phi3tune.cli import main\ntry:\n    main({list(argv)!r})\nexcept SystemExit:\n"
+            f"    pass\n{then}\nprint(sorted({{m.split('.')[0] for m in sys.modules}}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return set(eval(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_help_and_version_import_nothing_heavy():
+    for argv in (["--help"], ["--version"], ["train", "--help"], ["init", "--help"], ["export", "--help"]):
+        assert not imported_by(*argv) & HEAVY, argv
+    assert "torch" in imported_by("--version", then="import phi3tune.finetuner")  # the control: it can fail
+
+
+def test_unknown_option_prints_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as bad:
+        main(["train", "run.yaml", "--bogus"])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and err.startswith("usage: phi3tune train") and "--bogus" in err
+
+
+def test_train_without_a_file_is_the_readme_quickstart(tmp_path):
+    from phi3tune import FineTuner
+    from phi3tune.cli import build_parser, train_config
+
+    args = build_parser().parse_args(["train", "--model", "m/x", "--data", "d.jsonl", "--set", "adapter.r=8"])
+    got = FineTuner.from_config(train_config(args)).to_config()
+    assert got == FineTuner("m/x").data(source="d.jsonl").adapter(r=8).to_config()
+    defaults = FineTuner.from_config(train_config(build_parser().parse_args(["train"]))).to_config()
+    assert defaults == FineTuner().to_config()
+    assert defaults["model"] == "microsoft/Phi-3-mini-4k-instruct" and defaults["quant"]["bits"] == 4
+
+
+def test_init_writes_every_field_with_its_help_and_round_trips(tmp_path, capsys):
+    from phi3tune import AdapterSpec, DataSpec, FineTuner, QuantSpec, TrainSpec
+
+    path = tmp_path / "run.yaml"
+    assert main(["init", str(path), "--model", "m/x", "--data", "d.jsonl"]) == 0
+    assert f"phi3tune train {path}" in capsys.readouterr().out
+    text = path.read_text()
+    assert FineTuner.from_config(path).to_config() == FineTuner("m/x").data(source="d.jsonl").to_config()
+    lines = text.splitlines()
+    for key in FineTuner().to_config():
+        assert any(line.startswith(f"{key}:") for line in lines), key
+    for spec in (QuantSpec, AdapterSpec, DataSpec, TrainSpec):
+        for name, field in spec.model_fields.items():
+            at = next(i for i, line in enumerate(lines) if line.startswith(f"  {name}:"))
+            assert lines[at - 1].startswith("  # ") and field.description, (spec.__name__, name)  # its help above
+    assert "# hub dataset name" in text and "(default: timdettmers/openassistant-guanaco)" in text
+    # an existing file is kept; the message names the flag
+    assert main(["init", str(path)]) == 1
+    assert "--overwrite" in capsys.readouterr().err and path.read_text() == text
+    assert main(["init", str(path), "--template", "qlora_phi3", "--overwrite"]) == 0
+    from phi3tune.templates import path as template
+
+    assert path.read_text() == template("qlora_phi3").read_text()
+
+
+def test_errors_speak_python_in_the_api_and_flags_on_the_command_line():
+    from phi3tune.errors import OVERWRITE, RESUME, OutputDirError, hint
+
+    exc = OutputDirError("dir 'x' {holds} a run", hint("; pass {resume} or {overwrite} in {dir}", resume=RESUME,
+                                                       overwrite=OVERWRITE, dir="'x'"))
+    assert str(exc) == "dir 'x' {holds} a run; pass resume=True or overwrite=True in 'x'"
+    assert exc.cli_message() == "dir 'x' {holds} a run; pass --resume or --overwrite in 'x'"
+    assert OutputDirError("plain").cli_message() == "plain"
+
+
+def test_a_missing_config_points_at_init_and_the_shipped_template(tmp_path, capsys):
+    from phi3tune import ConfigError
+    from phi3tune.files import read_config
+
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "phi3tune init PATH" in err and "--template qlora_phi3" in err and "save_config" not in err
+    with pytest.raises(ConfigError) as api:
+        read_config(tmp_path / "nope.yaml")
+    assert "save_config(path)" in str(api.value) and "phi3tune.templates.path('qlora_phi3')" in str(api.value)
+    import phi3tune.templates
+
+    assert phi3tune.templates.path("qlora_phi3").is_file()  # the name the message gives works
+
+
+def test_example_script_reports_our_error_as_one_line_with_its_own_flags(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")  # a previous run
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "qlora_phi3.py"), "--tiny", "--output-dir",
+                           str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("qlora_phi3.py: error: ") and "--overwrite" in last and "overwrite=True" not in last

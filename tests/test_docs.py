@@ -49,7 +49,9 @@ def test_api_doc_names_every_public_name():
 
 
 def test_example_config_is_the_classic_recipe():
-    path = ROOT / "examples" / "qlora_phi3.yaml"
+    from phi3tune.templates import path as template
+
+    path = template("qlora_phi3")  # shipped in the package: phi3tune init --template qlora_phi3
     written = yaml.safe_load(path.read_text())
     loaded = FineTuner.from_config(path).to_config()
     classic = FineTuner("microsoft/Phi-3-mini-4k-instruct").to_config()

@@ -42,7 +42,57 @@ multi() {  # label, nproc, then --set overrides: one process per GPU through tor
   grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; grep -h '^{' "/tmp/log_$label.txt" | cut -c1-900; echo
 }
 run_ddp2() { multi ddp2 2 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1; }
-run_fsdp2() { multi fsdp2 2 training.optimize_for=speed data.packing=true training.compile=false training.distributed=fsdp quant.quant_storage=bfloat16; }
+# DDP's gradient buckets (PHI3TUNE_DDP, benchmarks only; torch's default: 25 MB buckets, gradients copied into them)
+DDP_SETS=(training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1)
+run_ddp2_b100() { PHI3TUNE_DDP=bucket_cap_mb=100 multi ddp2_b100 2 "${DDP_SETS[@]}"; }
+run_ddp2_b400() { PHI3TUNE_DDP=bucket_cap_mb=400 multi ddp2_b400 2 "${DDP_SETS[@]}"; }
+run_ddp2_view() { PHI3TUNE_DDP=gradient_as_bucket_view=1 multi ddp2_view 2 "${DDP_SETS[@]}"; }
+run_ddp2_b100_view() { PHI3TUNE_DDP=bucket_cap_mb=100,gradient_as_bucket_view=1 multi ddp2_b100_view 2 "${DDP_SETS[@]}"; }
+# FSDP-QLoRA with the defaults (paged AdamW stepping each rank's shards; eager layers: the plan does not compile
+# under FSDP with a 4-bit base, docs/distributed.md), and with compiled layers asked for
+FSDP_SETS=(training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1
+           training.distributed=fsdp quant.quant_storage=bfloat16)
+run_fsdp2() { multi fsdp2 2 "${FSDP_SETS[@]}"; }
+run_fsdp2_compiled() { multi fsdp2_compiled 2 "${FSDP_SETS[@]}" training.compile=true; }
+# Phi-3-medium's real shape (14B, examples/benchmarks/configs/phi3-medium-4k-instruct) with random weights, on
+# emulated 8 GiB cards (as_card.py): two under FSDP (the base is loaded on the CPU, each GPU gets its shards), and
+# one, which phi3tune refuses before loading weights (its 4-bit weights alone exceed the card)
+medium() {
+  [ -f /tmp/phi3m/config.json ] || python3 .devshared/bench/make_random_phi3.py --out /tmp/phi3m \
+    --config examples/benchmarks/configs/phi3-medium-4k-instruct 2>&1 | tail -1
+}
+MEDIUM_SETS=(model=/tmp/phi3m quant.quant_storage=bfloat16 adapter.r=16 data.packing=true data.max_seq_length=1024
+             training.optimize_for=memory training.micro_batch_tokens=1024 training.batch_size=4 training.grad_accum=1)
+on_cards() {  # label, processes, then --set overrides: like multi, each rank on an emulated 8 GiB card
+  local label=$1 n=$2; shift 2
+  local sets=(); for s in "$@"; do sets+=(--set "$s"); done
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-16}  # the base is quantized on the CPU: torchrun would give each rank 1
+  timeout ${LIMIT:-500} python3 -m torch.distributed.run --nproc_per_node $n .devshared/bench/as_card.py 8 \
+    -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" "${sets[@]}" \
+    > "/tmp/log_$label.txt" 2>&1 || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
+  grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; grep -h -E '^\{|as_card|Error' "/tmp/log_$label.txt" | cut -c1-900; echo
+}
+run_fsdp_medium_2x8() { medium; on_cards fsdp_medium_2x8 2 "${MEDIUM_SETS[@]}" training.distributed=fsdp; }
+run_medium_1x8() { medium; on_cards medium_1x8 1 "${MEDIUM_SETS[@]}"; }
+# Resume under FSDP: an unbroken run, and the same run killed with kill -9 (torchrun and both ranks) once
+# checkpoint-4 is complete, then resumed; prints the largest difference between the two final adapters
+run_fsdp_resume() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  local sets=(); for s in "${FSDP_SETS[@]}" training.max_steps=8 training.save_strategy=steps training.save_steps=2 \
+    training.logging_steps=1 training.progress_bar=false; do sets+=(--set "$s"); done
+  local train=(python3 -m torch.distributed.run --nproc_per_node 2 -m phi3tune train /tmp/base.yaml "${sets[@]}")
+  rm -rf /tmp/resume_full /tmp/resume_kill
+  timeout ${LIMIT:-300} "${train[@]}" --set training.output_dir=/tmp/resume_full > /tmp/log_resume_full.txt 2>&1 \
+    || { echo "unbroken run failed"; tail -c 3000 /tmp/log_resume_full.txt; }
+  setsid "${train[@]}" --set training.output_dir=/tmp/resume_kill > /tmp/log_resume_kill.txt 2>&1 &
+  local job=$! waited=0
+  until [ -f /tmp/resume_kill/checkpoint-4/trainer_state.json ] || [ $waited -gt ${LIMIT:-300} ]; do sleep 0.2; waited=$((waited + 1)); done
+  kill -9 -- -$job; wait $job 2>/dev/null; echo "killed after: $(ls /tmp/resume_kill | tr '\n' ' ')"
+  timeout ${LIMIT:-300} "${train[@]}" --set training.output_dir=/tmp/resume_kill --resume > /tmp/log_resume.txt 2>&1 \
+    || { echo "resume failed"; tail -c 3000 /tmp/log_resume.txt; }
+  python3 examples/benchmarks/compare_adapters.py /tmp/resume_full /tmp/resume_kill | tee -a "$OUT/all.jsonl"
+}
 phi4() {  # Phi-4-mini's real shape (200,064 vocab, tied, partial RoPE) with random weights; no tokenizer ships,
   # so Phi-3's (its ids fit the vocabulary; the output head is 200,064 wide either way)
   [ -f /tmp/phi4/config.json ] || { python3 .devshared/bench/make_random_phi3.py --out /tmp/phi4 \

@@ -24,9 +24,13 @@ from ..plan import RunPlan
 PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
 
 
-def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = None) -> RunPlan:
+def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = None,
+             processes: int | None = None) -> RunPlan:
     """The RunPlan ``ft`` gets on ``device`` ("cuda" / "cpu"; default: this machine's), without loading weights.
-    ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits)."""
+    ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits);
+    ``processes`` for that many ranks (default: as launched; under ``distributed="fsdp"`` the peak is per GPU)."""
+    import os
+
     from ..model import preflight_model, resolve_target_modules
     from ..plan import resolve_plan
     from ..precision import resolve_device
@@ -35,13 +39,15 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
     assert info.shape is not None
     targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
     dev = torch.device(device) if device else resolve_device("auto")  # a named device needs not be here
-    return resolve_plan(ft, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB))
+    n = processes if processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    return resolve_plan(ft, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB), n)
 
 
-def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | None = None) -> dict[str, Any]:
-    """Predict peak memory (bytes per component, and GiB in all) from specs and the model config only: the
-    prediction of the RunPlan the run would get (``plan_for``)."""
-    plan = plan_for(ft, device, free_gib)
+def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | None = None,
+                    processes: int | None = None) -> dict[str, Any]:
+    """Predict peak memory (bytes per component, and GiB in all; per GPU under FSDP) from specs and the model
+    config only: the prediction of the RunPlan the run would get (``plan_for``)."""
+    plan = plan_for(ft, device, free_gib, processes)
     return {**plan.memory, "total_gib": plan.predicted_peak_gib, "tokens_per_micro_batch": plan.peak_micro_batch_tokens,
             "mode": plan.mode, "plan": plan.describe()}
 
