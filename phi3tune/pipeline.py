@@ -123,18 +123,16 @@ def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bo
     """Tokenizer and tokenized data; the data summary and the plan go to the log (logs.py: who shows them)."""
     from accelerate.utils import set_seed
 
-    from .data import padding_fraction
+    from .batching import first_epoch_padding
     from .model import load_tokenizer
-    from .steps import EpochSampler
 
     t = ft.train_spec
     tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
     set_seed(t.seed)
     data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
     if t.progress_bar and main_process:
-        order = list(EpochSampler(len(data.train), t.seed))
-        lengths = [len(x) for x in data.train["input_ids"]]
-        log.info(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
+        padding = None if plan.padding_free else first_epoch_padding(data.train, t.batch_size, t.seed)
+        log.info(data.summary.render(padding))
     log.info(plan.describe())
     return tokenizer, data
 

@@ -52,7 +52,7 @@ class RunPlan:
     precision: str  # "bf16" | "fp16" | "fp32": autocast of the loop
     compute_dtype: str  # dtype of the frozen base's matmuls: "bfloat16" | "float16" | "float32"
     attn_implementation: str | None  # None: transformers' default (SDPA)
-    padding_free: bool  # examples laid end to end in one row, fenced by position ids
+    layout: str  # "padded" | "packed" | "padding_free": how examples become micro-batches (batching.py)
     micro_batch_tokens: int | None  # token budget of a micro-batch (padding-free plans)
     token_buckets: tuple[int, ...]  # every padding-free micro-batch is padded up to one of these lengths
     position_cap: int  # pads' position ids stay below this (the longest example), so RoPE scaling never changes
@@ -67,6 +67,11 @@ class RunPlan:
     predicted_peak_gib: float
     device_memory_gib: float | None = None  # free device memory when the plan was made (CUDA)
     memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak
+
+    @property
+    def padding_free(self) -> bool:
+        """Examples laid end to end in one row, fenced by position ids, re-cut within the token budget."""
+        return self.layout == "padding_free"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -92,6 +97,7 @@ class RunPlan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["token_buckets"] = list(self.token_buckets)
+        d["padding_free"] = self.padding_free
         d["summary"] = self.describe()
         return d
 
@@ -129,7 +135,8 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     cuda = device.type == "cuda"
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing)
-    attn = ft.attn_implementation or default_attention(device, padding_free or d.packing)
+    layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
+    attn = ft.attn_implementation or default_attention(device, layout != "padded")
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     parts = estimate_parts(
@@ -141,7 +148,7 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
     return RunPlan(
         mode=mode, requested=requested, device=str(device), precision=precision,
-        compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, padding_free=padding_free,
+        compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
         optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),

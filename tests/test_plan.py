@@ -10,10 +10,10 @@ import torch
 from helpers import PHI3_DIR, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune import FineTuner
+from phi3tune.batching import Collator, MicroBatcher
 from phi3tune.bench import plan_for
-from phi3tune.data import IGNORE, Collator
+from phi3tune.data import IGNORE
 from phi3tune.plan import token_buckets
-from phi3tune.steps import layout
 
 
 def _rows(n: int, seed: int, longest: int = 120) -> list[dict[str, list[int]]]:
@@ -49,7 +49,7 @@ def test_padding_free_shapes_are_bounded_and_pads_never_trained(tiny_model, tmp_
     for step in range(60):
         rows = _rows(12, seed=step)
         loader_batches = [rows[i:i + 4] for i in range(0, 12, 4)]
-        micro = layout([flat(b) for b in loader_batches], plan, pad_id=0)
+        micro = MicroBatcher.of(plan, pad_id=0)([flat(b) for b in loader_batches])
         shapes |= {tuple(b["input_ids"].shape) for b in micro}
         assert _trained(micro) == _trained([padded(b) for b in loader_batches])
         assert sum(int(b["num_real_tokens"]) for b in micro) == sum(len(r["input_ids"]) for r in rows)
@@ -61,7 +61,7 @@ def test_padding_free_shapes_are_bounded_and_pads_never_trained(tiny_model, tmp_
 
 
 def test_negative_control_without_buckets_every_step_has_a_new_shape(tiny_model, tmp_path):
-    from phi3tune.data.packing import resplit_flat
+    from phi3tune.batching import resplit_flat
 
     flat = Collator(0, padding_free=True)
     lengths = {resplit_flat([flat(_rows(12, seed=s)[i:i + 4]) for i in range(0, 12, 4)], 256)[0]["input_ids"].shape[1]
