@@ -18,13 +18,13 @@ from torch import nn
 from .errors import ModelSourceError, TargetModulesError
 from .files import looks_like_path
 from .memory import ModelShape
+from .plugins import AdapterConfigSpec, AdapterFacts, QuantizationSpec, facts
 
 # dtype / precision / device resolution lives in precision.py; these names stay importable from here
 from .precision import bf16_supported as bf16_supported
 from .precision import resolve_compute_dtype as resolve_compute_dtype
 from .precision import resolve_device as resolve_device
 from .precision import resolve_precision as resolve_precision
-from .specs import AdapterSpec, QuantSpec
 
 log = logging.getLogger("phi3tune")
 
@@ -107,7 +107,7 @@ def linear_layer_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) -> list[str]:
+def resolve_target_modules(spec: AdapterConfigSpec, linear_layers: tuple[str, ...]) -> list[str]:
     """Turn "auto" or a user list into the model's real layer names (classic names mapped to fused ones)."""
     if spec.target_modules == "auto":
         return list(linear_layers)
@@ -133,9 +133,9 @@ def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) ->
     return resolved
 
 
-def check_modules_to_save(spec: AdapterSpec, module_names: tuple[str, ...]) -> None:
+def check_modules_to_save(spec: AdapterConfigSpec, module_names: tuple[str, ...]) -> None:
     """PEFT silently ignores modules_to_save names that match nothing: the user would train less than asked."""
-    unknown = [name for name in getattr(spec, "modules_to_save", None) or []
+    unknown = [name for name in facts(spec, AdapterFacts).modules_to_save or []
                if not any(m == name or m.endswith("." + name) for m in module_names)]
     if unknown:
         names = set(module_names)
@@ -177,7 +177,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 
 def load_base_model(
     info: ModelInfo,
-    quant: QuantSpec | None,
+    quant: QuantizationSpec | None,
     compute_dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool = False,
@@ -230,7 +230,7 @@ def load_base_model(
     return model
 
 
-def attach_adapter(model: nn.Module, spec: AdapterSpec, target_modules: list[str]) -> nn.Module:
+def attach_adapter(model: nn.Module, spec: AdapterConfigSpec, target_modules: list[str]) -> nn.Module:
     """Wrap ``model`` in the spec's PEFT adapter (``spec.peft_config``); adapters stay fp32 so fp16 grad scaling
     works."""
     from peft import get_peft_model

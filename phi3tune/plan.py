@@ -12,16 +12,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .loss import CE_CHUNK
 from .memory import GIB, ModelShape, estimate_parts, total_gib
+from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
-
-if TYPE_CHECKING:
-    from .finetuner import FineTuner
+from .runspec import RunSpec
 
 log = logging.getLogger("phi3tune")
 
@@ -123,12 +122,14 @@ def _free_device_memory(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
-def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
+def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                requested: str, free: int | None, budget_override: int | None = None) -> RunPlan:
-    t, d, q = ft.train_spec, ft.data_spec, ft.quant
+    t, d = run.train, run.data
+    q = facts(run.quant, QuantFacts) if run.quant is not None else None
+    a = facts(run.adapter, AdapterFacts)
     m = MODES[mode]
     precision = resolve_precision(t.precision, device)
-    dtype = resolve_compute_dtype(q, precision, device)
+    dtype = resolve_compute_dtype(run.quant, precision, device)
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     buckets = token_buckets(budget, d.max_seq_length) if budget else ()
@@ -136,13 +137,12 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing)
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
-    attn = ft.attn_implementation or default_attention(device, layout != "padded")
+    attn = run.attn_implementation or default_attention(device, layout != "padded")
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     parts = estimate_parts(
-        # plugin specs (plugins.py) may lack these fields: estimate them as a 4-bit base and a rank-16 LoRA
-        shape, bits=getattr(q, "bits", 4) if q is not None else None, double_quant=bool(getattr(q, "double_quant", 0)),
-        targets=set(targets), r=getattr(ft.adapter_spec, "r", 16), dropout=getattr(ft.adapter_spec, "dropout", 0.0),
+        shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
+        targets=set(targets), r=a.r, dropout=a.dropout,
         optimizer=t.optimizer,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
@@ -156,25 +156,25 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
 
 
-def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
+def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
                  free_bytes: int | None = None) -> RunPlan:
-    """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
+    """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory (speed with 4,096-, then 2,048-, then 1,024-token micro-batches, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
     free memory (estimates for another card)."""
-    requested = ft.train_spec.optimize_for
+    requested = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if requested != "auto":
-        return _candidate(ft, shape, targets, device, requested, requested, free)
+        return _candidate(run, shape, targets, device, requested, requested, free)
     if device.type != "cuda":
-        return _candidate(ft, shape, targets, device, "balanced", requested, free)
+        return _candidate(run, shape, targets, device, "balanced", requested, free)
     # speed with smaller micro-batches before memory: compiled 2,048-token micro-batches ran 1.5x faster than the
     # memory plan on the H200 at a third of speed's activation memory (docs/performance.md)
-    for budget in ([None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]):
-        speed = _candidate(ft, shape, targets, device, "speed", requested, free, budget)
+    for budget in ([None] if run.train.micro_batch_tokens else [None, 2048, 1024]):
+        speed = _candidate(run, shape, targets, device, "speed", requested, free, budget)
         if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
             return speed
-    memory = _candidate(ft, shape, targets, device, "memory", requested, free)
+    memory = _candidate(run, shape, targets, device, "memory", requested, free)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "

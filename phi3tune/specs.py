@@ -139,6 +139,11 @@ class DataSpec(_Spec):
             raise ValueError('give "auto", a built-in format or a register_format() name')
         return v
 
+    @property
+    def has_eval(self) -> bool:
+        """Whether ``prepare`` returns eval data (``plugins.DataFacts``)."""
+        return self.eval_source is not None or bool(self.eval_fraction)
+
     def prepare(self, tokenizer: Any, seed: int) -> Any:
         """Load, split, tokenize, mask and pack: the PreparedData the loop trains on."""
         from .data import prepare_data

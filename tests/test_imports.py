@@ -8,8 +8,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "phi3tune"
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+def _module_name(path: Path, pkg: Path) -> str:
+    parts = list(path.relative_to(pkg.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -26,7 +26,7 @@ def _targets(name: str, is_pkg: bool, node: ast.ImportFrom | ast.Import) -> list
 def import_graph(pkg: Path = PKG) -> dict[str, set[str]]:
     """Every phi3tune module -> the phi3tune modules it imports anywhere (top level, functions, TYPE_CHECKING).
     Importing ``a.b.c`` imports ``a.b`` first, unless the importer lives inside ``a.b``."""
-    files = {_module_name(p): p for p in pkg.rglob("*.py")}
+    files = {_module_name(p, pkg): p for p in pkg.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         edges: set[str] = set()
