@@ -18,6 +18,7 @@ import torch
 
 from .loss import CE_CHUNK
 from .memory import GIB, ModelShape, estimate_parts, total_gib
+from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 from .runspec import RunSpec
@@ -87,7 +88,8 @@ class RunPlan:
         if self.checkpointing:
             how.append("activation checkpointing")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
-        how.append(("paged " if self.paged_optimizer else "") + self.optimizer.removeprefix("paged_"))
+        name = self.optimizer.removeprefix("paged_")
+        how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
         fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
         chosen = f"{self.mode} (auto)" if self.requested == "auto" else self.mode
         digits = 1 if self.predicted_peak_gib >= 1 else 2
@@ -140,10 +142,11 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     attn = run.attn_implementation or default_attention(device, layout != "padded")
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
+    opt = optimizer_facts(t.optimizer, device.type)
     parts = estimate_parts(
         shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
         targets=set(targets), r=a.r, dropout=a.dropout,
-        optimizer=t.optimizer,
+        optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
     return RunPlan(
@@ -151,7 +154,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
-        optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
+        optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
 

@@ -112,3 +112,28 @@ def test_pads_do_not_change_the_loss(tiny_model, tmp_path):
     assert b.history[0]["loss"] == pytest.approx(a.history[0]["loss"], rel=1e-5)
     assert b.history[0]["grad_norm"] == pytest.approx(a.history[0]["grad_norm"], rel=1e-4)
     assert torch.isfinite(torch.tensor(b.history[0]["loss"]))
+
+
+def test_optimizer_facts_give_class_paging_and_state_bytes():
+    from phi3tune.optim import optimizer_facts
+
+    paged8 = optimizer_facts("PagedAdamW8bit")
+    assert (paged8.cls.__name__, paged8.paged, paged8.state_bytes) == ("PagedAdamW8bit", True, 2)
+    assert (optimizer_facts("paged_adamw_32bit").paged, optimizer_facts("paged_adamw_32bit").state_bytes) == (True, 8)
+    cpu = optimizer_facts("paged_adamw_32bit", "cpu")  # paging exists on CUDA only: the unpaged twin
+    assert (cpu.cls.__name__, cpu.paged, cpu.state_bytes) == ("AdamW32bit", False, 8)
+    assert optimizer_facts("Lion8bit").state_bytes == 1 and not optimizer_facts("Lion8bit").paged
+    assert (optimizer_facts("adamw_torch").paged, optimizer_facts("SGD").state_bytes) == (False, 4)
+
+
+def test_paged_8bit_optimizer_is_planned_paged_with_2_bytes_of_state(tiny_model):
+    """PagedAdamW8bit by its class name: the plan says paged and counts ~2 bytes of state per adapter parameter
+    (was: not paged, 8 bytes). Negative control: the 32-bit twin counts 8."""
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), optimizer="PagedAdamW8bit")
+    plan = plan_for(ft, "cuda", free_gib=80)
+    lora = plan.memory["lora_params"]
+    assert plan.paged_optimizer and "paged AdamW8bit" in plan.describe()
+    assert plan.memory["adapter_and_optimizer"] == lora * (4 + 4 + 2)
+    wide = plan_for(ft.training(optimizer="PagedAdamW32bit"), "cuda", free_gib=80)
+    assert wide.paged_optimizer and wide.memory["adapter_and_optimizer"] == lora * (4 + 4 + 8)
+    assert not plan_for(ft.training(optimizer="AdamW8bit"), "cuda", free_gib=80).paged_optimizer
