@@ -175,6 +175,28 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def load_weights(source: str, quant: QuantizationSpec | None, dtype: torch.dtype, device: torch.device, *,
+                 compute_dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None) -> Any:
+    """The one way a base is loaded for a device (training, inference, the demo): safetensors only; quantized by
+    ``quant`` (matmuls in ``compute_dtype``, default ``dtype``) with every 4-bit layer on one CPU kernel
+    (``pin_4bit_cpu_kernel``), or unquantized in ``dtype``. A missing or unreadable checkpoint raises OSError,
+    which each caller words for its user."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quant is not None:
+        kwargs.update(quantization_config=bnb_config(quant, compute_dtype or dtype), device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quant is None:
+        model.to(device)  # type: ignore[arg-type]
+    else:
+        pin_4bit_cpu_kernel(model)
+    return model
+
+
 def load_base_model(
     info: ModelInfo,
     quant: QuantizationSpec | None,
@@ -192,29 +214,15 @@ def load_base_model(
     bandwidth; under bf16 autocast the matmuls are bf16 either way and the adapters stay fp32.
     """
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {
-        "dtype": compute_dtype,
-        "trust_remote_code": trust_remote_code,
-        "use_safetensors": True,
-    }
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant, compute_dtype)
-        kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(info.source, **kwargs)
+        model = load_weights(info.source, quant, compute_dtype, device, trust_remote_code=trust_remote_code,
+                             attn_implementation=attn_implementation)
     except OSError as exc:
         raise ModelSourceError(
             f"could not load weights of {info.source!r}: {str(exc)[:300]}. phi3tune loads .safetensors "
             "weights only; convert .bin checkpoints with save_pretrained(safe_serialization=True)"
         ) from exc
-    if quant is None:
-        model.to(device)  # type: ignore[arg-type]
-    else:
-        pin_4bit_cpu_kernel(model)
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if quant is not None and upcast_frozen:

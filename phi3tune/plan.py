@@ -47,7 +47,7 @@ class RunPlan:
     """The resolved execution plan of one run (see the module docstring)."""
 
     mode: str  # "speed" | "memory" | "balanced"
-    requested: str  # TrainSpec.optimize_for as given ("auto", ...)
+    optimize_for: str  # TrainSpec.optimize_for as given ("auto", ...); ``mode`` is what it resolved to
     device: str
     precision: str  # "bf16" | "fp16" | "fp32": autocast of the loop
     compute_dtype: str  # dtype of the frozen base's matmuls: "bfloat16" | "float16" | "float32"
@@ -67,6 +67,11 @@ class RunPlan:
     predicted_peak_gib: float
     device_memory_gib: float | None = None  # free device memory when the plan was made (CUDA)
     memory: dict[str, int] = field(default_factory=dict)  # bytes per component of the predicted peak
+
+    @property
+    def requested(self) -> str:
+        """The old name of ``optimize_for``."""
+        return self.optimize_for
 
     @property
     def padding_free(self) -> bool:
@@ -91,7 +96,7 @@ class RunPlan:
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
         fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
-        chosen = f"{self.mode} (auto)" if self.requested == "auto" else self.mode
+        chosen = f"{self.mode} (auto)" if self.optimize_for == "auto" else self.mode
         digits = 1 if self.predicted_peak_gib >= 1 else 2
         return f"plan: {chosen} — {', '.join(how)}; predicted peak {self.predicted_peak_gib:.{digits}f} GiB{fits}"
 
@@ -99,6 +104,7 @@ class RunPlan:
         d = asdict(self)
         d["token_buckets"] = list(self.token_buckets)
         d["padding_free"] = self.padding_free
+        d["requested"] = self.optimize_for  # the key plan files had before
         d["summary"] = self.describe()
         return d
 
@@ -125,7 +131,7 @@ def _free_device_memory(device: torch.device) -> int | None:
 
 
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
-               requested: str, free: int | None, budget_override: int | None = None) -> RunPlan:
+               optimize_for: str, free: int | None, budget_override: int | None = None) -> RunPlan:
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -150,7 +156,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
     return RunPlan(
-        mode=mode, requested=requested, device=str(device), precision=precision,
+        mode=mode, optimize_for=optimize_for, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
@@ -165,19 +171,19 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits the free memory (speed with 4,096-, then 2,048-, then 1,024-token micro-batches, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
     free memory (estimates for another card)."""
-    requested = run.train.optimize_for
+    asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
-    if requested != "auto":
-        return _candidate(run, shape, targets, device, requested, requested, free)
+    if asked != "auto":
+        return _candidate(run, shape, targets, device, asked, asked, free)
     if device.type != "cuda":
-        return _candidate(run, shape, targets, device, "balanced", requested, free)
+        return _candidate(run, shape, targets, device, "balanced", asked, free)
     # speed with smaller micro-batches before memory: compiled 2,048-token micro-batches ran 1.5x faster than the
     # memory plan on the H200 at a third of speed's activation memory (docs/performance.md)
     for budget in ([None] if run.train.micro_batch_tokens else [None, 2048, 1024]):
-        speed = _candidate(run, shape, targets, device, "speed", requested, free, budget)
+        speed = _candidate(run, shape, targets, device, "speed", asked, free, budget)
         if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
             return speed
-    memory = _candidate(run, shape, targets, device, "memory", requested, free)
+    memory = _candidate(run, shape, targets, device, "memory", asked, free)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "

@@ -24,7 +24,10 @@ CLASS_KEY = "class"
 class QuantizationSpec(Protocol):
     """Turns into the transformers quantization config the base model is loaded with."""
 
-    compute_dtype: str  # "auto" (follow training.precision) or a torch dtype name such as "bfloat16"
+    @property
+    def compute_dtype(self) -> str:
+        """"auto" (follow training.precision) or a torch dtype name such as "bfloat16"."""
+        ...
 
     def quantization_config(self, compute_dtype: Any) -> Any:
         """The ``quantization_config=`` for ``from_pretrained`` (e.g. a BitsAndBytesConfig); ``compute_dtype``

@@ -22,7 +22,6 @@ DEFAULT_DATASET = "timdettmers/openassistant-guanaco"
 if TYPE_CHECKING:
     import torch
 
-DataFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion", "guanaco"]  # the built-ins
 AdapterInit = Literal["default", "gaussian", "orthogonal", "olora", "pissa", "loftq"]
 
 
