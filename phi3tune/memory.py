@@ -43,9 +43,11 @@ class ModelShape:
 
 def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, targets: set[str], r: int,
                    dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,
-                   checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool) -> dict[str, int]:
+                   checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
+                   checkpoint_layers: int | None = None) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
-    ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``."""
+    ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
+    decoder layers are checkpointed (default: all when ``checkpointing``)."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -63,10 +65,9 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     per_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (1.0 if dropout > 0 else _NO_DROPOUT)
     if compiled:
         per_layer *= _COMPILED
-    if checkpointing:  # one saved input per layer, plus one layer's worth recomputed at a time
-        activations = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
-    else:
-        activations = tokens * shape.layers * per_layer
+    k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
+    # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time
+    activations = tokens * (k * shape.hidden * act_bytes + (shape.layers - k) * per_layer + (per_layer if k else 0))
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,

@@ -170,6 +170,9 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     set_seed(run.train.seed)  # the adapter's initialisation does not depend on what loading drew
     model: Any = attach_adapter(base, run.adapter, checked.targets)
     apply_init(model, run.adapter, checked.info.source)
+    if plan.checkpointing:  # the plan checkpoints only as many (first) layers as the memory needs
+        for layer in model.get_base_model().model.layers[plan.checkpoint_layers:]:
+            layer.gradient_checkpointing = False
     if plan.compile:  # static graphs, one per fixed micro-batch length of the plan (loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)

@@ -40,6 +40,14 @@ MODES: dict[str, dict[str, Any]] = {
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
 _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
+# What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
+# time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
+# their size suggests: each one pays a fixed host-side cost (kernel launches of 32 compiled layers and their 4-bit
+# matmuls, ~0.15 s) that the GPU work no longer hides (1,024 tokens: 3,359 tokens/s vs 17,120 at 4,096, with no
+# memory pressure at all). So a card that cannot hold 4,096-token activations keeps large micro-batches and
+# checkpoints some layers instead of cutting the micro-batch.
+_BUDGET_COST = {4096: 1.0, 2048: 1.31, 1024: 5.1}
+_RECOMPUTE_COST = 1.0  # every layer checkpointed: time per token x2 (memory vs speed plan at 2,048 tokens, H200)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ class RunPlan:
     token_buckets: tuple[int, ...]  # every padding-free micro-batch is padded up to one of these lengths
     position_cap: int  # pads' position ids stay below this (the longest example), so RoPE scaling never changes
     compile: bool  # torch.compile of every decoder layer
-    checkpointing: bool  # activation checkpointing of every decoder layer
+    checkpointing: bool  # activation checkpointing of (some) decoder layers
+    checkpoint_layers: int  # how many decoder layers are checkpointed (the first ones); the rest keep activations
     upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     ce_chunk: int  # tokens per output-head + cross-entropy chunk
     optimizer: str
@@ -91,7 +100,7 @@ class RunPlan:
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
         if self.checkpointing:
-            how.append("activation checkpointing")
+            how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
@@ -131,7 +140,9 @@ def _free_device_memory(device: torch.device) -> int | None:
 
 
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
-               optimize_for: str, free: int | None, budget_override: int | None = None) -> RunPlan:
+               optimize_for: str, free: int | None, budget_override: int | None = None,
+               checkpoint_layers: int | None = None) -> RunPlan:
+    """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's)."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -143,7 +154,9 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     buckets = token_buckets(budget, d.max_seq_length) if budget else ()
     cuda = device.type == "cuda"
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
-    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing)
+    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
+    if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
+        checkpoint_layers = shape.layers if checkpointing else 0
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
     attn = run.attn_implementation or default_attention(device, layout != "padded")
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
@@ -154,21 +167,46 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         targets=set(targets), r=a.r, dropout=a.dropout,
         optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
-        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda)
+        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers)
     return RunPlan(
         mode=mode, optimize_for=optimize_for, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
-        checkpointing=checkpointing, upcast_frozen=bool(m["upcast_frozen"]), ce_chunk=int(m["ce_chunk"]),
-        optimizer=t.optimizer, paged_optimizer=opt.paged,
+        checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, upcast_frozen=bool(m["upcast_frozen"]),
+        ce_chunk=int(m["ce_chunk"]), optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts)
+
+
+def expected_cost(plan: RunPlan, layers: int) -> float:
+    """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200)."""
+    budget = plan.micro_batch_tokens or 4096
+    size = min(_BUDGET_COST, key=lambda b: abs(b - budget))
+    return _BUDGET_COST[size] * (1 + _RECOMPUTE_COST * plan.checkpoint_layers / max(1, layers))
+
+
+def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
+                      free: int | None) -> list[RunPlan]:
+    """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024): the speed plan that checkpoints the
+    fewest layers and still fits ``free`` (all of them when none fits)."""
+    budgets = [None] if run.train.micro_batch_tokens else [None, 2048, 1024]
+    out = []
+    for budget in budgets:
+        for k in range(shape.layers + 1):
+            plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k)
+            if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+                break
+        out.append(plan)
+        if k == 0:  # fits whole: a smaller budget is only slower
+            break
+    return out
 
 
 def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
                  free_bytes: int | None = None) -> RunPlan:
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
-    fits the free memory (speed with 4,096-, then 2,048-, then 1,024-token micro-batches, else memory), on the CPU
+    fits the free memory, by ``expected_cost`` (speed with 4,096-, 2,048- or 1,024-token micro-batches and the fewest
+    checkpointed layers that fit, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
     free memory (estimates for another card)."""
     asked = run.train.optimize_for
@@ -177,12 +215,10 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
         return _candidate(run, shape, targets, device, asked, asked, free)
     if device.type != "cuda":
         return _candidate(run, shape, targets, device, "balanced", asked, free)
-    # speed with smaller micro-batches before memory: compiled 2,048-token micro-batches ran 1.5x faster than the
-    # memory plan on the H200 at a third of speed's activation memory (docs/performance.md)
-    for budget in ([None] if run.train.micro_batch_tokens else [None, 2048, 1024]):
-        speed = _candidate(run, shape, targets, device, "speed", asked, free, budget)
-        if free is None or speed.predicted_peak_gib * GIB <= FIT_FRACTION * free:
-            return speed
+    fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free)
+            if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
+    if fits:
+        return min(fits, key=lambda p: expected_cost(p, shape.layers))
     memory = _candidate(run, shape, targets, device, "memory", asked, free)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:

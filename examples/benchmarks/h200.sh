@@ -5,22 +5,7 @@
 # Writes one JSON line per run to $OUT/results.jsonl, logs and profiles beside it.
 #   usage: bash examples/benchmarks/h200.sh [RUNS...]   (RUNS: names of the run_* functions below; default all)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch,transformers,peft,accelerate,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,accelerate.__version__,b.__version__)" | tee -a "$OUT/gpu.txt"
-[ -d /tmp/phi3 ] || python3 .devshared/bench/make_random_phi3.py --out /tmp/phi3 2>&1 | tail -1
-DATA=.devshared/alpaca1k_guanaco_text.jsonl
-cat > /tmp/base.yaml <<YAML
-model: /tmp/phi3
-quant: {bits: 4, quant_type: nf4, compute_dtype: auto, double_quant: false}
-adapter: {r: 64, alpha: 16, dropout: 0.1, target_modules: auto}
-data: {source: $DATA, max_seq_length: 512}
-training: {batch_size: 4, grad_accum: 4, precision: bf16, learning_rate: 0.0002, seed: 0}
-YAML
-STEPS=${STEPS:-10}; WARM=${WARM:-3}
+. examples/benchmarks/_device_setup.sh
 ours() {  # label, then --set overrides
   local label=$1; shift
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done

@@ -131,6 +131,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         "steps": len(times), "warmup": warmup,
         "real_tokens_per_s": round(tok_s, 1),
         "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
+        "step_s": [round(t, 4) for t in times],
         "padding_fraction": round(1 - real / max(1, batch), 4),
         "losses": [round(e["loss"], 4) for e in events],
         "total_s": round(time.perf_counter() - started, 1),
@@ -142,6 +143,9 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         report.update(device=name, peak_device_gib=round(monitor.peak_gib, 3),
                       peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
+        stats = torch.cuda.memory_stats()  # allocator retries: a plan too close to the card's size frees and re-asks
+        report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0),
+                      predicted_peak_gib=result.plan.predicted_peak_gib if result.plan else None)
         if peak:
             # tokens/s counts every rank; MFU is per GPU
             report["mfu"] = round(tok_s * _useful_flops_per_token(run) / (peak * 1e12 * gpus), 4)

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Card by card: the README quickstart as written (optimize_for="auto", no flag) on emulated 8-141 GiB cards, and the
+# peers (Unsloth) on the same emulated card, in one device call. A card is emulated with ../shared/bench/as_card.py:
+# a filler tensor takes the rest of the H200, so `auto` sees that card and a plan that needs more runs out of memory.
+#
+#   bash examples/benchmarks/cards.sh RUN...        (from the repo root on the device; carry .whl .whl-peers .devshared)
+#
+# A RUN is KIND@GIB[+VARIANT], GIB a card size or "full" (the whole H200):
+#   q   README quickstart, unpacked              p   the same with data.packing=true
+#   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
+#   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
+#   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
+#   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), mem (optimize_for=memory), seq4096 (memory plan at
+#   max_seq_length 4096, batch 1 x 4)
+# One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
+# allocator retries, step times); failures to $OUT/failures.txt.
+set -u
+. examples/benchmarks/_device_setup.sh
+[ -d .whl-peers ] && [ "${CPU_REHEARSAL:-0}" != 1 ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl-peers/*.whl
+LIMIT=${LIMIT:-180}
+
+card_prefix() { [ "$1" = full ] && echo "" || echo ".devshared/bench/as_card.py $1"; }
+
+ours() {  # label gib variant
+  local label=$1 gib=$2 variant=$3 sets=() envs=()
+  case "$1" in p@*) sets+=(--set data.packing=true) ;; esac
+  case "$variant" in
+    "") ;;
+    adamw) sets+=(--set training.optimizer=adamw_torch) ;;
+    mb*) sets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
+    expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
+    mem) sets+=(--set training.optimize_for=memory) ;;
+    seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
+    *) echo "unknown variant $variant"; return ;;
+  esac
+  # shellcheck disable=SC2046
+  env "${envs[@]}" timeout "$LIMIT" python3 $(card_prefix "$gib") -m phi3tune.bench /tmp/base.yaml --steps "$STEPS" \
+    --warmup "$WARM" --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
+    || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
+  grep -h '^{' "/tmp/log_$label.txt" | sed "s/^{/{\"card\": \"$gib\", /" >> "$OUT/all.jsonl"
+  grep -h 'plan:\|as_card' "/tmp/log_$label.txt" | cut -c1-400
+  { echo "== $label"; grep -v '^{' "/tmp/log_$label.txt" | grep -iv 'it/s\]' | tail -25 | cut -c1-300; } >> "$OUT/logs.txt"
+  grep -h '^{' "/tmp/log_$label.txt" | python3 -c "import json,sys
+for l in sys.stdin:
+    d=json.loads(l); print({k: d.get(k) for k in ('label','real_tokens_per_s','peak_alloc_gib','peak_reserved_gib',
+      'peak_device_gib','predicted_peak_gib','alloc_retries','median_step_s')})"
+}
+
+peer() {  # label gib gc
+  local label=$1 gib=$2 gc=$3
+  UNSLOTH_COMPILE_LOCATION=/tmp/ucc_$label timeout "$LIMIT" python3 $(card_prefix "$gib") \
+    .devshared/bench/peers/unsloth_recipe.py --model /tmp/phi3 --data "$DATA" --steps "$STEPS" --warmup "$WARM" \
+    --packing --gc "$gc" --label "$label" --out "/tmp/peer_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
+    || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
+  [ -f "/tmp/peer_$label.jsonl" ] && sed "s/^{/{\"card\": \"$gib\", /" "/tmp/peer_$label.jsonl" >> "$OUT/all.jsonl" \
+    && cut -c1-400 "/tmp/peer_$label.jsonl"
+}
+
+for r in "$@"; do
+  echo "=== $r $(date +%T)"
+  kind=${r%%@*}; rest=${r#*@}; gib=${rest%%+*}; variant=""; [ "$rest" != "$gib" ] && variant=${rest#*+}
+  case "$kind" in
+    q|p) ours "$r" "$gib" "$variant" ;;
+    u) peer "$r" "$gib" false ;;
+    ug) peer "$r" "$gib" unsloth ;;
+    prof) timeout "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
+            --out "$OUT/profile_$gib.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
+          head -40 "$OUT/profile_$gib.txt" 2>/dev/null ;;
+    *) echo "unknown run $r" ;;
+  esac
+done
