@@ -7,7 +7,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _install(session: nox.Session, extras: str) -> None:
-    session.install("torch==2.13.0")
+    session.install("torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu")
     session.install("-e", f".[{extras}]")
 
 

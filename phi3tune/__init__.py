@@ -20,6 +20,7 @@ from .errors import (
 )
 from .export import export_adapter
 from .finetuner import FineTuner, RunResult
+from .gguf_export import export_gguf
 from .hub import HubError, push_to_hub
 from .inference import FineTunedModel, load_finetuned, merge_adapter
 from .plan import RunPlan
@@ -55,6 +56,7 @@ __all__ = [
     "benchmark",
     "estimate_memory",
     "export_adapter",
+    "export_gguf",
     "load_finetuned",
     "merge_adapter",
     "plan_for",

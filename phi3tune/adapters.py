@@ -80,6 +80,10 @@ def check_init(spec: Any, quant: Any, device_type: str) -> None:
                  "loftq": "a 4-bit base on CUDA (PEFT's replace_lora_weights_loftq)"}[init]
         raise ConfigError(f"adapter.init={init!r} needs {where}; on this {kind} base on {device_type} use one of "
                           f"{works}")
+    if a.use_dora and kind == "8bit" and device_type != "cuda":
+        raise ConfigError(f"adapter.use_dora=True on an 8-bit base (quant.bits=8) needs CUDA: bitsandbytes cannot "
+                          f"dequantize 8-bit weights on {device_type}, which DoRA does at every step. Use quant.bits=4 "
+                          "or an unquantized base (quantize(None)) here, or train on a GPU")
     if a.use_dora and init == "loftq":
         raise ConfigError('adapter.init="loftq" with adapter.use_dora=True: PEFT\'s LoftQ replacement handles '
                           "plain LoRA layers only; use one or the other")

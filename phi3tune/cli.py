@@ -208,23 +208,50 @@ def _merge(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- export
 def _export_args(p: argparse.ArgumentParser) -> None:
     from .export import LAYOUTS
+    from .gguf_export import GGUF_DTYPES
 
-    p.add_argument("adapter", metavar="ADAPTER_DIR", help="an adapter directory, e.g. results/final_checkpoint")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the exported adapter (new or empty)")
-    p.add_argument("--layout", choices=LAYOUTS, required=True,
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="an adapter directory, e.g. results/final_checkpoint "
+                   "(--format gguf: also a merged model directory)")
+    p.add_argument("out_dir", metavar="OUT", help="where to write: a new or empty directory (--layout split) "
+                   "or a .gguf file (--format gguf)")
+    p.add_argument("--layout", choices=LAYOUTS,
                    help="split: separate q_proj/k_proj/v_proj and gate_proj/up_proj (Llama-style engines)")
+    p.add_argument("--format", dest="out_format", choices=("adapter", "gguf"), default="adapter",
+                   help="adapter (default): a rewritten adapter (needs --layout); gguf: one merged GGUF file "
+                   "for llama.cpp, Ollama and LM Studio")
+    p.add_argument("--dtype", default="q8_0", metavar="DTYPE",
+                   help=f"--format gguf: the weights' type, one of {', '.join(GGUF_DTYPES)} (default q8_0)")
     p.add_argument("--base-model", metavar="MODEL", help="the fused base to read the shapes from "
-                   "(default: from adapter_config.json)")
+                   "(default: from adapter_config.json); --format gguf: the full-precision base to merge into")
     p.add_argument("--served-base", metavar="NAME", help="the split-layout base the engine serves, written into "
                    "the exported adapter_config.json (default: the original base)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
-@subcommand("export", "rewrite an adapter for serving engines with separate q/k/v, gate/up layers", _export_args)
+@subcommand("export", "rewrite an adapter for other engines: split q/k/v layout, or one GGUF file", _export_args)
 def _export(args: argparse.Namespace) -> int:
-    """Write an equivalent LoRA adapter for engines that expect separate q/k/v and gate/up projections: LoRA A
-    of each fused layer is shared by its parts, LoRA B is cut by the fused layer's output rows. Exact: a
-    split-layout copy of the base with the exported adapter gives the same logits. `merge` is unchanged."""
+    """--layout split: write an equivalent LoRA adapter for engines that expect separate q/k/v and gate/up
+    projections: LoRA A of each fused layer is shared by its parts, LoRA B is cut by the fused layer's output
+    rows. Exact: a split-layout copy of the base with the exported adapter gives the same logits.
+    --format gguf: merge the adapter into its unquantized base and write one GGUF file (--dtype q8_0, f16, bf16,
+    f32) with the tokenizer and chat template, for llama.cpp, Ollama (`FROM ./model.gguf`) and LM Studio."""
+    if args.out_format == "gguf" and args.layout:
+        print("phi3tune export: error: give --layout split (a rewritten adapter) or --format gguf (one GGUF file), "
+              "not both", file=sys.stderr)
+        return 2
+    if args.out_format == "gguf":
+        from .gguf_export import export_gguf
+
+        out = export_gguf(args.adapter, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                          base_model=args.base_model)
+        print(f"GGUF ({args.dtype}): {out}")
+        print(f"run it: ollama create my-model -f Modelfile (a file with the line FROM {out}), or "
+              f"llama-cli -m {out}")
+        return 0
+    if args.layout is None:  # a usage error, as argparse reports one
+        print("phi3tune export: error: give --layout split (a rewritten adapter) or --format gguf (one GGUF file)",
+              file=sys.stderr)
+        return 2
     from .export import export_adapter
 
     out = export_adapter(args.adapter, args.out_dir, layout=args.layout, base_model=args.base_model,
@@ -307,7 +334,8 @@ def _bench(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {"label": args.label, "estimate": estimate_memory(ft)}
     else:
         report = benchmark(ft, args.steps, args.warmup, args.label)
-        report["estimate_gib"] = estimate_memory(ft)["total_gib"]
+        # the run's own plan: planning again now would see the memory this run still holds
+        report["estimate_gib"] = report["predicted_peak_gib"]
     line = json.dumps(report)
     print(line, flush=True)
     if args.out:

@@ -224,6 +224,10 @@ def _report_lines(report: DemoReport, adapter_name: str, task_is_builtin: bool) 
         plot,
         f"    {REPORT_FILE}    accuracy and loss before/after, every held-out answer",
         f"try it:  phi3tune generate {out / adapter_name} \"{prompt}\"",
+        f"run it in Ollama / llama.cpp / LM Studio:  phi3tune export {out / adapter_name} {out / 'model.gguf'} "
+        "--format gguf",
+        f"    then `ollama create my-model -f Modelfile` (a Modelfile with the line FROM {out / 'model.gguf'}), "
+        f"or `llama-cli -m {out / 'model.gguf'}`",
     ]
 
 

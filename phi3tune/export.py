@@ -27,6 +27,7 @@ _WEIGHTS = "adapter_model.safetensors"
 _NOT_COPIED = {_WEIGHTS, "adapter_config.json", "adapter_model.bin", META_NAME}
 _SHARED = ("lora_A.weight",)  # reads the fused layer's input: the same for every slice
 _BY_ROWS = ("lora_B.weight", "lora_B.bias")  # one row per output feature of the fused layer
+_REWRITES_BASE = ("olora", "pissa", "corda")  # PEFT inits that subtract the adapter's start from the base weights
 
 
 def fused_slices(config: Any) -> dict[str, list[tuple[str, int, int]]]:
@@ -66,6 +67,11 @@ def _check_splittable(cfg: dict[str, Any], path: Path) -> None:
     if cfg.get("use_dora"):
         raise ConfigError(f"{where} is a DoRA adapter (use_dora=true): its magnitude vectors are not exported. "
                           "Serve it with the fused layout, or merge it (phi3tune merge) and serve the merged model")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
+        raise ConfigError(f"{where} was initialised with init_lora_weights={init!r}: that init rewrites the base "
+                          "weights (base minus the adapter's start), so the original split base plus this adapter "
+                          "is not the trained model. Merge it instead (phi3tune merge) and serve the merged model")
     fused_saved = [m for m in cfg.get("modules_to_save") or [] if any(f in m for f in SPLIT_NAMES)]
     if fused_saved:
         raise ConfigError(f"{where}: modules_to_save {fused_saved} are fused layers trained in full; a split "

@@ -32,6 +32,7 @@ TENSORS_NAME = "training_state.pt"  # checkpoint-N: optimizer, scheduler, scaler
 META_NAME = "phi3tune.json"  # adapter dir: base model, quantization, trust_remote_code
 MERGE_META_NAME = "phi3tune_merge.json"  # merged model dir: where it came from
 EXPORT_META_NAME = "phi3tune_export.json"  # exported adapter dir: its source and layout
+MANIFEST_NAME = "phi3tune_manifest.json"  # output_dir: what phi3tune wrote there (the only things it deletes)
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes

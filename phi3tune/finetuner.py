@@ -21,7 +21,7 @@ from ._preflight import merge_spec
 from .errors import ConfigError
 from .files import read_config, write_config
 from .logs import console
-from .loop import Trainer
+from .loop import StopFlag, Trainer
 from .pipeline import build_model, check_run, claim_output_dir, save_outputs
 from .plan import RunPlan
 from .plugins import (
@@ -160,11 +160,14 @@ def execute(run: RunSpec, *, resume: bool | str = False, overwrite: bool | None 
     config = run.to_config()
     with console(logging.INFO):  # the data summary and the plan reach a user who set up no logging (logs.py)
         checked = check_run(run, resume, overwrite, config)  # user-input checks, plan, data: nothing written
-        claim_output_dir(checked, config, overwrite, resume)  # now the output dir is ours: config and plan
+        claim_output_dir(run, checked, config, overwrite, resume)  # now the output dir is ours: config and plan
         model = build_model(run, checked)  # weights load, as the plan says
         trainer = Trainer(model, checked.tokenizer, checked.data, run.train, checked.plan, callbacks)
-        metrics = trainer.fit(checked.resume_from)
-        adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
+        with StopFlag() as stop:  # Ctrl-C / SIGTERM from here on: the final adapter is still saved
+            metrics = trainer.fit(checked.resume_from, stop)
+            adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
     model.eval()
+    if stop.signal:
+        raise trainer.interrupted_after_training(stop.signal, adapter_dir)
     return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,
                      checked.plan)

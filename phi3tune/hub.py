@@ -23,6 +23,42 @@ def hub_offline() -> bool:
     return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def check_hub_id(name: str, what: str, filename: str = "config.json") -> None:
+    """A hub id that is not cached, with no hub to ask, fails in a second naming ``what`` (the setting), instead
+    of after half a minute of retries with a message about the network library."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, filename), str):
+            return  # cached: the Hugging Face libraries manage offline from the cache
+    except ValueError:  # not a valid repo id: let the loader word it
+        return
+    if hub_offline():
+        raise ModelSourceError(f"{what} {name!r} is not a local directory nor in the Hugging Face cache, and "
+                               "HF_HUB_OFFLINE is set, so the hub is not asked. Give a local directory (written by "
+                               "save_pretrained), or unset HF_HUB_OFFLINE on a machine with network access")
+    reason = _unreachable(constants.ENDPOINT)
+    if reason:
+        raise ModelSourceError(f"{what} {name!r} is not a local directory nor in the Hugging Face cache, and the "
+                               f"model hub {constants.ENDPOINT} cannot be reached ({reason}). Give a local "
+                               "directory, or check the network (HF_ENDPOINT, HTTPS_PROXY)")
+
+
+def _unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """Why a TCP connection to the hub (or the HTTPS proxy in use) fails, or None when it opens."""
+    import socket
+    from urllib.parse import urlparse
+    from urllib.request import getproxies
+
+    url = urlparse(getproxies().get("https") or endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _kind_of(folder: Path) -> str:
     if (folder / "adapter_config.json").is_file():
         return "adapter"

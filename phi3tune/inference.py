@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 
 from .data.formats import add_system_prompt
 from .errors import ConfigError, ModelSourceError, OutputDirError
-from .files import MERGE_META_NAME, atomic_dir
+from .files import CONFIG_NAME, MERGE_META_NAME, STATE_NAME, atomic_dir
 from .files import META_NAME as META_NAME
 from .plugins import QuantizationSpec, spec_from_config
 from .precision import DTYPES
@@ -26,6 +27,7 @@ MERGE_DTYPES = tuple(DTYPES)
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 Messages = Sequence[dict[str, str]]
+log = logging.getLogger("phi3tune")
 
 
 @dataclass
@@ -112,16 +114,39 @@ def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
             f"adapter directory {str(adapter_dir)!r} has no adapter_config.json; give a directory written by "
             "phi3tune or PEFT's save_pretrained (e.g. results/final_checkpoint)"
         )
-    meta = {"base_model": json.loads(cfg_path.read_text()).get("base_model_name_or_path")}
+    meta = {"base_model": _json_file(cfg_path).get("base_model_name_or_path")}
     if (adapter_dir / META_NAME).is_file():
-        meta.update(json.loads((adapter_dir / META_NAME).read_text()))
+        meta.update(_json_file(adapter_dir / META_NAME))
+    elif (adapter_dir / STATE_NAME).is_file() and (adapter_dir.parent / CONFIG_NAME).is_file():
+        # a checkpoint-N of a run: the run's config says how it was trained (4-bit, like its final adapter)
+        from .files import read_config
+
+        run = read_config(adapter_dir.parent / CONFIG_NAME)
+        meta.update(quant=run.get("quant"), trust_remote_code=bool(run.get("trust_remote_code", False)),
+                    checkpoint_step=_json_file(adapter_dir / STATE_NAME).get("step"))
     return meta
 
 
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelSourceError(f"{str(path)!r} is not readable JSON ({exc}); give an adapter directory written by "
+                               "phi3tune or PEFT's save_pretrained") from exc
+    if not isinstance(doc, dict):
+        raise ModelSourceError(f"{str(path)!r} holds a {type(doc).__name__}, not a JSON object; give an adapter "
+                               "directory written by phi3tune or PEFT's save_pretrained")
+    return doc
+
+
 def _base_of(path: Path, meta: dict[str, Any], base_model: str | None) -> str:
+    from .hub import check_hub_id
+
     base = base_model or meta.get("base_model")
     if not base:
         raise ModelSourceError(f"{str(path)!r}: adapter_config.json names no base model; pass base_model=")
+    if not Path(str(base)).expanduser().is_dir():
+        check_hub_id(str(base), f"the base model of adapter {str(path)!r} (pass base_model= to choose another)")
     return str(base)
 
 
@@ -169,7 +194,19 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
     model = _load_base(base, path, quant, auto_dtype(dev), dev, cdt, trust_remote_code)
     peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
+    log.info("loaded adapter %s%s on base %s, %s, on %s", path, _step_note(meta), base,
+             _quant_note(quant, meta), dev)
     return FineTunedModel(peft_model, _adapter_tokenizer(path, base, trust_remote_code), path)
+
+
+def _step_note(meta: dict[str, Any]) -> str:
+    return f" (checkpoint of step {meta['checkpoint_step']})" if meta.get("checkpoint_step") is not None else ""
+
+
+def _quant_note(quant: Any, meta: dict[str, Any]) -> str:
+    if not isinstance(quant, QuantizationSpec):
+        return "unquantized" + (" (trained on a quantized base)" if meta.get("quant") else "")
+    return f"quantized {getattr(quant, 'bits', 4)}-bit" + (" as trained" if meta.get("quant") else "")
 
 
 def _refuse_quantized_base(base: str, trust_remote_code: bool) -> None:
@@ -218,6 +255,7 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     _refuse_quantized_base(base, trust_remote_code)
     model = _load_base(base, path, None, DTYPES[dtype], torch.device("cpu"), trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    log.info("merged adapter %s%s into base %s loaded unquantized in %s", path, _step_note(meta), base, dtype)
     tokenizer = _adapter_tokenizer(path, base, trust_remote_code)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out, "the merged model", full_disk_hint=None) as tmp:

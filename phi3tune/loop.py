@@ -39,8 +39,10 @@ _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> 
 __all__ = ["EpochSampler", "StepResult", "Trainer"]
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is saved; a second Ctrl-C aborts."""
+class StopFlag:
+    """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is saved (or, after the last step,
+    the final adapter); a second Ctrl-C aborts. A signal the process ignores (``nohup``, a background job) stays
+    ignored."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -51,10 +53,11 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         try:
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             self._old = {}
         return self
@@ -141,15 +144,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     @distributed.collective_errors
-    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
-        """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers."""
+    def fit(self, resume_from: Path | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+        """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
+        ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
         if resume_from is not None:
             self._restore(resume_from)
         s = self.spec
         self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
         self._compile_fixed_shapes()
         self.metrics.start(self.pos.step, self.total_steps)
-        with _StopFlag() as stop, _graph_room(self.plan):
+        with nullcontext(stop) if stop is not None else StopFlag() as stop, _graph_room(self.plan):
             for pos, micro in optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
                                               self.accelerator.skip_first_batches):
                 self.pos = pos  # counts this step already: a checkpoint written while it is handled resumes after it
@@ -167,10 +171,10 @@ class Trainer:
                     self.evaluate()
                 if s.save_strategy == "steps" and s.save_steps and pos.step % s.save_steps == 0:
                     self.save_checkpoint()
-                if stop.signal:
+                if stop.signal and pos.step < self.total_steps:  # after the last step: the final save instead
                     self._interrupted(stop.signal)
-        self.metrics.close_bar()
-        final = self.evaluate() if self.eval_loader is not None else {}
+            self.metrics.close_bar()
+            final = self.evaluate() if self.eval_loader is not None else {}
         return self.metrics.finish(self.pos.step, final)
 
     def _interrupted(self, signal_name: str) -> NoReturn:
@@ -182,6 +186,12 @@ class Trainer:
             f"{signal_name}: stopped after step {step} of {self.total_steps} and saved {path}. Resume with "
             f".run(resume=True) on the same FineTuner, or FineTuner.from_config('{self.output_dir / CONFIG_NAME}')"
             ".run(resume=True)", str(path))
+
+    def interrupted_after_training(self, signal_name: str, adapter_dir: Path) -> TrainingInterrupted:
+        """A signal came after the last step: training and the final save finished first; say so."""
+        return TrainingInterrupted(
+            f"{signal_name}: arrived after the last step ({self.pos.step} of {self.total_steps}); the run finished "
+            f"first and its final adapter is saved in {adapter_dir}", str(adapter_dir))
 
     # ---------------------------------------------------------------- one optimizer step
     def _to_device(self, b: Batch) -> Batch:
@@ -207,13 +217,16 @@ class Trainer:
             loss_sum += part.detach().float()
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
-        loss = float(loss_sum) / max(1, n_tokens)
+        loss = float(loss_sum) / n_tokens if n_tokens else None  # None: no token of the step has a label
+        if loss is None:
+            log.warning("step %d: no trained tokens (every label of its micro-batches is masked, e.g. answers cut "
+                        "off by data.max_seq_length); no loss is logged for it", self.pos.step)
         max_norm = self.spec.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
+        if not math.isfinite(loss or 0.0) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
             last = ckpt.list_checkpoints(self.output_dir)
             raise TrainingError(
-                f"step {self.pos.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"step {self.pos.step}: non-finite {'gradient norm' if math.isfinite(loss or 0.0) else 'loss'} "
                 f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: "
                 f"{str(last[-1]) if last else 'none'}. Lower training.learning_rate or use precision=\"bf16\""
             )
@@ -277,6 +290,29 @@ class Trainer:
         acc.wait_for_everyone()
         return path
 
+    def _follow_new_total(self, saved_total: int | None) -> None:
+        """A resume with another step count (max_steps / num_epochs changed): the schedule is the one for the new
+        total from the next step on (not the old schedule's last value), and the log says how the LR moves."""
+        if not saved_total or saved_total == self.total_steps:
+            return
+        import warnings
+
+        old = self.scheduler.get_last_lr()
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # a plugin's schedule: say it only
+            log.warning("resume: the run is now %d steps, the checkpoint's was %d; the learning-rate schedule is "
+                        "recomputed for the new total", self.total_steps, saved_total)
+            return
+        with warnings.catch_warnings():  # get_lr() outside step(): the schedule's value at this step, wanted here
+            warnings.simplefilter("ignore")
+            new = self.scheduler.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, new):
+            group["lr"] = lr
+        self.scheduler._last_lr = list(new)
+        log.warning("resume: the run is now %d steps (training.max_steps / num_epochs), the checkpoint's was %d; "
+                    "the learning-rate schedule (warmup_ratio, lr_scheduler) is recomputed for %d steps, so the "
+                    "learning rate at step %d goes from %.3g (old schedule) to %.3g", self.total_steps, saved_total,
+                    self.total_steps, self.pos.step + 1, old[0], new[0])
+
     def _restore(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -291,6 +327,7 @@ class Trainer:
         per_rank = tensors.get("rng_per_rank", [])
         ckpt.set_rng_state(per_rank[acc.process_index] if len(per_rank) == acc.num_processes else tensors["rng"])
         self.pos = Position(state["step"], state["epoch"], state["micro_in_epoch"])
+        self._follow_new_total(state.get("total_steps"))
         self.metrics.restore(state)
         log.info("resumed from %s at step %d (epoch %d, loader batch %d)", path, self.pos.step, self.pos.epoch,
                  self.pos.loader_batches)

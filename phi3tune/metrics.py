@@ -26,7 +26,7 @@ StepCallback = Callable[[dict[str, Any]], None]
 class StepResult:
     """One optimizer step, summed over its micro-batches and every rank (``batch_tokens``: this rank's)."""
 
-    loss: float  # mean over the step's trained tokens
+    loss: float | None  # mean over the step's trained tokens; None when it had none
     grad_norm: float  # before clipping
     real_tokens: int  # non-pad tokens
     trained_tokens: int  # tokens with a label
@@ -83,7 +83,7 @@ class Metrics:
         self.started, self.start_step = time.perf_counter(), step
 
     def step_done(self, step: int, result: StepResult, lr: float) -> None:
-        self.window.loss_sum += result.loss * result.trained_tokens
+        self.window.loss_sum += (result.loss or 0.0) * result.trained_tokens  # a step without tokens adds nothing
         self.window.tokens += result.trained_tokens
         self.window.real += result.real_tokens
         self.real_total += result.real_tokens
@@ -98,10 +98,13 @@ class Metrics:
     def log_train(self, step: int, epoch: float, lr: float, grad_norm: float) -> None:
         """A log line: the window's mean loss and tokens/s; the window starts over."""
         now, w = time.perf_counter(), self.window
-        entry = {"step": step, "epoch": round(epoch, 4), "loss": w.loss_sum / max(1, w.tokens), "lr": lr,
-                 "grad_norm": grad_norm, "tokens_per_s": w.real / max(1e-9, now - w.t0), "trained_tokens": w.tokens}
+        loss: dict[str, Any] = {"loss": w.loss_sum / w.tokens} if w.tokens else \
+            {"note": "no trained tokens in these steps (every label masked): no loss"}
+        entry = {"step": step, "epoch": round(epoch, 4), **loss, "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": w.real / max(1e-9, now - w.t0), "trained_tokens": w.tokens}
         self.record(entry)
-        self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
+        if w.tokens:
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}")
         self.window = _Window(t0=now)
 
     def log_eval(self, step: int, loss: float) -> dict[str, float]:

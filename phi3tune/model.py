@@ -80,12 +80,19 @@ def preflight_model(source: str | os.PathLike[str], trust_remote_code: bool = Fa
             f"model path {src!r} does not exist; give an existing local directory or a hub id "
             "like microsoft/Phi-3-mini-4k-instruct"
         )
+    else:
+        from .hub import check_hub_id
+
+        check_hub_id(src, "model")
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # whole: a cut URL helps nobody
+        custom = " This model needs its own code: set trust_remote_code=True if you trust it." \
+            if "trust_remote_code" in str(exc) else ""
         raise ModelSourceError(
-            f"could not load the config of model {src!r} ({exc.__class__.__name__}: {str(exc)[:200]}). "
-            "Offline, pass a local directory; for custom code set trust_remote_code=True"
+            f"could not load the config of model {src!r} ({exc.__class__.__name__}: {first}).{custom} "
+            "Give a local directory written by save_pretrained, or a hub id like microsoft/Phi-3-mini-4k-instruct"
         ) from exc
     if getattr(config, "model_type", None) != "phi3":
         log.warning("model %s has model_type %r; phi3tune is built and tested for Phi-3 (phi3)", src,

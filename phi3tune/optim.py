@@ -89,9 +89,22 @@ def optimizer_facts(name: str, device_type: str = "cuda") -> OptimizerFacts:
     return OptimizerFacts(cls, paged, _STATES.get(family, 2) * state_dtype_bytes)
 
 
-def check_optimizer(name: str, kwargs: dict[str, Any]) -> None:
-    """Fail at once on an unknown optimizer or a keyword its constructor does not take."""
+def takes_weight_decay(cls: type) -> bool:
+    params = inspect.signature(cls).parameters
+    return "weight_decay" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_optimizer(name: str, kwargs: dict[str, Any], weight_decay: float = 0.0) -> None:
+    """Fail at once on an unknown optimizer, one whose step needs a closure (our loop gives none), a keyword its
+    constructor does not take, or a weight_decay it has no notion of."""
     cls = optimizer_class(name)
+    closure = inspect.signature(getattr(cls, "step")).parameters.get("closure")  # noqa: B009 - cls is a type
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(f"training.optimizer={name!r}: {cls.__name__}.step needs a closure (it re-evaluates the "
+                         "loss), which phi3tune's loop does not give; use an optimizer such as adamw_torch")
+    if weight_decay and not takes_weight_decay(cls):
+        raise ValueError(f"training.weight_decay={weight_decay}: {cls.__name__} (training.optimizer) has no weight "
+                         "decay; set weight_decay=0 or choose an optimizer that takes it (e.g. adamw_torch)")
     params = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
@@ -144,7 +157,9 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weig
 
         return create_loraplus_optimizer(model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
                                          loraplus_weight_decay=weight_decay, **kwargs)
-    return cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    if takes_weight_decay(cls):
+        kwargs["weight_decay"] = weight_decay
+    return cls(params, lr=lr, **kwargs)  # weight_decay is 0 for one that takes none (check_optimizer)
 
 
 def build_scheduler(name: str, optimizer: Any, warmup_steps: int, total_steps: int,

@@ -23,8 +23,8 @@ import torch
 from . import checkpoints as ckpt
 from .data import PreparedData
 from .distributed import process_group_kwargs
-from .errors import ConfigError
-from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, atomic_dir, write_config
+from .errors import ConfigError, DataFormatError
+from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, write_config
 from .files import PLAN_NAME as PLAN_NAME
 from .loop import Trainer
 from .model import ModelInfo
@@ -32,9 +32,10 @@ from .plan import RunPlan, resolve_plan
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
 from .runspec import RunSpec
 from .specs import QuantSpec, TrainSpec
-from .tracking import check_report_to
+from .tracking import check_report_to, tracker_names
 
 log = logging.getLogger("phi3tune")
+TRUNCATION_WARNING = 0.05  # share of examples cut by data.max_seq_length above which the run warns
 
 
 @dataclass
@@ -49,6 +50,7 @@ class CheckedRun:
     output_dir: Path
     resume_from: Path | None
     state: Any  # accelerate's PartialState: this process's rank
+    fingerprints: dict[str, str]  # what the run trains on (checkpoints.fingerprints), kept in the manifest
 
 
 def check_distributed(spec: TrainSpec, quant: QuantizationSpec | None, compute_dtype: torch.dtype) -> None:
@@ -90,15 +92,20 @@ def check_run(run: RunSpec, resume: bool | str, overwrite: bool, config: dict[st
     check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
     out = Path(t.output_dir)
     ckpt.check_output_dir(out, overwrite, resume, config)
-    resume_from = ckpt.find_resume_checkpoint(out, resume) if resume and not overwrite else None
+    resume_from = ckpt.find_resume_checkpoint(out, resume) if resume else None
     if resume and resume_from is None:
-        log.info("resume: no complete checkpoint in %s, starting from step 0", out)
+        log.warning("resume=True: no complete checkpoint in %s, so the run starts from step 0", out)
+    if resume_from is not None:
+        ckpt.check_resume_step(resume_from, t.max_steps)
     info, targets = inspect_model(run, device)
     assert info.shape is not None
     plan = resolve_plan(run, info.shape, targets, device)  # resolves precision and compute dtype
     check_distributed(t, run.quant, plan.dtype)
     tokenizer, data = tokenize_data(run, info, plan, state.is_main_process)
-    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state)
+    prints = ckpt.fingerprints(tokenizer, data)
+    if resume_from is not None:
+        ckpt.check_fingerprints(out, prints)
+    return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state, prints)
 
 
 def inspect_model(run: RunSpec, device: torch.device) -> tuple[ModelInfo, list[str]]:
@@ -131,7 +138,14 @@ def tokenize_data(run: RunSpec, info: ModelInfo, plan: RunPlan, main_process: bo
     t = run.train
     tokenizer = load_tokenizer(info.source, run.trust_remote_code)
     set_seed(t.seed)
-    data = run.data.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    try:
+        data = run.data.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+    except DataFormatError as exc:  # a row-level message ("column 'text' must hold text"): say whose row
+        if "data." in str(exc):
+            raise
+        source = getattr(run.data, "source", None)
+        where = repr(source) if isinstance(source, (str, Path)) else f"(a {type(source).__name__})"
+        raise DataFormatError(f"data.source {where}: {exc}") from exc
     if t.eval_steps and data.eval is None:  # a plugin spec that does not declare has_eval (plugins.DataFacts)
         raise ConfigError(f"training.eval_steps={t.eval_steps} but {type(run.data).__name__}.prepare returned no eval "
                           "data; return eval examples (PreparedData.from_examples(train, eval)) or set "
@@ -139,19 +153,30 @@ def tokenize_data(run: RunSpec, info: ModelInfo, plan: RunPlan, main_process: bo
     if t.progress_bar and main_process:
         padding = None if plan.padding_free else first_epoch_padding(data.train, t.batch_size, t.seed)
         log.info(data.summary.render(padding))
+    summary = data.summary
+    if main_process and summary.truncated > TRUNCATION_WARNING * summary.examples:
+        log.warning("data: %d of %d examples (%.1f%%) are longer than data.max_seq_length=%d and were cut (a cut "
+                    "answer is trained without its end); raise data.max_seq_length or shorten the examples",
+                    summary.truncated, summary.examples, 100 * summary.truncated / max(1, summary.examples),
+                    run.data.max_seq_length)
     log.info(plan.describe())
     return tokenizer, data
 
 
-def claim_output_dir(checked: CheckedRun, config: dict[str, Any], overwrite: bool, resume: bool | str) -> None:
+def claim_output_dir(run: RunSpec, checked: CheckedRun, config: dict[str, Any], overwrite: bool,
+                     resume: bool | str) -> None:
     """Every rank has checked output_dir before the main one writes to it: the config and the plan."""
     out, state = checked.output_dir, checked.state
     state.wait_for_everyone()
     if state.is_main_process:
         if overwrite or (resume and checked.resume_from is None):  # nothing to resume: a killed run's logs start over
-            ckpt.clear_run(out)
+            ckpt.clear_run(out)  # only what the manifest lists: phi3tune's own files
         ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
         out.mkdir(parents=True, exist_ok=True)
+        # runs/ is ours only if we create it: another tool's runs/ gets our tracker files but is never deleted
+        tracker = tracker_names(run.train.report_to) and not (out / TRACKER_DIR).exists()
+        ckpt.record(out, ckpt.CONFIG_NAME, PLAN_NAME, METRICS_NAME, *([TRACKER_DIR] if tracker else []),
+                    fingerprints=checked.fingerprints)
         write_config(config, out / ckpt.CONFIG_NAME)
         (out / PLAN_NAME).write_text(json.dumps(checked.plan.to_dict(), indent=1))
     state.wait_for_everyone()
@@ -208,6 +233,7 @@ def save_outputs(run: RunSpec, trainer: Trainer, checked: CheckedRun) -> Path:
     adapter_dir = checked.output_dir / FINAL_DIR
     gathered = trainer.full_adapter_state()
     if trainer.is_main_process:
+        ckpt.record(checked.output_dir, FINAL_DIR, LOSS_PLOT_NAME)
         save_final(run, trainer.trained_model(), checked.tokenizer, adapter_dir, gathered)
         plot_history(trainer.history, checked.output_dir / LOSS_PLOT_NAME)
     trainer.wait_for_everyone()

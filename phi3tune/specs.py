@@ -198,6 +198,14 @@ class TrainSpec(_Spec):
         None, description='experiment trackers fed the metrics.jsonl numbers: "tensorboard", "wandb", "mlflow", '
         '"trackio" (or a list); None = none (docs/tracking.md)')
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        """``~`` means the home directory, as in a shell (not a directory literally named ``~``)."""
+        import os
+
+        return os.path.expanduser(v)
+
     @model_validator(mode="after")
     def _save_steps(self) -> TrainSpec:
         if self.save_strategy == "steps" and self.save_steps is None:
@@ -208,7 +216,7 @@ class TrainSpec(_Spec):
     def _optimizer_and_schedule(self) -> TrainSpec:
         from .optim import check_optimizer, check_scheduler
 
-        check_optimizer(self.optimizer, self.optimizer_kwargs)
+        check_optimizer(self.optimizer, self.optimizer_kwargs, self.weight_decay)
         check_scheduler(self.lr_scheduler, self.lr_scheduler_kwargs)
         return self
 

@@ -42,6 +42,17 @@ def tiny_model_phi3_tok(tmp_path_factory: pytest.TempPathFactory, phi3_tokenizer
 
 
 @pytest.fixture(autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    """Started under nohup, from a background job or without a terminal, SIGINT starts out ignored; tests that
+    send it (Ctrl-C) see it as a terminal delivers it, and the launcher's disposition comes back afterwards."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.fixture(autouse=True)
 def _phi3tune_logs(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="phi3tune")
     yield

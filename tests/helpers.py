@@ -44,6 +44,14 @@ def tiny_tuner(model: Path, out: Path, rows: Any, **train: Any) -> FineTuner:
             .data(source=rows, max_seq_length=64).training(**defaults))
 
 
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading the base model fail: a test that expects an error "before weights load" proves it."""
+    def fail(*_: Any, **__: Any) -> None:
+        raise AssertionError("model weights were loaded")
+
+    monkeypatch.setattr("phi3tune.model.load_base_model", fail)
+
+
 def adapter_tensors(result: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -98,7 +106,7 @@ def kill_after(ref_out: Path, dst: Path, n: int) -> Path:
     for p in dst.glob("checkpoint-*"):
         if int(p.name.split("-")[1]) > n:
             shutil.rmtree(p)
-    partial = dst / f".checkpoint-{n + 1}.k1ll3d"  # the next save, cut off mid-write
+    partial = dst / f".checkpoint-{n + 1}.k1ll3d00"  # the next save, cut off mid-write
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)
     return dst

@@ -14,6 +14,7 @@ import yaml
 from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import DataFormatError, OutputDirError
+from phi3tune import checkpoints as ckpt
 from phi3tune import plot as plot_module
 from phi3tune.cli import main
 from phi3tune.demo import DEMO_FILES, _prepare_output_dir, run_demo
@@ -65,6 +66,33 @@ def test_demo_writes_adapter_metrics_and_loss_curve(demo):
     assert "training:" in proc.stderr and "pretraining the base" in proc.stderr  # progress bars
 
 
+def test_demo_result_runs_as_gguf(demo, tmp_path):
+    """The closing lines say how to run the result in Ollama / llama.cpp; the q8_0 GGUF of the demo's adapter,
+    read back by transformers, gives the merged model's greedy answers, and they are the task's answers."""
+    pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phi3tune import export_gguf, merge_adapter
+    from phi3tune.inference import generate_text
+    from phi3tune.model import load_tokenizer
+
+    out, proc, report = demo
+    adapter = out / "final_checkpoint"
+    assert f"phi3tune export {adapter} {out / 'model.gguf'} --format gguf" in proc.stdout
+    assert "ollama create" in proc.stdout and "llama-cli" in proc.stdout
+    file = export_gguf(adapter, tmp_path / "demo.gguf")  # q8_0
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, tmp_path / "merged", dtype="float32"),
+                                                  dtype=torch.float32)
+    from_file = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name, dtype=torch.float32)
+    tok = load_tokenizer(str(adapter))
+    prompts = [e["prompt"] for e in report["examples"]]
+    answers = [generate_text(merged, tok, p, max_new_tokens=10) for p in prompts]
+    assert [generate_text(from_file, tok, p, max_new_tokens=10) for p in prompts] == answers
+    right = sum(a == e["expected"] for a, e in zip(answers, report["examples"]))
+    assert right >= len(prompts) // 2, list(zip(prompts, answers))  # a clear answer, not noise
+
+
 def test_demo_never_silently_overwrites(demo, capsys):
     out, _, _ = demo
     before = (out / "final_checkpoint" / "adapter_model.safetensors").read_bytes()
@@ -81,6 +109,7 @@ def test_overwrite_removes_only_the_demos_files(tmp_path):
         _prepare_output_dir(out, overwrite=False)
     for name in DEMO_FILES:
         (out / name).write_text("old")
+    ckpt.record(out, "metrics.jsonl", "final_checkpoint")  # what the previous demo's run wrote, in its manifest
     (out / "metrics.jsonl").write_text("old")
     (out / "final_checkpoint").mkdir()
     _prepare_output_dir(out, overwrite=True)

@@ -72,7 +72,8 @@ def test_examples_parse_and_use_only_public_names():
 def test_readme_first_command_runs_the_demo_via_the_console_script():
     readme = (ROOT / "README.md").read_text()
     first = re.search(r"```bash\n(.+?)\n```", readme).group(1)
-    assert first == 'pip install torch==2.13.0 && pip install -e ".[plot]" && phi3tune demo'
+    assert first == ('pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu && '
+                     'pip install -e ".[plot]" && phi3tune demo')
     entry = re.search(r'^phi3tune = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     module, func = entry.split(":")
     assert module == "phi3tune.cli" and callable(getattr(__import__(module, fromlist=[func]), func))

@@ -19,7 +19,7 @@ from helpers import TESTS, assert_same_run, resume_tuner
 
 from phi3tune import TrainingError, TrainingInterrupted
 from phi3tune import checkpoints as ckpt
-from phi3tune.loop import _StopFlag
+from phi3tune.loop import StopFlag
 
 
 def _signal_at(step: int, sig: signal.Signals = signal.SIGINT) -> Any:
@@ -61,7 +61,7 @@ def test_interrupt_on_a_save_step_saves_once(tiny_model, tmp_path, monkeypatch):
 
 
 def test_second_ctrl_c_aborts_at_once():
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         assert stop.signal is None
         signal.raise_signal(signal.SIGTERM)
         assert stop.signal == "SIGTERM"
@@ -69,6 +69,20 @@ def test_second_ctrl_c_aborts_at_once():
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_model, tmp_path):
+    """Under nohup or in a background job SIGINT is ignored: a run neither un-ignores it nor stops on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen: list[Any] = []
+
+    def ctrl_c(event: dict[str, Any]) -> None:
+        seen.append(signal.getsignal(signal.SIGINT))
+        signal.raise_signal(signal.SIGINT)
+
+    res = resume_tuner(tiny_model, tmp_path / "run", max_steps=2, save_strategy="no").run(callbacks=[ctrl_c])
+    assert res.metrics["steps"] == 2 and seen == [signal.SIG_IGN, signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_sigterm_to_a_training_process(reference, tiny_model, tmp_path):

@@ -25,6 +25,7 @@ from helpers import TESTS, assert_same_run, kill_after, resume_tuner
 
 from phi3tune import CheckpointError, OutputDirError
 from phi3tune import checkpoints as ckpt
+from phi3tune.files import MANIFEST_NAME
 
 
 def test_reference_run_layout(reference):
@@ -128,7 +129,7 @@ def test_sigkill_mid_run_then_resume(reference, tiny_model, tmp_path):
     assert left and len(left) < 8
     for p in left:  # every checkpoint that exists is complete and loadable
         ckpt.load_checkpoint(p)
-    (out / f".checkpoint-{len(left) + 1}.killed").mkdir(exist_ok=True)
+    (out / f".checkpoint-{len(left) + 1}.killed00").mkdir(exist_ok=True)
     res = resume_tuner(tiny_model, out).run(resume=True)
     assert_same_run(res, reference)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -167,7 +168,7 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     ckpt.save_checkpoint(tmp_path, 1, _Model(), None, {"step": 1, "v": "old"}, {})
     ckpt.save_checkpoint(tmp_path, 1, _Model(), None, {"step": 1, "v": "new"}, {})
     assert ckpt.load_checkpoint(tmp_path / "checkpoint-1")[0]["v"] == "new"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", MANIFEST_NAME]
 
 
 # ------------------------------------------------------------------------------------------- output protection
@@ -229,8 +230,22 @@ def test_resume_true_on_an_empty_dir_trains_from_scratch(tiny_model, tmp_path):
 
 
 def test_overwrite_discards_checkpoints_of_another_configuration(reference, tiny_model, tmp_path):
+    """overwrite (without resume) starts over: the old run's checkpoints go, nothing of it is left to resume."""
     out = kill_after(reference.output_dir, tmp_path / "run", 2)
     res = resume_tuner(tiny_model, out, max_steps=1, save_strategy="no", eval_steps=None).adapter(r=4)
-    res.run(resume=True, overwrite=True)
+    res.run(overwrite=True)
     assert not ckpt.list_checkpoints(out) and not [p for p in out.iterdir() if p.name.startswith(".")]
     assert json.loads((out / ckpt.FINAL_DIR / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("how", ["argument", "spec"])
+def test_resume_and_overwrite_together_are_refused(reference, tiny_model, tmp_path, monkeypatch, how):
+    """A request to resume never deletes a checkpoint: resume + overwrite is refused before anything loads."""
+    out = kill_after(reference.output_dir, tmp_path / "run", 2)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _no_weights(monkeypatch)
+    ft = resume_tuner(tiny_model, out, overwrite_output_dir=how == "spec")
+    with pytest.raises(OutputDirError, match="resume=True together with overwrite") as err:
+        ft.run(resume=True, overwrite=True if how == "argument" else None)
+    assert "overwrite_output_dir" in str(err.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -136,6 +136,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         "losses": [round(e["loss"], 4) for e in events],
         "total_s": round(time.perf_counter() - started, 1),
         "final_loss": result.losses[-1] if result.losses else None,
+        "predicted_peak_gib": result.plan.predicted_peak_gib if result.plan else None,  # the run's own plan
     }
     if cuda:
         name = torch.cuda.get_device_name()
@@ -144,8 +145,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
                       peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
         stats = torch.cuda.memory_stats()  # allocator retries: a plan too close to the card's size frees and re-asks
-        report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0),
-                      predicted_peak_gib=result.plan.predicted_peak_gib if result.plan else None)
+        report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0))
         if peak:
             # tokens/s counts every rank; MFU is per GPU
             report["mfu"] = round(tok_s * _useful_flops_per_token(run) / (peak * 1e12 * gpus), 4)

@@ -232,6 +232,11 @@ def encode(row: dict[str, Any], tokenizer: Any, fmt: str, train_on: str, text_fi
         # A cut example gets no eos: it would teach the model to stop mid-sentence.
         ids = ids[:max_len] if truncated else [*ids, tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids), "truncated": truncated}
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataFormatError(
+            f"data.format={fmt!r} renders each row as chat messages with the tokenizer's chat template, but this "
+            "tokenizer has none; use data.format=\"text\" (the column named by data.text_field) for plain text, or "
+            "a model whose tokenizer ships a chat template (Phi-3's does)")
     messages = to_messages(row, fmt, text_field, system_prompt)
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

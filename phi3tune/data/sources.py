@@ -14,13 +14,14 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 def _find_bad_json(path: Path) -> str | None:
     """Locate a malformed line so the error can point at it (datasets' own message does not)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # a BOM (Windows editors) is no JSON error
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
             return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        return None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else None
+        return None if bad is None else f"element {bad}: expected a JSON object per example, not {rows[bad]!r:.40}"
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -93,7 +94,9 @@ def load_source(source: Any, split: str = "train", field: str = "data.source") -
         ds = source[split]
     elif isinstance(source, list):
         try:
-            ds = Dataset.from_list(source) if source else None
+            ds = _from_rows(source, field) if source else None
+        except DataFormatError:
+            raise
         except Exception as exc:  # pyarrow: one column holding values of several types
             raise DataFormatError(f"{field}: the list of rows does not make a table ({_reason(exc)}); give each "
                                   "column one type in every row (e.g. text everywhere, not text in one row and a "
@@ -120,6 +123,36 @@ def load_source(source: Any, split: str = "train", field: str = "data.source") -
     if ds is None or len(ds) == 0:
         raise DataFormatError(f"{field}: the dataset {_describe(source)} has no rows; give at least one example")
     return ds
+
+
+# the columns that decide a row's format (formats.detect_format): rows keyed by different ones are different formats
+_FORMAT_KEYS = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"prompt", "completion"})
+
+
+def _row_format(keys: set[str]) -> str:
+    found = [k for k in _FORMAT_KEYS if k <= keys]
+    return "/".join(sorted(found[0])) if len(found) == 1 else "other"
+
+
+def _from_rows(rows: list[Any], field: str) -> Any:
+    """A Dataset with the columns of *every* row (Dataset.from_list takes the first row's only, so a later row's
+    optional field, alpaca's ``input``, would be lost); a missing field is None. Rows of different formats are
+    refused, naming the row."""
+    from datasets import Dataset
+
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataFormatError(f"{field}: row {bad} is a {type(rows[bad]).__name__}, not a dict; give a list of "
+                              "dicts such as {'text': ...} or {'instruction': ..., 'output': ...}")
+    first = _row_format(set(rows[0]))
+    for i, row in enumerate(rows):
+        kind = _row_format(set(row))
+        if kind != first:
+            raise DataFormatError(
+                f"{field}: row {i} has the keys {sorted(row)} ({kind} format) but row 0 has {sorted(rows[0])} "
+                f"({first}); give every row of one source the same format")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return Dataset.from_dict({c: [r.get(c) for r in rows] for c in columns})
 
 
 def _reason(exc: BaseException) -> str:
