@@ -57,7 +57,7 @@ def attn_implementation(value: Any) -> str | None:
     return value
 
 
-def check_model(info: Any, attn: str | None, trust_remote_code: bool) -> None:
+def check_model_loads(info: Any, attn: str | None, trust_remote_code: bool) -> None:
     """attn_implementation supported by this model and installed; local weight files readable, of the right shapes."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -162,13 +162,30 @@ def spec_values(spec: Any) -> dict[str, Any]:
     return values
 
 
+def merge_spec(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any], protocol: type, field: str) -> Any:
+    """A fresh spec of the same class (a subclass keeps its class; a dict of fields builds the built-in); keywords
+    override its fields. A plugin that is not pydantic is used as given."""
+    from .plugins import check_spec
+
+    base = spec_argument(cls, spec, protocol, field) if spec is not None else current
+    if base is not None and not hasattr(base, "model_validate"):
+        if kwargs:
+            raise ConfigError(f"{field}: keyword arguments need a pydantic spec; build your "
+                              f"{type(base).__name__} with them instead")
+        return base
+    cls = type(base) if base is not None else cls
+    values = spec_values(base) if base is not None else {}
+    return check_spec(cls(**{**values, **kwargs}), protocol, field)
+
+
 def check_specs(data: Any, train: Any) -> None:
-    """Combinations of fields of different specs that cannot work (each spec checks its own fields)."""
-    if getattr(data, "streaming", False) and train.max_steps is None:
+    """Combinations of fields of different specs that cannot work (each spec checks its own fields); ``data`` is
+    the data spec's ``plugins.DataFacts``."""
+    if data.streaming and train.max_steps is None:
         raise ConfigError("data.streaming=True needs training.max_steps: a stream's length is unknown, so "
                           f"num_epochs={train.num_epochs} cannot be turned into steps; set max_steps (the stream "
                           "starts over at its end), or set streaming=False")
-    if train.eval_steps and data.eval_source is None and not data.eval_fraction:
+    if train.eval_steps and data.has_eval is False:
         raise ConfigError(
             f"training.eval_steps={train.eval_steps} but there is no eval data; set data.eval_fraction (e.g. 0.05) "
             "or data.eval_source to evaluate, or training.eval_steps=None to train without evaluation")

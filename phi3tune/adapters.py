@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from .errors import ConfigError
+from .plugins import AdapterFacts, QuantFacts, facts
 
 log = logging.getLogger("phi3tune")
 
@@ -34,10 +35,11 @@ INITS: dict[str, tuple[str, ...]] = {
 
 
 def lora_config(spec: Any, target_modules: list[str]) -> Any:
-    """LoraConfig of an AdapterSpec; PEFT's refusal of a combination becomes a ConfigError naming the fields."""
+    """LoraConfig of an AdapterSpec (or a subclass); PEFT's refusal of a combination becomes a ConfigError naming
+    the fields."""
     from peft import LoraConfig
 
-    init = getattr(spec, "init", "default")
+    init = spec.init
     try:
         return LoraConfig(
             r=spec.r,
@@ -47,26 +49,27 @@ def lora_config(spec: Any, target_modules: list[str]) -> Any:
             bias=spec.bias,
             use_rslora=spec.use_rslora,
             modules_to_save=spec.modules_to_save,
-            use_dora=getattr(spec, "use_dora", False),
+            use_dora=spec.use_dora,
             # loftq replaces A/B after attaching (apply_init): the saved adapter is then an ordinary one
             init_lora_weights=True if init in ("default", "loftq") else init,  # type: ignore[arg-type]
             task_type="CAUSAL_LM",
         )
     except ValueError as exc:
         raise ConfigError(f"adapter: PEFT cannot build this adapter (init={init!r}, use_dora="
-                          f"{getattr(spec, 'use_dora', False)}, bias={spec.bias!r}): {exc}") from exc
+                          f"{spec.use_dora}, bias={spec.bias!r}): {exc}") from exc
 
 
 def base_kind(quant: Any) -> str:
-    """"unquantized", "4bit" or "8bit" for a QuantSpec (a plugin quant spec without ``bits`` counts as 4-bit)."""
+    """"unquantized", "4bit" or "8bit" for a quantization spec (``plugins.QuantFacts``)."""
     if quant is None:
         return "unquantized"
-    return "8bit" if getattr(quant, "bits", 4) == 8 else "4bit"
+    return "8bit" if facts(quant, QuantFacts).bits == 8 else "4bit"
 
 
 def check_init(spec: Any, quant: Any, device_type: str) -> None:
     """Refuse an init PEFT cannot do on this base, before any weights load, saying what works."""
-    init = getattr(spec, "init", "default")
+    a = facts(spec, AdapterFacts)
+    init = a.init
     if init not in INITS:
         return
     kind = base_kind(quant)
@@ -77,18 +80,18 @@ def check_init(spec: Any, quant: Any, device_type: str) -> None:
                  "loftq": "a 4-bit base on CUDA (PEFT's replace_lora_weights_loftq)"}[init]
         raise ConfigError(f"adapter.init={init!r} needs {where}; on this {kind} base on {device_type} use one of "
                           f"{works}")
-    if getattr(spec, "use_dora", False) and kind == "8bit" and device_type != "cuda":
+    if a.use_dora and kind == "8bit" and device_type != "cuda":
         raise ConfigError(f"adapter.use_dora=True on an 8-bit base (quant.bits=8) needs CUDA: bitsandbytes cannot "
                           f"dequantize 8-bit weights on {device_type}, which DoRA does at every step. Use quant.bits=4 "
                           "or an unquantized base (quantize(None)) here, or train on a GPU")
-    if getattr(spec, "use_dora", False) and init == "loftq":
+    if a.use_dora and init == "loftq":
         raise ConfigError('adapter.init="loftq" with adapter.use_dora=True: PEFT\'s LoftQ replacement handles '
                           "plain LoRA layers only; use one or the other")
 
 
 def apply_init(model: Any, spec: Any, source: str) -> None:
     """Inits that PEFT runs after the adapter exists: LoftQ from the checkpoint's unquantized weights."""
-    if getattr(spec, "init", "default") != "loftq":
+    if facts(spec, AdapterFacts).init != "loftq":
         return
     from pathlib import Path
 

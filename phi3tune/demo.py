@@ -24,7 +24,8 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -230,6 +231,85 @@ def _report_lines(report: DemoReport, adapter_name: str, task_is_builtin: bool) 
     ]
 
 
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - started
+
+
+def _base_model(out: Path, model: str | None, plan: DemoPlan, seed: int, say: Callable[[str], None]) -> str:
+    """[1/4] the tiny Phi-3 built and pretrained here, or the user's model (a clear error for a wrong one)."""
+    from .model import preflight_model
+
+    if model is None:
+        say(f"[1/4] building the base model: a tiny Phi-3 (2 layers, hidden 128, char tokenizer), trained in "
+            f"full for {plan.pretrain_steps} steps to repeat what it is told")
+        return str(build_base_model(out / BASE_DIR, plan.pretrain_steps, seed))
+    base_path = preflight_model(model).source
+    say(f"[1/4] base model: {base_path}")
+    return base_path
+
+
+def _say_scores(scored: list[Scored], which: str, acc: float, loss: float, shown: int,
+                say: Callable[[str], None]) -> None:
+    _table(scored, which, shown, say)
+    say(f"    exact match {acc:.0%} ({round(acc * len(scored))}/{len(scored)}), held-out loss {loss:.3f}")
+
+
+def _before(base_path: str, quant: QuantSpec, task: Task, scored: list[Scored], max_new: int, device: str,
+            shown: int, say: Callable[[str], None]) -> tuple[float, float]:
+    """[2/4] the same 4-bit base the adapter will be trained on: exact match and held-out loss."""
+    import torch
+
+    from .inference import generate_text
+    from .model import load_tokenizer, load_weights
+    from .precision import auto_dtype, resolve_device
+
+    say(f"[2/4] before fine-tuning: the 4-bit base on {len(scored)} held-out prompts ({task.description})")
+    dev = resolve_device(device)
+    base = load_weights(base_path, quant, auto_dtype(dev), dev)  # auto_dtype: what compute_dtype="auto" picks
+    tokenizer = load_tokenizer(base_path)
+    acc = _score(scored, "before", partial(generate_text, base, tokenizer, max_new_tokens=max_new),
+                 task.conversations())
+    loss = heldout_loss(base, tokenizer, task.heldout, task.format)
+    del base  # free its memory before training loads the base again
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    _say_scores(scored, "before", acc, loss, shown, say)
+    return acc, loss
+
+
+def _fine_tune(base_path: str, quant: QuantSpec, task: Task, out: Path, tiny: bool, user_data: bool,
+               steps: int | None, plan: DemoPlan, device: str, seed: int, say: Callable[[str], None]) -> Any:
+    """[3/4] QLoRA through the public builder, evaluated on the held-out rows."""
+    from . import FineTuner
+
+    train_file = _write_jsonl(out / TRAIN_FILE, task.train)
+    held_file = _write_jsonl(out / HELDOUT_FILE, task.heldout)
+    adapter, training = _specs(tiny, out, steps, plan, device, seed)
+    say(f"[3/4] fine-tuning with 4-bit QLoRA: NF4 base, LoRA r={adapter.r} on every linear layer, "
+        f"{training.max_steps} steps of {training.sequences_per_step} examples")
+    return (FineTuner(base_path).quantize(quant).adapter(adapter)
+            .data(DataSpec(source=str(train_file), format=task.format,  # type: ignore[arg-type]
+                           max_seq_length=512 if user_data else 64,  # the built-in task's rows are 30 tokens
+                           eval_source=str(held_file)))
+            .training(training).run(overwrite=True))
+
+
+def _after(result: Any, task: Task, scored: list[Scored], max_new: int, device: str, shown: int,
+           say: Callable[[str], None]) -> tuple[float, float]:
+    """[4/4] the saved adapter, loaded the way a user would, on the same prompts."""
+    from . import load_finetuned
+
+    tuned = load_finetuned(result.adapter_dir, device=device)
+    acc = _score(scored, "after", lambda c: tuned.generate(c, max_new_tokens=max_new), task.conversations())
+    loss = float(result.metrics.get("eval_loss", float("nan")))
+    say(f"[4/4] after fine-tuning: the adapter loaded with load_finetuned, the same {len(scored)} prompts")
+    _say_scores(scored, "after", acc, loss, shown, say)
+    return acc, loss
+
+
 @leaves_process_as_found  # it seeds the global RNGs to build its base model
 def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = False, quick: bool = False,
              model: str | None = None, data: str | None = None, data_format: str = "auto",
@@ -239,81 +319,29 @@ def run_demo(output_dir: str | Path = "phi3tune-demo", *, overwrite: bool = Fals
 
     ``output_dir`` must be new or empty unless ``overwrite=True``, which replaces only the demo's own files.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from . import FineTuner, load_finetuned
-    from .inference import generate_text
-    from .model import bnb_config, load_tokenizer, pin_4bit_cpu_kernel, preflight_model
-    from .precision import auto_dtype, resolve_device
+    from .model import load_tokenizer
 
     t_start = time.perf_counter()
     plan = DemoPlan.make(quick)
     out = Path(output_dir).expanduser().resolve()
     _prepare_output_dir(out, overwrite)
     timings: dict[str, float] = {}
-    tiny = model is None
     say(f"phi3tune demo -> {out}")
+    quant = QuantSpec(bits=4, quant_type="nf4", compute_dtype="auto")
     with quiet_libraries():
-        # -- 1. the base model
-        t = time.perf_counter()
-        if model is None:
-            say(f"[1/4] building the base model: a tiny Phi-3 (2 layers, hidden 128, char tokenizer), trained in "
-                f"full for {plan.pretrain_steps} steps to repeat what it is told")
-            base_path = str(build_base_model(out / BASE_DIR, plan.pretrain_steps, seed))
-        else:
-            base_path = preflight_model(model).source  # a clear error for a wrong path or an unreachable hub id
-            say(f"[1/4] base model: {base_path}")
-        timings["base_model"] = time.perf_counter() - t
+        with _timed(timings, "base_model"):
+            base_path = _base_model(out, model, plan, seed, say)
         task = builtin_task(plan, seed) if data is None else user_task(data, data_format, plan.heldout, seed)
-        train_file = _write_jsonl(out / TRAIN_FILE, task.train)
-        held_file = _write_jsonl(out / HELDOUT_FILE, task.heldout)
-        scored, conversations = task.scored(), task.conversations()
+        scored = task.scored()
         tokenizer = load_tokenizer(base_path)
         max_new = min(256, max(len(tokenizer(s.expected)["input_ids"]) for s in scored) + 8)
-        quant = QuantSpec(bits=4, quant_type="nf4", compute_dtype="auto")
-
-        # -- 2. before: the same 4-bit base the adapter will be trained on
-        t = time.perf_counter()
-        say(f"[2/4] before fine-tuning: the 4-bit base on {len(scored)} held-out prompts ({task.description})")
-        dev = resolve_device(device)
-        cdt = auto_dtype(dev)  # what training's compute_dtype="auto" picks
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=cdt, quantization_config=bnb_config(quant, cdt),
-                                                    device_map={"": dev})
-        pin_4bit_cpu_kernel(base)
-        acc_before = _score(scored, "before", partial(generate_text, base, tokenizer, max_new_tokens=max_new),
-                            conversations)
-        loss_before = heldout_loss(base, tokenizer, task.heldout, task.format)
-        del base  # free its memory before training loads the base again
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        _table(scored, "before", plan.shown, say)
-        say(f"    exact match {acc_before:.0%} ({round(acc_before * len(scored))}/{len(scored)}), "
-            f"held-out loss {loss_before:.3f}")
-        timings["before"] = time.perf_counter() - t
-
-        # -- 3. QLoRA through the public builder
-        t = time.perf_counter()
-        adapter, training = _specs(tiny, out, steps, plan, device, seed)
-        max_len = 64 if data is None else 512  # the built-in task's rows are 30 tokens
-        say(f"[3/4] fine-tuning with 4-bit QLoRA: NF4 base, LoRA r={adapter.r} on every linear layer, "
-            f"{training.max_steps} steps of {training.sequences_per_step} examples")
-        result = (FineTuner(base_path).quantize(quant).adapter(adapter)
-                  .data(DataSpec(source=str(train_file), format=task.format,  # type: ignore[arg-type]
-                                 max_seq_length=max_len, eval_source=str(held_file)))
-                  .training(training).run(overwrite=True))
-        timings["fine_tune"] = time.perf_counter() - t
-
-        # -- 4. after: the saved adapter, loaded the way a user would
-        t = time.perf_counter()
-        tuned = load_finetuned(result.adapter_dir, device=device)
-        acc_after = _score(scored, "after", lambda c: tuned.generate(c, max_new_tokens=max_new), conversations)
-        loss_after = float(result.metrics.get("eval_loss", float("nan")))
-        say(f"[4/4] after fine-tuning: the adapter loaded with load_finetuned, the same {len(scored)} prompts")
-        _table(scored, "after", plan.shown, say)
-        say(f"    exact match {acc_after:.0%} ({round(acc_after * len(scored))}/{len(scored)}), "
-            f"held-out loss {loss_after:.3f}")
-        timings["after"] = time.perf_counter() - t
+        with _timed(timings, "before"):
+            acc_before, loss_before = _before(base_path, quant, task, scored, max_new, device, plan.shown, say)
+        with _timed(timings, "fine_tune"):
+            result = _fine_tune(base_path, quant, task, out, model is None, data is not None, steps, plan, device,
+                                seed, say)
+        with _timed(timings, "after"):
+            acc_after, loss_after = _after(result, task, scored, max_new, device, plan.shown, say)
     timings["total"] = time.perf_counter() - t_start
     losses = result.losses
     report = DemoReport(str(out), str(result.adapter_dir), base_path, acc_before, acc_after, loss_before, loss_after,

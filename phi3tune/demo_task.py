@@ -68,7 +68,8 @@ def build_base_model(out_dir: Path, steps: int, seed: int = 0, progress: bool = 
     import torch
     from tqdm.auto import tqdm
 
-    from .data import Collator, prepare_dataset
+    from .batching import Collator
+    from .data import prepare_dataset
     from .loss import TokenLoss, count_trained
     from .tiny import build_char_tokenizer, write_tiny_phi3
 
@@ -108,7 +109,8 @@ def build_base_model(out_dir: Path, steps: int, seed: int = 0, progress: bool = 
 # ---------------------------------------------------------------------------------------------- measuring
 def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], fmt: str) -> float:
     """Mean loss per trained (answer) token, exactly as the training loop's eval computes it."""
-    from .data import Collator, prepare_dataset
+    from .batching import Collator
+    from .data import prepare_dataset
     from .loss import TokenLoss, mean_loss
 
     data = prepare_dataset(DataSpec(source=rows, format=fmt, max_seq_length=512), tokenizer)  # type: ignore[arg-type]

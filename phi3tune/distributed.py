@@ -75,18 +75,25 @@ def use_fsdp_on_cpu(acc: Any, plugin: Any) -> None:
     acc.state.fsdp_plugin = plugin
 
 
-def even_micro_batches(acc: Any, module: Any, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+def largest_count(acc: Any, module: Any) -> Callable[[int], int]:
     """Under FSDP every forward and backward is a collective (all-gather, reduce-scatter), so every rank must run
-    the same number of micro-batches per step. Padding-free plans re-cut each rank's examples by tokens, so
-    counts can differ: ranks with fewer get copies of their last micro-batch with nothing trained (loss 0, no
-    gradient, no tokens counted). DDP needs none of this (one all-reduce per step whatever the count)."""
+    the same number of micro-batches per step; padding-free plans re-cut each rank's examples by tokens, so counts
+    can differ. The function returned gives the largest count over the ranks (a collective: call it on every
+    rank), which ``batching.equal_count`` fills up to. DDP needs none of this (one all-reduce per step whatever
+    the count): there it is each rank's own count."""
     if acc.num_processes == 1 or not is_sharded(module):
-        return micro
-    n = torch.tensor([len(micro)], device=acc.device)
-    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    last = micro[-1]
-    empty = {**last, "trained_idx": last["trained_idx"][:0], "num_real_tokens": torch.tensor(0)}
-    return micro + [empty] * (int(n) - len(micro))
+        return _own_count
+
+    def largest(n: int) -> int:
+        t = torch.tensor([n], device=acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+
+    return largest
+
+
+def _own_count(n: int) -> int:
+    return n
 
 
 def full_adapter_state(acc: Any, model: Any) -> dict[str, torch.Tensor] | None:

@@ -71,6 +71,18 @@ def atomic_dir(final: Path, what: str, full_disk_hint: Hint | None = _FULL_DISK_
         raise
 
 
+def write_config(config: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """A ``FineTuner.to_config()`` document as YAML (.yaml/.yml) or JSON (.json)."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    text = json.dumps(config, indent=2) if path.suffix == ".json" else yaml.safe_dump(config, sort_keys=False)
+    path.write_text(text)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def looks_like_path(source: str, suffixes: tuple[str, ...] = ()) -> bool:
     """Hub ids are "name" or "org/name"; anything else with a path shape (or one of ``suffixes``, e.g. a data

@@ -1,13 +1,13 @@
 """FineTuner: the builder that composes the four specs and runs them.
 
-``run()`` is the recipe: check everything that user input can get wrong (device, output directory, model config,
-target layers, data) and resolve the plan before a single weight is loaded or a file written, then claim the
-output dir, build the model, fit, save. Each phase is a function of ``pipeline.py``; the loop is ``loop.py``.
+``run()`` freezes the builder into a ``RunSpec`` and hands it to ``execute``, the recipe: check everything that
+user input can get wrong (device, output directory, model config, target layers, data) and resolve the plan
+before a single weight is loaded or a file written, then claim the output dir, build the model, fit, save. Each
+phase is a function of ``pipeline.py``; the loop is ``loop.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -17,9 +17,9 @@ from typing import Any
 
 from . import _preflight
 from ._isolation import leaves_process_as_found
-from .data.fingerprint import describe_in_memory
+from ._preflight import merge_spec
 from .errors import ConfigError
-from .files import read_config
+from .files import read_config, write_config
 from .logs import console
 from .loop import StopFlag, Trainer
 from .pipeline import build_model, check_run, claim_output_dir, save_outputs
@@ -28,13 +28,10 @@ from .plugins import (
     AdapterConfigSpec,
     DataPipelineSpec,
     QuantizationSpec,
-    check_spec,
     spec_from_config,
-    spec_to_config,
 )
+from .runspec import RunSpec
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
-
-IN_MEMORY = "in-memory:"  # a config's record of rows given in memory (sources.py refuses to load it)
 
 
 @dataclass
@@ -55,20 +52,6 @@ class RunResult:
         return [h["loss"] for h in self.history if "loss" in h]
 
 
-def _merge(cls: Any, current: Any, spec: Any, kwargs: dict[str, Any], protocol: type, field: str) -> Any:
-    """A fresh spec of the same class (a subclass keeps its class; a dict of fields builds the built-in); keywords
-    override its fields. A plugin that is not pydantic is used as given."""
-    base = _preflight.spec_argument(cls, spec, protocol, field) if spec is not None else current
-    if base is not None and not hasattr(base, "model_validate"):
-        if kwargs:
-            raise ConfigError(f"{field}: keyword arguments need a pydantic spec; build your "
-                              f"{type(base).__name__} with them instead")
-        return base
-    cls = type(base) if base is not None else cls
-    values = _preflight.spec_values(base) if base is not None else {}
-    return check_spec(cls(**{**values, **kwargs}), protocol, field)
-
-
 class FineTuner:
     """Fine-tune a Phi-3 checkpoint with (Q)LoRA. Chain .quantize/.adapter/.data/.training, then .run()."""
 
@@ -78,10 +61,12 @@ class FineTuner:
                  attn_implementation: str | None = None, quantized: bool = True) -> None:
         self.model = _preflight.model_argument(model)
         quantized = _preflight.as_bool(quantized, "quantized")
-        self.quant: QuantSpec | None = _preflight.spec_argument(QuantSpec, quant, QuantizationSpec, "quant") \
-            if quantized else None
-        self.adapter_spec: AdapterSpec = _preflight.spec_argument(AdapterSpec, adapter, AdapterConfigSpec, "adapter")
-        self.data_spec: DataSpec = _preflight.spec_argument(DataSpec, data, DataPipelineSpec, "data")
+        # a built-in spec, a subclass, or a plugin implementing the protocol (plugins.py)
+        self.quant: QuantizationSpec | None = _preflight.spec_argument(QuantSpec, quant, QuantizationSpec,
+                                                                       "quant") if quantized else None
+        self.adapter_spec: AdapterConfigSpec = _preflight.spec_argument(AdapterSpec, adapter, AdapterConfigSpec,
+                                                                        "adapter")
+        self.data_spec: DataPipelineSpec = _preflight.spec_argument(DataSpec, data, DataPipelineSpec, "data")
         self.train_spec: TrainSpec = _preflight.spec_argument(TrainSpec, training, object, "training")
         self.trust_remote_code = _preflight.as_bool(trust_remote_code, "trust_remote_code")
         self.attn_implementation = _preflight.attn_implementation(attn_implementation)
@@ -94,49 +79,36 @@ class FineTuner:
                 raise ConfigError("quantize(None) takes no other arguments")
             self.quant = None
         else:
-            self.quant = _merge(QuantSpec, self.quant, None if spec is True else spec, kwargs, QuantizationSpec,
-                                "quant")
+            self.quant = merge_spec(QuantSpec, self.quant, None if spec is True else spec, kwargs,
+                                    QuantizationSpec, "quant")
         return self
 
     def adapter(self, spec: AdapterSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.adapter_spec = _merge(AdapterSpec, self.adapter_spec, spec, kwargs, AdapterConfigSpec, "adapter")
+        self.adapter_spec = merge_spec(AdapterSpec, self.adapter_spec, spec, kwargs, AdapterConfigSpec,
+                                       "adapter")
         return self
 
     def data(self, spec: DataSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.data_spec = _merge(DataSpec, self.data_spec, spec, kwargs, DataPipelineSpec, "data")
+        self.data_spec = merge_spec(DataSpec, self.data_spec, spec, kwargs, DataPipelineSpec, "data")
         return self
 
     def training(self, spec: TrainSpec | None = None, **kwargs: Any) -> FineTuner:
-        self.train_spec = _merge(TrainSpec, self.train_spec, spec, kwargs, object, "training")
+        self.train_spec = merge_spec(TrainSpec, self.train_spec, spec, kwargs, object, "training")
         return self
 
     # ------------------------------------------------------------------ config round trip
+    def freeze(self) -> RunSpec:
+        """The run as it stands, a frozen value: what ``run()``, the plan and the bench read."""
+        return RunSpec(self.model, self.quant, self.adapter_spec, self.data_spec, self.train_spec,
+                       self.trust_remote_code, self.attn_implementation)
+
     def to_config(self) -> dict[str, Any]:
         """The whole run as plain data (YAML/JSON-ready)."""
-        data = spec_to_config(self.data_spec, DataSpec)
-        for key in ("source", "eval_source"):
-            value = data.get(key)
-            if value is not None and not isinstance(value, str):  # rows: a fingerprint, never the rows themselves
-                data[key] = IN_MEMORY + describe_in_memory(getattr(self.data_spec, key))
-        return {
-            "model": self.model,
-            "trust_remote_code": self.trust_remote_code,
-            "attn_implementation": self.attn_implementation,
-            "quant": spec_to_config(self.quant, QuantSpec) if self.quant is not None else None,
-            "adapter": spec_to_config(self.adapter_spec, AdapterSpec),
-            "data": data,
-            "training": spec_to_config(self.train_spec, TrainSpec),
-        }
+        return self.freeze().to_config()
 
     def save_config(self, path: str | os.PathLike[str]) -> Path:
         """Write to_config() as YAML (.yaml/.yml) or JSON (.json)."""
-        import yaml
-
-        path = Path(path)
-        cfg = self.to_config()
-        text = json.dumps(cfg, indent=2) if path.suffix == ".json" else yaml.safe_dump(cfg, sort_keys=False)
-        path.write_text(text)
-        return path
+        return write_config(self.to_config(), path)
 
     @classmethod
     def from_config(cls, config: str | os.PathLike[str] | dict[str, Any]) -> FineTuner:
@@ -166,7 +138,6 @@ class FineTuner:
                f"data={self.data_spec!r}, training={self.train_spec!r})"
 
     # ------------------------------------------------------------------ run
-    @leaves_process_as_found
     def run(self, *, resume: bool | str = False, overwrite: bool | None = None,
             callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
         """Train and save. ``resume=True`` continues from the newest complete checkpoint in output_dir.
@@ -174,18 +145,25 @@ class FineTuner:
         ``callbacks`` are called after every optimizer step with a dict of that step's numbers
         (step, loss, grad_norm, lr, real_tokens, trained_tokens, batch_tokens).
         """
-        overwrite = self.train_spec.overwrite_output_dir if overwrite is None else overwrite
-        config = self.to_config()
-        with console(logging.INFO):  # the data summary and the plan reach a user who set up no logging (logs.py)
-            checked = check_run(self, resume, overwrite, config)  # user-input checks, plan, data: nothing written
-            claim_output_dir(self, checked, overwrite, resume)  # now the output dir is ours: config and plan
-            model = build_model(self, checked)  # weights load, as the plan says
-            trainer = Trainer(model, checked.tokenizer, checked.data, self.train_spec, checked.plan, callbacks)
-            with StopFlag() as stop:  # Ctrl-C / SIGTERM from here on: the final adapter is still saved
-                metrics = trainer.fit(checked.resume_from, stop)
-                adapter_dir = save_outputs(self, trainer, checked)  # final adapter and loss.png
-        model.eval()
-        if stop.signal:
-            raise trainer.interrupted_after_training(stop.signal, adapter_dir)
-        return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,
-                         checked.plan)
+        return execute(self.freeze(), resume=resume, overwrite=overwrite, callbacks=callbacks)
+
+
+@leaves_process_as_found
+def execute(run: RunSpec, *, resume: bool | str = False, overwrite: bool | None = None,
+            callbacks: list[Callable[[dict[str, Any]], None]] | None = None) -> RunResult:
+    """The recipe of ``FineTuner.run``, one phase a line, on the frozen ``run``."""
+    overwrite = run.train.overwrite_output_dir if overwrite is None else overwrite
+    config = run.to_config()
+    with console(logging.INFO):  # the data summary and the plan reach a user who set up no logging (logs.py)
+        checked = check_run(run, resume, overwrite, config)  # user-input checks, plan, data: nothing written
+        claim_output_dir(run, checked, config, overwrite, resume)  # now the output dir is ours: config and plan
+        model = build_model(run, checked)  # weights load, as the plan says
+        trainer = Trainer(model, checked.tokenizer, checked.data, run.train, checked.plan, callbacks)
+        with StopFlag() as stop:  # Ctrl-C / SIGTERM from here on: the final adapter is still saved
+            metrics = trainer.fit(checked.resume_from, stop)
+            adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
+    model.eval()
+    if stop.signal:
+        raise trainer.interrupted_after_training(stop.signal, adapter_dir)
+    return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,
+                     checked.plan)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .data.formats import add_system_prompt
 from .errors import OVERWRITE, ConfigError, ModelSourceError, OutputDirError, hint
 from .files import CONFIG_NAME, MERGE_META_NAME, STATE_NAME, atomic_dir
@@ -149,11 +151,13 @@ def _base_of(path: Path, meta: dict[str, Any], base_model: str | None) -> str:
     return str(base)
 
 
-def _load_base(base: str, path: Path, **kwargs: Any) -> Any:
-    from transformers import AutoModelForCausalLM
+def _load_base(base: str, path: Path, quant: Any, dtype: Any, device: Any, compute_dtype: Any = None,
+               trust_remote_code: bool = False) -> Any:
+    from .model import load_weights
 
     try:
-        return AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, **kwargs)
+        return load_weights(base, quant, dtype, device, compute_dtype=compute_dtype,
+                            trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelSourceError(f"could not load base model {base!r} for adapter {str(path)!r}: {str(exc)[:200]}; "
                                "pass base_model= with a local directory") from exc
@@ -172,7 +176,6 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
     loads the base unquantized. The base model comes from adapter_config.json unless ``base_model`` is given."""
     from peft import PeftModel
 
-    from .model import bnb_config, pin_4bit_cpu_kernel
     from .precision import auto_dtype, resolve_compute_dtype, resolve_device, resolve_precision
 
     path = Path(adapter_dir).expanduser()
@@ -185,16 +188,11 @@ def load_finetuned(adapter_dir: str | os.PathLike[str], quant: QuantSpec | str |
         raise ConfigError(f"load_finetuned: quant={quant!r}; give a QuantSpec, None (unquantized) or leave it out "
                           "(the quantization the adapter was trained with)")
     dev = resolve_device(device)
-    dtype = auto_dtype(dev)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if isinstance(quant, QuantizationSpec):
-        cdt = resolve_compute_dtype(quant, resolve_precision("auto", dev), dev)
-        kwargs.update(quantization_config=bnb_config(quant, cdt), device_map={"": dev})
-    model = _load_base(base, path, **kwargs)
     if not isinstance(quant, QuantizationSpec):
-        model.to(dev)
-    else:
-        pin_4bit_cpu_kernel(model)  # the kernel training used, so the outputs are the trained model's
+        quant = None
+    cdt = resolve_compute_dtype(quant, resolve_precision("auto", dev), dev) if quant is not None else None
+    # quantized: every 4-bit layer on the CPU kernel training used, so the outputs are the trained model's
+    model = _load_base(base, path, quant, auto_dtype(dev), dev, cdt, trust_remote_code)
     with peft_wrapping():
         peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
@@ -257,7 +255,7 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         raise OutputDirError(f"merge_adapter: {str(out)!r} exists and is not empty",
                              hint("; choose a new directory or pass {overwrite} to replace it", overwrite=OVERWRITE))
     _refuse_quantized_base(base, trust_remote_code)
-    model = _load_base(base, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = _load_base(base, path, None, DTYPES[dtype], torch.device("cpu"), trust_remote_code=trust_remote_code)
     with peft_wrapping():
         merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     log.info("merged adapter %s%s into base %s loaded unquantized in %s", path, _step_note(meta), base, dtype)

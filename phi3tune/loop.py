@@ -7,7 +7,7 @@ batch 4 x accum 1 and batch 1 x accum 4 train identically. We use ``accelerator.
 ``accelerator.accumulate`` because the latter assumes every step has ``grad_accum`` micro-batches and scales
 each by 1/grad_accum; an epoch's short last step would then be mis-weighted.
 
-Which micro-batches make up a step is ``steps.optimizer_steps``; where the numbers go is ``metrics.Metrics``.
+Which micro-batches make up a step is ``batching.optimizer_steps``; where the numbers go is ``metrics.Metrics``.
 """
 
 from __future__ import annotations
@@ -21,18 +21,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from torch.utils.data import DataLoader
 
 from . import checkpoints as ckpt
 from . import distributed, shards, tracking
-from .data import Collator, PreparedData
+from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
+from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
 from .loss import TokenLoss, mean_loss, trained_positions
 from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
 from .specs import TrainSpec
-from .steps import Batch, EpochSampler, Position, layout, optimizer_steps
 
 log = logging.getLogger("phi3tune")
 _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> accelerate's mixed_precision
@@ -104,17 +103,9 @@ class Trainer:
         distributed.use_fsdp_on_cpu(acc, fsdp)
         self.metrics = Metrics(acc, self.output_dir, spec.model_dump(), spec.progress_bar, callbacks)
 
-        collate = Collator(tokenizer.pad_token_id, padding_free=plan.padding_free)
         self.stream = data.train if data.streaming else None  # StreamRows: positioned by _restore, never skipped
-        # Its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed
-        # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
-        sampler = None if data.streaming else EpochSampler(len(data.train), spec.seed)
-        loader = DataLoader(data.train, batch_size=spec.batch_size, sampler=sampler,
-                            collate_fn=collate, generator=torch.Generator().manual_seed(spec.seed),
-                            pin_memory=device.type == "cuda")
-        eval_loader = None
-        if data.eval is not None:
-            eval_loader = DataLoader(data.eval, batch_size=spec.batch_size, collate_fn=collate)
+        loader, eval_loader = loaders(data.train, data.eval, plan, spec.batch_size, spec.seed, self.pad_id,
+                                      streaming=data.streaming)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk), optimizer)
@@ -127,12 +118,14 @@ class Trainer:
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
         # per rank once prepared; a stream's length is unknown (preflight: streaming needs max_steps)
         self.loader_len = None if data.streaming else len(self.loader)
-        self.steps_per_epoch = max(1, math.ceil((self.loader_len or 1) / spec.grad_accum))
-        self.total_steps = spec.max_steps or max(1, math.ceil(spec.num_epochs * self.steps_per_epoch))
+        self.steps_per_epoch, self.total_steps = count_steps(self.loader_len or 1, spec.grad_accum, spec.max_steps,
+                                                             spec.num_epochs)
         self.scheduler = spec.create_scheduler(optimizer, math.ceil(spec.warmup_ratio * self.total_steps),
                                                self.total_steps)
         self.eval_loader = None if eval_loader is None else acc.prepare_data_loader(eval_loader,
                                                                                      device_placement=False)
+        # FSDP: every rank runs as many micro-batches as the rank with the most (batching.equal_count)
+        self.batcher = MicroBatcher.of(plan, self.pad_id, distributed.largest_count(acc, self.loss_module))
 
     def _fsdp_plugin(self) -> Any:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
@@ -167,23 +160,28 @@ class Trainer:
         ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
         if resume_from is not None:
             self._restore(resume_from)
-        s, pos = self.spec, self.pos
+        s = self.spec
         self.loss_module.train()  # before compiling: graphs are specialised on train/eval mode
         self._compile_fixed_shapes()
-        if pos.step == 0 and self.eval_loader is not None:  # the held-out loss before training: the curve's start
+        if self.pos.step == 0 and self.eval_loader is not None:  # the held-out loss before training: the curve's start
             rng = ckpt.rng_state()  # evaluating draws no dropout, but its loader may draw a seed
             self.evaluate()
             ckpt.set_rng_state(rng)
-        self.metrics.start(pos.step, self.total_steps)
+        self.metrics.start(self.pos.step, self.total_steps)
         skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
         with nullcontext(stop) if stop is not None else StopFlag() as stop, _graph_room(self.plan):
-            for micro in optimizer_steps(self.loader, pos, self.total_steps, s.grad_accum, self.plan, self.pad_id,
-                                         skip, self._end_of_epoch):
+            for pos, micro in optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
+                                              skip):
+                self.pos = pos  # counts this step already: a checkpoint written while it is handled resumes after it
+                if micro is None:  # between epochs, before the next epoch's loader starts
+                    if s.save_strategy == "epoch":
+                        self.save_checkpoint()
+                    continue
                 lr = self.scheduler.get_last_lr()[0]
                 result = self._train_step(micro)
                 self.metrics.step_done(pos.step, result, lr)
                 if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:
-                    epoch = pos.epoch + (pos.micro_in_epoch / self.loader_len if self.loader_len else 0)
+                    epoch = pos.epoch + (pos.loader_batches / self.loader_len if self.loader_len else 0)
                     self.metrics.log_train(pos.step, epoch, lr, result.grad_norm)
                 if s.eval_steps and pos.step % s.eval_steps == 0 and pos.step != self.total_steps:
                     self.evaluate()
@@ -193,11 +191,7 @@ class Trainer:
                     self._interrupted(stop.signal)
             self.metrics.close_bar()
             final = self.evaluate() if self.eval_loader is not None else {}
-        return self.metrics.finish(pos.step, final)
-
-    def _end_of_epoch(self) -> None:
-        if self.spec.save_strategy == "epoch":
-            self.save_checkpoint()
+        return self.metrics.finish(self.pos.step, final)
 
     def _interrupted(self, signal_name: str) -> NoReturn:
         """Save (unless this step is saved already: decided the same way on every rank, save has barriers)."""
@@ -224,7 +218,6 @@ class Trainer:
     def _train_step(self, micro: list[Batch]) -> StepResult:
         """One optimizer step over the micro-batches of ``micro`` (``self.pos.step`` is its number)."""
         acc = self.accelerator
-        micro = distributed.even_micro_batches(acc, self.loss_module, micro)  # FSDP: as many forwards on each rank
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
                                sum(int(b["num_real_tokens"]) for b in micro)])
         if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
@@ -292,9 +285,7 @@ class Trainer:
         assert self.eval_loader is not None
         acc = self.accelerator
         self.loss_module.eval()
-        even = distributed.even_micro_batches  # FSDP: as many forwards on every rank
-        batches = (b for batch in self.eval_loader
-                   for b in even(acc, self.loss_module, layout([batch], self.plan, self.pad_id)))
+        batches = (b for batch in self.eval_loader for b in self.batcher([batch]))
         loss = mean_loss(self.loss_module, batches, acc.device, self._to_device, lambda t: acc.reduce(t, "sum"))
         self.loss_module.train()
         return self.metrics.log_eval(self.pos.step, loss)
@@ -316,10 +307,10 @@ class Trainer:
                 tensors["optimizer"] = self.optimizer.state_dict()
             if acc.scaler is not None:
                 tensors["scaler"] = acc.scaler.state_dict()
-            state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
+            state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.loader_batches,
                      "total_steps": self.total_steps, **self.metrics.state()}
             if self.stream is not None:  # the stream's position after the loader batches consumed so far
-                state["stream"] = self.stream.state_at(pos.epoch, pos.micro_in_epoch * self.spec.batch_size)
+                state["stream"] = self.stream.state_at(pos.epoch, pos.loader_batches * self.spec.batch_size)
             path = ckpt.save_checkpoint(self.output_dir, pos.step, self.trained_model(), self.tokenizer, state,
                                         tensors, self.spec.save_total_limit, adapter,
                                         self._write_shard if self.sharded else None)
@@ -388,5 +379,5 @@ class Trainer:
             self.stream.resume(state["stream"])
         self._follow_new_total(state.get("total_steps"))
         self.metrics.restore(state)
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", path, self.pos.step, self.pos.epoch,
-                 self.pos.micro_in_epoch)
+        log.info("resumed from %s at step %d (epoch %d, loader batch %d)", path, self.pos.step, self.pos.epoch,
+                 self.pos.loader_batches)

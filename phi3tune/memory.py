@@ -15,7 +15,6 @@ CUDA_CONTEXT = int(0.5 * GIB)
 _ACT_COEF = (14.0, 5.0, 95.0)
 _NO_DROPOUT = 0.83  # share of the above left without LoRA dropout (CPU fit)
 _COMPILED = 0.85  # compiled layers keep fewer intermediates (H200: 12.3 vs 14.0 GiB at equal batches)
-_OPT_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2}
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,12 @@ class ModelShape:
 
 
 def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, targets: set[str], r: int,
-                   dropout: float, optimizer: str, act_bytes: int, upcast_frozen: bool, tokens: int,
+                   dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
                    checkpoint_layers: int | None = None) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
-    ``checkpoint_layers``: how many decoder layers are checkpointed (default: all when ``checkpointing``)."""
+    ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
+    decoder layers are checkpointed (default: all when ``checkpointing``)."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -60,7 +60,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
         if name.rsplit(".", 1)[-1] in targets:
             lora += r * (fan_in + fan_out)
     other += shape.other_params * (4 if (upcast_frozen and bits is not None) or act_bytes == 4 else act_bytes)
-    adapter = lora * (4 + 4 + _OPT_STATE_BYTES.get(optimizer, 8))
+    adapter = lora * (4 + 4 + optimizer_state_bytes)
     a, b, c = _ACT_COEF
     per_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (1.0 if dropout > 0 else _NO_DROPOUT)
     if compiled:

@@ -19,13 +19,13 @@ from .errors import ModelSourceError, TargetModulesError
 from .files import looks_like_path
 from .logs import peft_wrapping
 from .memory import ModelShape
+from .plugins import AdapterConfigSpec, AdapterFacts, QuantizationSpec, facts
 
 # dtype / precision / device resolution lives in precision.py; these names stay importable from here
 from .precision import bf16_supported as bf16_supported
 from .precision import resolve_compute_dtype as resolve_compute_dtype
 from .precision import resolve_device as resolve_device
 from .precision import resolve_precision as resolve_precision
-from .specs import AdapterSpec, QuantSpec
 
 log = logging.getLogger("phi3tune")
 
@@ -115,7 +115,7 @@ def linear_layer_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) -> list[str]:
+def resolve_target_modules(spec: AdapterConfigSpec, linear_layers: tuple[str, ...]) -> list[str]:
     """Turn "auto" or a user list into the model's real layer names (classic names mapped to fused ones)."""
     if spec.target_modules == "auto":
         return list(linear_layers)
@@ -141,9 +141,9 @@ def resolve_target_modules(spec: AdapterSpec, linear_layers: tuple[str, ...]) ->
     return resolved
 
 
-def check_modules_to_save(spec: AdapterSpec, module_names: tuple[str, ...]) -> None:
+def check_modules_to_save(spec: AdapterConfigSpec, module_names: tuple[str, ...]) -> None:
     """PEFT silently ignores modules_to_save names that match nothing: the user would train less than asked."""
-    unknown = [name for name in getattr(spec, "modules_to_save", None) or []
+    unknown = [name for name in facts(spec, AdapterFacts).modules_to_save or []
                if not any(m == name or m.endswith("." + name) for m in module_names)]
     if unknown:
         names = set(module_names)
@@ -183,9 +183,31 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def load_weights(source: str, quant: QuantizationSpec | None, dtype: torch.dtype, device: torch.device, *,
+                 compute_dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None) -> Any:
+    """The one way a base is loaded for a device (training, inference, the demo): safetensors only; quantized by
+    ``quant`` (matmuls in ``compute_dtype``, default ``dtype``) with every 4-bit layer on one CPU kernel
+    (``pin_4bit_cpu_kernel``), or unquantized in ``dtype``. A missing or unreadable checkpoint raises OSError,
+    which each caller words for its user."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quant is not None:
+        kwargs.update(quantization_config=bnb_config(quant, compute_dtype or dtype), device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quant is None:
+        model.to(device)  # type: ignore[arg-type]
+    else:
+        pin_4bit_cpu_kernel(model)
+    return model
+
+
 def load_base_model(
     info: ModelInfo,
-    quant: QuantSpec | None,
+    quant: QuantizationSpec | None,
     compute_dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool = False,
@@ -200,29 +222,15 @@ def load_base_model(
     bandwidth; under bf16 autocast the matmuls are bf16 either way and the adapters stay fp32.
     """
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {
-        "dtype": compute_dtype,
-        "trust_remote_code": trust_remote_code,
-        "use_safetensors": True,
-    }
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant, compute_dtype)
-        kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(info.source, **kwargs)
+        model = load_weights(info.source, quant, compute_dtype, device, trust_remote_code=trust_remote_code,
+                             attn_implementation=attn_implementation)
     except OSError as exc:
         raise ModelSourceError(
             f"could not load weights of {info.source!r}: {str(exc)[:300]}. phi3tune loads .safetensors "
             "weights only; convert .bin checkpoints with save_pretrained(safe_serialization=True)"
         ) from exc
-    if quant is None:
-        model.to(device)  # type: ignore[arg-type]
-    else:
-        pin_4bit_cpu_kernel(model)
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if quant is not None and upcast_frozen:
@@ -238,7 +246,7 @@ def load_base_model(
     return model
 
 
-def attach_adapter(model: nn.Module, spec: AdapterSpec, target_modules: list[str]) -> nn.Module:
+def attach_adapter(model: nn.Module, spec: AdapterConfigSpec, target_modules: list[str]) -> nn.Module:
     """Wrap ``model`` in the spec's PEFT adapter (``spec.peft_config``); adapters stay fp32 so fp16 grad scaling
     works."""
     from peft import get_peft_model

@@ -8,6 +8,7 @@ optimizer's and the schedule's own signatures, so a typo fails at once with the 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,10 @@ import torch
 LEGACY = {"adamw_torch": ("torch", "AdamW", "AdamW"),
           "paged_adamw_32bit": ("bnb", "PagedAdamW32bit", "AdamW32bit"),
           "paged_adamw_8bit": ("bnb", "PagedAdamW8bit", "AdamW8bit")}
+# state tensors per parameter, by optimizer family (the class name without Paged / 8bit / 32bit, lower case)
+_STATES = {"adam": 2, "adamw": 2, "nadam": 2, "radam": 2, "adamax": 2, "lamb": 2, "adadelta": 2, "rprop": 2,
+           "asgd": 2, "sparseadam": 2, "ademamix": 3, "lion": 1, "sgd": 1, "lars": 1, "pytorchlars": 1, "rmsprop": 1,
+           "adagrad": 1, "adafactor": 1, "muon": 1}
 # schedules that need a metric at every step: our loop steps the schedule once per optimizer step, with no metric
 _NEEDS_METRIC = {"reduce_lr_on_plateau", "greedy"}
 _SET_BY_LOOP = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
@@ -61,6 +66,27 @@ def optimizer_class(name: str, device_type: str = "cuda") -> type:
         f"training.optimizer={name!r} is no optimizer; use {sorted(LEGACY)}, a torch.optim class "
         f"({sorted(torch_opts)}), a bitsandbytes.optim class (e.g. {sorted(bnb_opts)[:12]}…) or an import path "
         '"module:Class"')
+
+
+@dataclass(frozen=True)
+class OptimizerFacts:
+    """What the plan and the memory estimate need to know of an optimizer."""
+
+    cls: type
+    paged: bool  # bitsandbytes pages its state to host memory under device memory pressure
+    state_bytes: int  # optimizer state per trainable parameter (8-bit states: 1 byte each, else fp32)
+
+
+def optimizer_facts(name: str, device_type: str = "cuda") -> OptimizerFacts:
+    """The class ``name`` means on ``device_type``, whether it is paged, and its state bytes per parameter: the
+    one place these are known (plan.py and memory.py read them). Unknown families count as AdamW (2 states)."""
+    cls = optimizer_class(name, device_type)
+    key = cls.__name__.lower()
+    paged = cls.__module__.startswith("bitsandbytes") and key.startswith("paged")
+    key = key.removeprefix("paged")
+    state_dtype_bytes = 1 if key.endswith("8bit") else 4
+    family = key.removesuffix("8bit").removesuffix("32bit")
+    return OptimizerFacts(cls, paged, _STATES.get(family, 2) * state_dtype_bytes)
 
 
 def takes_weight_decay(cls: type) -> bool:

@@ -1,7 +1,9 @@
 """The phases of ``FineTuner.run``, one function each, in the order they run:
 
+Each takes the frozen ``RunSpec`` (runspec.py), never the builder.
+
 1. ``check_run``: everything user input can get wrong (device, output dir, model config, target layers), the
-   RunPlan (``plan.py``), then the tokenizer and the data (``prepare_data``): no weights loaded, nothing written;
+   RunPlan (``plan.py``), then the tokenizer and the data (``tokenize_data``): no weights loaded, nothing written;
 2. ``claim_output_dir``: only now is anything written (the config and the plan);
 3. ``build_model``: weights load as the plan says, the adapter is attached;
 4. (``loop.Trainer(...).fit()`` trains;)
@@ -14,26 +16,24 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from . import checkpoints as ckpt
+from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
-from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir
+from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, write_config
 from .files import PLAN_NAME as PLAN_NAME
+from .loop import Trainer
+from .model import ModelInfo
 from .plan import RunPlan, resolve_plan
-from .plugins import spec_to_config
+from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
+from .runspec import RunSpec
 from .shards import check_optimizer_shardable
 from .specs import QuantSpec, TrainSpec
 from .tracking import check_report_to, tracker_names
-
-if TYPE_CHECKING:
-    from .data import PreparedData
-    from .finetuner import FineTuner
-    from .loop import Trainer
-    from .model import ModelInfo
 
 log = logging.getLogger("phi3tune")
 TRUNCATION_WARNING = 0.05  # share of examples cut by data.max_seq_length above which the run warns
@@ -54,7 +54,7 @@ class CheckedRun:
     fingerprints: dict[str, str]  # what the run trains on (checkpoints.fingerprints), kept in the manifest
 
 
-def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: torch.dtype,
+def check_distributed(spec: TrainSpec, quant: QuantizationSpec | None, compute_dtype: torch.dtype,
                       device_type: str = "cuda") -> None:
     """FSDP shards parameters of one dtype: 4-bit weights must be stored in the compute dtype. An optimizer that
     needs a norm over each whole parameter cannot step shards (shards.py). Both refused before anything loads."""
@@ -64,10 +64,12 @@ def check_distributed(spec: TrainSpec, quant: QuantSpec | None, compute_dtype: t
     if quant is None:
         return
     dtype = str(compute_dtype).removeprefix("torch.")
-    if getattr(quant, "bits", 4) != 4 or getattr(quant, "quant_storage", None) != dtype:
+    q = facts(quant, QuantFacts)
+    if q.bits != 4 or q.quant_storage != dtype:
+        storage = f'"{q.quant_storage}"' if q.quant_storage else f"not declared by {type(quant).__name__}"
         raise ConfigError(
             f'training.distributed="fsdp" with a quantized base needs quant.bits=4 and quant.quant_storage equal '
-            f'to the compute dtype ({dtype}); got bits={quant.bits}, quant_storage="{quant.quant_storage}". '
+            f'to the compute dtype ({dtype}); got bits={q.bits}, quant_storage {storage}. '
             f'Set quant_storage="{dtype}"')
 
 
@@ -90,7 +92,7 @@ def check_fits(plan: RunPlan) -> None:
         'optimizer="paged_adamw_8bit", or a larger GPU')
 
 
-def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[str, Any]) -> CheckedRun:
+def check_run(run: RunSpec, resume: bool | str, overwrite: bool, config: dict[str, Any]) -> CheckedRun:
     """Device, output directory, model config, target layers, the plan and the data: no weights loaded, nothing
     written. The data is prepared here too, so that a bad row fails the run before the output dir is touched."""
     from accelerate import PartialState
@@ -98,13 +100,14 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
     from . import _preflight
     from .precision import resolve_device
 
-    t = ft.train_spec
-    _preflight.check_specs(ft.data_spec, t)
+    t = run.train
+    data_facts = facts(run.data, DataFacts)
+    _preflight.check_specs(data_facts, t)
     kind = resolve_device(t.device)
     # one process, or a rank of accelerate launch / torchrun; collectives that wait longer raise (distributed.py)
     state = PartialState(cpu=kind.type == "cpu", **process_group_kwargs(t.collective_timeout_s))
     device = resolve_device(t.device, state.local_process_index)
-    if getattr(ft.data_spec, "streaming", False) and state.num_processes > 1:
+    if data_facts.streaming and state.num_processes > 1:
         raise ConfigError(f"data.streaming=True runs on one process; this run has {state.num_processes}. Prepare "
                           "the data map-style (streaming=False: tokenized once into the cache) for several GPUs")
     check_report_to(t.report_to)  # accelerate would silently drop a tracker whose package is missing
@@ -115,106 +118,109 @@ def check_run(ft: FineTuner, resume: bool | str, overwrite: bool, config: dict[s
         log.warning("resume=True: no complete checkpoint in %s, so the run starts from step 0", out)
     if resume_from is not None:
         ckpt.check_resume_step(resume_from, t.max_steps)
-    info, targets = check_model(ft, device)
+    info, targets = inspect_model(run, device)
     assert info.shape is not None
-    plan = resolve_plan(ft, info.shape, targets, device, processes=state.num_processes)  # precision, dtype, peak
-    check_distributed(t, ft.quant, plan.dtype, device.type)
+    plan = resolve_plan(run, info.shape, targets, device, processes=state.num_processes)  # precision, dtype, peak
+    check_distributed(t, run.quant, plan.dtype, device.type)
     check_fits(plan)
-    tokenizer, data = prepare_data(ft, info, plan, state.is_main_process)
+    tokenizer, data = tokenize_data(run, info, plan, state.is_main_process)
     prints = ckpt.fingerprints(tokenizer, data)
     if resume_from is not None:
         ckpt.check_fingerprints(out, prints)
     return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state, prints)
 
 
-def check_model(ft: FineTuner, device: torch.device) -> tuple[ModelInfo, list[str]]:
+def inspect_model(run: RunSpec, device: torch.device) -> tuple[ModelInfo, list[str]]:
     """The model's config (no weights): its layers for the adapter, its context for the data."""
     from . import _preflight
     from .adapters import check_init
     from .model import check_modules_to_save, preflight_model, resolve_target_modules
 
-    info = preflight_model(ft.model, ft.trust_remote_code)
-    _preflight.check_model(info, ft.attn_implementation, ft.trust_remote_code)
-    targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
-    check_modules_to_save(ft.adapter_spec, info.module_names)
-    check_init(ft.adapter_spec, ft.quant, device.type)
-    ft.adapter_spec.peft_config(targets)  # PEFT's own refusals, before any weights load
+    info = preflight_model(run.model, run.trust_remote_code)
+    _preflight.check_model_loads(info, run.attn_implementation, run.trust_remote_code)
+    targets = resolve_target_modules(run.adapter, info.linear_layers)
+    check_modules_to_save(run.adapter, info.module_names)
+    check_init(run.adapter, run.quant, device.type)
+    run.adapter.peft_config(targets)  # PEFT's own refusals, before any weights load
     max_pos = getattr(info.config, "max_position_embeddings", None)
-    max_len = ft.data_spec.max_seq_length
+    max_len = run.data.max_seq_length
     if max_pos and max_len > max_pos:
         raise ConfigError(f"data.max_seq_length={max_len} exceeds the model's context of {max_pos} "
                           f"tokens; use max_seq_length <= {max_pos}")
     return info, targets
 
 
-def prepare_data(ft: FineTuner, info: ModelInfo, plan: RunPlan, main_process: bool) -> tuple[Any, PreparedData]:
+def tokenize_data(run: RunSpec, info: ModelInfo, plan: RunPlan, main_process: bool) -> tuple[Any, PreparedData]:
     """Tokenizer and tokenized data; the data summary and the plan go to the log (logs.py: who shows them)."""
     from accelerate.utils import set_seed
 
-    from .data import padding_fraction, row_lengths
+    from .batching import first_epoch_padding
     from .model import load_tokenizer
-    from .steps import EpochSampler
 
-    t = ft.train_spec
-    tokenizer = load_tokenizer(info.source, ft.trust_remote_code)
+    t = run.train
+    tokenizer = load_tokenizer(info.source, run.trust_remote_code)
     set_seed(t.seed)
     try:
-        data = ft.data_spec.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
+        data = run.data.prepare(tokenizer, t.seed)  # the DataPipelineSpec protocol (plugins.py)
     except DataFormatError as exc:  # a row-level message ("column 'text' must hold text"): say whose row
         if "data." in str(exc):
             raise
-        source = getattr(ft.data_spec, "source", None)
+        source = getattr(run.data, "source", None)
         where = repr(source) if isinstance(source, (str, Path)) else f"(a {type(source).__name__})"
         raise DataFormatError(f"data.source {where}: {exc}") from exc
+    if t.eval_steps and data.eval is None:  # a plugin spec that does not declare has_eval (plugins.DataFacts)
+        raise ConfigError(f"training.eval_steps={t.eval_steps} but {type(run.data).__name__}.prepare returned no eval "
+                          "data; return eval examples (PreparedData.from_examples(train, eval)) or set "
+                          "training.eval_steps=None to train without evaluation")
     if data.streaming:
         log.info("data: streaming format=%s train_on=%s (rows are read, tokenized and packed as training asks "
                  "for them)", data.summary.format, data.summary.train_on)
     elif t.progress_bar and main_process:
-        order = list(EpochSampler(len(data.train), t.seed))
-        lengths = row_lengths(data.train).tolist()
-        log.info(data.summary.render(None if plan.padding_free else padding_fraction(lengths, order, t.batch_size)))
+        padding = None if plan.padding_free else first_epoch_padding(data.train, t.batch_size, t.seed)
+        log.info(data.summary.render(padding))
     summary = data.summary
     if main_process and summary.truncated > TRUNCATION_WARNING * summary.examples:
         log.warning("data: %d of %d examples (%.1f%%) are longer than data.max_seq_length=%d and were cut (a cut "
                     "answer is trained without its end); raise data.max_seq_length or shorten the examples",
                     summary.truncated, summary.examples, 100 * summary.truncated / max(1, summary.examples),
-                    ft.data_spec.max_seq_length)
+                    run.data.max_seq_length)
     log.info(plan.describe())
     return tokenizer, data
 
 
-def claim_output_dir(ft: FineTuner, run: CheckedRun, overwrite: bool, resume: bool | str) -> None:
+def claim_output_dir(run: RunSpec, checked: CheckedRun, config: dict[str, Any], overwrite: bool,
+                     resume: bool | str) -> None:
     """Every rank has checked output_dir before the main one writes to it: the config and the plan."""
-    out, state = run.output_dir, run.state
+    out, state = checked.output_dir, checked.state
     state.wait_for_everyone()
     if state.is_main_process:
-        if overwrite or (resume and run.resume_from is None):  # nothing to resume: a killed run's logs start over
+        if overwrite or (resume and checked.resume_from is None):  # nothing to resume: a killed run's logs start over
             ckpt.clear_run(out)  # only what the manifest lists: phi3tune's own files
         ckpt.remove_partial(out)  # temp dirs of a save that a kill interrupted
         out.mkdir(parents=True, exist_ok=True)
         # runs/ is ours only if we create it: another tool's runs/ gets our tracker files but is never deleted
-        tracker = tracker_names(ft.train_spec.report_to) and not (out / TRACKER_DIR).exists()
+        tracker = tracker_names(run.train.report_to) and not (out / TRACKER_DIR).exists()
         ckpt.record(out, ckpt.CONFIG_NAME, PLAN_NAME, METRICS_NAME, *([TRACKER_DIR] if tracker else []),
-                    fingerprints=run.fingerprints)
-        ft.save_config(out / ckpt.CONFIG_NAME)
-        (out / PLAN_NAME).write_text(json.dumps(run.plan.to_dict(), indent=1))
+                    fingerprints=checked.fingerprints)
+        write_config(config, out / ckpt.CONFIG_NAME)
+        (out / PLAN_NAME).write_text(json.dumps(checked.plan.to_dict(), indent=1))
     state.wait_for_everyone()
 
 
-def build_model(ft: FineTuner, run: CheckedRun) -> Any:
+def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     """Load the base as the plan says, attach the adapter, compile the decoder layers if the plan says so."""
     from accelerate.utils import set_seed
 
     from .adapters import apply_init
     from .model import attach_adapter, load_base_model
 
-    plan = run.plan
+    plan = checked.plan
     where = torch.device("cpu" if plan.shard_from_cpu else plan.device)  # FSDP moves each rank's shards there
-    base = load_base_model(run.info, ft.quant, plan.dtype, where, ft.trust_remote_code,
+    base = load_base_model(checked.info, run.quant, plan.dtype, where, run.trust_remote_code,
                            plan.checkpointing, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
-    set_seed(ft.train_spec.seed)  # the adapter's initialisation does not depend on what loading drew
-    model: Any = attach_adapter(base, ft.adapter_spec, run.targets)
-    apply_init(model, ft.adapter_spec, run.info.source)
+    set_seed(run.train.seed)  # the adapter's initialisation does not depend on what loading drew
+    model: Any = attach_adapter(base, run.adapter, checked.targets)
+    apply_init(model, run.adapter, checked.info.source)
     if plan.checkpointing:  # the plan checkpoints only as many (first) layers as the memory needs
         for layer in model.get_base_model().model.layers[plan.checkpoint_layers:]:
             layer.gradient_checkpointing = False
@@ -232,7 +238,7 @@ def write_adapter_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:
     (adapter_dir / META_NAME).write_text(json.dumps(meta, indent=1))
 
 
-def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path,
+def save_final(run: RunSpec, model: Any, tokenizer: Any, adapter_dir: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Adapter + tokenizer + our metadata, written to a temp dir then renamed into place. ``state_dict``: the
     adapter gathered from every rank's shard (FSDP), else the model's own parameters."""
@@ -240,21 +246,21 @@ def save_final(ft: FineTuner, model: Any, tokenizer: Any, adapter_dir: Path,
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         meta = {"base_model": model.peft_config["default"].base_model_name_or_path,
-                "quant": spec_to_config(ft.quant, QuantSpec) if ft.quant is not None else None,
-                "trust_remote_code": ft.trust_remote_code}
+                "quant": spec_to_config(run.quant, QuantSpec) if run.quant is not None else None,
+                "trust_remote_code": run.trust_remote_code}
         write_adapter_meta(tmp, meta)
 
 
-def save_outputs(ft: FineTuner, trainer: Trainer, run: CheckedRun) -> Path:
+def save_outputs(run: RunSpec, trainer: Trainer, checked: CheckedRun) -> Path:
     """The main process writes the final adapter and loss.png; every rank waits for them. Returns the adapter.
     Under FSDP every rank first gathers the adapter from the shards (a collective)."""
     from .plot import plot_history
 
-    adapter_dir = run.output_dir / FINAL_DIR
+    adapter_dir = checked.output_dir / FINAL_DIR
     gathered = trainer.full_adapter_state()
     if trainer.is_main_process:
-        ckpt.record(run.output_dir, FINAL_DIR, LOSS_PLOT_NAME)
-        save_final(ft, trainer.trained_model(), run.tokenizer, adapter_dir, gathered)
-        plot_history(trainer.history, run.output_dir / LOSS_PLOT_NAME)
+        ckpt.record(checked.output_dir, FINAL_DIR, LOSS_PLOT_NAME)
+        save_final(run, trainer.trained_model(), checked.tokenizer, adapter_dir, gathered)
+        plot_history(trainer.history, checked.output_dir / LOSS_PLOT_NAME)
     trainer.wait_for_everyone()
     return adapter_dir

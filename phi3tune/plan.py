@@ -13,16 +13,16 @@ import importlib.util
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .loss import CE_CHUNK
 from .memory import GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
+from .optim import optimizer_facts
+from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
-
-if TYPE_CHECKING:
-    from .finetuner import FineTuner
+from .runspec import RunSpec
 
 log = logging.getLogger("phi3tune")
 
@@ -56,12 +56,12 @@ class RunPlan:
     """The resolved execution plan of one run (see the module docstring)."""
 
     mode: str  # "speed" | "memory" | "balanced"
-    requested: str  # TrainSpec.optimize_for as given ("auto", ...)
+    optimize_for: str  # TrainSpec.optimize_for as given ("auto", ...); ``mode`` is what it resolved to
     device: str
     precision: str  # "bf16" | "fp16" | "fp32": autocast of the loop
     compute_dtype: str  # dtype of the frozen base's matmuls: "bfloat16" | "float16" | "float32"
     attn_implementation: str | None  # None: transformers' default (SDPA)
-    padding_free: bool  # examples laid end to end in one row, fenced by position ids
+    layout: str  # "padded" | "packed" | "padding_free": how examples become micro-batches (batching.py)
     micro_batch_tokens: int | None  # token budget of a micro-batch (padding-free plans)
     token_buckets: tuple[int, ...]  # every padding-free micro-batch is padded up to one of these lengths
     position_cap: int  # pads' position ids stay below this (the longest example), so RoPE scaling never changes
@@ -85,6 +85,16 @@ class RunPlan:
     ddp: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def requested(self) -> str:
+        """The old name of ``optimize_for``."""
+        return self.optimize_for
+
+    @property
+    def padding_free(self) -> bool:
+        """Examples laid end to end in one row, fenced by position ids, re-cut within the token budget."""
+        return self.layout == "padding_free"
+
+    @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute_dtype]
 
@@ -99,14 +109,15 @@ class RunPlan:
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
-        how.append(("paged " if self.paged_optimizer else "") + self.optimizer.removeprefix("paged_"))
+        name = self.optimizer.removeprefix("paged_")
+        how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
         if self.sharded:
             how.append(f"FSDP over {self.processes} processes (peak per GPU)"
                        + (", base loaded on the CPU" if self.shard_from_cpu else ""))
         elif self.ddp:
             how.append("DDP " + " ".join(f"{k}={v}" for k, v in sorted(self.ddp.items())))
         fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
-        chosen = f"{self.mode} (auto)" if self.requested == "auto" else self.mode
+        chosen = f"{self.mode} (auto)" if self.optimize_for == "auto" else self.mode
         digits = 1 if self.predicted_peak_gib >= 1 else 2
         return f"plan: {chosen} — {', '.join(how)}; predicted peak {self.predicted_peak_gib:.{digits}f} GiB{fits}"
 
@@ -121,6 +132,8 @@ class RunPlan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["token_buckets"] = list(self.token_buckets)
+        d["padding_free"] = self.padding_free
+        d["requested"] = self.optimize_for  # the key plan files had before
         d["summary"] = self.describe()
         return d
 
@@ -162,15 +175,17 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
-def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
-               requested: str, free: int | None, budget_override: int | None = None,
+def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
+               optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
     ``processes``: the run's ranks (under FSDP the peak is per GPU)."""
-    t, d, q = ft.train_spec, ft.data_spec, ft.quant
+    t, d = run.train, run.data
+    q = facts(run.quant, QuantFacts) if run.quant is not None else None
+    a = facts(run.adapter, AdapterFacts)
     m = MODES[mode]
     precision = resolve_precision(t.precision, device)
-    dtype = resolve_compute_dtype(q, precision, device)
+    dtype = resolve_compute_dtype(run.quant, precision, device)
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length) if budget else ()
@@ -184,26 +199,26 @@ def _candidate(ft: FineTuner, shape: ModelShape, targets: list[str], device: tor
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
-    attn = ft.attn_implementation or default_attention(device, padding_free or d.packing)
+    layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
+    attn = run.attn_implementation or default_attention(device, layout != "padded")
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
+    opt = optimizer_facts(t.optimizer, device.type)
     parts = estimate_parts(
-        # plugin specs (plugins.py) may lack these fields: estimate them as a 4-bit base and a rank-16 LoRA
-        shape, bits=getattr(q, "bits", 4) if q is not None else None, double_quant=bool(getattr(q, "double_quant", 0)),
-        targets=set(targets), r=getattr(ft.adapter_spec, "r", 16), dropout=getattr(ft.adapter_spec, "dropout", 0.0),
-        optimizer=t.optimizer,
+        shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
+        targets=set(targets), r=a.r, dropout=a.dropout,
+        optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers)
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
     return RunPlan(
-        mode=mode, requested=requested, device=str(device), precision=precision,
-        compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, padding_free=padding_free,
+        mode=mode, optimize_for=optimize_for, device=str(device), precision=precision,
+        compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, upcast_frozen=bool(m["upcast_frozen"]),
-        ce_chunk=int(m["ce_chunk"]),
-        optimizer=t.optimizer, paged_optimizer=cuda and t.optimizer.startswith("paged_"),
+        ce_chunk=int(m["ce_chunk"]), optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, ddp=ddp_settings() if processes > 1 and not sharded else {})
@@ -216,15 +231,15 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
     return _BUDGET_COST[size] * (1 + _RECOMPUTE_COST * plan.checkpoint_layers / max(1, layers))
 
 
-def _speed_candidates(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device, requested: str,
+def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
                       free: int | None, processes: int = 1) -> list[RunPlan]:
     """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024): the speed plan that checkpoints the
     fewest layers and still fits ``free`` (all of them when none fits)."""
-    budgets = [None] if ft.train_spec.micro_batch_tokens else [None, 2048, 1024]
+    budgets = [None] if run.train.micro_batch_tokens else [None, 2048, 1024]
     out = []
     for budget in budgets:
         for k in range(shape.layers + 1):
-            plan = _candidate(ft, shape, targets, device, "speed", requested, free, budget, k, processes)
+            plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
                 break
         out.append(plan)
@@ -233,24 +248,24 @@ def _speed_candidates(ft: FineTuner, shape: ModelShape, targets: list[str], devi
     return out
 
 
-def resolve_plan(ft: FineTuner, shape: ModelShape, targets: list[str], device: torch.device,
+def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
                  free_bytes: int | None = None, processes: int = 1) -> RunPlan:
-    """The plan for ``ft`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
+    """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory, by ``expected_cost`` (speed with 4,096-, 2,048- or 1,024-token micro-batches and the fewest
     checkpointed layers that fit, else memory), on the CPU
     the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
     free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards)."""
-    requested = ft.train_spec.optimize_for
+    asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
-    if requested != "auto":
-        return _candidate(ft, shape, targets, device, requested, requested, free, processes=processes)
+    if asked != "auto":
+        return _candidate(run, shape, targets, device, asked, asked, free, processes=processes)
     if device.type != "cuda":
-        return _candidate(ft, shape, targets, device, "balanced", requested, free, processes=processes)
-    fits = [plan for plan in _speed_candidates(ft, shape, targets, device, requested, free, processes)
+        return _candidate(run, shape, targets, device, "balanced", asked, free, processes=processes)
+    fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers))
-    memory = _candidate(ft, shape, targets, device, "memory", requested, free, processes=processes)
+    memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "

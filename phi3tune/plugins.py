@@ -1,8 +1,10 @@
 """The spec protocols and plugin loading: what FineTuner calls on each spec, and how a config file names user code.
 
-A spec is any object with the methods below: a subclass of the built-in spec, or a class of your own. The builder
-never looks inside a spec beyond these, so a new quantization, adapter or data pipeline needs no fork
-(docs/extending.md). In a config file a plugin spec is ``{"class": "mypkg.specs:MySpec", <its fields>}``;
+A spec is any object with the methods below: a subclass of the built-in spec, or a class of your own. Beyond
+these, the plan, the preflight checks and the distributed checks read only the facts declared here
+(``QuantFacts``, ``AdapterFacts``, ``DataFacts``): a spec declares one by having an attribute of that name, and
+one it lacks is taken at the default written there. So a new quantization, adapter or data pipeline needs no
+fork (docs/extending.md). In a config file a plugin spec is ``{"class": "mypkg.specs:MySpec", <its fields>}``;
 loading such a file imports ``mypkg.specs`` and so runs its code, like running a script.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .errors import ConfigError
 
@@ -21,7 +24,10 @@ CLASS_KEY = "class"
 class QuantizationSpec(Protocol):
     """Turns into the transformers quantization config the base model is loaded with."""
 
-    compute_dtype: str  # "auto" (follow training.precision) or a torch dtype name such as "bfloat16"
+    @property
+    def compute_dtype(self) -> str:
+        """"auto" (follow training.precision) or a torch dtype name such as "bfloat16"."""
+        ...
 
     def quantization_config(self, compute_dtype: Any) -> Any:
         """The ``quantization_config=`` for ``from_pretrained`` (e.g. a BitsAndBytesConfig); ``compute_dtype``
@@ -50,6 +56,43 @@ class DataPipelineSpec(Protocol):
     def prepare(self, tokenizer: Any, seed: int) -> Any:
         """Load, tokenize and mask the examples: a ``PreparedData`` (``PreparedData.from_examples`` builds one)."""
         ...
+
+
+@dataclass(frozen=True)
+class QuantFacts:
+    """What is read of a quantization spec beyond ``QuantizationSpec`` (defaults: a plain 4-bit base)."""
+
+    bits: int = 4  # 4 or 8: the memory estimate, which adapter inits work, FSDP (4 only)
+    double_quant: bool = False  # the memory estimate
+    quant_storage: str | None = None  # FSDP needs the compute dtype here (None: not declared)
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What is read of an adapter spec beyond ``AdapterConfigSpec`` (defaults: a rank-16 LoRA, no dropout)."""
+
+    r: int = 16  # the memory estimate
+    dropout: float = 0.0  # the memory estimate (dropout keeps more activations)
+    init: str = "default"  # checked against the base before weights load (adapters.INITS)
+    use_dora: bool = False  # refused with init="loftq"
+    modules_to_save: list[str] | None = None  # each must name a module of the model
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What is read of a data spec beyond ``DataPipelineSpec``."""
+
+    has_eval: bool | None = None  # whether prepare() returns eval data; None: known once prepared
+    streaming: bool = False  # whether prepare() returns a stream (no length: the run needs max_steps)
+
+
+F = TypeVar("F", QuantFacts, AdapterFacts, DataFacts)
+
+
+def facts(spec: Any, kind: type[F]) -> F:
+    """The facts ``kind`` declares, read off ``spec`` (absent ones at their defaults): the one place where
+    phi3tune looks at a spec beyond its protocol."""
+    return kind(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(kind) if hasattr(spec, f.name)})
 
 
 _MEMBERS: dict[type, tuple[str, ...]] = {

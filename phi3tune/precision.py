@@ -52,7 +52,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def resolve_compute_dtype(quant: Any, precision: str, device: torch.device) -> torch.dtype:
     """The frozen base's dtype: ``quant.compute_dtype``, where "auto" follows the loop's precision."""
-    name = getattr(quant, "compute_dtype", "auto")
+    name = quant.compute_dtype if quant is not None else "auto"  # QuantizationSpec declares it
     if name == "auto":
         return PRECISION_DTYPE[precision]
     dtype = DTYPES[name]

@@ -22,7 +22,6 @@ DEFAULT_DATASET = "timdettmers/openassistant-guanaco"
 if TYPE_CHECKING:
     import torch
 
-DataFormat = Literal["auto", "text", "alpaca", "messages", "prompt_completion", "guanaco"]  # the built-ins
 AdapterInit = Literal["default", "gaussian", "orthogonal", "olora", "pissa", "loftq"]
 
 
@@ -151,6 +150,11 @@ class DataSpec(_Spec):
         if not v.strip():  # registered names are checked when the data is prepared: a plugin may register later
             raise ValueError('give "auto", a built-in format or a register_format() name')
         return v
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether ``prepare`` returns eval data (``plugins.DataFacts``)."""
+        return self.eval_source is not None or bool(self.eval_fraction)
 
     def prepare(self, tokenizer: Any, seed: int) -> Any:
         """Load, split, tokenize, mask and pack: the PreparedData the loop trains on."""

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import rows_of_text, tiny_tuner
 
+from phi3tune.batching import Collator
 from phi3tune.bench import estimate_memory
-from phi3tune.data import Collator
 from phi3tune.loss import TokenLoss
 from phi3tune.model import attach_adapter, load_base_model, preflight_model, resolve_target_modules
 from phi3tune.specs import AdapterSpec, QuantSpec

@@ -108,3 +108,71 @@ def test_yaml_names_the_plugins_by_import_path(my_plugins, usage_run, tiny_model
     # the usage run's written config loads back to the same plugin classes
     back = FineTuner.from_config(usage_run.output_dir / "phi3tune_config.yaml")
     assert type(back.train_spec).__name__ == "NesterovSGD" and back.quant.keep_full == ["o_proj"]
+
+
+def _examples(tok):
+    from phi3tune import DataSpec
+
+    rows = [{"question": f"copy {w}", "answer": w} for w in ["ab", "cde", "fgh", "abcd", "efg", "hab"] * 2]
+    return [dict(r) for r in prepare_dataset(DataSpec(source=rows, format="qa", max_seq_length=64), tok)]
+
+
+@pytest.mark.parametrize("data", ["PreTokenized", "qa format"])
+def test_every_plugin_trains_with_eval_and_fsdp_settings(my_plugins, tiny_model, tmp_path, data):
+    """All the page's plugins in one run that evaluates every step, with the settings FSDP needs (one process here:
+    the checks before weights load are what a plugin can get wrong). Was: AttributeError on data.eval_source."""
+    from phi3tune import DataSpec
+    from phi3tune.model import load_tokenizer
+
+    examples = _examples(load_tokenizer(str(tiny_model)))
+    spec = (my_plugins.PreTokenized(examples=examples[:8], eval_examples=examples[8:], max_seq_length=64)
+            if data == "PreTokenized" else DataSpec(source=[{"question": "copy ab", "answer": "ab"}] * 12,
+                                                    format="qa", max_seq_length=64, eval_fraction=0.25))
+    res = (FineTuner(tiny_model)
+           .quantize(my_plugins.PartlyQuantized(keep_full=["o_proj"], compute_dtype="float32",
+                                                quant_storage="float32"))
+           .adapter(my_plugins.IA3Adapter()).data(spec)
+           .training(my_plugins.NesterovSGD(output_dir=str(tmp_path / "out"), max_steps=2, learning_rate=1e-2,
+                                            batch_size=4, grad_accum=1, eval_steps=1, save_strategy="no",
+                                            progress_bar=False, device="cpu", distributed="fsdp"))
+           .run())
+    evals = [h["eval_loss"] for h in res.history if "eval_loss" in h]
+    # eval_steps=1: at step 1, and the step-0 and final evals fit() runs anyway (issue 27)
+    assert res.metrics["steps"] == 2 and len(evals) == 3 and all(e == e and e > 0 for e in evals)
+
+
+def test_data_plugin_without_eval_data_refuses_eval_steps(my_plugins, tiny_model, tmp_path):
+    from phi3tune import ConfigError
+    from phi3tune.model import load_tokenizer
+
+    data = my_plugins.PreTokenized(examples=_examples(load_tokenizer(str(tiny_model))), max_seq_length=64)
+    ft = FineTuner(tiny_model).data(data).training(output_dir=str(tmp_path / "out"), max_steps=1, eval_steps=1,
+                                                  save_strategy="no", progress_bar=False)
+    with pytest.raises(ConfigError, match=r"eval_steps=1 but PreTokenized.prepare returned no eval data"):
+        ft.run()
+    assert not (tmp_path / "out").exists()  # refused before the output dir was claimed
+
+
+def test_fsdp_checks_read_only_what_a_quant_plugin_declares(my_plugins):
+    """FSDP needs 4-bit weights stored in the compute dtype: a subclass is held to its fields, a protocol-only
+    plugin that declares no quant_storage is refused naming it (was: AttributeError formatting quant.bits)."""
+    import torch
+
+    from phi3tune import ConfigError, TrainSpec
+    from phi3tune.pipeline import check_distributed
+
+    class BareQuant:  # the QuantizationSpec protocol and nothing more
+        compute_dtype = "auto"
+
+        def quantization_config(self, compute_dtype):
+            return None
+
+    fsdp = TrainSpec(distributed="fsdp", save_strategy="no")
+    with pytest.raises(ConfigError, match=r'got bits=4, quant_storage "uint8"\. Set quant_storage="float32"'):
+        check_distributed(fsdp, my_plugins.PartlyQuantized(), torch.float32)
+    with pytest.raises(ConfigError, match="quant_storage not declared by BareQuant"):
+        check_distributed(fsdp, BareQuant(), torch.float32)
+    check_distributed(fsdp, my_plugins.PartlyQuantized(quant_storage="float32"), torch.float32)  # accepted
+    # FSDP checkpoints are sharded (issue 21): saving is no longer refused
+    check_distributed(TrainSpec(distributed="fsdp"), my_plugins.PartlyQuantized(quant_storage="float32"),
+                      torch.float32)

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from phi3tune import DataSpec, Phi3TuneError
-from phi3tune.data import IGNORE, Collator, prepare_data
+from phi3tune.batching import Collator
+from phi3tune.data import IGNORE, prepare_data
 from phi3tune.model import load_tokenizer
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,

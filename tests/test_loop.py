@@ -9,7 +9,8 @@ import torch
 from helpers import GUANACO_JSONL, adapter_tensors, needs_shared, tiny_tuner
 
 from phi3tune import DataSpec, FineTuner, prepare_dataset
-from phi3tune.data import IGNORE, Collator
+from phi3tune.batching import Collator
+from phi3tune.data import IGNORE
 from phi3tune.model import load_tokenizer
 
 # Four examples of very different lengths: a mean of per-micro-batch means would weigh them wrongly.

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import adapter_tensors, rows_of_text, tiny_tuner
 
-from phi3tune.data import IGNORE, Collator
+from phi3tune.batching import Collator
+from phi3tune.data import IGNORE
 
 
 def test_padding_free_batch_has_the_same_trained_tokens():
@@ -49,7 +50,7 @@ def test_bench_reports_throughput_and_padding(tiny_model):
 
 
 def test_resplit_keeps_examples_and_respects_the_budget():
-    from phi3tune.data.packing import resplit_flat
+    from phi3tune.batching import resplit_flat
 
     rows = [{"input_ids": list(range(10, 10 + n)), "labels": list(range(10, 10 + n))} for n in (3, 5, 2, 7, 4)]
     flat = [Collator(0, padding_free=True)(rows[:2]), Collator(0, padding_free=True)(rows[2:])]

@@ -10,7 +10,8 @@ import torch
 from helpers import rows_of_text, tiny_tuner
 
 from phi3tune import DataSpec, prepare_dataset
-from phi3tune.data import IGNORE, Collator
+from phi3tune.batching import Collator
+from phi3tune.data import IGNORE
 from phi3tune.data.packing import pack_best_fit
 from phi3tune.loss import TokenLoss
 from phi3tune.model import load_tokenizer
@@ -98,7 +99,7 @@ def test_first_step_packed_equals_unpacked(tiny_model, tmp_path):
 
 
 def test_padding_fraction_counts_right_padding():
-    from phi3tune.data import padding_fraction
+    from phi3tune.batching import padding_fraction
 
     # batches [2, 4] -> 8 slots, 6 real; [3, 3] -> 6 slots, 6 real
     assert padding_fraction([2, 4, 3, 3], [0, 1, 2, 3], 2) == pytest.approx(1 - 12 / 14)

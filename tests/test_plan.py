@@ -10,10 +10,10 @@ import torch
 from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune import FineTuner
+from phi3tune.batching import Collator, MicroBatcher
 from phi3tune.bench import plan_for
-from phi3tune.data import IGNORE, Collator
+from phi3tune.data import IGNORE
 from phi3tune.plan import token_buckets
-from phi3tune.steps import layout
 
 
 def _rows(n: int, seed: int, longest: int = 120) -> list[dict[str, list[int]]]:
@@ -49,7 +49,7 @@ def test_padding_free_shapes_are_bounded_and_pads_never_trained(tiny_model, tmp_
     for step in range(60):
         rows = _rows(12, seed=step)
         loader_batches = [rows[i:i + 4] for i in range(0, 12, 4)]
-        micro = layout([flat(b) for b in loader_batches], plan, pad_id=0)
+        micro = MicroBatcher.of(plan, pad_id=0)([flat(b) for b in loader_batches])
         shapes |= {tuple(b["input_ids"].shape) for b in micro}
         assert _trained(micro) == _trained([padded(b) for b in loader_batches])
         assert sum(int(b["num_real_tokens"]) for b in micro) == sum(len(r["input_ids"]) for r in rows)
@@ -61,7 +61,7 @@ def test_padding_free_shapes_are_bounded_and_pads_never_trained(tiny_model, tmp_
 
 
 def test_negative_control_without_buckets_every_step_has_a_new_shape(tiny_model, tmp_path):
-    from phi3tune.data.packing import resplit_flat
+    from phi3tune.batching import resplit_flat
 
     flat = Collator(0, padding_free=True)
     lengths = {resplit_flat([flat(_rows(12, seed=s)[i:i + 4]) for i in range(0, 12, 4)], 256)[0]["input_ids"].shape[1]
@@ -159,3 +159,28 @@ def test_pads_do_not_change_the_loss(tiny_model, tmp_path):
     assert b.history[0]["loss"] == pytest.approx(a.history[0]["loss"], rel=1e-5)
     assert b.history[0]["grad_norm"] == pytest.approx(a.history[0]["grad_norm"], rel=1e-4)
     assert torch.isfinite(torch.tensor(b.history[0]["loss"]))
+
+
+def test_optimizer_facts_give_class_paging_and_state_bytes():
+    from phi3tune.optim import optimizer_facts
+
+    paged8 = optimizer_facts("PagedAdamW8bit")
+    assert (paged8.cls.__name__, paged8.paged, paged8.state_bytes) == ("PagedAdamW8bit", True, 2)
+    assert (optimizer_facts("paged_adamw_32bit").paged, optimizer_facts("paged_adamw_32bit").state_bytes) == (True, 8)
+    cpu = optimizer_facts("paged_adamw_32bit", "cpu")  # paging exists on CUDA only: the unpaged twin
+    assert (cpu.cls.__name__, cpu.paged, cpu.state_bytes) == ("AdamW32bit", False, 8)
+    assert optimizer_facts("Lion8bit").state_bytes == 1 and not optimizer_facts("Lion8bit").paged
+    assert (optimizer_facts("adamw_torch").paged, optimizer_facts("SGD").state_bytes) == (False, 4)
+
+
+def test_paged_8bit_optimizer_is_planned_paged_with_2_bytes_of_state(tiny_model):
+    """PagedAdamW8bit by its class name: the plan says paged and counts ~2 bytes of state per adapter parameter
+    (was: not paged, 8 bytes). Negative control: the 32-bit twin counts 8."""
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), optimizer="PagedAdamW8bit")
+    plan = plan_for(ft, "cuda", free_gib=80)
+    lora = plan.memory["lora_params"]
+    assert plan.paged_optimizer and "paged AdamW8bit" in plan.describe()
+    assert plan.memory["adapter_and_optimizer"] == lora * (4 + 4 + 2)
+    wide = plan_for(ft.training(optimizer="PagedAdamW32bit"), "cuda", free_gib=80)
+    assert wide.paged_optimizer and wide.memory["adapter_and_optimizer"] == lora * (4 + 4 + 8)
+    assert not plan_for(ft.training(optimizer="AdamW8bit"), "cuda", free_gib=80).paged_optimizer

@@ -182,17 +182,17 @@ def test_split_export_of_an_adapter_whose_init_rewrote_the_base_is_refused(tmp_p
 
 # ------------------------------------------------------------------------------------------- the plan
 def _micro_batches(plan: Any, lengths: list[list[int]]) -> list[Any]:
-    """The micro-batches ``layout`` makes of steps whose loader batches hold examples of these lengths."""
+    """The micro-batches the plan's ``MicroBatcher`` makes of steps whose loader batches hold examples of these
+    lengths."""
     import torch
 
-    from phi3tune.data import Collator
-    from phi3tune.steps import layout
+    from phi3tune.batching import Collator, MicroBatcher
 
     flat = Collator(0, padding_free=True)
     out = []
     for step in lengths:
         rows = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in step]
-        out += layout([flat(rows)], plan, pad_id=0)
+        out += MicroBatcher.of(plan, pad_id=0)([flat(rows)])
     assert all(isinstance(b["input_ids"], torch.Tensor) for b in out)
     return out
 

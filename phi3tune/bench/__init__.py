@@ -8,7 +8,6 @@ The command line is ``phi3tune bench`` (cli.py); ``python -m phi3tune.bench`` ru
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import threading
 import time
@@ -16,9 +15,10 @@ from typing import Any
 
 import torch
 
-from ..finetuner import FineTuner
+from ..finetuner import FineTuner, execute
 from ..memory import GIB
 from ..plan import RunPlan
+from ..runspec import RunSpec
 
 # Dense bf16 matmul throughput measured on the H200 we benchmark on (docs/performance.md).
 PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
@@ -35,12 +35,13 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
     from ..plan import resolve_plan
     from ..precision import resolve_device
 
-    info = preflight_model(ft.model, ft.trust_remote_code, need_weights=False)
+    run = ft.freeze()
+    info = preflight_model(run.model, run.trust_remote_code, need_weights=False)
     assert info.shape is not None
-    targets = resolve_target_modules(ft.adapter_spec, info.linear_layers)
+    targets = resolve_target_modules(run.adapter, info.linear_layers)
     dev = torch.device(device) if device else resolve_device("auto")  # a named device needs not be here
     n = processes if processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    return resolve_plan(ft, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB), n)
+    return resolve_plan(run, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB), n)
 
 
 def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | None = None,
@@ -80,11 +81,11 @@ class _DeviceMemory:
         return (self.peak - self.base) / GIB
 
 
-def _useful_flops_per_token(ft: FineTuner) -> float:
+def _useful_flops_per_token(run: RunSpec) -> float:
     """4 x non-embedding parameters: forward 2N + backward input-gradients 2N (the base is frozen)."""
     from ..model import preflight_model
 
-    shape = preflight_model(ft.model, ft.trust_remote_code, need_weights=False).shape
+    shape = preflight_model(run.model, run.trust_remote_code, need_weights=False).shape
     assert shape is not None
     n = shape.other_params + sum(i * o for _, i, o in shape.linears) - shape.vocab * shape.hidden
     return 4.0 * n
@@ -92,11 +93,10 @@ def _useful_flops_per_token(ft: FineTuner) -> float:
 
 def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None = None) -> dict[str, Any]:
     """Run ``warmup + steps`` optimizer steps; report the timed ``steps`` as one JSON-ready dict."""
-    cuda = torch.cuda.is_available() and ft.train_spec.device != "cpu"
     out_dir = tempfile.mkdtemp(prefix="phi3tune-bench-")
-    ft = copy.copy(ft)  # the builder replaces specs, never mutates them: the caller's FineTuner stays as it was
-    ft.training(max_steps=warmup + steps, save_strategy="no", logging_steps=10**6, progress_bar=False,
-                output_dir=out_dir, overwrite_output_dir=True)
+    run = ft.freeze().with_training(max_steps=warmup + steps, save_strategy="no", logging_steps=10**6,
+                                    progress_bar=False, output_dir=out_dir, overwrite_output_dir=True)
+    cuda = torch.cuda.is_available() and run.train.device != "cpu"
     times: list[float] = []
     events: list[dict[str, Any]] = []
     last = [time.perf_counter()]
@@ -118,9 +118,9 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     started = time.perf_counter()
     if monitor is not None:
         with monitor:
-            result = ft.run(callbacks=[on_step])
+            result = execute(run, callbacks=[on_step])
     else:
-        result = ft.run(callbacks=[on_step])
+        result = execute(run, callbacks=[on_step])
     from accelerate import PartialState
 
     gpus = PartialState().num_processes  # the run's processes (accelerate launch / torchrun), as accelerate sees them
@@ -129,11 +129,11 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     batch = sum(e["batch_tokens"] for e in events) * gpus
     tok_s = real / sum(times) if times else 0.0
     report: dict[str, Any] = {
-        "label": label or ft.train_spec.optimize_for, "optimize_for": ft.train_spec.optimize_for,
+        "label": label or run.train.optimize_for, "optimize_for": run.train.optimize_for,
         "plan": result.plan.describe() if result.plan else None, "mode": result.plan.mode if result.plan else None,
-        "packing": ft.data_spec.packing, "batch_size": ft.train_spec.batch_size,
-        "grad_accum": ft.train_spec.grad_accum, "max_seq_length": ft.data_spec.max_seq_length,
-        "optimizer": ft.train_spec.optimizer, "attn": ft.attn_implementation or "auto",
+        "packing": run.data.packing, "batch_size": run.train.batch_size,
+        "grad_accum": run.train.grad_accum, "max_seq_length": run.data.max_seq_length,
+        "optimizer": run.train.optimizer, "attn": run.attn_implementation or "auto",
         "steps": len(times), "warmup": warmup,
         "real_tokens_per_s": round(tok_s, 1),
         "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
@@ -154,5 +154,5 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0))
         if peak:
             # tokens/s counts every rank; MFU is per GPU
-            report["mfu"] = round(tok_s * _useful_flops_per_token(ft) / (peak * 1e12 * gpus), 4)
+            report["mfu"] = round(tok_s * _useful_flops_per_token(run) / (peak * 1e12 * gpus), 4)
     return report

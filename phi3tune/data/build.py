@@ -33,7 +33,7 @@ MAX_PROCS = 8  # more processes than this rarely pay: the rows are read and writ
 MIN_ROWS_PER_PROC = 2000  # below this, starting a process costs more than it saves
 PACK_BATCH_ROWS = 2048  # packed rows built and written per Arrow record batch
 _SUMMARY = "summary.json"
-ROW_COLUMNS = ("input_ids", "labels", "position_ids", "num_examples", "length")  # what the loop's rows carry
+ROW_COLUMNS = ("input_ids", "labels", "position_ids", "length")  # what the loop's rows carry
 
 
 def default_num_proc(n_rows: int, asked: int | None) -> int:
@@ -131,8 +131,7 @@ def write_packed(tok: Any, lengths: np.ndarray, capacity: int, path: Path) -> in
     first = np.concatenate([[0], np.cumsum(per_row)])
     table = (tok if tok._indices is None else tok.flatten_indices()).data  # datasets' Table: fast_gather
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("position_ids", pa.list_(pa.int32())), ("num_examples", pa.int32()),
-                        ("length", pa.int32())])
+                        ("position_ids", pa.list_(pa.int32())), ("length", pa.int32())])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for r0 in range(0, n_rows, PACK_BATCH_ROWS):
             r1 = min(n_rows, r0 + PACK_BATCH_ROWS)
@@ -150,12 +149,11 @@ def _packed_batch(table: Any, take: np.ndarray, row_of: np.ndarray, r0: int, r1:
     ids = part.column("input_ids").combine_chunks().flatten().to_numpy()
     labels = part.column("labels").combine_chunks().flatten().to_numpy().copy()
     ex_start = np.concatenate([[0], np.cumsum(ex_len)[:-1]])
-    labels[ex_start[ex_len > 0]] = IGNORE  # no target across an example boundary
+    labels[ex_start[ex_len > 0]] = IGNORE  # no target across an example boundary (formats.fence, vectorized)
     positions = (np.arange(len(ids)) - np.repeat(ex_start, ex_len)).astype(np.int32)
     row_len = np.bincount(row_of[take] - r0, weights=ex_len, minlength=r1 - r0).astype(np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(row_len)]).astype(np.int32))
-    n_ex = np.bincount(row_of[take] - r0, minlength=r1 - r0).astype(np.int32)
     return pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
                             pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32())),
                             pa.ListArray.from_arrays(offsets, pa.array(positions)),
-                            pa.array(n_ex), pa.array(row_len.astype(np.int32))], schema=schema)
+                            pa.array(row_len.astype(np.int32))], schema=schema)

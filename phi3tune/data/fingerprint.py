@@ -15,7 +15,7 @@ from typing import Any
 
 # Bump when the prepared rows change for the same inputs (a new column, a masking fix): old cache entries are
 # then never read again.
-LAYOUT_VERSION = "phi3tune-data-1"
+LAYOUT_VERSION = "phi3tune-data-2"
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 
 

@@ -17,6 +17,13 @@ from ..errors import ConfigError, DataFormatError
 log = logging.getLogger("phi3tune")
 
 IGNORE = -100
+def fence(labels: list[int]) -> list[int]:
+    """An example's labels where it follows another in one row: its first token is not trained, since predicting
+    it from the previous example is the "straddling pair" that must not be learned (unpacked, that token has no
+    predecessor either). Dataset-time packing and loop-time padding-free rows both use this one rule."""
+    return [IGNORE, *labels[1:]]
+
+
 FORMATS = ("text", "alpaca", "messages", "prompt_completion", "guanaco")
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "bot": "assistant", "model": "assistant", "system": "system"}

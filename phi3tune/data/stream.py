@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from ..errors import DataFormatError
-from ..specs import DataSpec
 from .fingerprint import LAYOUT_VERSION, digest, source_fingerprint
 from .formats import check_columns, detect_format, resolve_train_on
 from .packing import pack_examples
@@ -89,7 +88,7 @@ class StreamRows(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         return examples
 
 
-def prepare_stream(spec: DataSpec, tokenizer: Any) -> PreparedData:
+def prepare_stream(spec: Any, tokenizer: Any) -> PreparedData:
     """The streamed train (and eval) rows; the format is chosen from the first example's columns."""
     raw = load_stream(spec.source, spec.split, "data.source")
     start = raw.state_dict()  # before any read: what each epoch starts from

@@ -1,0 +1,244 @@
+"""How examples become micro-batches and optimizer steps: the whole data side of the loop, in one place.
+
+The plan picks the layout once (``RunPlan.layout``); this module carries it out:
+
+* ``padded``: rows right-padded to the longest of each loader batch (no attention mask: under a causal mask a
+  real token only sees earlier, real positions, so trailing pads change no trained logit);
+* ``packed``: the same, over rows that dataset-time packing filled with several examples (data/packing.py);
+  their ``position_ids`` restart at each example, which transformers reads as document boundaries;
+* ``padding_free``: a loader batch is one row of its examples end to end, fenced by restarting positions; a
+  step's examples are re-cut into micro-batches within the plan's token budget, each padded to one of the plan's
+  few fixed lengths (the compiled shapes).
+
+No layout changes which tokens are trained (an example laid after another never predicts its first token from
+the previous one: ``formats.fence``) or how the loss is weighted (tests/test_modes.py).
+
+``optimizer_steps`` yields each step's micro-batches with the position after it. A resumed run must see exactly
+the micro-batches an unbroken one would have seen, so each epoch is a fresh seeded permutation
+(``EpochSampler``), and a resume skips the *loader* batches the checkpoint had consumed, before any re-cutting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .data.formats import IGNORE, fence
+from .data.prepared import row_lengths
+from .loss import trained_positions
+from .plan import RunPlan
+
+Batch = dict[str, torch.Tensor]
+Layout = Literal["padded", "packed", "padding_free"]
+
+
+# ---------------------------------------------------------------------------------------------- rows -> batches
+class Collator:
+    """Rows into one loader batch. Padded: right-padded tensors; pads get IGNORE labels and positions that
+    continue the row's last example (one document no real token attends to). ``padding_free=True``: the rows end
+    to end in one row, positions restarting at each, the first label of each dropped: the same examples and
+    trained tokens as the padded batch, with zero padding."""
+
+    def __init__(self, pad_token_id: int, padding_free: bool = False) -> None:
+        self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        return self._flat(rows) if self.padding_free else self._padded(rows)
+
+    def _padded(self, rows: list[dict[str, Any]]) -> Batch:
+        width, n = max(len(r["input_ids"]) for r in rows), len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        position_ids = torch.arange(width, dtype=torch.long).repeat(n, 1)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            input_ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            if "position_ids" in r:
+                position_ids[i, :k] = torch.tensor(r["position_ids"])
+                position_ids[i, k:] = torch.arange(width - k) + (int(r["position_ids"][-1]) + 1 if k else 0)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "num_real_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+
+    @staticmethod
+    def _flat(rows: list[dict[str, Any]]) -> Batch:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for r in rows:
+            ids += r["input_ids"]
+            labels += fence(r["labels"])  # no target across the row boundary (none existed padded)
+            pos += list(r["position_ids"]) if "position_ids" in r else list(range(len(r["input_ids"])))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]), "num_real_tokens": torch.tensor(len(ids))}
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh, seeded permutation each epoch, so a resumed run sees the same order as an unbroken one."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def loaders(train: Any, eval: Any | None, plan: RunPlan, batch_size: int, seed: int, pad_id: int,
+            streaming: bool = False) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+    """The train and eval loaders of the plan's layout (CPU batches; the loop moves them). The train loader has
+    its own generator: iterating must not draw from the global RNG that LoRA dropout uses, or a resumed run
+    (which starts a fresh iterator mid-epoch) would see different dropout masks. ``streaming``: ``train`` is a
+    ``data.stream.StreamRows``, read in its own order (no sampler)."""
+    collate = Collator(pad_id, padding_free=plan.layout == "padding_free")
+    sampler = None if streaming else EpochSampler(len(train), seed)
+    loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed), pin_memory=plan.device.startswith("cuda"))
+    return loader, None if eval is None else DataLoader(eval, batch_size=batch_size, collate_fn=collate)
+
+
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of batch positions that are padding when rows are batched in ``order`` (right-padded to the longest)."""
+    padded = real = 0
+    for i in range(0, len(order), batch_size):
+        chunk = [lengths[j] for j in order[i:i + batch_size]]
+        padded += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return 1 - real / max(1, padded)
+
+
+def first_epoch_padding(train: Any, batch_size: int, seed: int) -> float:
+    """``padding_fraction`` of the first epoch's padded loader batches (the data summary's estimate)."""
+    return padding_fraction(row_lengths(train).tolist(), list(EpochSampler(len(train), seed)), batch_size)
+
+
+# ------------------------------------------------------------------------------------- batches -> micro-batches
+def resplit_flat(batches: list[Batch], budget: int) -> list[Batch]:
+    """Merge padding-free (one-row) micro-batches and cut them again at example starts into rows of at most
+    ``budget`` tokens (an example longer than the budget gets a row of its own). The step's examples and
+    trained tokens are unchanged, and the loss is token-weighted over the whole step, so only speed and
+    memory change."""
+    ids = torch.cat([b["input_ids"][0] for b in batches])
+    labels = torch.cat([b["labels"][0] for b in batches])
+    pos = torch.cat([b["position_ids"][0] for b in batches])
+    starts = [*(pos == 0).nonzero().flatten().tolist(), len(ids)]
+    cuts, begin = [0], 0
+    for a, b in itertools.pairwise(starts):
+        if b - begin > budget and a > begin:
+            cuts.append(a)
+            begin = a
+    cuts.append(len(ids))
+    return [{"input_ids": ids[a:b][None], "labels": labels[a:b][None], "position_ids": pos[a:b][None],
+             "num_real_tokens": torch.tensor(b - a)} for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def pad_to_bucket(batch: Batch, buckets: tuple[int, ...], pad_token_id: int, position_cap: int) -> Batch:
+    """Pad a one-row padding-free micro-batch at its end to the shortest of a few fixed lengths that holds it,
+    so compiled layers see only those shapes. Pads are never trained (IGNORE labels), never counted as real
+    tokens, and form documents of their own (positions restart at 0, staying below ``position_cap`` so RoPE
+    scaling that depends on the largest position never changes): no real token attends to a pad."""
+    n = int(batch["input_ids"].shape[1])
+    width = next((b for b in buckets if b >= n), n)
+    k = width - n
+    if k == 0:
+        return batch
+    dev = batch["input_ids"].device
+    pad_pos = torch.arange(k, dtype=torch.long, device=dev) % max(1, position_cap)
+    return {"input_ids": torch.cat([batch["input_ids"], torch.full((1, k), pad_token_id, device=dev)], 1),
+            "labels": torch.cat([batch["labels"], torch.full((1, k), IGNORE, device=dev)], 1),
+            "position_ids": torch.cat([batch["position_ids"], pad_pos[None]], 1),
+            "num_real_tokens": batch["num_real_tokens"]}
+
+
+def equal_count(micro: list[Batch], n: int) -> list[Batch]:
+    """``micro`` grown to ``n`` micro-batches with copies of its last one in which nothing is trained (no trained
+    positions, no real tokens): FSDP runs every forward and backward as a collective, so each rank must run as
+    many as the rank with the most. A copy adds no loss, no gradient and no token to any count."""
+    last = micro[-1]
+    empty = {**last, "trained_idx": last["trained_idx"][:0], "num_real_tokens": torch.tensor(0)}
+    return micro + [empty] * (n - len(micro))
+
+
+def _own_count(n: int) -> int:
+    return n
+
+
+@dataclass(frozen=True)
+class MicroBatcher:
+    """Loader batches into the micro-batches the model gets, as the plan says. ``largest_count(n)`` is the most
+    micro-batches any rank has this step (a collective under FSDP, ``distributed.largest_count``; else ``n``)."""
+
+    layout: Layout
+    budget: int | None  # padding-free: tokens per micro-batch
+    buckets: tuple[int, ...]  # padding-free: the fixed lengths micro-batches are padded to
+    position_cap: int
+    pad_id: int
+    largest_count: Callable[[int], int] = _own_count
+
+    @classmethod
+    def of(cls, plan: RunPlan, pad_id: int, largest_count: Callable[[int], int] = _own_count) -> MicroBatcher:
+        return cls(plan.layout, plan.micro_batch_tokens, plan.token_buckets, plan.position_cap, pad_id,  # type: ignore[arg-type]
+                   largest_count)
+
+    def __call__(self, loader_batches: list[Batch]) -> list[Batch]:
+        """One step's (or one eval batch's) micro-batches; each gets ``trained_idx``, computed here on the CPU."""
+        micro = loader_batches
+        if self.layout == "padding_free" and self.budget:
+            micro = [pad_to_bucket(b, self.buckets, self.pad_id, self.position_cap)
+                     for b in resplit_flat(micro, self.budget)]
+        micro = [{**b, "trained_idx": trained_positions(b["labels"])} for b in micro]
+        return equal_count(micro, self.largest_count(len(micro)))
+
+
+# --------------------------------------------------------------------------------------- micro-batches -> steps
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: optimizer steps done, the epoch, loader batches consumed in it (checkpointed)."""
+
+    step: int = 0
+    epoch: int = 0
+    loader_batches: int = 0  # in this epoch, before any re-cutting (the checkpoint's "micro_in_epoch")
+
+
+def count_steps(loader_batches: int, grad_accum: int, max_steps: int | None, num_epochs: float) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the run): an epoch's last step may hold fewer loader batches."""
+    per_epoch = max(1, math.ceil(loader_batches / grad_accum))
+    return per_epoch, max_steps or max(1, math.ceil(num_epochs * per_epoch))
+
+
+def optimizer_steps(loader: Any, start: Position, total_steps: int, grad_accum: int, batcher: MicroBatcher,
+                    skip_first_batches: Callable[[Any, int], Iterable[Batch]]
+                    ) -> Iterator[tuple[Position, list[Batch] | None]]:
+    """``(position after it, its micro-batches)`` for each optimizer step from ``start`` up to ``total_steps``.
+
+    A step is up to ``grad_accum`` loader batches; an epoch's last step may be shorter. Between epochs it yields
+    ``(the next epoch's start, None)`` before that epoch's loader starts (where an epoch checkpoint belongs),
+    never after the last step. The caller keeps the positions; nothing it holds is changed here.
+    """
+    pos = start
+    while pos.step < total_steps:
+        loader.set_epoch(pos.epoch)  # accelerate re-sets the sampler's epoch from this on iter()
+        batches = iter(skip_first_batches(loader, pos.loader_batches) if pos.loader_batches else loader)
+        while pos.step < total_steps:
+            group = list(itertools.islice(batches, grad_accum))
+            if not group:
+                break
+            pos = replace(pos, step=pos.step + 1, loader_batches=pos.loader_batches + len(group))
+            yield pos, batcher(group)
+        else:  # the steps ran out, not the data: training is done
+            return
+        pos = Position(pos.step, pos.epoch + 1, 0)
+        yield pos, None

@@ -1,0 +1,136 @@
+"""The step stream over fake data, no model: epochs, the resume skip, a short last step, FSDP-equal counts."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from phi3tune.batching import (
+    Collator,
+    EpochSampler,
+    MicroBatcher,
+    Position,
+    count_steps,
+    equal_count,
+    optimizer_steps,
+)
+from phi3tune.data import IGNORE
+
+PAD = 0
+
+
+class _Loader:
+    """What the loop hands optimizer_steps (accelerate's prepared loader): iterable, sized, with set_epoch."""
+
+    def __init__(self, rows: list[dict[str, list[int]]], batch_size: int, padding_free: bool, seed: int = 7) -> None:
+        self.sampler = EpochSampler(len(rows), seed)
+        self.loader = DataLoader(rows, batch_size=batch_size, sampler=self.sampler,
+                                 collate_fn=Collator(PAD, padding_free=padding_free))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _skip(loader, n):
+    return itertools.islice(iter(loader), n, None)
+
+
+def _rows(n: int) -> list[dict[str, list[int]]]:
+    """Example i is ``i + 1`` repeated (2 + i % 5) times: its tokens say which example it is."""
+    return [{"input_ids": [i + 1] * (2 + i % 5), "labels": [i + 1] * (2 + i % 5)} for i in range(n)]
+
+
+def _examples(micro) -> list[int]:
+    """The examples in a step's micro-batches, in order (each starts where its position restarts at 0)."""
+    out = []
+    for b in micro:
+        for ids, pos in zip(b["input_ids"], b["position_ids"]):
+            out += [int(t) for t, p in zip(ids, pos) if p == 0 and t != PAD]
+    return out
+
+
+def _padded(**kw) -> MicroBatcher:
+    return MicroBatcher("padded", None, (), 64, PAD, **kw)
+
+
+def _stream(loader, start, total, grad_accum, batcher):
+    return list(optimizer_steps(loader, start, total, grad_accum, batcher, _skip))
+
+
+def test_epochs_short_last_step_and_epoch_boundaries():
+    loader = _Loader(_rows(5), batch_size=1, padding_free=False)  # 5 loader batches: steps of 2, 2, 1
+    per_epoch, total = count_steps(len(loader), grad_accum=2, max_steps=None, num_epochs=2)
+    assert (per_epoch, total) == (3, 6)
+    stream = _stream(loader, Position(), total, 2, _padded())
+    steps = [(p, m) for p, m in stream if m is not None]
+    assert [p.step for p, _ in steps] == [1, 2, 3, 4, 5, 6]
+    assert [len(m) for _, m in steps] == [2, 2, 1, 2, 2, 1]  # each epoch's last step is short
+    assert [(p.epoch, p.loader_batches) for p, _ in steps] == [(0, 2), (0, 4), (0, 5), (1, 2), (1, 4), (1, 5)]
+    # one boundary, between the epochs (before the second epoch's loader starts), none after the last step
+    assert [(i, p) for i, (p, m) in enumerate(stream) if m is None] == [(3, Position(3, 1, 0))]
+    epochs = [[x for _, m in steps[:3] for x in _examples(m)], [x for _, m in steps[3:] for x in _examples(m)]]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == [1, 2, 3, 4, 5]  # every example once an epoch
+    assert epochs[0] != epochs[1]  # a fresh permutation each epoch
+
+
+def test_max_steps_ends_mid_epoch_and_trained_idx_is_set():
+    stream = _stream(_Loader(_rows(8), 2, False), Position(), 3, 3, _padded())  # 4 loader batches: steps of 3, 1
+    assert [(p, m is None) for p, m in stream] == [(Position(1, 0, 3), False), (Position(2, 0, 4), False),
+                                                  (Position(2, 1, 0), True), (Position(3, 1, 3), False)]
+    stream = _stream(_Loader(_rows(8), 2, False), Position(), 1, 3, _padded())
+    assert len(stream) == 1 and stream[0][0] == Position(1, 0, 3)  # stops at max_steps, not at the epoch's end
+    for b in stream[0][1]:
+        assert torch.equal(b["trained_idx"], (b["labels"][:, 1:].reshape(-1) != IGNORE).nonzero().flatten())
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_resume_from_any_position_continues_the_unbroken_stream(padding_free):
+    """From every position the unbroken run passed, the rest of the stream is the same micro-batches: the skip
+    counts loader batches, before re-cutting. Negative control: a resume that forgot the skip differs."""
+    rows = _rows(7)
+    batcher = MicroBatcher("padding_free", 8, (8, 16), 64, PAD) if padding_free else _padded()
+    unbroken = _stream(_Loader(rows, 2, padding_free), Position(), 9, 2, batcher)
+    for i, (pos, _) in enumerate(unbroken):
+        resumed = _stream(_Loader(rows, 2, padding_free), pos, 9, 2, batcher)
+        assert [p for p, _ in resumed] == [p for p, _ in unbroken[i + 1:]]
+        for (_, a), (_, b) in zip(resumed, unbroken[i + 1:]):
+            assert (a is None) == (b is None)
+            assert a is None or all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    mid = next(p for p, m in unbroken if m is not None and p.loader_batches == 2)
+    forgot = _stream(_Loader(rows, 2, padding_free), Position(mid.step, mid.epoch, 0), 9, 2, batcher)
+    assert _examples(forgot[0][1]) != _examples(next(m for p, m in unbroken if p.step == mid.step + 1))
+
+
+def test_the_callers_position_is_never_changed():
+    start = Position(0, 0, 0)
+    stream = _stream(_Loader(_rows(4), 1, False), start, 3, 1, _padded())
+    assert start == Position() and stream[-1][0] == Position(3, 0, 3)
+    with pytest.raises(AttributeError):
+        start.step = 5  # type: ignore[misc]
+
+
+def test_fsdp_equal_counts_add_micro_batches_that_train_nothing():
+    """Every step has as many micro-batches as the largest rank's count; the copies carry no trained position and
+    no real token, so the step's trained tokens are exactly those of its own examples."""
+    rows = _rows(9)
+    own = MicroBatcher("padding_free", 6, (8,), 64, PAD)
+    even = MicroBatcher("padding_free", 6, (8,), 64, PAD, largest_count=lambda n: n + 2)
+    for (p, a), (q, b) in zip(_stream(_Loader(rows, 3, True), Position(), 4, 2, own),
+                              _stream(_Loader(rows, 3, True), Position(), 4, 2, even), strict=True):
+        assert p == q
+        if a is None:
+            continue
+        assert len(b) == len(a) + 2
+        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+        assert all(x["trained_idx"].numel() == 0 and int(x["num_real_tokens"]) == 0 for x in b[len(a):])
+        assert sum(x["trained_idx"].numel() for x in b) == sum(x["trained_idx"].numel() for x in a) > 0
+    assert equal_count(a, len(a)) is not a and len(equal_count(a, len(a))) == len(a)  # the largest rank adds none
