@@ -85,9 +85,15 @@ run_fsdp_resume() {
   rm -rf /tmp/resume_full /tmp/resume_kill
   timeout ${LIMIT:-300} "${train[@]}" --set training.output_dir=/tmp/resume_full > /tmp/log_resume_full.txt 2>&1 \
     || { echo "unbroken run failed"; tail -c 3000 /tmp/log_resume_full.txt; }
-  setsid "${train[@]}" --set training.output_dir=/tmp/resume_kill > /tmp/log_resume_kill.txt 2>&1 &
+  # job control on: the background job is a process group of its own (torchrun and its ranks), so kill -9 of the
+  # group kills them all. (setsid forks when its caller already leads a group, as under the device tool's set -m:
+  # $! was then a parent that had exited, the kill missed, and the run went on to its end: 2026-11-30, x2 call.)
+  set -m
+  "${train[@]}" --set training.output_dir=/tmp/resume_kill > /tmp/log_resume_kill.txt 2>&1 &
   local job=$! waited=0
-  until [ -f /tmp/resume_kill/checkpoint-4/trainer_state.json ] || [ $waited -gt ${LIMIT:-300} ]; do sleep 0.2; waited=$((waited + 1)); done
+  set +m
+  until [ -f /tmp/resume_kill/checkpoint-4/trainer_state.json ] || [ $waited -gt $((5 * ${LIMIT:-300})) ]; do
+    sleep 0.2; waited=$((waited + 1)); done
   kill -9 -- -$job; wait $job 2>/dev/null; echo "killed after: $(ls /tmp/resume_kill | tr '\n' ' ')"
   timeout ${LIMIT:-300} "${train[@]}" --set training.output_dir=/tmp/resume_kill --resume > /tmp/log_resume.txt 2>&1 \
     || { echo "resume failed"; tail -c 3000 /tmp/log_resume.txt; }

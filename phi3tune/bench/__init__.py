@@ -3,7 +3,7 @@
 ``benchmark`` times optimizer steps after a warm-up with the device synchronized, and reads peak memory from
 the *device* (used memory sampled in a thread), so paged optimizer state and allocator slack count, not only
 PyTorch's allocator peak. ``estimate_memory`` predicts the peak from the config alone, before any weights load.
-The command line is ``phi3tune bench`` (cli.py); ``python -m phi3tune.bench`` runs the same (``__main__.py``).
+The command line is ``phi3tune bench`` (cli/train.py); ``python -m phi3tune.bench`` runs the same (``__main__.py``).
 """
 
 from __future__ import annotations
