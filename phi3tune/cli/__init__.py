@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``phi3tune`` console script; returns the exit status."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if not args.command:
-        parser.print_help()
+    if not args.command:  # a usage error (status 2): the help goes to stderr, where errors go
+        parser.print_help(sys.stderr)
         return 2
     if unknown:  # the command's own usage, not the top level's
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
