@@ -158,6 +158,10 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
         """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
         ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
+        with _graph_room(self.plan):  # the warm-up, the step-0 eval and training all build compiled graphs
+            return self._fit(resume_from, stop)
+
+    def _fit(self, resume_from: Path | None, stop: StopFlag | None) -> dict[str, Any]:
         if resume_from is not None:
             self._restore(resume_from)
         s = self.spec
@@ -169,7 +173,7 @@ class Trainer:
             ckpt.set_rng_state(rng)
         self.metrics.start(self.pos.step, self.total_steps)
         skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
-        with nullcontext(stop) if stop is not None else StopFlag() as stop, _graph_room(self.plan):
+        with nullcontext(stop) if stop is not None else StopFlag() as stop:
             for pos, micro in optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
                                               skip):
                 self.pos = pos  # counts this step already: a checkpoint written while it is handled resumes after it

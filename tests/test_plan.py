@@ -184,3 +184,21 @@ def test_paged_8bit_optimizer_is_planned_paged_with_2_bytes_of_state(tiny_model)
     wide = plan_for(ft.training(optimizer="PagedAdamW32bit"), "cuda", free_gib=80)
     assert wide.paged_optimizer and wide.memory["adapter_and_optimizer"] == lora * (4 + 4 + 8)
     assert not plan_for(ft.training(optimizer="AdamW8bit"), "cuda", free_gib=80).paged_optimizer
+
+
+def test_compiled_layers_get_room_for_every_graph_and_the_limit_comes_back(tiny_model):
+    """All decoder layers share one dynamo cache: a graph per fixed length, for train and eval, twice where only some
+    layers are checkpointed. A run raises the recompile limit to that many while it trains, and only then."""
+    import dataclasses
+
+    import torch._dynamo.config as dynamo
+
+    from phi3tune.loop import _graph_room
+
+    plan = plan_for(tiny_tuner(tiny_model, "unused", rows_of_text(4), optimize_for="speed"), "cuda")
+    before = dynamo.recompile_limit
+    with _graph_room(dataclasses.replace(plan, compile=True)):
+        assert dynamo.recompile_limit >= 4 * len(plan.token_buckets) > before
+    assert dynamo.recompile_limit == before
+    with _graph_room(dataclasses.replace(plan, compile=False)):  # nothing compiled: nothing changed
+        assert dynamo.recompile_limit == before
