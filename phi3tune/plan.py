@@ -48,7 +48,11 @@ _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
 # memory pressure at all). So a card that cannot hold 4,096-token activations keeps large micro-batches and
 # checkpoints some layers instead of cutting the micro-batch.
 _BUDGET_COST = {4096: 1.0, 2048: 1.31, 1024: 5.1}
-_RECOMPUTE_COST = 0.45  # all layers checkpointed: +45% time per token (3 / 24 / 31 layers: +3% / +39% / +41%)
+# Checkpointing: +3% per token with 3 of 32 layers, +37% with 17, +39% with 24, +41% with 31 (H200 medians, the
+# calls of 2026-11-30): the cost saturates once about half the layers recompute, so it is modelled as reaching
+# _RECOMPUTE_COST at _RECOMPUTE_FULL of the layers.
+_RECOMPUTE_COST = 0.41
+_RECOMPUTE_FULL = 0.5
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,8 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200)."""
     budget = plan.micro_batch_tokens or 4096
     size = min(_BUDGET_COST, key=lambda b: abs(b - budget))
-    return _BUDGET_COST[size] * (1 + _RECOMPUTE_COST * plan.checkpoint_layers / max(1, layers))
+    share = plan.checkpoint_layers / max(1, layers)
+    return _BUDGET_COST[size] * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
