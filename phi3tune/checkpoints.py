@@ -229,26 +229,20 @@ _FINGERPRINT_FIELDS = {  # checked in this order: a new tokenizer also changes t
 def fingerprints(tokenizer: Any, data: Any) -> dict[str, str]:
     """Short hashes of what a run trains on: the tokenizer, its chat template and the tokenized rows (so a data
     file edited in place under the same path is seen)."""
-    def digest(*parts: Any) -> str:
-        h = hashlib.sha256()
-        for part in parts:
-            h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-        return h.hexdigest()[:16]
+    from .data.fingerprint import digest
 
+    prints = {"tokenizer": digest(sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map),
+              "chat_template": digest(getattr(tokenizer, "chat_template", None) or "")}
     if getattr(data, "fingerprint", None):  # prepared by phi3tune: the cache key of its rows (data/build.py), or
         # a stream's source and options; no pass over a million rows to hash them again
-        return {"tokenizer": digest(sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map),
-                "chat_template": digest(getattr(tokenizer, "chat_template", None) or ""),
-                "data": str(data.fingerprint)}
+        return {**prints, "data": str(data.fingerprint)}
     rows = hashlib.sha256()
     for split in (data.train, data.eval):
         for column in ("input_ids", "labels"):
             for ids in ([] if split is None else split[column]):
                 rows.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
         rows.update(b"#")
-    return {"tokenizer": digest(sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map),
-            "chat_template": digest(getattr(tokenizer, "chat_template", None) or ""),
-            "data": rows.hexdigest()[:16]}
+    return {**prints, "data": rows.hexdigest()[:16]}
 
 
 def check_fingerprints(output_dir: Path, now: dict[str, str]) -> None:

@@ -261,7 +261,8 @@ class Trainer:
         """The optimizer's gradients and the model's: under FSDP a bitsandbytes optimizer holds views of the
         shards (shards.py), so the DTensor gradients FSDP accumulates into are the model's to drop."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_module.zero_grad(set_to_none=True)
+        if self.sharded:  # elsewhere the optimizer holds every parameter that has a gradient: nothing more to drop
+            self.loss_module.zero_grad(set_to_none=True)
 
     def _compile_fixed_shapes(self) -> None:
         """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
