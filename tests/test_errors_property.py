@@ -71,6 +71,7 @@ def _config(tiny_model: Path, out: Path) -> dict[str, Any]:
 def test_a_bad_config_value_fails_as_a_phi3tune_error_naming_it(tiny_model, tmp_path_factory, monkeypatch, field,
                                                                value):
     root = tmp_path_factory.mktemp("cfg")
+    monkeypatch.chdir(root)  # a drawn relative output_dir ("auto", "a/b/c") lands here, not in the checkout
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_of_text(4)))
     cfg = _config(tiny_model, root / "run")
     section, key = field
@@ -97,6 +98,7 @@ FILE_BODIES = st.one_of(st.binary(max_size=40), st.sampled_from([
 def test_a_bad_data_file_fails_as_a_phi3tune_error_naming_it(tiny_model, tmp_path_factory, monkeypatch, body,
                                                             suffix):
     root = tmp_path_factory.mktemp("data")
+    monkeypatch.chdir(root)
     data = root / f"train{suffix}"
     data.write_bytes(body)
     cfg = _config(tiny_model, root / "run")
