@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .cached_bpe import CachedBPE
 from .formats import IGNORE, _str, assistant_spans, require_chat_template, to_messages
 
 Batch = dict[str, list[Any]]
@@ -33,10 +34,12 @@ def make_encoder(tokenizer: Any, fmt: str, train_on: str, text_field: str, max_l
     if fmt != "text":
         require_chat_template(tokenizer, fmt)
 
+    cached = CachedBPE.for_tokenizer(tokenizer) if fmt == "text" else None
+
     def encode_batch(batch: Batch) -> Any:
         n = len(next(iter(batch.values()))) if batch else 0
         if fmt == "text":
-            out = _text(batch[text_field], text_field, tokenizer, max_len)
+            out = _text(batch[text_field], text_field, tokenizer, max_len, cached)
         else:
             rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
             rendered = [assistant_spans(tokenizer, to_messages(r, fmt, text_field, system_prompt)) for r in rows]
@@ -46,13 +49,14 @@ def make_encoder(tokenizer: Any, fmt: str, train_on: str, text_field: str, max_l
     return encode_batch
 
 
-def _text(texts: list[Any], text_field: str, tokenizer: Any, max_len: int) -> Batch:
+def _text(texts: list[Any], text_field: str, tokenizer: Any, max_len: int, cached: CachedBPE | None) -> Batch:
     checked = [t if isinstance(t, str) else _str({text_field: t}, text_field) for t in texts]
     out: Batch = {k: [] for k in TOKEN_COLUMNS}
-    for ids in _token_ids(tokenizer, checked):
+    eos = tokenizer.eos_token_id
+    for ids in cached.encode(checked) if cached is not None else _token_ids(tokenizer, checked):
         truncated = len(ids) + 1 > max_len
         # A cut example gets no eos: it would teach the model to stop mid-sentence.
-        ids = ids[:max_len] if truncated else [*ids, tokenizer.eos_token_id]
+        ids = ids[:max_len] if truncated else [*ids, eos]
         _append(out, ids, ids, max(0, len(ids) - 1), truncated)
     return out
 
