@@ -33,15 +33,28 @@ def make_rows(path: Path, n: int, seed_file: Path) -> None:
             f.write(json.dumps({"text": f"[{i}] {seeds[i % len(seeds)]}"}) + "\n")
 
 
+def _rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in bytes: Rss, Pss, and Pss split into Pss_Anon (memory no file backs: what the kernel
+    cannot drop) and Pss_File (pages of mapped files: the libraries, memory-mapped Arrow files)."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
 class PeakMemory:
     """Samples this process and its children (the tokenizing workers) every 0.5 s: the peak of their summed PSS
-    (proportional set size: pages shared between forked processes counted once, not per process) and of the
+    (proportional set size: pages shared between forked processes counted once, not per process), of their
+    summed anonymous PSS (file-backed pages, such as a memory-mapped Arrow file's, excluded), and of the
     parent's own RSS."""
 
     def __init__(self) -> None:
         import threading
 
-        self.pss = self.rss = 0.0
+        self.pss = self.anon = self.rss = 0.0
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -49,18 +62,20 @@ class PeakMemory:
 
         me = psutil.Process()
         while True:
-            pss = 0
+            pss = anon = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    pss += p.memory_full_info().pss
-                except psutil.Error:
+                    got = _rollup(p.pid)
+                except OSError:
                     continue
-            self.pss = max(self.pss, pss / 2**30)
-            self.rss = max(self.rss, me.memory_info().rss / 2**30)
+                pss, anon = pss + got["Pss"], anon + got["Pss_Anon"]
+            self.pss, self.anon = max(self.pss, pss / 2**30), max(self.anon, anon / 2**30)
+            self.rss = max(self.rss, _rollup(me.pid)["Rss"] / 2**30)
             time.sleep(0.5)
 
     def report(self) -> dict[str, float]:
-        return {"peak_pss_tree_gb": round(self.pss, 2), "peak_rss_parent_gb": round(self.rss, 2)}
+        return {"peak_pss_tree_gb": round(self.pss, 2), "peak_anon_pss_tree_gb": round(self.anon, 2),
+                "peak_rss_parent_gb": round(self.rss, 2)}
 
 
 MEMORY: PeakMemory | None = None

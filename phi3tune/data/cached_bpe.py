@@ -27,7 +27,7 @@ log = logging.getLogger("phi3tune")
 SPACE = "\u2581"  # "▁", SentencePiece's space
 _PIECE = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")  # cut before each "▁" that follows another character
 _CROSSING = re.compile(f"[^{SPACE}]{SPACE}")
-MAX_CACHED = 200_000  # pieces kept (~40 MB); the cache starts over when full, so memory stays flat
+MAX_CACHED = 100_000  # pieces kept (~25 MB); the cache starts over when full, so memory stays flat
 
 
 def crossing_tokens(vocab: Any) -> list[str]:

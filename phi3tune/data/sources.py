@@ -13,24 +13,29 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 
 def _find_bad_json(path: Path) -> str | None:
-    """Locate a malformed line so the error can point at it (datasets' own message does not)."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")  # a BOM (Windows editors) is no JSON error
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else None
-        return None if bad is None else f"element {bad}: expected a JSON object per example, not {rows[bad]!r:.40}"
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            return f"line {lineno}: {exc.msg}"
-        if not isinstance(row, dict):
-            return f"line {lineno}: expected a JSON object per line, got {type(row).__name__}"
+    """Locate a malformed line so the error can point at it (datasets' own message does not). JSON lines are
+    read one at a time: memory stays flat in the file's size."""
+    # utf-8-sig: a BOM (Windows editors) is no JSON error
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
+        if path.suffix.lower() == ".json" and f.read(4096).lstrip().startswith("["):  # one array: parsed whole
+            f.seek(0)
+            try:
+                rows = json.loads(f.read())
+            except json.JSONDecodeError as exc:
+                return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+            bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) \
+                if isinstance(rows, list) else None
+            return None if bad is None else f"element {bad}: expected a JSON object per example, not {rows[bad]!r:.40}"
+        f.seek(0)
+        for lineno, line in enumerate(f, start=1):  # unlike str.splitlines, a U+2028 in a string ends no line
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {lineno}: {exc.msg}"
+            if not isinstance(row, dict):
+                return f"line {lineno}: expected a JSON object per line, got {type(row).__name__}"
     return None
 
 
