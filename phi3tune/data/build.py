@@ -35,10 +35,10 @@ MAX_PROCS = 8  # more processes than this rarely pay: the rows are read and writ
 MIN_ROWS_PER_PROC = 2000  # below this, starting a process costs more than it saves
 MAP_CHUNK_ROWS = 100_000  # rows tokenized by one set of processes (each chunk's start costs ~0.5 s)
 PACK_BATCH_ROWS = 2048  # packed rows built and written per Arrow record batch
-# examples read between two drops of the token files' pages: reading an example maps up to 64 KiB around each
-# of the ~5 Arrow buffers it touches (the kernel's fault-around), so packing holds at most ~256 x 5 x 64 KiB
-# (80 MiB) of those pages, whatever the dataset's size
-GATHER_EXAMPLES = 256
+# examples read between two drops of the token files' pages: reading an example maps in the pages around it (the
+# kernel's fault-around, or a whole large folio of the page cache: up to ~0.5 MiB per example measured on Linux 6.18),
+# so packing holds at most GATHER_EXAMPLES x that of the token files at a time, whatever the dataset's size
+GATHER_EXAMPLES = 64
 _SUMMARY = "summary.json"
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "length")  # what the loop's rows carry
 
