@@ -27,7 +27,7 @@ log = logging.getLogger("phi3tune")
 SPACE = "\u2581"  # "▁", SentencePiece's space
 _PIECE = re.compile(f"{SPACE}*[^{SPACE}]+|{SPACE}+")  # cut before each "▁" that follows another character
 _CROSSING = re.compile(f"[^{SPACE}]{SPACE}")
-MAX_CACHED = 100_000  # pieces kept (~25 MB); the cache starts over when full, so memory stays flat
+MAX_CACHED = 100_000  # pieces kept (~25 MB): once full, new pieces are tokenized but not kept (memory stays flat)
 
 
 def crossing_tokens(vocab: Any) -> list[str]:
@@ -96,18 +96,15 @@ class CachedBPE:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         cut = [self._pieces(t) for t in texts]
-        wanted = set(chain.from_iterable(p for p in cut if p is not None))
-        new = wanted.difference(self._cache)
-        if len(self._cache) + len(new) > MAX_CACHED:
-            self._cache.clear()
-            new = wanted
+        new = list(set(chain.from_iterable(p for p in cut if p is not None)).difference(self._cache))
         if new:
-            pieces = list(new)
-            self._cache.update(zip(pieces, (e.ids for e in self._bpe.encode_batch_fast(pieces,
-                                                                                     add_special_tokens=False)),
+            self._cache.update(zip(new, (e.ids for e in self._bpe.encode_batch_fast(new, add_special_tokens=False)),
                                    strict=True))
         whole = [t for t, p in zip(texts, cut, strict=True) if p is None]
         direct = iter([e.ids for e in self._backend.encode_batch_fast(whole, add_special_tokens=True)]
                       if whole else [])
         get = self._cache.__getitem__
-        return [next(direct) if p is None else list(chain.from_iterable(map(get, p))) for p in cut]
+        out = [next(direct) if p is None else list(chain.from_iterable(map(get, p))) for p in cut]
+        for piece in new[:max(0, len(self._cache) - MAX_CACHED)]:  # full: keep the pieces seen first
+            del self._cache[piece]
+        return out
