@@ -94,6 +94,7 @@ def build_entry(raw: Any, entry: Path, encoder: Any, fmt: str, train_on: str, ma
             trained = int(table.column("trained").to_numpy().astype(np.int64).sum())
             truncated = int(np.count_nonzero(table.column("truncated").to_numpy()))
             drop_pages()
+        del table  # its maps close with it
         if trained == 0:
             raise DataFormatError(
                 f"data: no example has a trained token after masking (format={fmt}, train_on={train_on}); "
