@@ -99,6 +99,19 @@ run_fsdp_resume() {
     || { echo "resume failed"; tail -c 3000 /tmp/log_resume.txt; }
   python3 examples/benchmarks/compare_adapters.py /tmp/resume_full /tmp/resume_kill | tee -a "$OUT/all.jsonl"
 }
+# One rank fails after step 1 (rank_fault.py) on NCCL: does the other raise our TrainingError, and how soon?
+fault() {  # label, dies|hangs, then env assignments
+  local label=$1 mode=$2; shift 2
+  [ -f /tmp/phi3tiny/config.json ] || python3 .devshared/bench/make_random_phi3.py --tiny --out /tmp/phi3tiny 2>&1 | tail -1
+  local t0=$SECONDS
+  env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 "$@" timeout 240 \
+    python3 -m torch.distributed.run --nproc_per_node 2 examples/benchmarks/rank_fault.py /tmp/phi3tiny $DATA \
+    /tmp/fault_$label $mode 30 > /tmp/log_fault_$label.txt 2>&1; local rc=$?
+  echo "{\"label\": \"fault_$label\", \"rc\": $rc, \"wall_s\": $((SECONDS - t0)), \"rank0\": $(cat /tmp/fault_$label.rank0.json 2>/dev/null || echo null)}" \
+    | tee -a "$OUT/all.jsonl"; grep -v "^\s*$" /tmp/log_fault_$label.txt | grep -iE "error|nccl|watchdog|signal|rank" | tail -8 | cut -c1-300
+}
+run_fault_dies() { fault dies dies; }
+run_fault_hangs() { fault hangs hangs; }
 phi4() {  # Phi-4-mini's real shape (200,064 vocab, tied, partial RoPE) with random weights; no tokenizer ships,
   # so Phi-3's (its ids fit the vocabulary; the output head is 200,064 wide either way)
   [ -f /tmp/phi4/config.json ] || { python3 .devshared/bench/make_random_phi3.py --out /tmp/phi4 \
