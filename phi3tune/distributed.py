@@ -62,6 +62,23 @@ def fsdp_plugin(model: Any) -> Any:
                                           reshard_after_forward=True, cpu_ram_efficient_loading=False)
 
 
+def keep_quant_state_on_gathered_weights(model: Any) -> None:
+    """Under FSDP2 a 4-bit layer's weight, gathered for its forward, is a plain Parameter that has lost the
+    bitsandbytes ``quant_state``; bitsandbytes then wraps it in a new ``Params4bit`` on every forward, which
+    compiled layers cannot trace (a graph break in every 4-bit linear, and a recompile each step until dynamo's
+    limit). A pre-forward hook on each 4-bit layer hands the gathered weight the layer's own quant state
+    instead, so that bitsandbytes finds it and wraps nothing. FSDP2 gathers into the same Parameter every time, so
+    after the first forward the hook only reads."""
+    for module in model.modules():
+        if getattr(module, "quant_state", None) is not None and hasattr(module, "weight"):
+            module.register_forward_pre_hook(_hand_quant_state)
+
+
+def _hand_quant_state(module: Any, args: Any) -> None:
+    if getattr(module.weight, "quant_state", None) is None:
+        module.weight.quant_state = module.quant_state
+
+
 def use_fsdp_on_cpu(acc: Any, plugin: Any) -> None:
     """accelerate turns FSDP on for accelerators only: on the CPU it ignores the plugin and silently runs DDP.
     torch's FSDP2 runs on the CPU with gloo, so we switch it on: the CPU test exercises accelerate's FSDP2 path."""

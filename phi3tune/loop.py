@@ -134,6 +134,7 @@ class Trainer:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
         if self.spec.distributed != "fsdp":
             return None
+        distributed.keep_quant_state_on_gathered_weights(self.model)
         return distributed.fsdp_plugin(self.model)
 
     # ---------------------------------------------------------------- what the run reads afterwards

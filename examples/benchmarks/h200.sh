@@ -48,12 +48,12 @@ run_ddp2_b100() { PHI3TUNE_DDP=bucket_cap_mb=100 multi ddp2_b100 2 "${DDP_SETS[@
 run_ddp2_b400() { PHI3TUNE_DDP=bucket_cap_mb=400 multi ddp2_b400 2 "${DDP_SETS[@]}"; }
 run_ddp2_view() { PHI3TUNE_DDP=gradient_as_bucket_view=1 multi ddp2_view 2 "${DDP_SETS[@]}"; }
 run_ddp2_b100_view() { PHI3TUNE_DDP=bucket_cap_mb=100,gradient_as_bucket_view=1 multi ddp2_b100_view 2 "${DDP_SETS[@]}"; }
-# FSDP-QLoRA with the defaults (paged AdamW stepping each rank's shards; eager layers: the plan does not compile
-# under FSDP with a 4-bit base, docs/distributed.md), and with compiled layers asked for
+# FSDP-QLoRA with the defaults (paged AdamW stepping each rank's shards; compiled layers: the gathered 4-bit weights
+# keep their quant state, distributed.keep_quant_state_on_gathered_weights), and with eager layers asked for
 FSDP_SETS=(training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1
            training.distributed=fsdp quant.quant_storage=bfloat16)
 run_fsdp2() { multi fsdp2 2 "${FSDP_SETS[@]}"; }
-run_fsdp2_compiled() { multi fsdp2_compiled 2 "${FSDP_SETS[@]}" training.compile=true; }
+run_fsdp2_eager() { multi fsdp2_eager 2 "${FSDP_SETS[@]}" training.compile=false; }
 # Phi-3-medium's real shape (14B, examples/benchmarks/configs/phi3-medium-4k-instruct) with random weights, on
 # emulated 8 GiB cards (as_card.py): two under FSDP (the base is loaded on the CPU, each GPU gets its shards), and
 # one, which phi3tune refuses before loading weights (its 4-bit weights alone exceed the card)
