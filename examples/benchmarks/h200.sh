@@ -133,6 +133,16 @@ run_profile_quickstart() {
     > /tmp/log_profile_q.txt 2>&1 || { echo "profile failed"; tail -c 2000 /tmp/log_profile_q.txt; }
   head -45 "$OUT/profile_quickstart.txt"
 }
+run_profile_ddp2() {  # DDP's step on 2 GPUs next to one GPU's, same workload (speed_c4096 / ddp2); no --start:
+  # torchrun reads it as an abbreviation of its own --start-method
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  local sets=(); for s in "${DDP_SETS[@]}"; do sets+=(--set "$s"); done
+  timeout 200 python3 -m torch.distributed.run --nproc_per_node 2 examples/benchmarks/profile_steps.py /tmp/base.yaml \
+    "${sets[@]}" --out "$OUT/profile_ddp2.txt" > /tmp/log_profile_ddp2.txt 2>&1 || tail -c 2000 /tmp/log_profile_ddp2.txt
+  timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml "${sets[@]}" \
+    --out "$OUT/profile_1gpu.txt" > /tmp/log_profile_1gpu.txt 2>&1 || tail -c 2000 /tmp/log_profile_1gpu.txt
+  head -12 "$OUT/profile_ddp2.txt.rank0" "$OUT/profile_1gpu.txt" 2>/dev/null | cut -c1-250
+}
 run_profile() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \
     --set data.packing=true --out "$OUT/profile_speed_packed.txt" > /tmp/log_profile.txt 2>&1 || echo "profile failed"
