@@ -125,12 +125,16 @@ class Trainer:
         self.eval_loader = None if eval_loader is None else acc.prepare_data_loader(eval_loader,
                                                                                      device_placement=False)
         # FSDP: every rank runs as many micro-batches as the rank with the most (batching.equal_count)
-        self.batcher = MicroBatcher.of(plan, self.pad_id, distributed.largest_count(acc, self.loss_module))
+        # a step's counts travel on the CPU (gloo): reading them off the GPU would wait for it once per step
+        self.host_group = distributed.host_group(acc, spec.collective_timeout_s)
+        self.batcher = MicroBatcher.of(plan, self.pad_id, distributed.largest_count(acc, self.loss_module,
+                                                                                    self.host_group))
 
     def _fsdp_plugin(self) -> Any:
         """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
         if self.spec.distributed != "fsdp":
             return None
+        distributed.keep_quant_state_on_gathered_weights(self.model)
         return distributed.fsdp_plugin(self.model)
 
     # ---------------------------------------------------------------- what the run reads afterwards
@@ -224,8 +228,7 @@ class Trainer:
         acc = self.accelerator
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
                                sum(int(b["num_real_tokens"]) for b in micro)])
-        if acc.num_processes > 1:  # trained and real tokens of the whole step, all ranks
-            counts = acc.reduce(counts.to(acc.device), "sum").cpu()
+        counts = distributed.sum_on_host(counts, self.host_group)  # trained and real tokens of the step, all ranks
         n_tokens, real = int(counts[0]), int(counts[1])
         scale = acc.num_processes / max(1, n_tokens)  # DDP averages over ranks; undo that, divide by all tokens
         loss_sum = torch.zeros((), device=acc.device)

@@ -28,7 +28,7 @@ from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_D
 from .files import PLAN_NAME as PLAN_NAME
 from .loop import Trainer
 from .model import ModelInfo
-from .plan import RunPlan, resolve_plan
+from .plan import RunPlan, compile_settings, resolve_plan
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
 from .runspec import RunSpec
 from .shards import check_optimizer_shardable
@@ -228,8 +228,9 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
         model.get_base_model().enable_input_require_grads()
+        settings = compile_settings()
         for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=False)
+            layer.compile(dynamic=False, **settings)
     return model
 
 

@@ -179,6 +179,23 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
+def compile_settings() -> dict[str, Any]:
+    """``torch.compile`` keywords for the decoder layers: none (inductor's defaults) unless PHI3TUNE_COMPILE
+    (benchmarks only, examples/benchmarks/cards.sh) names others: ``mode=reduce-overhead`` (CUDA graphs) or
+    ``cpp_wrapper=1`` (a C++ wrapper around the kernels), to measure what each does to the host's per-micro-batch
+    cost before a plan adopts it."""
+    out: dict[str, Any] = {}
+    for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
+        key, _, value = item.partition("=")
+        if key == "mode":
+            out["mode"] = value
+        elif key == "cpp_wrapper":
+            out.setdefault("options", {})["cpp_wrapper"] = value.lower() in ("1", "true", "yes")
+        else:
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper")
+    return out
+
+
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1) -> RunPlan:
@@ -195,11 +212,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length) if budget else ()
     cuda = device.type == "cuda"
     sharded = t.distributed == "fsdp" and processes > 1
-    # Not by default under FSDP with a 4-bit base: each forward bitsandbytes re-wraps the gathered weight in a new
-    # Params4bit (fix_4bit_weight_quant_state_from_module), which breaks the graph and recompiles until dynamo's
-    # limit, after which layers run eager anyway (CPU, 2 ranks; one process: one graph per length, no break)
-    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free
-                                                             and not (sharded and q is not None))
+    # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
+    compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0

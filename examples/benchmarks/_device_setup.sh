@@ -4,8 +4,9 @@
 # writes /tmp/base.yaml: the README quickstart's settings on that model and the alpaca1k guanaco text.
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ "${CPU_REHEARSAL:-0}" = 1 ]; then export PYTHONPATH=$PWD  # the CPU rehearsal: this venv's packages, no wheels
+elif [ -f /tmp/site/.phi3tune-wheels ]; then export PYTHONPATH=/tmp/site:$PWD  # installed by an earlier script
 else python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1; fi
+  && touch /tmp/site/.phi3tune-wheels && export PYTHONPATH=/tmp/site:$PWD || exit 1; fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,peft,accelerate,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,accelerate.__version__,b.__version__)" | tee -a "$OUT/gpu.txt"

@@ -10,14 +10,15 @@
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
-#   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), mem (optimize_for=memory), seq4096 (memory plan at
+#   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), ro / cpp (compiled layers with CUDA graphs /
+#   a C++ kernel wrapper: PHI3TUNE_COMPILE, plan.compile_settings), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
 . examples/benchmarks/_device_setup.sh
-[ -d .whl-peers ] && [ "${CPU_REHEARSAL:-0}" != 1 ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl-peers/*.whl
+[ -d .whl-peers ] && [ "${CPU_REHEARSAL:-0}" != 1 ] && [ ! -f /tmp/site/.phi3tune-peers ] && python3 -m pip install -q \
+  --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-peers/*.whl && touch /tmp/site/.phi3tune-peers
 LIMIT=${LIMIT:-180}
 
 card_prefix() { [ "$1" = full ] && echo "" || echo ".devshared/bench/as_card.py $1"; }
@@ -30,6 +31,8 @@ ours() {  # label gib variant
     adamw) sets+=(--set training.optimizer=adamw_torch) ;;
     mb*) sets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
     expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
+    ro) envs+=(PHI3TUNE_COMPILE=mode=reduce-overhead) ;;
+    cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
     seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     *) echo "unknown variant $variant"; return ;;

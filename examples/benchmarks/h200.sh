@@ -48,12 +48,12 @@ run_ddp2_b100() { PHI3TUNE_DDP=bucket_cap_mb=100 multi ddp2_b100 2 "${DDP_SETS[@
 run_ddp2_b400() { PHI3TUNE_DDP=bucket_cap_mb=400 multi ddp2_b400 2 "${DDP_SETS[@]}"; }
 run_ddp2_view() { PHI3TUNE_DDP=gradient_as_bucket_view=1 multi ddp2_view 2 "${DDP_SETS[@]}"; }
 run_ddp2_b100_view() { PHI3TUNE_DDP=bucket_cap_mb=100,gradient_as_bucket_view=1 multi ddp2_b100_view 2 "${DDP_SETS[@]}"; }
-# FSDP-QLoRA with the defaults (paged AdamW stepping each rank's shards; eager layers: the plan does not compile
-# under FSDP with a 4-bit base, docs/distributed.md), and with compiled layers asked for
+# FSDP-QLoRA with the defaults (paged AdamW stepping each rank's shards; compiled layers: the gathered 4-bit weights
+# keep their quant state, distributed.keep_quant_state_on_gathered_weights), and with eager layers asked for
 FSDP_SETS=(training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1
            training.distributed=fsdp quant.quant_storage=bfloat16)
 run_fsdp2() { multi fsdp2 2 "${FSDP_SETS[@]}"; }
-run_fsdp2_compiled() { multi fsdp2_compiled 2 "${FSDP_SETS[@]}" training.compile=true; }
+run_fsdp2_eager() { multi fsdp2_eager 2 "${FSDP_SETS[@]}" training.compile=false; }
 # Phi-3-medium's real shape (14B, examples/benchmarks/configs/phi3-medium-4k-instruct) with random weights, on
 # emulated 8 GiB cards (as_card.py): two under FSDP (the base is loaded on the CPU, each GPU gets its shards), and
 # one, which phi3tune refuses before loading weights (its 4-bit weights alone exceed the card)
@@ -99,6 +99,19 @@ run_fsdp_resume() {
     || { echo "resume failed"; tail -c 3000 /tmp/log_resume.txt; }
   python3 examples/benchmarks/compare_adapters.py /tmp/resume_full /tmp/resume_kill | tee -a "$OUT/all.jsonl"
 }
+# One rank fails after step 1 (rank_fault.py) on NCCL: does the other raise our TrainingError, and how soon?
+fault() {  # label, dies|hangs, then env assignments
+  local label=$1 mode=$2; shift 2
+  [ -f /tmp/phi3tiny/config.json ] || python3 .devshared/bench/make_random_phi3.py --tiny --out /tmp/phi3tiny 2>&1 | tail -1
+  local t0=$SECONDS
+  env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 "$@" timeout 240 \
+    python3 -m torch.distributed.run --nproc_per_node 2 examples/benchmarks/rank_fault.py /tmp/phi3tiny $DATA \
+    /tmp/fault_$label $mode 30 > /tmp/log_fault_$label.txt 2>&1; local rc=$?
+  echo "{\"label\": \"fault_$label\", \"rc\": $rc, \"wall_s\": $((SECONDS - t0)), \"rank0\": $(cat /tmp/fault_$label.rank0.json 2>/dev/null || echo null)}" \
+    | tee -a "$OUT/all.jsonl"; grep -v "^\s*$" /tmp/log_fault_$label.txt | grep -iE "error|nccl|watchdog|signal|rank" | tail -8 | cut -c1-300
+}
+run_fault_dies() { fault dies dies; }
+run_fault_hangs() { fault hangs hangs; }
 phi4() {  # Phi-4-mini's real shape (200,064 vocab, tied, partial RoPE) with random weights; no tokenizer ships,
   # so Phi-3's (its ids fit the vocabulary; the output head is 200,064 wide either way)
   [ -f /tmp/phi4/config.json ] || { python3 .devshared/bench/make_random_phi3.py --out /tmp/phi4 \
@@ -119,6 +132,16 @@ run_profile_quickstart() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 --out "$OUT/profile_quickstart.txt" \
     > /tmp/log_profile_q.txt 2>&1 || { echo "profile failed"; tail -c 2000 /tmp/log_profile_q.txt; }
   head -45 "$OUT/profile_quickstart.txt"
+}
+run_profile_ddp2() {  # DDP's step on 2 GPUs next to one GPU's, same workload (speed_c4096 / ddp2); no --start:
+  # torchrun reads it as an abbreviation of its own --start-method
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  local sets=(); for s in "${DDP_SETS[@]}"; do sets+=(--set "$s"); done
+  timeout 200 python3 -m torch.distributed.run --nproc_per_node 2 examples/benchmarks/profile_steps.py /tmp/base.yaml \
+    "${sets[@]}" --out "$OUT/profile_ddp2.txt" > /tmp/log_profile_ddp2.txt 2>&1 || tail -c 2000 /tmp/log_profile_ddp2.txt
+  timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml "${sets[@]}" \
+    --out "$OUT/profile_1gpu.txt" > /tmp/log_profile_1gpu.txt 2>&1 || tail -c 2000 /tmp/log_profile_1gpu.txt
+  head -12 "$OUT/profile_ddp2.txt.rank0" "$OUT/profile_1gpu.txt" 2>/dev/null | cut -c1-250
 }
 run_profile() {
   timeout 170 python3 examples/benchmarks/profile_steps.py /tmp/base.yaml --set training.optimize_for=speed \

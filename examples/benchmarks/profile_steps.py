@@ -1,11 +1,14 @@
 """Profile a few optimizer steps of a phi3tune config with torch.profiler; print the top CUDA kernels.
 
     python examples/benchmarks/profile_steps.py CONFIG.yaml [--set key=value ...] [--out FILE]
+
+Under torchrun each rank writes FILE.rank<N>. Two tables: by GPU time, then by CPU time (host-side cost).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -30,16 +33,19 @@ def main() -> None:
 
     def on_step(event: dict) -> None:
         if event["step"] == a.start:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
             prof.start()
         elif event["step"] == a.start + a.steps:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
             prof.stop()
 
     ft.run(callbacks=[on_step])
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    avg = prof.key_averages()
+    table = (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
+             + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
+    rank = os.environ.get("RANK")  # under torchrun: one file per rank
     if a.out:
-        with open(a.out, "w") as f:
+        with open(a.out if rank is None else f"{a.out}.rank{rank}", "w") as f:
             f.write(table)
     else:
         sys.stdout.write(table)
