@@ -1,5 +1,5 @@
 """Tokenize SentencePiece-style BPE text (Phi-3's tokenizer.json) piece by piece through a word cache: the ids the
-tokenizer gives, for about half its CPU time.
+tokenizer gives, for less CPU time wherever words repeat (measured in docs/data.md).
 
 Phi-3's pre-tokenizer (``Metaspace`` with ``split=False``) makes a whole row one BPE "word": the tokenizer merges
 ~800 characters per row from scratch and its own word cache never hits. Here a row is cut before every "▁"
@@ -8,8 +8,9 @@ tokenizer's own BPE model (read, never changed; the rest of the user's tokenizer
 
 Why the ids are the same: a BPE merge joins two adjacent symbols into a token of the vocabulary. A merge across
 a cut would make a token holding a non-"▁" character followed by "▁"; ``CachedBPE.for_tokenizer`` checks that no
-token or merge of the loaded vocabulary has one, so no merge crosses a cut and the merges inside each piece are
-the ones (in the same order) made inside the whole row; byte fallback works per character, so it is unchanged.
+token of the loaded vocabulary (which holds every merge's result) has one, so no merge crosses a cut and the
+merges inside each piece are the ones (in the same order) made inside the whole row; byte fallback works per
+character, so it is unchanged.
 What the tokenizer does around the model is reproduced only where it is this simple (no normalizer, Metaspace,
 no special tokens added); other tokenizers, empty rows and rows holding an added token (``<|user|>``) go to the
 tokenizer itself.
