@@ -275,6 +275,13 @@ class Trainer:
         if not (p.compile and p.padding_free and p.token_buckets):
             return
         started, rng = time.perf_counter(), ckpt.rng_state()
+        if self.sharded:  # one eager forward first: FSDP's gathered 4-bit weights get their quant state outside
+            # any graph (distributed.keep_quant_state_on_gathered_weights; inside a checkpointed layer, setting it
+            # while tracing is a side effect dynamo refuses: a graph break)
+            ids = torch.full((1, p.token_buckets[0]), self.pad_id, dtype=torch.long)
+            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": torch.arange(ids.shape[1])[None]})
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
         for n in p.token_buckets:
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
             pos = (torch.arange(n) % max(1, p.position_cap))[None]
