@@ -13,11 +13,13 @@ What a run changes process-wide, and what ``leaves_process_as_found`` puts back 
   ``training.seed``: a caller's random search draws the same numbers with or without runs in between.
 * environment variables (accelerate sets ``ACCELERATE_USE_FSDP`` and friends), torch's thread count, default
   dtype and float32 matmul precision.
+* the garbage collector's frozen generation, while the steps run (``frozen_heap``).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -52,6 +54,24 @@ def _restore_environ(saved: dict[str, str]) -> None:
     for key, value in saved.items():
         if os.environ.get(key) != value:
             os.environ[key] = value
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The objects alive when the block starts (the model, its compiled graphs: ~10^6 of them) are kept out of the
+    garbage collector's full collections until it ends, which then scan only what the steps create. Unfrozen, a
+    full collection lands in some step and stops it for 0.6 s (tiny model on the CPU, 755k objects; ~1 s steps
+    were measured on 2x H200, where every rank also waits for the one collecting). Reference counting still frees
+    everything as before. A caller who froze objects already is left as found: nothing is frozen or unfrozen."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextmanager

@@ -24,6 +24,7 @@ import torch
 
 from . import checkpoints as ckpt
 from . import distributed, shards, tracking
+from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
 from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
@@ -177,7 +178,7 @@ class Trainer:
             ckpt.set_rng_state(rng)
         self.metrics.start(self.pos.step, self.total_steps)
         skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
-        with nullcontext(stop) if stop is not None else StopFlag() as stop:
+        with nullcontext(stop) if stop is not None else StopFlag() as stop, frozen_heap():
             for pos, micro in optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
                                               skip):
                 self.pos = pos  # counts this step already: a checkpoint written while it is handled resumes after it

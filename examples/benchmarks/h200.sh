@@ -77,6 +77,10 @@ run_fsdp_medium_2x8() { medium; on_cards fsdp_medium_2x8 2 "${MEDIUM_SETS[@]}" t
 run_medium_1x8() { medium; on_cards medium_1x8 1 "${MEDIUM_SETS[@]}"; }
 # Resume under FSDP: an unbroken run, and the same run killed with kill -9 (torchrun and both ranks) once
 # checkpoint-4 is complete, then resumed; prints the largest difference between the two final adapters
+tree_pids() {  # a process and every process below it (read from /proc: no procps needed)
+  local p; echo "$1"
+  for p in $(grep -l "^PPid:[[:space:]]*$1\$" /proc/[0-9]*/status 2>/dev/null | cut -d/ -f3); do tree_pids "$p"; done
+}
 run_fsdp_resume() {
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   local sets=(); for s in "${FSDP_SETS[@]}" training.max_steps=8 training.save_strategy=steps training.save_steps=2 \
@@ -85,16 +89,16 @@ run_fsdp_resume() {
   rm -rf /tmp/resume_full /tmp/resume_kill
   timeout ${LIMIT:-300} "${train[@]}" --set training.output_dir=/tmp/resume_full > /tmp/log_resume_full.txt 2>&1 \
     || { echo "unbroken run failed"; tail -c 3000 /tmp/log_resume_full.txt; }
-  # job control on: the background job is a process group of its own (torchrun and its ranks), so kill -9 of the
-  # group kills them all. (setsid forks when its caller already leads a group, as under the device tool's set -m:
-  # $! was then a parent that had exited, the kill missed, and the run went on to its end: 2026-11-30, x2 call.)
-  set -m
+  # kill -9 of torchrun and every process under it, found through the process tree: a process-group kill missed
+  # twice on the device machine (setsid forked under its job control; then `set -m` made no group of its own), the
+  # run went on to its end and the "resume" started from its final checkpoint (2026-11-30, x2 calls)
   "${train[@]}" --set training.output_dir=/tmp/resume_kill > /tmp/log_resume_kill.txt 2>&1 &
   local job=$! waited=0
-  set +m
   until [ -f /tmp/resume_kill/checkpoint-4/trainer_state.json ] || [ $waited -gt $((5 * ${LIMIT:-300})) ]; do
     sleep 0.2; waited=$((waited + 1)); done
-  kill -9 -- -$job; wait $job 2>/dev/null; echo "killed after: $(ls /tmp/resume_kill | tr '\n' ' ')"
+  kill -9 $(tree_pids $job) 2>/dev/null; wait $job 2>/dev/null
+  echo "killed after: $(ls /tmp/resume_kill | tr '\n' ' ')"
+  [ -d /tmp/resume_kill/final_checkpoint ] && echo "the kill missed: the run finished" | tee -a "$OUT/failures.txt"
   timeout ${LIMIT:-300} "${train[@]}" --set training.output_dir=/tmp/resume_kill --resume > /tmp/log_resume.txt 2>&1 \
     || { echo "resume failed"; tail -c 3000 /tmp/log_resume.txt; }
   python3 examples/benchmarks/compare_adapters.py /tmp/resume_full /tmp/resume_kill | tee -a "$OUT/all.jsonl"
