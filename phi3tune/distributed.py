@@ -46,20 +46,30 @@ def is_sharded(module: Any) -> bool:
 
 
 def fsdp_plugin(model: Any) -> Any:
-    """FSDP2 (``fully_shard``) per decoder layer and per LoRA leaf (PEFT's wrap policy).
+    """FSDP2 (``fully_shard``) with every decoder layer its own unit: gathered for its forward and backward, freed
+    after, so a GPU holds its shards plus the layer running and the one prefetched. accelerate adds the embedding
+    and the final norm + output head as units; the rest (LoRA inside each layer) shards with its layer.
+
+    The layer classes are named to accelerate (the base model's ``_no_split_modules``): accelerate's FSDP2 path
+    understands only a transformer- or size-based policy, and ignored PEFT's FSDP1 policy (an ``_or_policy`` of
+    LoRA leaves and layers), which left the whole model ONE unit gathered whole for every forward (measured: one
+    FSDP module; on 2x H200 more memory per GPU than one GPU, and Phi-3-medium out of memory while sharding).
 
     FSDP2, not FSDP1: accelerate re-points an optimizer built before wrapping at the sharded parameters only for
     FSDP2 (``Accelerator._prepare_fsdp2``); under FSDP1 with ``use_orig_params=False`` the optimizer keeps the
-    orphaned original LoRA tensors (FSDP1 flattens copies into new FlatParameters) and trains nothing, and
-    clipping sees no gradients. FSDP2 also runs on the CPU with gloo; FSDP1 refuses ("FSDP needs a non-CPU
-    accelerator device"). No ``sync_module_states``: every rank loads the same checkpoint and seeds the adapter
-    the same way, and accelerate refuses it without an accelerator.
+    orphaned original LoRA tensors and trains nothing. FSDP2 also runs on the CPU with gloo; FSDP1 refuses. No
+    ``sync_module_states``: every rank loads the same checkpoint and seeds the adapter the same way.
     """
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from peft.utils.other import fsdp_auto_wrap_policy
 
-    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp_auto_wrap_policy(model),
-                                          reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = sorted(set(getattr(base, "_no_split_modules", None) or []))
+    if not layers:  # not a transformers model that names its layers: wrap by size instead
+        return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="size_based_wrap",
+                                              reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=layers, reshard_after_forward=True,
+                                          cpu_ram_efficient_loading=False)
 
 
 def keep_quant_state_on_gathered_weights(model: Any) -> None:

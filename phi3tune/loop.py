@@ -132,7 +132,7 @@ class Trainer:
                                                                                     self.host_group))
 
     def _fsdp_plugin(self) -> Any:
-        """FSDP for bases that do not fit one GPU: shard per decoder layer (PEFT's wrap policy)."""
+        """FSDP for bases that do not fit one GPU: every decoder layer its own unit (distributed.fsdp_plugin)."""
         if self.spec.distributed != "fsdp":
             return None
         distributed.keep_quant_state_on_gathered_weights(self.model)

@@ -42,7 +42,10 @@ for opt in sys.argv[6].split(","):
     local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local if t.numel()}
     rank = int(os.environ.get("RANK", 0))
-    json.dump({"param_bytes": sum(storages.values()), "all_dtensor": all(isinstance(p, DTensor) for p in params)},
+    from torch.distributed.fsdp import FSDPModule
+    layers = result.model.get_base_model().model.layers
+    json.dump({"param_bytes": sum(storages.values()), "all_dtensor": all(isinstance(p, DTensor) for p in params),
+               "layer_units": sum(isinstance(m, FSDPModule) for m in layers), "layers": len(layers)},
               open(f"{out}/{opt}.rank{rank}.json", "w"))
 """
 OPTS = ["paged_adamw_32bit", "adamw_torch", "paged_adamw_8bit"]
@@ -131,6 +134,17 @@ def test_each_rank_holds_half_the_parameters_and_optimizer_state(runs):
             assert 0.45 < mine / one < 0.55, (opt, rank, mine, one)
             shard = torch.load(tmp / "fsdp" / opt / "checkpoint-4" / f"shard.rank{rank}.pt", weights_only=True)
             assert 0.45 < _state_bytes(shard["optimizer"]["state"]) / one_opt < 0.55, (opt, rank)
+
+
+def test_every_decoder_layer_is_its_own_fsdp_unit(runs):
+    """Each layer is gathered for its own forward and backward only. With the model one unit (what PEFT's FSDP1
+    wrap policy gave under accelerate's FSDP2) the whole base is gathered at once: sharded at rest, whole in use."""
+    tmp, _ = runs
+    for rank in (0, 1):
+        got = json.loads((tmp / "fsdp" / f"paged_adamw_32bit.rank{rank}.json").read_text())
+        assert got["layers"] >= 2 and got["layer_units"] == got["layers"]
+    one = json.loads((tmp / "one" / "paged_adamw_32bit.rank0.json").read_text())
+    assert one["layer_units"] == 0
 
 
 def test_a_killed_fsdp_job_resumes_to_the_unbroken_adapter(runs):
