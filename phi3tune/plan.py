@@ -183,7 +183,8 @@ def compile_settings() -> dict[str, Any]:
     """``torch.compile`` keywords for the decoder layers: none (inductor's defaults) unless PHI3TUNE_COMPILE
     (benchmarks only, examples/benchmarks/cards.sh) names others: ``mode=reduce-overhead`` (CUDA graphs) or
     ``cpp_wrapper=1`` (a C++ wrapper around the kernels), to measure what each does to the host's per-micro-batch
-    cost before a plan adopts it."""
+    cost before a plan adopts it. On 2026-11-30 (H200, torch 2.11) both failed with per-layer compilation
+    (docs/performance.md), so no plan uses them."""
     out: dict[str, Any] = {}
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
         key, _, value = item.partition("=")
