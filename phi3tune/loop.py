@@ -285,7 +285,9 @@ class Trainer:
                 self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
         for n in p.token_buckets:
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
-            pos = (torch.arange(n) % max(1, p.position_cap))[None]
+            # two documents, as in real micro-batches: one would take the mask path of an unpacked row (SDPA
+            # with no mask), and every real micro-batch would then recompile its length during training
+            pos = (torch.arange(n) % max(1, min(p.position_cap, n // 2)))[None]
             b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos,  # every position trained,
                                  "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
             with acc.no_sync(self.loss_module):
