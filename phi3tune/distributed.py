@@ -84,6 +84,15 @@ def keep_quant_state_on_gathered_weights(model: Any) -> None:
             module.register_forward_pre_hook(_hand_quant_state)
 
 
+def hand_quant_state_eagerly(loss_module: Any, ids: torch.Tensor) -> None:
+    """One eager no-grad forward of ``ids`` before compiled layers build their graphs, so the hook above sets the
+    gathered weights' quant state outside any trace: inside a checkpointed layer, setting it while tracing is a
+    side effect dynamo refuses (a graph break)."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        loss_module(ids, ids, positions)
+
+
 def _hand_quant_state(module: Any, args: Any) -> None:
     if getattr(module.weight, "quant_state", None) is None:
         module.weight.quant_state = module.quant_state
@@ -115,6 +124,13 @@ def host_group(acc: Any, timeout_s: float) -> Any:
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def release_host_group(group: Any) -> None:
+    """Destroy a gloo group ``host_group`` made (not the default group; a local call, no collective)."""
+    dist = torch.distributed
+    if group is not None and group is not dist.group.WORLD and dist.is_initialized():
+        dist.destroy_process_group(group)
 
 
 def sum_on_host(t: torch.Tensor, group: Any) -> torch.Tensor:

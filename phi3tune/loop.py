@@ -163,8 +163,11 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
         """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
         ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
-        with _graph_room(self.plan):  # the warm-up, the step-0 eval and training all build compiled graphs
-            return self._fit(resume_from, stop)
+        try:
+            with _graph_room(self.plan):  # the warm-up, the step-0 eval and training all build compiled graphs
+                return self._fit(resume_from, stop)
+        finally:  # a sweep of runs in one launched process would otherwise keep one gloo group per run
+            distributed.release_host_group(self.host_group)
 
     def _fit(self, resume_from: Path | None, stop: StopFlag | None) -> dict[str, Any]:
         if resume_from is not None:
@@ -276,13 +279,9 @@ class Trainer:
         if not (p.compile and p.padding_free and p.token_buckets):
             return
         started, rng = time.perf_counter(), ckpt.rng_state()
-        if self.sharded:  # one eager forward first: FSDP's gathered 4-bit weights get their quant state outside
-            # any graph (distributed.keep_quant_state_on_gathered_weights; inside a checkpointed layer, setting it
-            # while tracing is a side effect dynamo refuses: a graph break)
-            ids = torch.full((1, p.token_buckets[0]), self.pad_id, dtype=torch.long)
-            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": torch.arange(ids.shape[1])[None]})
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                self.loss_module(b["input_ids"], b["labels"], b["position_ids"])
+        if self.sharded:
+            ids = torch.full((1, p.token_buckets[0]), self.pad_id, dtype=torch.long, device=self.accelerator.device)
+            distributed.hand_quant_state_eagerly(self.loss_module, ids)
         for n in p.token_buckets:
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
             # two documents, as in real micro-batches: one would take the mask path of an unpacked row (SDPA
