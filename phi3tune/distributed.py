@@ -140,17 +140,17 @@ def sum_on_host(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t
 
 
-def largest_count(acc: Any, module: Any, group: Any = None) -> Callable[[int], int]:
+def largest_count(module: Any, group: Any) -> Callable[[int], int]:
     """Under FSDP every forward and backward is a collective (all-gather, reduce-scatter), so every rank must run
     the same number of micro-batches per step; padding-free plans re-cut each rank's examples by tokens, so counts
-    can differ. The function returned gives the largest count over the ranks (a collective: call it on every
-    rank; over ``group``, a ``host_group``, when given), which ``batching.equal_count`` fills up to. DDP needs
-    none of this (one all-reduce per step whatever the count): there it is each rank's own count."""
-    if acc.num_processes == 1 or not is_sharded(module):
+    can differ. The function returned gives the largest count over the ranks of ``group`` (a ``host_group``; a
+    collective: call it on every rank), which ``batching.equal_count`` fills up to. With one process or DDP
+    (one all-reduce per step whatever the count) it is each rank's own count."""
+    if group is None or not is_sharded(module):
         return _own_count
 
     def largest(n: int) -> int:
-        t = torch.tensor([n]) if group is not None else torch.tensor([n], device=acc.device)
+        t = torch.tensor([n])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
         return int(t)
 

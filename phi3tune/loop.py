@@ -98,6 +98,8 @@ class Trainer:
         self.saved: dict[int, Path | None] = {}  # step -> checkpoint written at it (None on other ranks)
         device = torch.device(plan.device)
         fsdp = self._fsdp_plugin()
+        if fsdp is not None:  # before any forward: the gathered 4-bit weights must stay traceable
+            distributed.keep_quant_state_on_gathered_weights(model)
         self.accelerator = acc = Accelerator(mixed_precision=_MIXED[plan.precision], cpu=device.type == "cpu",
                                              fsdp_plugin=fsdp, kwargs_handlers=distributed.ddp_kwargs(plan.ddp),
                                              **tracking.accelerator_kwargs(spec.report_to, self.output_dir))
@@ -128,14 +130,12 @@ class Trainer:
         # FSDP: every rank runs as many micro-batches as the rank with the most (batching.equal_count)
         # a step's counts travel on the CPU (gloo): reading them off the GPU would wait for it once per step
         self.host_group = distributed.host_group(acc, spec.collective_timeout_s)
-        self.batcher = MicroBatcher.of(plan, self.pad_id, distributed.largest_count(acc, self.loss_module,
-                                                                                    self.host_group))
+        self.batcher = MicroBatcher.of(plan, self.pad_id, distributed.largest_count(self.loss_module, self.host_group))
 
     def _fsdp_plugin(self) -> Any:
         """FSDP for bases that do not fit one GPU: every decoder layer its own unit (distributed.fsdp_plugin)."""
         if self.spec.distributed != "fsdp":
             return None
-        distributed.keep_quant_state_on_gathered_weights(self.model)
         return distributed.fsdp_plugin(self.model)
 
     # ---------------------------------------------------------------- what the run reads afterwards
