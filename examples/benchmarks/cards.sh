@@ -17,8 +17,6 @@
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
 . examples/benchmarks/_device_setup.sh
-[ -d .whl-peers ] && [ "${CPU_REHEARSAL:-0}" != 1 ] && [ ! -f /tmp/site/.phi3tune-peers ] && python3 -m pip install -q \
-  --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-peers/*.whl && touch /tmp/site/.phi3tune-peers
 LIMIT=${LIMIT:-180}
 
 card_prefix() { [ "$1" = full ] && echo "" || echo ".devshared/bench/as_card.py $1"; }

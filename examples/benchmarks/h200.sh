@@ -6,6 +6,7 @@
 #   usage: bash examples/benchmarks/h200.sh [RUNS...]   (RUNS: names of the run_* functions below; default all)
 set -u
 . examples/benchmarks/_device_setup.sh
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off (KINDS.md)
 ours() {  # label, then --set overrides
   local label=$1; shift
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
@@ -35,7 +36,6 @@ run_speed_unpacked_c() { ours speed_unpacked_c training.optimize_for=speed train
 multi() {  # label, nproc, then --set overrides: one process per GPU through torchrun
   local label=$1 n=$2; shift 2
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   timeout ${LIMIT:-170} python3 -m torch.distributed.run --nproc_per_node $n -m phi3tune.bench /tmp/base.yaml \
     --steps $STEPS --warmup $WARM --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
     || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
@@ -66,7 +66,6 @@ MEDIUM_SETS=(model=/tmp/phi3m quant.quant_storage=bfloat16 adapter.r=16 data.pac
 on_cards() {  # label, processes, then --set overrides: like multi, each rank on an emulated 8 GiB card
   local label=$1 n=$2; shift 2
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-16}  # the base is quantized on the CPU: torchrun would give each rank 1
   timeout ${LIMIT:-500} python3 -m torch.distributed.run --nproc_per_node $n .devshared/bench/as_card.py 8 \
     -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" "${sets[@]}" \
@@ -82,7 +81,6 @@ tree_pids() {  # a process and every process below it (read from /proc: no procp
   for p in $(grep -l "^PPid:[[:space:]]*$1\$" /proc/[0-9]*/status 2>/dev/null | cut -d/ -f3); do tree_pids "$p"; done
 }
 run_fsdp_resume() {
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   local sets=(); for s in "${FSDP_SETS[@]}" training.max_steps=8 training.save_strategy=steps training.save_steps=2 \
     training.logging_steps=1 training.progress_bar=false; do sets+=(--set "$s"); done
   local train=(python3 -m torch.distributed.run --nproc_per_node 2 -m phi3tune train /tmp/base.yaml "${sets[@]}")
@@ -108,7 +106,7 @@ fault() {  # label, dies|hangs, then env assignments
   local label=$1 mode=$2; shift 2
   [ -f /tmp/phi3tiny/config.json ] || python3 .devshared/bench/make_random_phi3.py --tiny --out /tmp/phi3tiny 2>&1 | tail -1
   local t0=$SECONDS
-  env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 "$@" timeout 240 \
+  env "$@" timeout 240 \
     python3 -m torch.distributed.run --nproc_per_node 2 examples/benchmarks/rank_fault.py /tmp/phi3tiny $DATA \
     /tmp/fault_$label $mode 30 > /tmp/log_fault_$label.txt 2>&1; local rc=$?
   echo "{\"label\": \"fault_$label\", \"rc\": $rc, \"wall_s\": $((SECONDS - t0)), \"rank0\": $(cat /tmp/fault_$label.rank0.json 2>/dev/null || echo null)}" \
@@ -139,7 +137,6 @@ run_profile_quickstart() {
 }
 run_profile_ddp2() {  # DDP's step on 2 GPUs next to one GPU's, same workload (speed_c4096 / ddp2); no --start:
   # torchrun reads it as an abbreviation of its own --start-method
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   local sets=(); for s in "${DDP_SETS[@]}"; do sets+=(--set "$s"); done
   timeout 200 python3 -m torch.distributed.run --nproc_per_node 2 examples/benchmarks/profile_steps.py /tmp/base.yaml \
     "${sets[@]}" --out "$OUT/profile_ddp2.txt" > /tmp/log_profile_ddp2.txt 2>&1 || tail -c 2000 /tmp/log_profile_ddp2.txt

@@ -3,13 +3,10 @@
 # runs and ours meet the same machine), e.g. on nvidia-h200-x2:
 #   bash examples/benchmarks/lanes.sh "cards.sh q@full q@12" "cards.sh u@12 u@16"
 # Lane i runs `bash examples/benchmarks/<its words>` with CUDA_VISIBLE_DEVICES=i and OUT=$OUT/lane<i>; the set-up
-# (wheels, the random Phi-3-mini checkpoint) runs once, first. Each lane's all.jsonl is appended to $OUT/all.jsonl.
+# (wheels and the peers' wheels, the random Phi-3-mini checkpoint) runs once, first. Each lane's all.jsonl is
+# appended to $OUT/all.jsonl.
 set -u
 . examples/benchmarks/_device_setup.sh
-if [ -d .whl-peers ] && [ "${CPU_REHEARSAL:-0}" != 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl-peers/*.whl && touch /tmp/site/.phi3tune-peers
-fi
 lanes=("$@"); i=0; pids=()
 for lane in "${lanes[@]}"; do
   mkdir -p "$OUT/lane$i"
