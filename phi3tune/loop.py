@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from . import checkpoints as ckpt
-from . import distributed, shards, tracking
+from . import distributed, flat_steps, shards, tracking
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
 from .data import PreparedData
@@ -116,6 +116,8 @@ class Trainer:
         self.sharded = distributed.is_sharded(self.loss_module)
         if self.sharded:  # bitsandbytes cannot step DTensors: it steps this rank's local shards (shards.py)
             shards.step_local_shards(self.optimizer)
+        # else bitsandbytes steps each group's parameters as one flat buffer (flat_steps.py); None where it can't
+        self.flat = None if self.sharded else flat_steps.step_flat(self.optimizer, self.loss_module)
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
@@ -268,6 +270,8 @@ class Trainer:
         """The optimizer's gradients and the model's: under FSDP a bitsandbytes optimizer holds views of the
         shards (shards.py), so the DTensor gradients FSDP accumulates into are the model's to drop."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.flat is not None:  # the model's gradients are views of the flat ones: zeroed in place
+            self.flat.zero_grads()
         if self.sharded:  # elsewhere the optimizer holds every parameter that has a gradient: nothing more to drop
             self.loss_module.zero_grad(set_to_none=True)
 
@@ -321,7 +325,7 @@ class Trainer:
             tensors: dict[str, Any] = {"scheduler": self.scheduler.state_dict(), "rng": rngs[0],
                                        "rng_per_rank": rngs}
             if not self.sharded:  # FSDP: each rank's optimizer state is in its shard file (shards.py)
-                tensors["optimizer"] = self.optimizer.state_dict()
+                tensors["optimizer"] = (self.flat or self.optimizer).state_dict()  # per parameter
             if acc.scaler is not None:
                 tensors["scaler"] = acc.scaler.state_dict()
             state = {"step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.loader_batches,
@@ -385,7 +389,7 @@ class Trainer:
                                   '"fsdp"); resume it with distributed="fsdp" on as many processes as wrote it')
         else:
             set_peft_model_state_dict(self.model, load_file(str(path / "adapter_model.safetensors")))
-            self.optimizer.load_state_dict(tensors["optimizer"])
+            (self.flat or self.optimizer).load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         if "scaler" in tensors and acc.scaler is not None:
             acc.scaler.load_state_dict(tensors["scaler"])

@@ -156,13 +156,15 @@ from phi3tune import FineTuner
 model, out, rows, resume = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4] == "resume"
 (FineTuner(model).adapter(r=8, alpha=16, dropout=0.2).data(source=rows, max_seq_length=128)
  .training(output_dir=out, batch_size=2, grad_accum=1, max_steps=4, logging_steps=1, save_strategy="steps",
-           save_steps=1, progress_bar=False, learning_rate=2e-3, optimizer="adamw_torch", device="cpu")
+           save_steps=1, progress_bar=False, learning_rate=2e-3, optimizer="paged_adamw_32bit", device="cpu")
  .run(resume=resume))
 """
 
 
 def test_two_process_resume_is_exact_with_dropout(tiny_model, tmp_path):
-    """Each rank's RNG is checkpointed: a DDP run resumed from step 2 ends bit-identical to an unbroken one."""
+    """Each rank's RNG is checkpointed: a DDP run resumed from step 2 ends bit-identical to an unbroken one. The
+    default optimizer steps one flat buffer under DDP too: DDP writes the reduced gradients into the model's
+    gradient views of it (flat_steps.py), which never have to fall back to per-parameter steps."""
     import shutil
 
     script = tmp_path / "train.py"
@@ -171,8 +173,9 @@ def test_two_process_resume_is_exact_with_dropout(tiny_model, tmp_path):
     rows.write_text(json.dumps(rows_of_text(16, seed=8)))
 
     def torchrun(out, mode):
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(_free_port()), str(script), str(tiny_model), str(out), str(rows), mode], tmp_path)
+        proc = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(script), str(tiny_model), str(out), str(rows), mode], tmp_path)
+        assert proc.stderr.count("step as 1 flat buffer(s)") == 2 and "on its own" not in proc.stderr
 
     torchrun(tmp_path / "full", "fresh")
     killed = tmp_path / "killed"  # the state a kill after step 2 leaves behind
