@@ -93,7 +93,7 @@ def _elementwise_bnb(optimizer: Any) -> bool:
     return (own and float(getattr(args, "max_unorm", 0.0)) == 0.0
             and float(getattr(args, "percentile_clipping", 100)) == 100  # older releases: a per-tensor clip
             and bool(getattr(args, "block_wise", True))  # older releases: one scale for the whole tensor
-            and not (mng.index2config or mng.module_weight_config_triple) and not optimizer.state)
+            and not mng.index2config and not optimizer.state)  # overrides by position: they would move
 
 
 class FlatSteps:
@@ -105,7 +105,9 @@ class FlatSteps:
 
         self.optimizer = optimizer
         self.layout = [list(g["params"]) for g in optimizer.param_groups]  # per parameter: what checkpoints hold
-        overridden = GlobalOptimManager.get_instance().pid2config
+        mng = GlobalOptimManager.get_instance()  # a parameter with its own config keeps its own update (e.g.
+        # PEFT's LoRA+ gives embeddings 32-bit state under an 8-bit optimizer)
+        overridden = set(mng.pid2config) | {id(getattr(m, a)) for m, a, _ in mng.module_weight_config_triple}
         args = optimizer.args
         self.sets: list[list[FlatSet]] = []
         for group in optimizer.param_groups:

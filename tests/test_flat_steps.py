@@ -30,10 +30,13 @@ def _groups(model: torch.nn.Module, loraplus: bool) -> list[dict[str, Any]]:
 
 
 def _build(cls: type, flat: bool, loraplus: bool = False, align: int = flat_steps.ALIGN,
-           unused: torch.nn.Parameter | None = None) -> tuple[torch.nn.Module, Any, Any]:
+           unused: torch.nn.Parameter | None = None, configure: Any = None) -> tuple[torch.nn.Module, Any, Any]:
     """Model, bitsandbytes optimizer (8-bit state from 1,000 elements: the biases keep 32-bit state) and, with
-    ``flat``, the flat step over it; ``unused``: a trainable parameter the forward never reaches."""
+    ``flat``, the flat step over it; ``unused``: a trainable parameter the forward never reaches; ``configure``:
+    called with the model first."""
     model = _model()
+    if configure is not None:
+        configure(model)
     groups = _groups(model, loraplus)
     if unused is not None:
         groups[-1]["params"].append(unused)
@@ -42,10 +45,11 @@ def _build(cls: type, flat: bool, loraplus: bool = False, align: int = flat_step
 
 
 def _train(cls: type, flat: bool, loraplus: bool = False, align: int = flat_steps.ALIGN, steps: int = 3,
-           unused: torch.nn.Parameter | None = None, drop_grads: bool = False) -> tuple[torch.nn.Module, Any]:
+           unused: torch.nn.Parameter | None = None, drop_grads: bool = False,
+           configure: Any = None) -> tuple[torch.nn.Module, Any]:
     """``steps`` optimizer steps of 2 accumulated micro-batches each, gradients clipped, as the loop does;
     ``drop_grads``: the model's gradients set to None after each step (e.g. by a user's callback)."""
-    model, opt, helper = _build(cls, flat, loraplus, align, unused)
+    model, opt, helper = _build(cls, flat, loraplus, align, unused, configure)
     torch.manual_seed(1)
     for _ in range(steps):
         for _ in range(2):
@@ -126,6 +130,21 @@ def test_only_elementwise_bitsandbytes_optimizers_and_gradients_it_can_keep(monk
     assert flat_steps.step_flat(bnb_optim.LAMB32bit(model.parameters()), model) is None
     assert flat_steps.step_flat(torch.optim.AdamW(model.parameters()), model) is None
     assert flat_steps.step_flat(opt, model) is not None
+
+
+def test_a_parameter_with_its_own_bitsandbytes_config_keeps_its_own_update(monkeypatch):
+    """bitsandbytes' GlobalOptimManager overrides (PEFT's LoRA+ uses them for embeddings): 32-bit state for one
+    weight under an 8-bit optimizer. In a flat 8-bit buffer it would get 8-bit state."""
+    mng = bnb_optim.GlobalOptimManager.get_instance()
+    monkeypatch.setattr(mng, "pid2config", {})
+    monkeypatch.setattr(mng, "uses_config_override", False)
+    configure = lambda model: mng.override_config(model[2].weight, "optim_bits", 32)  # noqa: E731
+    flat_model, helper = _train(bnb_optim.AdamW8bit, flat=True, configure=configure)
+    ref_model, ref_opt = _train(bnb_optim.AdamW8bit, flat=False, configure=configure)
+    assert helper.active and len(helper.sets[0][0].members) == 3  # the three other weights
+    for a, b in zip(flat_model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    _assert_same_state(helper.state_dict(), ref_opt.state_dict())
 
 
 def test_unpadded_segments_change_the_8bit_update():
