@@ -33,7 +33,6 @@ log = logging.getLogger("phi3tune")
 ALIGN = 256  # elements: bitsandbytes' 8-bit state blocks, and inductor's alignment of the layers' inputs
 _STATES = ("state1", "state2")
 _BLOCK_MAXIMA = ("absmax1", "absmax2")
-_SHARED = ("qmap1", "qmap2")  # the quantization maps: one per optimizer, shared by every parameter
 
 
 @dataclass
