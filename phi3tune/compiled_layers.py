@@ -29,12 +29,12 @@ def code_tables() -> dict[str, list[float]]:
     return {kind: get_4bit_type(kind, device="cpu").tolist() for kind in ("nf4", "fp4")}
 
 
-def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, n: int) -> torch.Tensor:
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """fp32 ``values`` (flat) times the absmax of their block; the last block may be short."""
-    short = -values.numel() % blocksize
-    if short:
-        values = F.pad(values, (0, short))
-    return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)[:n]
+    n = values.numel()
+    if n % blocksize == 0:
+        return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
+    return values * absmax[torch.arange(n, device=values.device) // blocksize]
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
@@ -45,17 +45,19 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     codes = packed.reshape(-1)
     if codes.dtype != torch.uint8:  # quant_storage other than uint8 (FSDP stores bf16): the same bytes
         codes = codes.view(torch.uint8)
-    idx = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1)[:n].to(torch.int64)
+    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
+    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
+    idx = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n].to(torch.int64)
     table = torch.tensor((tables or code_tables())[quant_type], dtype=torch.float32, device=codes.device)
-    values = table[idx]
-    return _scale_blocks(values, absmax.float(), blocksize, n).view(tuple(shape)).to(dtype)
+    return _scale_blocks(table[idx], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                          dtype: torch.dtype) -> torch.Tensor:
     """``bitsandbytes::dequantize_blockwise`` (8-bit codes, e.g. the double-quantized absmax) in torch ops."""
     values = code.float()[codes.reshape(-1).to(torch.int64)]
-    return _scale_blocks(values, absmax.float(), blocksize, codes.numel()).view(codes.shape).to(dtype)
+    return _scale_blocks(values, absmax.float(), blocksize).view(codes.shape).to(dtype)
 
 
 def gemm_4bit(a: torch.Tensor, packed: torch.Tensor, shape: Sequence[int], absmax: torch.Tensor, blocksize: int,

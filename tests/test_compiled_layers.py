@@ -119,3 +119,53 @@ def test_a_compiled_lora_layer_runs_no_bitsandbytes_op_and_computes_the_same(tin
     torch.testing.assert_close(gx, ref_gx, rtol=1e-6, atol=1e-6)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def _stacked_unpack(packed, absmax, blocksize, quant_type, shape, dtype, tables=None):
+    """The negative control: the same values, unpacked with a stack (not recomputable by the partitioner)."""
+    codes = packed.reshape(-1).view(torch.uint8)
+    idx = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1).to(torch.int64)
+    table = torch.tensor((tables or cl.code_tables())[quant_type], dtype=torch.float32, device=codes.device)
+    return (table[idx].view(-1, blocksize) * absmax.view(-1, 1)).view(tuple(shape)).to(dtype)
+
+
+@pytest.mark.parametrize("unpack", ["pointwise", "stacked"])
+def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_model, monkeypatch, unpack):
+    """Dequantizing inside the graph must not cost memory: the weight is recomputed from the packed bytes in
+    backward, so a compiled layer saves exactly the tensors inductor's own compilation saves. With a stack in
+    the unpacking (the negative control) the partitioner saves an unpacked copy of every weight instead."""
+    import torch._dynamo
+
+    from phi3tune.model import attach_adapter
+    from phi3tune.specs import AdapterSpec
+
+    if unpack == "stacked":
+        monkeypatch.setattr(cl, "dequantize_4bit", _stacked_unpack)
+
+    def saved_by(backend) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = attach_adapter(_base(tiny_model, torch.bfloat16, False), AdapterSpec(r=4, dropout=0.1),
+                               ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        inner = model.get_base_model().model
+        compiled = torch.compile(inner.layers[0], backend=backend, dynamic=False)
+        x = torch.randn(1, 32, inner.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(32)[None]
+        emb = inner.rotary_emb(x, pos)
+        compiled(x, position_embeddings=emb, position_ids=pos)
+        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            compiled(x, position_embeddings=emb, position_ids=pos)
+        return sorted(saved, key=str)
+
+    ours, stock = saved_by(cl.backend()), saved_by("inductor")
+    if unpack == "pointwise":
+        assert ours == stock
+    else:
+        assert ours != stock and any(dtype == torch.uint8 and len(shape) == 2 and shape[1] == 2
+                                     for shape, dtype in ours)
