@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import checkpoints as ckpt
+from .compiled_layers import compile_layers
 from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
@@ -228,9 +229,7 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
         model.get_base_model().enable_input_require_grads()
-        settings = compile_settings()
-        for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=False, **settings)
+        compile_layers(model.get_base_model().model.layers, compile_settings())  # 4-bit matmuls in the graph
     return model
 
 

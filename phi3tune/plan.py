@@ -192,8 +192,10 @@ def compile_settings() -> dict[str, Any]:
             out["mode"] = value
         elif key == "cpp_wrapper":
             out.setdefault("options", {})["cpp_wrapper"] = value.lower() in ("1", "true", "yes")
+        elif key == "opaque_4bit":  # bitsandbytes' ops left as Python calls (compiled_layers.py), to compare
+            out["opaque_4bit"] = value.lower() in ("1", "true", "yes")
         else:
-            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper")
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit")
     return out
 
 

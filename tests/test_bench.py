@@ -47,3 +47,24 @@ def test_estimate_matches_cpu_measurement(tiny_model):
     measured = _saved_bytes(lambda: loss(batch["input_ids"], batch["labels"], batch["position_ids"]))
     predicted = est["activations"] + est["logits_chunk"]
     assert predicted == pytest.approx(measured, rel=0.35), (predicted, measured)
+
+
+def test_device_memory_is_sampled_on_this_ranks_gpu_from_its_thread(monkeypatch):
+    """The sampling thread names this process's GPU: a new thread's current device is GPU 0, and reading it
+    there would put a CUDA context of every rank on GPU 0 (and report GPU 0's memory as this rank's)."""
+    import threading
+
+    from phi3tune.bench import _DeviceMemory
+
+    asked: list[tuple[object, str]] = []
+
+    def mem_get_info(device=None):
+        asked.append((device, threading.current_thread().name))
+        return (10, 20)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    with _DeviceMemory(interval=0.001):
+        while not any(name != threading.current_thread().name for _, name in asked):
+            pass
+    assert {device for device, _ in asked} == {1}

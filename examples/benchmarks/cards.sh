@@ -7,11 +7,13 @@
 #
 # A RUN is KIND@GIB[+VARIANT], GIB a card size or "full" (the whole H200):
 #   q   README quickstart, unpacked              p   the same with data.packing=true
+#   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight (GIB ignored)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), ro / cpp (compiled layers with CUDA graphs /
-#   a C++ kernel wrapper: PHI3TUNE_COMPILE, plan.compile_settings), mem (optimize_for=memory), seq4096 (memory plan at
+#   a C++ kernel wrapper: PHI3TUNE_COMPILE, plan.compile_settings), opaque (bitsandbytes' 4-bit ops left as Python
+#   calls in the compiled layers, as before compiled_layers.py), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -31,6 +33,7 @@ ours() {  # label gib variant
     expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
     ro) envs+=(PHI3TUNE_COMPILE=mode=reduce-overhead) ;;
     cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
+    opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
     seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     *) echo "unknown variant $variant"; return ;;
@@ -65,6 +68,7 @@ for r in "$@"; do
     q|p) ours "$r" "$gib" "$variant" ;;
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
+    twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
     prof) timeout "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             --out "$OUT/profile_$gib.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib.txt" 2>/dev/null ;;

@@ -54,17 +54,20 @@ def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | 
 
 
 class _DeviceMemory:
-    """Samples device-wide used memory in a thread; peak minus the level before the run started."""
+    """Samples device-wide used memory in a thread; peak minus the level before the run started. The device is
+    named: a new thread's current device is GPU 0, so under torchrun every other rank would read GPU 0 and put a
+    CUDA context there (measured: 518 MiB of GPU 0 held by rank 1, which ran an emulated 8 GiB card out of memory)."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        free, total = torch.cuda.mem_get_info()
+        self.device = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(self.device)
         self.base = total - free
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info()
+            free, total = torch.cuda.mem_get_info(self.device)
             self.peak = max(self.peak, total - free)
             time.sleep(self.interval)
 

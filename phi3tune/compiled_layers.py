@@ -1,0 +1,111 @@
+"""Decoder layers compiled with the 4-bit matmuls inside their graphs.
+
+bitsandbytes' 4-bit matmul is a custom op with a Python implementation, so a compiled layer calls back into Python
+for each one: on the H200 ~150 µs of host time per 4-bit linear in forward (``bitsandbytes::gemm_4bit``) and ~80 µs
+per dequantization in backward, ~24 ms per micro-batch of Phi-3-mini, which kept the GPU waiting on the host
+(docs/performance.md). Here the compiler is given the ops' math in torch ops (a 16-entry table lookup of each
+4-bit code times its block's fp32 absmax, rounded once to the compute dtype; then the matmul), so inductor fuses
+each dequantization into one kernel launched from the compiled graph. The values are bitsandbytes' own: the same
+table, the same fp32 product, one rounding (tests compare bit for bit). Only the compiler sees these
+decompositions; eager code and the bitsandbytes ops themselves are untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def code_tables() -> dict[str, list[float]]:
+    """bitsandbytes' 4-bit code tables as numbers, read once outside any trace (building one normalises it in
+    place, which a traced graph may not hold)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return {kind: get_4bit_type(kind, device="cpu").tolist() for kind in ("nf4", "fp4")}
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 ``values`` (flat) times the absmax of their block; the last block may be short."""
+    n = values.numel()
+    if n % blocksize == 0:
+        return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
+    return values * absmax[torch.arange(n, device=values.device) // blocksize]
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                    shape: Sequence[int], dtype: torch.dtype, tables: dict[str, list[float]] | None = None,
+                    ) -> torch.Tensor:
+    """``bitsandbytes::dequantize_4bit`` in torch ops: two codes per byte, high nibble first."""
+    n = math.prod(shape)
+    codes = packed.reshape(-1)
+    if codes.dtype != torch.uint8:  # quant_storage other than uint8 (FSDP stores bf16): the same bytes
+        codes = codes.view(torch.uint8)
+    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
+    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
+    idx = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n].to(torch.int64)
+    table = torch.tensor((tables or code_tables())[quant_type], dtype=torch.float32, device=codes.device)
+    return _scale_blocks(table[idx], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``bitsandbytes::dequantize_blockwise`` (8-bit codes, e.g. the double-quantized absmax) in torch ops."""
+    values = code.float()[codes.reshape(-1).to(torch.int64)]
+    return _scale_blocks(values, absmax.float(), blocksize).view(codes.shape).to(dtype)
+
+
+def gemm_4bit(a: torch.Tensor, packed: torch.Tensor, shape: Sequence[int], absmax: torch.Tensor, blocksize: int,
+              quant_type: str, bias: torch.Tensor | None = None, absmax_8bit: torch.Tensor | None = None,
+              absmax_code: torch.Tensor | None = None, absmax_offset: torch.Tensor | None = None,
+              tables: dict[str, list[float]] | None = None) -> torch.Tensor:
+    """``bitsandbytes::gemm_4bit`` in torch ops: dequantize to ``a``'s dtype, then ``F.linear``. With double
+    quantization ``absmax`` holds the scales of the 8-bit ``absmax_8bit`` (256-element blocks)."""
+    if absmax_8bit is not None:
+        assert absmax_code is not None and absmax_offset is not None
+        absmax = dequantize_blockwise(absmax_8bit, absmax, absmax_code, 256, torch.float32) + absmax_offset
+    return F.linear(a, dequantize_4bit(packed, absmax, blocksize, quant_type, shape, a.dtype, tables), bias)
+
+
+def decompositions() -> dict[Any, Callable[..., Any]]:
+    """The bitsandbytes ops this bitsandbytes registers, each with its torch-ops twin above."""
+    ops = getattr(torch.ops, "bitsandbytes", None)
+    tables = code_tables()
+    twins: dict[str, Callable[..., Any]] = {"gemm_4bit": functools.partial(gemm_4bit, tables=tables),
+                                            "dequantize_4bit": functools.partial(dequantize_4bit, tables=tables),
+                                            "dequantize_blockwise": dequantize_blockwise}
+    out: dict[Any, Callable[..., Any]] = {}
+    for name, twin in twins.items():
+        try:
+            out[getattr(ops, name).default] = twin
+        except (AttributeError, RuntimeError):  # an older bitsandbytes without this op: it stays opaque
+            continue
+    return out
+
+
+def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """inductor with the 4-bit decompositions added to its own. ``settings``: plan.compile_settings() (benchmarks
+    only): ``mode="reduce-overhead"`` becomes inductor's CUDA-graph option, ``options`` its config patches,
+    ``opaque_4bit`` leaves bitsandbytes' ops opaque (the host cost this module removes, to measure it)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    settings = settings or {}
+    patches = dict(settings.get("options", {}))
+    if settings.get("mode") == "reduce-overhead":
+        patches["triton.cudagraphs"] = True
+    ours = {} if settings.get("opaque_4bit") else decompositions()
+    return functools.partial(compile_fx, config_patches=patches or None,
+                             decompositions={**select_decomp_table(), **ours})
+
+
+def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] | None = None) -> None:
+    """One static graph per input shape for each decoder layer (``dynamic=False``: the plan's fixed lengths)."""
+    compiler = backend(settings)
+    for layer in layers:
+        layer.compile(backend=compiler, dynamic=False)

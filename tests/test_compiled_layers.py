@@ -1,0 +1,171 @@
+"""Compiled decoder layers with bitsandbytes' 4-bit matmuls inside the graph (phi3tune/compiled_layers.py): the
+torch-ops twins compute bitsandbytes' values bit for bit, and a compiled layer no longer calls back into
+bitsandbytes' Python ops (the host cost they removed), with the same outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phi3tune import compiled_layers as cl
+from phi3tune.model import load_weights
+from phi3tune.specs import QuantSpec
+
+
+def _base(model, dtype: torch.dtype, double_quant: bool, quant_type: str = "nf4"):
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    return load_weights(str(model), QuantSpec(compute_dtype=name, double_quant=double_quant, quant_type=quant_type),
+                        dtype, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_twins_dequantize_as_bitsandbytes_does_bit_for_bit(tiny_model, quant_type, double_quant, dtype):
+    import bitsandbytes.functional as bnbf
+
+    base = _base(tiny_model, dtype, double_quant, quant_type)
+    for name, module in base.named_modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            continue
+        qs = weight.quant_state
+        absmax = qs.absmax
+        if qs.nested:
+            absmax = cl.dequantize_blockwise(qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize,
+                                             torch.float32) + qs.offset
+        got = cl.dequantize_4bit(weight.data, absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
+        assert torch.equal(got, bnbf.dequantize_4bit(weight.data, qs)), name
+        x = torch.randn(3, qs.shape[1], dtype=dtype)
+        ref = torch.ops.bitsandbytes.gemm_4bit.default(
+            x, weight.data.view(-1, 1), qs.shape, qs.state2.absmax if qs.nested else qs.absmax, qs.blocksize,
+            qs.quant_type, **({"absmax_8bit": qs.absmax, "absmax_code": qs.state2.code, "absmax_offset": qs.offset}
+                              if qs.nested else {}))
+        twin = cl.gemm_4bit(x, weight.data.view(-1, 1), qs.shape, qs.state2.absmax if qs.nested else qs.absmax,
+                            qs.blocksize, qs.quant_type, **({"absmax_8bit": qs.absmax, "absmax_code": qs.state2.code,
+                                                             "absmax_offset": qs.offset} if qs.nested else {}))
+        assert torch.equal(twin, ref), name
+
+
+def test_a_short_last_block_is_scaled_by_its_own_absmax():
+    """n % blocksize != 0 (a weight of 150 values in blocks of 64): the last 22 values take the third absmax."""
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(3, 50)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    got = cl.dequantize_4bit(packed, qs.absmax, qs.blocksize, "nf4", qs.shape, torch.float32)
+    assert qs.absmax.numel() == 3 and torch.equal(got, bnbf.dequantize_4bit(packed, qs))
+
+
+def _bnb_op_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("bitsandbytes::"))
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_compiled_lora_layer_runs_no_bitsandbytes_op_and_computes_the_same(tiny_model, ours):
+    """A PEFT LoRA decoder layer on 4-bit weights, compiled: with our backend forward and backward call no
+    bitsandbytes op (each was a Python call on the host), and give the outputs and gradients of inductor's own
+    compilation, which (the negative control) calls them."""
+    import torch._dynamo
+
+    from phi3tune.model import attach_adapter
+    from phi3tune.specs import AdapterSpec
+
+    def layer_of():
+        torch.manual_seed(0)
+        model = attach_adapter(_base(tiny_model, torch.float32, False), AdapterSpec(r=4, dropout=0.0),
+                               ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        return model.get_base_model().model
+
+    def run(inner, compiled):
+        layer = inner.layers[0]
+        x = torch.randn(1, 16, inner.config.hidden_size, generator=torch.Generator().manual_seed(1),
+                        requires_grad=True)
+        pos = torch.arange(16)[None]
+        emb = inner.rotary_emb(x, pos)
+
+        def step():
+            out = compiled(x, position_embeddings=emb, position_ids=pos)
+            out = out[0] if isinstance(out, tuple) else out
+            out.square().sum().backward()
+            return out
+
+        step()  # compile outside the profiled call
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        calls = _bnb_op_calls(step)
+        out = step()
+        return calls, out.detach(), x.grad, [p.grad for p in layer.parameters() if p.requires_grad]
+
+    torch._dynamo.reset()
+    inner = layer_of()
+    backend = cl.backend() if ours else "inductor"
+    calls, out, gx, grads = run(inner, torch.compile(inner.layers[0], backend=backend, dynamic=False))
+    if not ours:
+        assert calls >= 4  # 4 linear layers' forward, and their backward
+        return
+    assert calls == 0
+    torch._dynamo.reset()
+    ref_inner = layer_of()
+    _, ref_out, ref_gx, ref_grads = run(ref_inner, torch.compile(ref_inner.layers[0], backend="inductor",
+                                                                 dynamic=False))
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def _stacked_unpack(packed, absmax, blocksize, quant_type, shape, dtype, tables=None):
+    """The negative control: the same values, unpacked with a stack (not recomputable by the partitioner)."""
+    codes = packed.reshape(-1).view(torch.uint8)
+    idx = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1).to(torch.int64)
+    table = torch.tensor((tables or cl.code_tables())[quant_type], dtype=torch.float32, device=codes.device)
+    return (table[idx].view(-1, blocksize) * absmax.view(-1, 1)).view(tuple(shape)).to(dtype)
+
+
+@pytest.mark.parametrize("unpack", ["pointwise", "stacked"])
+def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_model, monkeypatch, unpack):
+    """Dequantizing inside the graph must not cost memory: the weight is recomputed from the packed bytes in
+    backward, so a compiled layer saves exactly the tensors inductor's own compilation saves. With a stack in
+    the unpacking (the negative control) the partitioner saves an unpacked copy of every weight instead."""
+    import torch._dynamo
+
+    from phi3tune.model import attach_adapter
+    from phi3tune.specs import AdapterSpec
+
+    if unpack == "stacked":
+        monkeypatch.setattr(cl, "dequantize_4bit", _stacked_unpack)
+
+    def saved_by(backend) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = attach_adapter(_base(tiny_model, torch.bfloat16, False), AdapterSpec(r=4, dropout=0.1),
+                               ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        inner = model.get_base_model().model
+        compiled = torch.compile(inner.layers[0], backend=backend, dynamic=False)
+        x = torch.randn(1, 32, inner.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.arange(32)[None]
+        emb = inner.rotary_emb(x, pos)
+        compiled(x, position_embeddings=emb, position_ids=pos)
+        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            compiled(x, position_embeddings=emb, position_ids=pos)
+        return sorted(saved, key=str)
+
+    ours, stock = saved_by(cl.backend()), saved_by("inductor")
+    if unpack == "pointwise":
+        assert ours == stock
+    else:
+        assert ours != stock and any(dtype == torch.uint8 and len(shape) == 2 and shape[1] == 2
+                                     for shape, dtype in ours)
