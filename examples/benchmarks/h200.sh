@@ -74,6 +74,9 @@ on_cards() {  # label, processes, then --set overrides: like multi, each rank on
 }
 run_fsdp_medium_2x8() { medium; on_cards fsdp_medium_2x8 2 "${MEDIUM_SETS[@]}" training.distributed=fsdp; }
 run_medium_1x8() { medium; on_cards medium_1x8 1 "${MEDIUM_SETS[@]}"; }
+run_fsdp_medium_2x8_expand() {  # the same with the allocator's expandable segments (less reserved-but-unused memory)
+  medium; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True on_cards fsdp_medium_2x8_expand 2 "${MEDIUM_SETS[@]}" \
+    training.distributed=fsdp; }
 # Resume under FSDP: an unbroken run, and the same run killed with kill -9 (torchrun and both ranks) once
 # checkpoint-4 is complete, then resumed; prints the largest difference between the two final adapters
 tree_pids() {  # a process and every process below it (read from /proc: no procps needed)
