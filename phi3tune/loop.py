@@ -26,6 +26,7 @@ from . import checkpoints as ckpt
 from . import distributed, flat_steps, shards, tracking
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
+from .compiled_layers import graph_room, warm_up_positions
 from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
@@ -71,16 +72,6 @@ class StopFlag:
 def _positioned(loader: Any, n: int) -> Any:
     """A resumed stream needs no skipping: ``StreamRows.resume`` put it at the checkpoint's row already."""
     return loader
-
-
-def _graph_room(plan: RunPlan) -> Any:
-    """Room in dynamo's cache for every graph the plan's compiled layers need. All decoder layers share one code
-    object, so one cache: a graph per fixed length, for train and eval, and twice that where only some layers are
-    checkpointed. Past dynamo's recompile limit (8) a layer would silently run eager (measured: 3.7x slower)."""
-    import torch._dynamo.config as dynamo
-
-    need = 4 * len(plan.token_buckets) + 4 if plan.compile else 0
-    return dynamo.patch(recompile_limit=max(dynamo.recompile_limit, need))
 
 
 class Trainer:
@@ -166,7 +157,7 @@ class Trainer:
         """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
         ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
         try:
-            with _graph_room(self.plan):  # the warm-up, the step-0 eval and training all build compiled graphs
+            with graph_room(self.plan):  # the warm-up, the step-0 eval and training all build compiled graphs
                 return self._fit(resume_from, stop)
         finally:  # a sweep of runs in one launched process would otherwise keep one gloo group per run
             distributed.release_host_group(self.host_group)
@@ -286,13 +277,10 @@ class Trainer:
         if self.sharded:
             ids = torch.full((1, p.token_buckets[0]), self.pad_id, dtype=torch.long, device=self.accelerator.device)
             distributed.hand_quant_state_eagerly(self.loss_module, ids)
-        for n in p.token_buckets:
+        for n, pos in warm_up_positions(p.token_buckets, p.position_cap):
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
-            # two documents, as in real micro-batches: one would take the mask path of an unpacked row (SDPA
-            # with no mask), and every real micro-batch would then recompile its length during training
-            pos = (torch.arange(n) % max(1, min(p.position_cap, n // 2)))[None]
-            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos,  # every position trained,
-                                 "trained_idx": trained_positions(ids)})  # so the whole backward graph is built
+            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos[None],  # every position
+                                 "trained_idx": trained_positions(ids)})  # trained: the whole backward is built
             with acc.no_sync(self.loss_module):
                 acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
         self._zero_grad()

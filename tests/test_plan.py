@@ -193,7 +193,7 @@ def test_compiled_layers_get_room_for_every_graph_and_the_limit_comes_back(tiny_
 
     import torch._dynamo.config as dynamo
 
-    from phi3tune.loop import _graph_room
+    from phi3tune.compiled_layers import graph_room as _graph_room
 
     plan = plan_for(tiny_tuner(tiny_model, "unused", rows_of_text(4), optimize_for="speed"), "cuda")
     before = dynamo.recompile_limit
@@ -217,3 +217,20 @@ def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path):
     ft.data(max_seq_length=128)  # fixed lengths up to the longest position: pads alone would be one document
     ft.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
     assert len(graphs) == 6 and graphs[-1] == graphs[0]
+
+
+def test_the_warm_up_also_builds_one_document_where_one_example_fills_a_length():
+    """A fixed length no longer than max_seq_length can be filled exactly by one (truncated) example: one
+    document, no pad. Its attention mask has no document boundary, which under FlexAttention is another mask
+    function and so another graph (measured on a 16 GiB card: the step holding one compiled during training,
+    16.2 s among steps of 0.25 s; FlexAttention has no backward on the CPU, so no run here can show it). The
+    warm-up builds that graph too; longer lengths always hold two documents."""
+    from phi3tune.compiled_layers import warm_up_positions
+
+    cap = 512
+    got = warm_up_positions((512, 1024, 1536, 2048), cap)
+    docs = [(n, int((pos == 0).sum())) for n, pos in got]
+    assert docs == [(512, 2), (512, 1), (1024, 2), (1536, 3), (2048, 4)]
+    assert all(int(pos.max()) < cap and pos.numel() == n for n, pos in got)  # positions stay below the cap
+    four_k = warm_up_positions((1024, 2048, 3072, 4096), cap)  # the H200 plan: no length a single example fills
+    assert [int((pos == 0).sum()) for _, pos in four_k] == [2, 4, 6, 8]
