@@ -21,6 +21,7 @@ Checkpoints keep the per-parameter layout: ``state_dict`` / ``load_state_dict`` 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -275,6 +276,8 @@ def step_flat(optimizer: Any, module: Any) -> FlatSteps | None:
     bucket, which would cut the gradient views off from the flat buffer)."""
     raw = getattr(optimizer, "optimizer", optimizer)
     if not _elementwise_bnb(raw) or getattr(module, "gradient_as_bucket_view", False):
+        return None
+    if os.environ.get("PHI3TUNE_FLAT_STEP", "1") == "0":  # benchmarks only: the per-tensor step, to compare
         return None
     flat = FlatSteps(raw)
     if not flat.active:

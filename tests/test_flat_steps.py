@@ -156,7 +156,7 @@ def test_unpadded_segments_change_the_8bit_update():
 
 # ---------------------------------------------------------------------------------------------- in the loop
 def _flat_off(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(flat_steps, "step_flat", lambda optimizer, module: None)
+    mp.setenv("PHI3TUNE_FLAT_STEP", "0")  # the benchmarks' switch (examples/benchmarks: noflat)
 
 
 @pytest.fixture(scope="module")
