@@ -43,16 +43,17 @@ FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this s
 _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
 # What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
 # time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
-# their size suggests: each one pays a fixed host-side cost (kernel launches of 32 compiled layers and their 4-bit
-# matmuls, ~0.15 s) that the GPU work no longer hides (1,024 tokens: 3,359 tokens/s vs 17,120 at 4,096, with no
-# memory pressure at all). So a card that cannot hold 4,096-token activations keeps large micro-batches and
-# checkpoints some layers instead of cutting the micro-batch.
-_BUDGET_COST = {4096: 1.0, 2048: 1.31, 1024: 5.1}
-# Checkpointing: +3% per token with 3 of 32 layers, +37% with 17, +39% with 24, +41% with 31 (H200 medians, the
-# calls of 2026-11-30): the cost saturates once about half the layers recompute, so it is modelled as reaching
-# _RECOMPUTE_COST at _RECOMPUTE_FULL of the layers.
-_RECOMPUTE_COST = 0.41
-_RECOMPUTE_FULL = 0.5
+# their size suggests: each one pays a fixed cost (the host's launches of 32 compiled layers; the weights'
+# dequantization on the GPU) that 4,096 tokens hide and fewer do not (1,024 tokens: 3,359 tokens/s vs 17,120 at
+# 4,096, with no memory pressure at all). So a card that cannot hold 4,096-token activations keeps large
+# micro-batches and checkpoints some layers instead of cutting the micro-batch. Session 4's call 2 (median steps,
+# one machine, after the flat optimizer step and the 4-bit ops in the graphs): 2,048 tokens 0.260 s against
+# 0.175 s at 4,096 (x1.48); 4,096 with 24 of 32 layers checkpointed 0.228 s (+30%), with 31 0.248 s (+41%):
+# recomputation now costs in proportion to the layers recomputed (the earlier saturation at half the layers was
+# the host's launch cost, since cut), so 4,096 tokens with up to every layer checkpointed beat 2,048 without.
+_BUDGET_COST = {4096: 1.0, 2048: 1.48, 1024: 5.1}
+_RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
+_RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 
 
 @dataclass(frozen=True)
