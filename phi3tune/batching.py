@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -123,6 +123,74 @@ def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> f
 def first_epoch_padding(train: Any, batch_size: int, seed: int) -> float:
     """``padding_fraction`` of the first epoch's padded loader batches (the data summary's estimate)."""
     return padding_fraction(row_lengths(train).tolist(), list(EpochSampler(len(train), seed)), batch_size)
+
+
+def micro_batch_lengths(lengths: Sequence[int], order: Sequence[int], per_step: int, budget: int) -> list[int]:
+    """The lengths of the micro-batches ``resplit_flat`` makes of one-document rows taken ``per_step`` at a time
+    in ``order``: examples end to end, cut before the one that would take a micro-batch past ``budget``."""
+    out: list[int] = []
+    for first in range(0, len(order), per_step):
+        run = 0
+        for i in order[first:first + per_step]:
+            if run and run + lengths[i] > budget:
+                out.append(run)
+                run = 0
+            run += int(lengths[i])
+        if run:
+            out.append(run)
+    return out
+
+
+def fitted_buckets(lengths: Sequence[int], top: int, count: int) -> tuple[int, ...]:
+    """At most ``count`` fixed lengths, the longest ``top``, that pad ``lengths`` (micro-batch lengths) the least:
+    each micro-batch goes to the shortest length that holds it. Exact (dynamic programming over lengths rounded
+    up to multiples of a quantum, 128 tokens for a 4,096 budget). Lengths above ``top`` keep their own width
+    (``pad_to_bucket``) and do not count."""
+    quantum = max(8, min(128, top // (4 * count)))
+    held = [n for n in lengths if n <= top]
+    cands = sorted({min(top, -(-n // quantum) * quantum) for n in held} | {top})
+    num = [0] * len(cands)  # micro-batches whose rounded length is cands[j], and their summed lengths
+    tot = [0] * len(cands)
+    where = {c: j for j, c in enumerate(cands)}
+    for n in held:
+        j = where[min(top, -(-n // quantum) * quantum)]
+        num[j] += 1
+        tot[j] += n
+    cum_n, cum_t = [0, *itertools.accumulate(num)], [0, *itertools.accumulate(tot)]
+
+    def pad(i: int, j: int) -> int:  # micro-batches of candidates i..j, all padded to cands[j]
+        return (cum_n[j + 1] - cum_n[i]) * cands[j] - (cum_t[j + 1] - cum_t[i])
+
+    k_max, inf = min(count, len(cands)), float("inf")
+    best = [[inf] * len(cands) for _ in range(k_max + 1)]  # best[k][j]: k lengths, the longest cands[j]
+    back = [[-1] * len(cands) for _ in range(k_max + 1)]
+    for j in range(len(cands)):
+        best[1][j] = pad(0, j)
+    for k in range(2, k_max + 1):
+        for j in range(len(cands)):
+            for i in range(j):
+                cost = best[k - 1][i] + pad(i + 1, j)
+                if cost < best[k][j]:
+                    best[k][j], back[k][j] = cost, i
+    last = len(cands) - 1
+    k = min(range(1, k_max + 1), key=lambda k: (best[k][last], k))
+    chosen, j = [], last
+    while k >= 1 and j >= 0:
+        chosen.append(cands[j])
+        j, k = back[k][j], k - 1
+    return tuple(sorted(chosen))
+
+
+def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> RunPlan:
+    """``plan`` with fixed lengths fitted to the first epoch's micro-batches of one-document rows (unpacked data
+    under a padding-free plan): the evenly spaced lengths pad the README quickstart's steps by 16.5%. The longest
+    length, which the memory prediction is made for, stays. Other plans and packed rows are returned as they are."""
+    if plan.layout != "padding_free" or not plan.micro_batch_tokens or "position_ids" in train.column_names:
+        return plan
+    top = plan.token_buckets[-1]
+    micro = micro_batch_lengths(row_lengths(train).tolist(), list(EpochSampler(len(train), seed)), per_step,
+                                plan.micro_batch_tokens)
+    return replace(plan, token_buckets=fitted_buckets(micro, top, len(plan.token_buckets)))
 
 
 # ------------------------------------------------------------------------------------- batches -> micro-batches

@@ -3,11 +3,12 @@
 bitsandbytes' 4-bit matmul is a custom op with a Python implementation, so a compiled layer calls back into Python
 for each one: on the H200 ~150 µs of host time per 4-bit linear in forward (``bitsandbytes::gemm_4bit``) and ~80 µs
 per dequantization in backward (profiled), some 30 ms per micro-batch of Phi-3-mini's 32 layers by those figures,
-at which the GPU waited on the host (docs/performance.md). Here the compiler is given the ops' math in torch ops (a 16-entry table lookup of each
-4-bit code times its block's fp32 absmax, rounded once to the compute dtype; then the matmul), so inductor fuses
-each dequantization into one kernel launched from the compiled graph. The values are bitsandbytes' own: the same
-table, the same fp32 product, one rounding (tests compare bit for bit). Only the compiler sees these
-decompositions; eager code and the bitsandbytes ops themselves are untouched.
+at which the GPU waited on the host (docs/performance.md). Here the compiler is given the ops' math in torch ops
+(a 16-entry table lookup of each 4-bit code times its block's fp32 absmax, rounded once to the compute dtype; then
+the matmul), so inductor fuses each dequantization into one kernel launched from the compiled graph. The values
+are bitsandbytes' own: the same table, the same fp32 product, one rounding (tests compare bit for bit; on the GPU
+all 128 weights of Phi-3-mini, examples/benchmarks/check_twins.py). Only the compiler sees these decompositions;
+eager code and the bitsandbytes ops themselves are untouched.
 """
 
 from __future__ import annotations

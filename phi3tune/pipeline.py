@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import checkpoints as ckpt
+from .batching import fit_lengths_to_data
 from .compiled_layers import compile_layers
 from .data import PreparedData
 from .distributed import process_group_kwargs
@@ -125,6 +126,9 @@ def check_run(run: RunSpec, resume: bool | str, overwrite: bool, config: dict[st
     check_distributed(t, run.quant, plan.dtype, device.type)
     check_fits(plan)
     tokenizer, data = tokenize_data(run, info, plan, state.is_main_process)
+    if not data.streaming:  # unpacked rows: fixed lengths fitted to the micro-batches the data makes
+        plan = fit_lengths_to_data(plan, data.train, t.sequences_per_step, t.seed)
+    log.info(plan.describe())
     prints = ckpt.fingerprints(tokenizer, data)
     if resume_from is not None:
         ckpt.check_fingerprints(out, prints)
@@ -152,7 +156,7 @@ def inspect_model(run: RunSpec, device: torch.device) -> tuple[ModelInfo, list[s
 
 
 def tokenize_data(run: RunSpec, info: ModelInfo, plan: RunPlan, main_process: bool) -> tuple[Any, PreparedData]:
-    """Tokenizer and tokenized data; the data summary and the plan go to the log (logs.py: who shows them)."""
+    """Tokenizer and tokenized data; the data summary goes to the log (logs.py: who shows it)."""
     from accelerate.utils import set_seed
 
     from .batching import first_epoch_padding
@@ -185,7 +189,6 @@ def tokenize_data(run: RunSpec, info: ModelInfo, plan: RunPlan, main_process: bo
                     "answer is trained without its end); raise data.max_seq_length or shorten the examples",
                     summary.truncated, summary.examples, 100 * summary.truncated / max(1, summary.examples),
                     run.data.max_seq_length)
-    log.info(plan.describe())
     return tokenizer, data
 
 

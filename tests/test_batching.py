@@ -134,3 +134,64 @@ def test_fsdp_equal_counts_add_micro_batches_that_train_nothing():
         assert all(x["trained_idx"].numel() == 0 and int(x["num_real_tokens"]) == 0 for x in b[len(a):])
         assert sum(x["trained_idx"].numel() for x in b) == sum(x["trained_idx"].numel() for x in a) > 0
     assert equal_count(a, len(a)) is not a and len(equal_count(a, len(a))) == len(a)  # the largest rank adds none
+
+
+# ----------------------------------------------------------------------------- fixed lengths fitted to the data
+def _padded_total(lengths: list[int], buckets: tuple[int, ...]) -> int:
+    return sum(next((b for b in buckets if b >= n), n) for n in lengths)
+
+
+def test_the_simulated_micro_batch_lengths_are_the_ones_resplit_makes():
+    """``micro_batch_lengths`` (lengths only, for fitting) follows ``resplit_flat``'s cut on real collated rows."""
+    from phi3tune.batching import Collator, EpochSampler, micro_batch_lengths, resplit_flat
+
+    gen = torch.Generator().manual_seed(4)
+    lengths = [int(n) for n in torch.randint(3, 90, (37,), generator=gen)]
+    rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in lengths]
+    order, per_step, budget = list(EpochSampler(len(rows), 1)), 6, 160
+    collate = Collator(0, padding_free=True)
+    made = [int(m["input_ids"].shape[1]) for first in range(0, len(order), per_step)
+            for m in resplit_flat([collate([rows[i] for i in order[first:first + per_step]])], budget)]
+    assert micro_batch_lengths(lengths, order, per_step, budget) == made
+
+
+def test_fitted_lengths_pad_least_and_keep_the_longest():
+    """The dynamic programme finds the set of lengths an exhaustive search finds (least padding, the longest one
+    kept); evenly spaced lengths (the plan's before data is seen) pad more on a skewed distribution."""
+    from phi3tune.batching import fitted_buckets
+    from phi3tune.plan import token_buckets
+
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(25):
+        top, count = 512, 1 + trial % 4
+        lengths = [int(n) for n in torch.randint(1, top + 40, (int(torch.randint(1, 40, (1,), generator=gen)),),
+                                                 generator=gen)]
+        got = fitted_buckets(lengths, top, count)
+        assert got[-1] == top and len(got) <= count and list(got) == sorted(set(got))
+        quantum = max(8, min(128, top // (4 * count)))
+        cands = range(quantum, top, quantum)
+        best = min(_padded_total(lengths, (*c, top)) for k in range(count) for c in itertools.combinations(cands, k))
+        assert _padded_total(lengths, got) == best
+    skewed = [3000 + 13 * i for i in range(60)] + [700, 900]  # the quickstart's steps: most above 2,048 tokens
+    even = token_buckets(4096, 512)
+    assert _padded_total(skewed, fitted_buckets(skewed, 4096, len(even))) < _padded_total(skewed, even)
+
+
+def test_only_unpacked_rows_under_a_padding_free_plan_get_fitted_lengths(tiny_model):
+    """The longest length (the one memory is predicted for) stays; packed rows and padded plans keep theirs."""
+    from datasets import Dataset
+
+    from phi3tune import FineTuner
+    from phi3tune.batching import fit_lengths_to_data
+    from phi3tune.bench import plan_for
+
+    speed = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed"), "cuda", free_gib=80)
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in [300, 310, 320, 330] * 8],
+                              "labels": [[1] * n for n in [300, 310, 320, 330] * 8]})
+    fitted = fit_lengths_to_data(speed, rows, per_step=1, seed=0)
+    assert fitted.token_buckets != speed.token_buckets and fitted.token_buckets[-1] == speed.token_buckets[-1]
+    assert set(fitted.token_buckets) <= set(range(8, speed.token_buckets[-1] + 1, 8))
+    packed = rows.add_column("position_ids", rows["input_ids"])
+    assert fit_lengths_to_data(speed, packed, per_step=1, seed=0) is speed
+    balanced = plan_for(FineTuner(str(tiny_model)), "cpu")
+    assert fit_lengths_to_data(balanced, rows, per_step=1, seed=0) is balanced

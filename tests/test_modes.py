@@ -89,7 +89,7 @@ def test_compiled_layers_give_the_same_first_step_and_never_recompile(tiny_model
         callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
     assert got.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-5)
     assert got.history[0]["grad_norm"] == pytest.approx(ref.history[0]["grad_norm"], rel=1e-4)
-    assert got.plan is not None and len(got.plan.token_buckets) == 4
+    assert got.plan is not None and 1 <= len(got.plan.token_buckets) <= 4
     assert graphs[0] == graphs[-1], graphs  # nothing compiled after the first step
     from phi3tune.compiled_layers import warm_up_positions
 

@@ -149,13 +149,13 @@ def test_the_run_writes_and_returns_its_plan(tiny_model, tmp_path):
 
 
 def test_pads_do_not_change_the_loss(tiny_model, tmp_path):
-    """The same step with micro-batches padded to 4 lengths and with a budget that makes each one a different
+    """The same step with micro-batches padded to (at most) 4 lengths and with a budget that makes each one a different
     (unpadded-equivalent) length: equal loss and gradient norm."""
     rows = rows_of_text(12, seed=3)
     a = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=4, grad_accum=3).run()
     b = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=3, optimize_for="speed",
                    micro_batch_tokens=40).run()
-    assert b.plan is not None and len(b.plan.token_buckets) == 4
+    assert b.plan is not None and 1 <= len(b.plan.token_buckets) <= 4  # fitted to the data: at most 4
     assert b.history[0]["loss"] == pytest.approx(a.history[0]["loss"], rel=1e-5)
     assert b.history[0]["grad_norm"] == pytest.approx(a.history[0]["grad_norm"], rel=1e-4)
     assert torch.isfinite(torch.tensor(b.history[0]["loss"]))
