@@ -185,7 +185,8 @@ def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> 
     """``plan`` with fixed lengths fitted to the first epoch's micro-batches of one-document rows (unpacked data
     under a padding-free plan): the evenly spaced lengths pad the README quickstart's steps by 16.5%. The longest
     length, which the memory prediction is made for, stays. Other plans and packed rows are returned as they are."""
-    if plan.layout != "padding_free" or not plan.micro_batch_tokens or "position_ids" in train.column_names:
+    columns = getattr(train, "column_names", None)  # a plugin's own dataset type: left as planned
+    if plan.layout != "padding_free" or not plan.micro_batch_tokens or columns is None or "position_ids" in columns:
         return plan
     top = plan.token_buckets[-1]
     micro = micro_batch_lengths(row_lengths(train).tolist(), list(EpochSampler(len(train), seed)), per_step,
