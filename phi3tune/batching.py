@@ -218,9 +218,15 @@ def pad_to_bucket(batch: Batch, buckets: tuple[int, ...], pad_token_id: int, pos
     """Pad a one-row padding-free micro-batch at its end to the shortest of a few fixed lengths that holds it,
     so compiled layers see only those shapes. Pads are never trained (IGNORE labels), never counted as real
     tokens, and form documents of their own (positions restart at 0, staying below ``position_cap`` so RoPE
-    scaling that depends on the largest position never changes): no real token attends to a pad."""
+    scaling that depends on the largest position never changes): no real token attends to a pad. A single
+    document that fills a length exactly goes to the next one: a micro-batch without a document boundary takes
+    another attention-mask path (FlexAttention: another mask function), so another compiled graph, and the
+    warm-up builds it only for the longest length (``compiled_layers.warm_up_positions``)."""
     n = int(batch["input_ids"].shape[1])
-    width = next((b for b in buckets if b >= n), n)
+    longer = [b for b in buckets if b >= n]
+    if longer and longer[0] == n and len(longer) > 1 and int((batch["position_ids"][0] == 0).sum()) == 1:
+        longer = longer[1:]  # one document filling a length exactly: no pad, no document boundary, another graph
+    width = longer[0] if longer else n
     k = width - n
     if k == 0:
         return batch

@@ -115,14 +115,12 @@ def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] |
 def warm_up_positions(lengths: tuple[int, ...], position_cap: int) -> list[tuple[int, torch.Tensor]]:
     """The position ids of the compile warm-up's micro-batches: for each fixed length, two documents, as in real
     micro-batches (one would take another attention-mask path, and every real one would then compile during
-    training); and, where one example can fill that length exactly (``n <= position_cap``, max_seq_length), one
-    document too: a mask with no document boundary is another graph (FlexAttention: another mask function;
-    measured on the GPU, a 16.2 s step)."""
-    out = []
-    for n in lengths:
-        out.append((n, torch.arange(n) % max(1, min(position_cap, n // 2))))
-        if n <= position_cap:
-            out.append((n, torch.arange(n)))
+    training). A single example that fills a length exactly is padded to the next length
+    (``batching.pad_to_bucket``), except at the longest; where one can (``<= position_cap``, max_seq_length), the
+    warm-up builds that one-document graph too (measured on the GPU without it: a 16.2 s step)."""
+    out = [(n, torch.arange(n) % max(1, min(position_cap, n // 2))) for n in lengths]
+    if lengths and lengths[-1] <= position_cap:
+        out.append((lengths[-1], torch.arange(lengths[-1])))
     return out
 
 

@@ -219,18 +219,29 @@ def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path):
     assert len(graphs) == 6 and graphs[-1] == graphs[0]
 
 
-def test_the_warm_up_also_builds_one_document_where_one_example_fills_a_length():
+def test_one_example_filling_a_length_exactly_is_padded_to_the_next_or_built_by_the_warm_up():
     """A fixed length no longer than max_seq_length can be filled exactly by one (truncated) example: one
-    document, no pad. Its attention mask has no document boundary, which under FlexAttention is another mask
-    function and so another graph (measured on a 16 GiB card: the step holding one compiled during training,
-    16.2 s among steps of 0.25 s; FlexAttention has no backward on the CPU, so no run here can show it). The
-    warm-up builds that graph too; longer lengths always hold two documents."""
+    document, no pad, so an attention mask without a document boundary, which under FlexAttention is another mask
+    function and so another graph (measured on a 16 GiB card: one compiled during training, a 16.2 s step among
+    0.25 s ones; FlexAttention has no backward on the CPU, so no run here can show it). Such a micro-batch goes to
+    the next length; at the longest, the warm-up builds the one-document graph. Two documents stay as they are."""
+    from phi3tune.batching import pad_to_bucket
     from phi3tune.compiled_layers import warm_up_positions
 
-    cap = 512
-    got = warm_up_positions((512, 1024, 1536, 2048), cap)
-    docs = [(n, int((pos == 0).sum())) for n, pos in got]
-    assert docs == [(512, 2), (512, 1), (1024, 2), (1536, 3), (2048, 4)]
-    assert all(int(pos.max()) < cap and pos.numel() == n for n, pos in got)  # positions stay below the cap
-    four_k = warm_up_positions((1024, 2048, 3072, 4096), cap)  # the H200 plan: no length a single example fills
+    def micro(*docs: int):
+        pos = torch.cat([torch.arange(n) for n in docs])[None]
+        return {"input_ids": torch.ones_like(pos), "labels": torch.ones_like(pos), "position_ids": pos,
+                "num_real_tokens": torch.tensor(pos.shape[1])}
+
+    buckets, cap = (512, 1024, 1536, 2048), 512
+    assert pad_to_bucket(micro(512), buckets, 0, cap)["input_ids"].shape[1] == 1024  # one document: next length
+    two = pad_to_bucket(micro(200, 312), buckets, 0, cap)
+    assert two["input_ids"].shape[1] == 512  # already two documents: as it was
+    short = pad_to_bucket(micro(500), buckets, 0, cap)
+    assert short["input_ids"].shape[1] == 512 and int((short["position_ids"][0] == 0).sum()) == 2
+    assert pad_to_bucket(micro(64), (32, 64), 0, 64)["input_ids"].shape[1] == 64  # the longest: no next one
+    docs = [(n, int((pos == 0).sum())) for n, pos in warm_up_positions((32, 64), 64)]
+    assert docs == [(32, 2), (64, 2), (64, 1)]  # so the warm-up builds that graph
+    four_k = warm_up_positions((1024, 2048, 3072, 4096), cap)  # the H200 plan: no extra graph
     assert [int((pos == 0).sum()) for _, pos in four_k] == [2, 4, 6, 8]
+    assert all(int(pos.max()) < cap and pos.numel() == n for n, pos in four_k)
