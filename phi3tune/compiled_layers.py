@@ -16,10 +16,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
 
 
 def code_tables() -> dict[str, list[float]]:
@@ -90,18 +93,15 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
 
 
 def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
-    """inductor with the 4-bit decompositions added to its own. ``settings``: plan.compile_settings() (benchmarks
-    only): ``mode="reduce-overhead"`` becomes inductor's CUDA-graph option, ``options`` its config patches,
-    ``opaque_4bit`` leaves bitsandbytes' ops opaque (the host cost this module removes, to measure it)."""
+    """inductor with the 4-bit decompositions added to its own. ``settings``: plan.compile_settings() (its
+    ``options`` are inductor config patches; ``opaque_4bit`` leaves bitsandbytes' ops opaque, the host cost this
+    module removes, to measure it)."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
     settings = settings or {}
-    patches = dict(settings.get("options", {}))
-    if settings.get("mode") == "reduce-overhead":
-        patches["triton.cudagraphs"] = True
     ours = {} if settings.get("opaque_4bit") else decompositions()
-    return functools.partial(compile_fx, config_patches=patches or None,
+    return functools.partial(compile_fx, config_patches=settings.get("options") or None,
                              decompositions={**select_decomp_table(), **ours})
 
 
@@ -124,7 +124,7 @@ def warm_up_positions(lengths: tuple[int, ...], position_cap: int) -> list[tuple
     return out
 
 
-def graph_room(plan: Any) -> Any:
+def graph_room(plan: RunPlan) -> Any:
     """Room in dynamo's cache for every graph the plan's compiled layers need. All decoder layers share one code
     object, so one cache: a graph per fixed length, for train and eval, and twice that where only some layers are
     checkpointed. Past dynamo's recompile limit (8) a layer would silently run eager (measured: 3.7x slower)."""

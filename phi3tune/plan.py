@@ -167,6 +167,10 @@ def _free_device_memory(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
+def _yes(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
 def ddp_settings() -> dict[str, Any]:
     """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others. Not static_graph:
     torch's reducer fails an internal assert ("expect_autograd_hooks_") when a backward runs under no_sync,
@@ -176,28 +180,31 @@ def ddp_settings() -> dict[str, Any]:
         key, _, value = item.partition("=")
         if key not in ("bucket_cap_mb", "gradient_as_bucket_view"):
             raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view")
-        out[key] = int(value) if key == "bucket_cap_mb" else value.lower() in ("1", "true", "yes")
+        out[key] = int(value) if key == "bucket_cap_mb" else _yes(value)
     return out
 
 
 def compile_settings() -> dict[str, Any]:
-    """``torch.compile`` keywords for the decoder layers: none (inductor's defaults) unless PHI3TUNE_COMPILE
-    (benchmarks only, examples/benchmarks/cards.sh) names others: ``mode=reduce-overhead`` (CUDA graphs) or
-    ``cpp_wrapper=1`` (a C++ wrapper around the kernels), to measure what each does to the host's per-micro-batch
-    cost before a plan adopts it. On 2026-11-30 (H200, torch 2.11) both failed with per-layer compilation
+    """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
+    ops as torch ops, unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names otherwise:
+    ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper
+    around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), to measure what each does
+    before a plan adopts it. Returns ``{"options": inductor config patches, "opaque_4bit": bool}``. On 2026-11-30
+    (H200, torch 2.11) CUDA graphs and the C++ wrapper both failed with per-layer compilation
     (docs/performance.md), so no plan uses them."""
-    out: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    opaque = False
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
         key, _, value = item.partition("=")
         if key == "mode":
-            out["mode"] = value
+            options["triton.cudagraphs"] = value == "reduce-overhead"
         elif key == "cpp_wrapper":
-            out.setdefault("options", {})["cpp_wrapper"] = value.lower() in ("1", "true", "yes")
-        elif key == "opaque_4bit":  # bitsandbytes' ops left as Python calls (compiled_layers.py), to compare
-            out["opaque_4bit"] = value.lower() in ("1", "true", "yes")
+            options["cpp_wrapper"] = _yes(value)
+        elif key == "opaque_4bit":
+            opaque = _yes(value)
         else:
             raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit")
-    return out
+    return {"options": options, "opaque_4bit": opaque}
 
 
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
