@@ -148,12 +148,16 @@ def fitted_buckets(lengths: Sequence[int], top: int, count: int) -> tuple[int, .
     (``pad_to_bucket``) and do not count."""
     quantum = max(8, min(128, top // (4 * count)))
     held = [n for n in lengths if n <= top]
-    cands = sorted({min(top, -(-n // quantum) * quantum) for n in held} | {top})
+
+    def rounded(n: int) -> int:  # the shortest candidate length that holds n
+        return min(top, -(-n // quantum) * quantum)
+
+    cands = sorted({rounded(n) for n in held} | {top})
     num = [0] * len(cands)  # micro-batches whose rounded length is cands[j], and their summed lengths
     tot = [0] * len(cands)
     where = {c: j for j, c in enumerate(cands)}
     for n in held:
-        j = where[min(top, -(-n // quantum) * quantum)]
+        j = where[rounded(n)]
         num[j] += 1
         tot[j] += n
     cum_n, cum_t = [0, *itertools.accumulate(num)], [0, *itertools.accumulate(tot)]

@@ -129,8 +129,12 @@ class FlatSteps:
     def active(self) -> bool:
         return any(self.sets)
 
+    def _flat_sets(self) -> list[FlatSet]:
+        """Every group's flat sets, in group order."""
+        return [s for sets in self.sets for s in sets]
+
     def _members(self) -> list[tuple[torch.nn.Parameter, int]]:
-        return [m for sets in self.sets for s in sets for m in s.members]
+        return [m for s in self._flat_sets() for m in s.members]
 
     def _reach(self, p: torch.nn.Parameter) -> None:
         self.reached.add(id(p))
@@ -138,16 +142,15 @@ class FlatSteps:
     def zero_grads(self) -> None:
         """After ``optimizer.zero_grad(set_to_none=True)``: zero each flat gradient in place (one kernel; None
         would cut the model parameters' gradient views off from it)."""
-        for sets in self.sets:
-            for s in sets:
-                s.grad.zero_()
-                s.flat.grad = s.grad
+        for s in self._flat_sets():
+            s.grad.zero_()
+            s.flat.grad = s.grad
         self.reached.clear()
 
     def _check_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Before each step: every gradient still a view of its flat buffer, and (first step) every member got
         a gradient; else step each parameter, as bitsandbytes does (module docstring)."""
-        replaced = [p for sets in self.sets for s in sets for p in s.views_lost()]
+        replaced = [p for s in self._flat_sets() for p in s.views_lost()]
         unreached = [] if self._checked_first else [p for p, _ in self._members() if id(p) not in self.reached]
         if not self._checked_first:
             self._checked_first = True
@@ -176,12 +179,11 @@ class FlatSteps:
         """The optimizer's state keyed by model parameter: each member's cut out of its flat state (copied to
         ``device``, None: where it is)."""
         state: dict[Any, Any] = {}
-        flats = {id(s.flat) for sets in self.sets for s in sets}
-        for sets in self.sets:
-            for s in sets:
-                if self.optimizer.state.get(s.flat):
-                    for p, offset in s.members:
-                        state[p] = _segment_state(self.optimizer.state[s.flat], p, offset, device)
+        flats = {id(s.flat) for s in self._flat_sets()}
+        for s in self._flat_sets():
+            if self.optimizer.state.get(s.flat):
+                for p, offset in s.members:
+                    state[p] = _segment_state(self.optimizer.state[s.flat], p, offset, device)
         state.update((k, v) for k, v in self.optimizer.state.items() if id(k) not in flats)
         return state
 
@@ -220,7 +222,7 @@ class FlatSteps:
             opt.load_state_dict(state_dict)  # bitsandbytes checks the groups, casts and moves the state
             loaded = opt.state
         dtype = torch.uint8 if opt.args.optim_bits == 8 else torch.float32
-        if not all(_joinable([loaded.get(p) for p, _ in s.members], dtype) for sets in self.sets for s in sets):
+        if not all(_joinable([loaded.get(p) for p, _ in s.members], dtype) for s in self._flat_sets()):
             log.info("optimizer: the checkpoint's states of the parameters differ in step count or type; stepping "
                      "each parameter on its own")
             self._drop_flat(loaded)
