@@ -101,8 +101,19 @@ def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
 
     settings = settings or {}
     ours = {} if settings.get("opaque_4bit") else decompositions()
-    return functools.partial(compile_fx, config_patches=settings.get("options") or None,
-                             decompositions={**select_decomp_table(), **ours})
+    inner = functools.partial(compile_fx, config_patches=settings.get("options") or None,
+                              decompositions={**select_decomp_table(), **ours})
+    budget = float(settings.get("activation_budget", 1.0))
+    if budget >= 1.0:
+        return inner
+
+    def within_budget(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
+        import torch._functorch.config as functorch
+
+        with functorch.patch(activation_memory_budget=budget):  # read when the joint graph is partitioned
+            return inner(gm, inputs)
+
+    return within_budget
 
 
 def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] | None = None) -> None:

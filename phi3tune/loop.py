@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from . import checkpoints as ckpt
-from . import distributed, flat_steps, shards, tracking
+from . import distributed, flat_steps, lora_dropout, shards, tracking
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
 from .compiled_layers import graph_room, warm_up_positions
@@ -109,6 +109,7 @@ class Trainer:
             shards.step_local_shards(self.optimizer)
         # else bitsandbytes steps each group's parameters as one flat buffer (flat_steps.py); None where it can't
         self.flat = None if self.sharded else flat_steps.step_flat(self.optimizer, self.loss_module)
+        self.dropout_key = lora_dropout.find_key(model)  # hashed LoRA dropout masks: keyed per micro-batch
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
         self.loader = acc.prepare_data_loader(loader, device_placement=False)
@@ -231,6 +232,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         for i, cpu_batch in enumerate(micro):
             b = self._to_device(cpu_batch)
+            if self.dropout_key is not None:  # the same masks after a resume: a function of the step
+                self.dropout_key.fill_(lora_dropout.micro_batch_key(self.spec.seed, acc.process_index,
+                                                                    self.pos.step, i))
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
             with sync:
                 part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"])

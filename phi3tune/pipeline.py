@@ -23,6 +23,7 @@ import torch
 from . import checkpoints as ckpt
 from .batching import fit_lengths_to_data
 from .compiled_layers import compile_layers
+from .lora_dropout import make_recomputable
 from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
@@ -232,7 +233,9 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
         model.get_base_model().enable_input_require_grads()
-        compile_layers(model.get_base_model().model.layers, compile_settings())  # 4-bit matmuls in the graph
+        # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
+        make_recomputable(model, torch.device(plan.device))
+        compile_layers(model.get_base_model().model.layers, compile_settings(plan))  # 4-bit matmuls in the graph
     return model
 
 

@@ -54,6 +54,13 @@ _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
 _BUDGET_COST = {4096: 1.0, 2048: 1.48, 1024: 5.1}
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
 _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
+# The compiler's activation budget (functorch's activation_memory_budget): compiled layers recompute cheap ops in
+# backward instead of saving them. Session 5, H200, quickstart at 4,096 tokens without LoRA dropout: budget 0.3 saved
+# 9.25 GiB at peak against 17.69 (0.5: 9.47), median step 0.166 s against 0.148 (+12%), where checkpointing every
+# layer costs +42%. Needs the hashed LoRA dropout (lora_dropout.py): torch redraws nn.Dropout's masks when it
+# recomputes them.
+LOW_ACTIVATION_BUDGET = 0.3
+_LOW_BUDGET_COST = 1.12
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class RunPlan:
     compile: bool  # torch.compile of every decoder layer
     checkpointing: bool  # activation checkpointing of (some) decoder layers
     checkpoint_layers: int  # how many decoder layers are checkpointed (the first ones); the rest keep activations
+    activation_budget: float  # compiled layers: the compiler recomputes what keeps saved activations under this share
     upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     ce_chunk: int  # tokens per output-head + cross-entropy chunk
     optimizer: str
@@ -111,6 +119,8 @@ class RunPlan:
         how.append({"flex_attention": "FlexAttention", None: "SDPA"}.get(self.attn_implementation,
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
+        if self.compile and self.activation_budget < 1.0:
+            how.append(f"activations recomputed to a {self.activation_budget:g} budget")
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
@@ -184,16 +194,18 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
-def compile_settings() -> dict[str, Any]:
+def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
-    ops as torch ops, unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names otherwise:
+    ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names otherwise:
     ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper
-    around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), to measure what each does
-    before a plan adopts it. Returns ``{"options": inductor config patches, "opaque_4bit": bool}``. On 2026-11-30
+    around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), ``activation_budget=F`` (the partitioner
+    recomputes in backward what keeps the saved activations under F of its default, functorch's
+    ``activation_memory_budget``), to measure what each does before a plan adopts it. Returns ``{"options":
+    inductor config patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30
     (H200, torch 2.11) CUDA graphs and the C++ wrapper both failed with per-layer compilation
     (docs/performance.md), so no plan uses them."""
     options: dict[str, Any] = {}
-    opaque = False
+    opaque, budget = False, plan.activation_budget if plan is not None else 1.0
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
         key, _, value = item.partition("=")
         if key == "mode":
@@ -202,16 +214,20 @@ def compile_settings() -> dict[str, Any]:
             options["cpp_wrapper"] = _yes(value)
         elif key == "opaque_4bit":
             opaque = _yes(value)
+        elif key == "activation_budget":
+            budget = float(value)
         else:
-            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit")
-    return {"options": options, "opaque_4bit": opaque}
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
+                             "activation_budget")
+    return {"options": options, "opaque_4bit": opaque, "activation_budget": budget}
 
 
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
-               checkpoint_layers: int | None = None, processes: int = 1) -> RunPlan:
+               checkpoint_layers: int | None = None, processes: int = 1,
+               activation_budget: float = 1.0) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
-    ``processes``: the run's ranks (under FSDP the peak is per GPU)."""
+    ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers'."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -225,6 +241,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     sharded = t.distributed == "fsdp" and processes > 1
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
+    activation_budget = activation_budget if compile_ and cuda else 1.0
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
@@ -238,7 +255,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         targets=set(targets), r=a.r, dropout=a.dropout,
         optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
-        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers)
+        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
+        activation_budget=activation_budget)
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
@@ -246,7 +264,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         mode=mode, optimize_for=optimize_for, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
-        checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, upcast_frozen=bool(m["upcast_frozen"]),
+        checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, activation_budget=activation_budget,
+        upcast_frozen=bool(m["upcast_frozen"]),
         ce_chunk=int(m["ce_chunk"]), optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
@@ -258,22 +277,28 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
     budget = plan.micro_batch_tokens or 4096
     size = min(_BUDGET_COST, key=lambda b: abs(b - budget))
     share = plan.checkpoint_layers / max(1, layers)
-    return _BUDGET_COST[size] * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
+    low = _LOW_BUDGET_COST if plan.activation_budget < 1.0 else 1.0
+    return _BUDGET_COST[size] * low * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
                       free: int | None, processes: int = 1) -> list[RunPlan]:
-    """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024): the speed plan that checkpoints the
-    fewest layers and still fits ``free`` (all of them when none fits)."""
+    """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024) and activation budget (the compiler's
+    default, then the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of
+    them when none fits)."""
     budgets = [None] if run.train.micro_batch_tokens else [None, 2048, 1024]
-    out = []
+    out: list[RunPlan] = []
     for budget in budgets:
-        for k in range(shape.layers + 1):
-            plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes)
-            if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+        for low in (1.0, LOW_ACTIVATION_BUDGET):
+            for k in range(shape.layers + 1):
+                plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
+                                  low)
+                if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+                    break
+            out.append(plan)
+            if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
-        out.append(plan)
-        if k == 0:  # fits whole: a smaller budget is only slower
+        if out[-1].checkpoint_layers == 0 and out[-1].activation_budget == 1.0:  # a smaller budget is only slower
             break
     return out
 

@@ -14,7 +14,8 @@
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), ro / cpp (compiled layers with CUDA graphs /
 #   a C++ kernel wrapper: PHI3TUNE_COMPILE, plan.compile_settings), opaque (bitsandbytes' 4-bit ops left as Python
 #   calls in the compiled layers, as before compiled_layers.py), noflat (the optimizer stepping each tensor, as before
-#   flat_steps.py), mem (optimize_for=memory), seq4096 (memory plan at
+#   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5:
+#   PHI3TUNE_COMPILE=activation_budget=0.5; with dropout it recomputes the masks, so gradients are wrong), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -36,6 +37,9 @@ ours() {  # label gib variant
     cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
     opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
+    nodrop) sets+=(--set adapter.dropout=0) ;;
+    nodrop-amb*) sets+=(--set adapter.dropout=0); envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#nodrop-amb}") ;;
+    amb*) envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#amb}") ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
     seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     *) echo "unknown variant $variant"; return ;;

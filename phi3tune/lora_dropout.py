@@ -1,0 +1,97 @@
+"""LoRA dropout whose mask is a function of (key, element index), so a compiled layer can recompute it in backward.
+
+PEFT's LoRA dropout is ``nn.Dropout``: its mask comes from the RNG, so a compiled layer must keep, for backward, the
+dropped fp32 input of every LoRA'd linear (4 per decoder layer) or its mask. Measured on the H200 (README
+quickstart, docs/performance.md, session 5) that is 2.9 GiB of the 20.6 GiB peak and 9% of the step time, and it
+blocks the partitioner's activation budget, which recomputes cheap ops instead of saving them: with a random mask,
+torch 2.11-2.13 silently redraw it in backward (wrong gradients; tests/test_lora_dropout.py shows it). Here the
+mask is a hash of a per-micro-batch key, a per-module salt and the element's index, in integer torch ops that the
+compiler fuses into the kernels that read the input. Each element is still dropped with probability ``p``
+(resolution 2**-32), independently, and the kept ones scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does.
+
+The key is one int64 device tensor that every such module reads; the loop sets it before each micro-batch from
+(seed, rank, step, micro-batch), so a resumed run draws the masks an unbroken one draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_MASK = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor | int, c: int) -> Any:
+    """``(x * c) mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (two 16-bit halves of ``c``)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK
+
+
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (Wellons' lowbias32), on Python ints or int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def micro_batch_key(seed: int, rank: int, step: int, micro: int) -> int:
+    """The key of one micro-batch: distinct per (seed, rank, step, micro-batch), the same on every resume."""
+    key = mix32(seed & _MASK)
+    for part in (rank, step, micro):
+        key = mix32(key ^ (part & _MASK))
+    return int(key)
+
+
+def keep_mask(x: torch.Tensor, p: float, key: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+    """Which elements of ``x`` survive: a hash of (key, salt, index) at or above ``p * 2**32``."""
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    mixed = mix32(mix32(key ^ salt) ^ mix32(index))
+    return mixed >= round(p * 2**32)
+
+
+class RecomputableDropout(nn.Module):
+    """``nn.Dropout(p)`` with a hashed mask. ``key`` (shared, set per micro-batch) and ``salt`` (this module's)
+    are int64 device tensors held as plain attributes: not buffers, so no ``.to()``, state dict or DDP buffer
+    broadcast touches them, and to the compiler they are inputs (one graph for every layer)."""
+
+    def __init__(self, p: float, key: torch.Tensor, salt: int) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.key = key
+        self.salt = torch.tensor(salt & _MASK, dtype=torch.int64, device=key.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (keep_mask(x, self.p, self.key, self.salt).to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | None:
+    """Replace every LoRA ``nn.Dropout`` of ``model`` by a :class:`RecomputableDropout` sharing one key tensor on
+    ``device``; returns that tensor (None where the model has no LoRA dropout)."""
+    key = torch.zeros((), dtype=torch.int64, device=device)
+    salt = 0
+    for module in model.modules():
+        table = getattr(module, "lora_dropout", None)
+        if not isinstance(table, nn.ModuleDict):
+            continue
+        for name, drop in list(table.items()):
+            if isinstance(drop, nn.Dropout) and drop.p > 0:
+                salt += 1
+                table[name] = RecomputableDropout(drop.p, key, mix32(salt))
+    return key if salt else None
+
+
+def find_key(model: nn.Module) -> torch.Tensor | None:
+    """The key tensor :func:`make_recomputable` installed in ``model`` (None: PEFT's own dropout, or none)."""
+    for module in model.modules():
+        if isinstance(module, RecomputableDropout):
+            return module.key
+    return None

@@ -1,0 +1,146 @@
+"""Hashed LoRA dropout (phi3tune/lora_dropout.py): nn.Dropout's statistics, and masks that a compiled layer can
+recompute in backward, so the partitioner's activation budget keeps gradients right (with nn.Dropout it does not:
+the negative control) and the layer saves less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phi3tune import compiled_layers as cl
+from phi3tune import lora_dropout as ld
+from phi3tune.model import attach_adapter, load_weights
+from phi3tune.specs import AdapterSpec, QuantSpec
+
+
+def _drop(p: float, key: int, salt: int) -> ld.RecomputableDropout:
+    module = ld.RecomputableDropout(p, torch.tensor(key, dtype=torch.int64), salt)
+    return module.train()
+
+
+def test_each_element_is_dropped_with_probability_p_independently_and_the_rest_scaled():
+    x = torch.ones(400, 1000)
+    out = _drop(0.1, key=7, salt=1)(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.003  # 400k draws: 0.1 +- 5 standard errors
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.9))
+    # rows, columns and neighbours are not correlated: the drop rate of elements whose left neighbour was dropped
+    dropped = ~kept
+    assert abs(dropped[:, 1:][dropped[:, :-1]].float().mean().item() - 0.1) < 0.01
+    # another key (micro-batch) or salt (module) gives another mask, overlapping as independent draws do (p^2)
+    for other in (_drop(0.1, key=8, salt=1)(x) == 0, _drop(0.1, key=7, salt=2)(x) == 0):
+        assert abs((dropped & other).float().mean().item() - 0.01) < 0.002
+    again = _drop(0.1, key=7, salt=1)(x)
+    assert torch.equal(out, again)  # a function of (key, salt, index): the same mask when recomputed
+    assert torch.equal(_drop(0.1, key=7, salt=1).eval()(x), x)  # evaluation: no dropout
+
+
+def test_the_hash_is_computed_exactly_in_int64_and_keys_do_not_collide():
+    big = torch.tensor([0, 1, 2**31, 2**32 - 1], dtype=torch.int64)
+    py = [ld.mix32(int(v)) for v in big]  # Python ints: no overflow, the reference
+    assert ld.mix32(big).tolist() == py and all(0 <= v < 2**32 for v in py)
+    keys = {ld.micro_batch_key(seed, rank, step, micro)
+            for seed in (0, 42) for rank in range(4) for step in range(200) for micro in range(4)}
+    assert len(keys) == 2 * 4 * 200 * 4
+
+
+def _lora_layer(model_dir, dropout_module: str):
+    torch.manual_seed(0)
+    base = load_weights(str(model_dir), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
+    model = attach_adapter(base, AdapterSpec(r=4, dropout=0.3), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    if dropout_module == "hashed":
+        key = ld.make_recomputable(model, torch.device("cpu"))
+        assert key is not None and ld.find_key(model) is key
+        key.fill_(ld.micro_batch_key(0, 0, 3, 1))
+    return model.get_base_model().model
+
+
+def _step(inner, layer, n: int = 32):
+    x = torch.randn(1, n, inner.config.hidden_size,
+                    generator=torch.Generator().manual_seed(1), requires_grad=True)
+    pos = torch.arange(n)[None]
+    emb = inner.rotary_emb(x, pos)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(5)  # nn.Dropout's masks (and, with fallback_random, the compiled graph's)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, position_embeddings=emb, position_ids=pos)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for p in inner.layers[0].parameters() if p.requires_grad]
+    return [g.float().clone() for g in grads], sum(saved)
+
+
+@pytest.mark.parametrize("dropout_module", ["hashed", "torch"])
+def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(tiny_model, dropout_module):
+    """The partitioner's activation budget recomputes ops in backward instead of saving them. Hashed masks come
+    out the same when recomputed: the compiled layer's gradients are the eager layer's, and it saves less than
+    with its default budget. With nn.Dropout (the negative control: torch draws the mask again in backward,
+    even with inductor's fallback_random so that compiled and eager draw alike) the gradients are wrong."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    inner = _lora_layer(tiny_model, dropout_module)
+    eager, _ = _step(inner, inner.layers[0])
+
+    def compiled(budget: float):
+        torch._dynamo.reset()
+        fresh = _lora_layer(tiny_model, dropout_module)
+        layer = torch.compile(fresh.layers[0], backend=cl.backend({"activation_budget": budget}), dynamic=False)
+        _step(fresh, layer)  # compile
+        for p in fresh.parameters():
+            p.grad = None
+        return _step(fresh, layer)
+
+    with inductor.patch(fallback_random=True):
+        full, saved_full = compiled(1.0)
+        low, saved_low = compiled(0.3)
+    def worst(grads):
+        return max(float((g - e).norm() / e.norm()) for g, e in zip(grads, eager, strict=True))
+
+    assert worst(full) < 1e-4  # the default budget: right either way
+    if dropout_module == "hashed":
+        assert worst(low) < 1e-4 and saved_low < 0.8 * saved_full
+    else:
+        assert worst(low) > 0.1
+
+
+def test_a_compiled_run_keys_each_micro_batch_and_resumes_to_the_same_adapter(tiny_model, tmp_path, monkeypatch):
+    """Through the public API: compiled layers get the hashed dropout, the loop keys every micro-batch by
+    (seed, rank, step, micro-batch), and a run killed after checkpoint 2 resumes to the unbroken run's result (the
+    masks are a function of the step, not of an RNG stream)."""
+    from helpers import assert_same_run, kill_after, resume_tuner
+
+    keyed: list[tuple[int, int, int, int]] = []
+    real = ld.micro_batch_key
+
+    def spy(seed: int, rank: int, step: int, micro: int) -> int:
+        keyed.append((seed, rank, step, micro))
+        return real(seed, rank, step, micro)
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(ld, "micro_batch_key", spy)
+    kw = dict(optimize_for="speed", compile=True, micro_batch_tokens=48, batch_size=3, max_steps=4)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    ref = resume_tuner(tiny_model, tmp_path / "ref", **kw).run(
+        callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+    assert graphs[0] == graphs[-1], graphs  # a new key is an input, not a reason to compile again
+    steps = sorted({k[2] for k in keyed})
+    assert len(steps) == 4 and all(k[:2] == (42, 0) for k in keyed)
+    assert len(keyed) > 4 and len(set(keyed)) == len(keyed)  # several micro-batches a step, each its own key
+    out = kill_after(ref.output_dir, tmp_path / "run", 2)
+    keyed.clear()
+    assert_same_run(resume_tuner(tiny_model, out, **kw).run(resume=True), ref)
+    assert {k[2] for k in keyed} == set(steps[2:])
