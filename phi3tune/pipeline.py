@@ -23,13 +23,13 @@ import torch
 from . import checkpoints as ckpt
 from .batching import fit_lengths_to_data
 from .compiled_layers import compile_layers
-from .lora_dropout import make_recomputable
 from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
 from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, write_config
 from .files import PLAN_NAME as PLAN_NAME
 from .loop import Trainer
+from .lora_dropout import make_recomputable
 from .model import ModelInfo
 from .plan import RunPlan, compile_settings, resolve_plan
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config

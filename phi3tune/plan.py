@@ -196,14 +196,14 @@ def ddp_settings() -> dict[str, Any]:
 
 def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
-    ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names otherwise:
-    ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper
-    around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), ``activation_budget=F`` (the partitioner
-    recomputes in backward what keeps the saved activations under F of its default, functorch's
-    ``activation_memory_budget``), to measure what each does before a plan adopts it. Returns ``{"options":
-    inductor config patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30
-    (H200, torch 2.11) CUDA graphs and the C++ wrapper both failed with per-layer compilation
-    (docs/performance.md), so no plan uses them."""
+    ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only,
+    examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
+    ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
+    ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
+    recomputes in backward what keeps the saved activations under F of its default), to measure what each does
+    before a plan adopts it. Returns ``{"options": inductor config patches, "opaque_4bit": bool,
+    "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) CUDA graphs and the C++ wrapper both failed
+    with per-layer compilation (docs/performance.md), so no plan uses them."""
     options: dict[str, Any] = {}
     opaque, budget = False, plan.activation_budget if plan is not None else 1.0
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
