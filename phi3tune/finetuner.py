@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _preflight
-from ._isolation import leaves_process_as_found
+from ._isolation import allocator_for, leaves_process_as_found
 from ._preflight import merge_spec
 from .errors import ConfigError
 from .files import read_config, write_config
@@ -157,11 +157,12 @@ def execute(run: RunSpec, *, resume: bool | str = False, overwrite: bool | None 
     with console(logging.INFO):  # the data summary and the plan reach a user who set up no logging (logs.py)
         checked = check_run(run, resume, overwrite, config)  # user-input checks, plan, data: nothing written
         claim_output_dir(run, checked, config, overwrite, resume)  # now the output dir is ours: config and plan
-        model = build_model(run, checked)  # weights load, as the plan says
-        trainer = Trainer(model, checked.tokenizer, checked.data, run.train, checked.plan, callbacks)
-        with StopFlag() as stop:  # Ctrl-C / SIGTERM from here on: the final adapter is still saved
-            metrics = trainer.fit(checked.resume_from, stop)
-            adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
+        with allocator_for(checked.plan.expandable_segments):  # CUDA memory without fragments, as the plan says
+            model = build_model(run, checked)  # weights load, as the plan says
+            trainer = Trainer(model, checked.tokenizer, checked.data, run.train, checked.plan, callbacks)
+            with StopFlag() as stop:  # Ctrl-C / SIGTERM from here on: the final adapter is still saved
+                metrics = trainer.fit(checked.resume_from, stop)
+                adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
     model.eval()
     if stop.signal:
         raise trainer.interrupted_after_training(stop.signal, adapter_dir)

@@ -81,6 +81,7 @@ class RunPlan:
     checkpointing: bool  # activation checkpointing of (some) decoder layers
     checkpoint_layers: int  # how many decoder layers are checkpointed (the first ones); the rest keep activations
     activation_budget: float  # compiled layers: the compiler recomputes what keeps saved activations under this share
+    expandable_segments: bool  # CUDA's allocator maps memory as it grows (_isolation.allocator_for): no fragments
     upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     ce_chunk: int  # tokens per output-head + cross-entropy chunk
     optimizer: str
@@ -177,6 +178,11 @@ def _free_device_memory(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
+def _allocator_unset() -> bool:
+    """The user configured no expandable segments of their own (PYTORCH_CUDA_ALLOC_CONF): the plan may."""
+    return "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
 def _yes(value: str) -> bool:
     return value.lower() in ("1", "true", "yes")
 
@@ -269,7 +275,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         ce_chunk=int(m["ce_chunk"]), optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
-        sharded=sharded, shard_from_cpu=shard_from_cpu, ddp=ddp_settings() if processes > 1 and not sharded else {})
+        sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
+        ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
 def expected_cost(plan: RunPlan, layers: int) -> float:

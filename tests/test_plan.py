@@ -248,3 +248,27 @@ def test_one_example_filling_a_length_exactly_is_padded_to_the_next_or_built_by_
     four_k = warm_up_positions((1024, 2048, 3072, 4096), cap)  # the H200 plan: no extra graph
     assert [int((pos == 0).sum()) for _, pos in four_k] == [2, 4, 6, 8]
     assert all(int(pos.max()) < cap and pos.numel() == n for n, pos in four_k)
+
+
+def test_cuda_plans_ask_for_expandable_segments_and_a_run_gives_the_allocator_back(tiny_model, monkeypatch):
+    """On CUDA the plan maps allocator memory as it grows (fixed-length micro-batches otherwise left GiBs of
+    fragments: a 16 GiB card filled up and its paged optimizer state was paged out, 2x slower steps); a user's own
+    PYTORCH_CUDA_ALLOC_CONF is left to decide; the setting is put back when the run's block ends, error or not."""
+    import torch
+
+    from phi3tune._isolation import allocator_for
+
+    ft = FineTuner(str(tiny_model)).training(optimize_for="speed")
+    assert plan_for(ft, "cuda", free_gib=80).expandable_segments
+    assert not plan_for(ft, "cpu").expandable_segments
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert not plan_for(ft, "cuda", free_gib=80).expandable_segments
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    with pytest.raises(RuntimeError), allocator_for(True):
+        assert calls == ["expandable_segments:True"]
+        raise RuntimeError("a failing run")
+    assert calls == ["expandable_segments:True", "expandable_segments:False"]
+    with allocator_for(False):
+        pass
+    assert len(calls) == 2
