@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .loss import CE_CHUNK
-from .memory import GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
+from .memory import COMMUNICATION, GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
 from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
@@ -266,6 +266,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
+    if cuda and processes > 1:  # NCCL's buffers on every GPU (DDP and FSDP alike)
+        parts = {**parts, "communication": COMMUNICATION}
     return RunPlan(
         mode=mode, optimize_for=optimize_for, device=str(device), precision=precision,
         compute_dtype=str(dtype).removeprefix("torch."), attn_implementation=attn, layout=layout,
