@@ -89,6 +89,16 @@ def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | 
     return key if salt else None
 
 
+def make_plain(model: nn.Module) -> None:
+    """Put PEFT's ``nn.Dropout`` back (after training: the model a run returns holds no key that nothing sets)."""
+    for module in model.modules():
+        table = getattr(module, "lora_dropout", None)
+        if isinstance(table, nn.ModuleDict):
+            for name, drop in list(table.items()):
+                if isinstance(drop, RecomputableDropout):
+                    table[name] = nn.Dropout(drop.p)
+
+
 def find_key(model: nn.Module) -> torch.Tensor | None:
     """The key tensor :func:`make_recomputable` installed in ``model`` (None: PEFT's own dropout, or none)."""
     for module in model.modules():

@@ -142,5 +142,10 @@ def test_a_compiled_run_keys_each_micro_batch_and_resumes_to_the_same_adapter(ti
     assert len(keyed) > 4 and len(set(keyed)) == len(keyed)  # several micro-batches a step, each its own key
     out = kill_after(ref.output_dir, tmp_path / "run", 2)
     keyed.clear()
-    assert_same_run(resume_tuner(tiny_model, out, **kw).run(resume=True), ref)
+    resumed = resume_tuner(tiny_model, out, **kw).run(resume=True)
+    assert_same_run(resumed, ref)
     assert {k[2] for k in keyed} == set(steps[2:])
+    # the model a run returns has PEFT's own dropout back: no key that nothing sets any more
+    drops = [d for m in resumed.model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+             for d in m.lora_dropout.values()]
+    assert drops and all(type(m) is torch.nn.Dropout and m.p == 0.1 for m in drops)
