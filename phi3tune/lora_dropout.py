@@ -2,9 +2,9 @@
 
 PEFT's LoRA dropout is ``nn.Dropout``: its mask comes from the RNG, so a compiled layer must keep, for backward, the
 dropped fp32 input of every LoRA'd linear (4 per decoder layer) or its mask. Measured on the H200 (README
-quickstart, docs/performance.md, session 5) that is 2.9 GiB of the 20.6 GiB peak and 9% of the step time, and it
-blocks the partitioner's activation budget, which recomputes cheap ops instead of saving them: with a random mask,
-torch 2.11-2.13 silently redraw it in backward (wrong gradients; tests/test_lora_dropout.py shows it). Here the
+quickstart, docs/performance.md, session 5) that was 2.9 GiB of the 20.6 GiB peak and 6% of the median step, and
+it rules out the partitioner's activation budget, which recomputes cheap ops instead of saving them: torch redraws
+a random mask when it recomputes it in backward (wrong gradients; tests/test_lora_dropout.py shows it). Here the
 mask is a hash of a per-micro-batch key, a per-module salt and the element's index, in integer torch ops that the
 compiler fuses into the kernels that read the input. Each element is still dropped with probability ``p``
 (resolution 2**-32), independently, and the kept ones scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does.
