@@ -11,11 +11,12 @@
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
-#   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), ro / cpp (compiled layers with CUDA graphs /
+#   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp (compiled layers with CUDA graphs /
 #   a C++ kernel wrapper: PHI3TUNE_COMPILE, plan.compile_settings), opaque (bitsandbytes' 4-bit ops left as Python
 #   calls in the compiled layers, as before compiled_layers.py), noflat (the optimizer stepping each tensor, as before
-#   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5:
-#   PHI3TUNE_COMPILE=activation_budget=0.5; with dropout it recomputes the masks, so gradients are wrong), mem (optimize_for=memory), seq4096 (memory plan at
+#   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5 instead
+#   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
+#   noexpand (the allocator without expandable segments, as before session 5), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -33,6 +34,7 @@ ours() {  # label gib variant
     adamw) sets+=(--set training.optimizer=adamw_torch) ;;
     mb*) sets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
     expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
+    noexpand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False) ;;
     ro) envs+=(PHI3TUNE_COMPILE=mode=reduce-overhead) ;;
     cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
     opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
