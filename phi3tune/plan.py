@@ -188,14 +188,16 @@ def _yes(value: str) -> bool:
 
 
 def ddp_settings() -> dict[str, Any]:
-    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others. Not static_graph:
+    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others (``broadcast_buffers=0``:
+    no broadcast of the model's buffers before every forward; Phi-3's are the same on every rank). Not static_graph:
     torch's reducer fails an internal assert ("expect_autograd_hooks_") when a backward runs under no_sync,
     which the loop uses for every micro-batch but a step's last (measured, gloo, torch 2.13)."""
     out: dict[str, Any] = {}
     for item in filter(None, os.environ.get("PHI3TUNE_DDP", "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("bucket_cap_mb", "gradient_as_bucket_view"):
-            raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view")
+        if key not in ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers"):
+            raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view, "
+                             "broadcast_buffers")
         out[key] = int(value) if key == "bucket_cap_mb" else _yes(value)
     return out
 

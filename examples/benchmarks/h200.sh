@@ -47,6 +47,7 @@ DDP_SETS=(training.optimize_for=speed data.packing=true training.batch_size=16 t
 run_ddp2_b100() { PHI3TUNE_DDP=bucket_cap_mb=100 multi ddp2_b100 2 "${DDP_SETS[@]}"; }
 run_ddp2_b400() { PHI3TUNE_DDP=bucket_cap_mb=400 multi ddp2_b400 2 "${DDP_SETS[@]}"; }
 run_ddp2_view() { PHI3TUNE_DDP=gradient_as_bucket_view=1 multi ddp2_view 2 "${DDP_SETS[@]}"; }
+run_ddp2_nobcast() { PHI3TUNE_DDP=broadcast_buffers=0 multi ddp2_nobcast 2 "${DDP_SETS[@]}"; }  # buffers not re-sent
 run_ddp2_noflat() { PHI3TUNE_FLAT_STEP=0 multi ddp2_noflat 2 "${DDP_SETS[@]}"; }  # per-tensor optimizer steps
 run_speed_c4096_noflat() { PHI3TUNE_FLAT_STEP=0 ours speed_c4096_noflat "${DDP_SETS[@]}"; }
 run_ddp2_b100_view() { PHI3TUNE_DDP=bucket_cap_mb=100,gradient_as_bucket_view=1 multi ddp2_b100_view 2 "${DDP_SETS[@]}"; }
