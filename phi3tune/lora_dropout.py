@@ -15,6 +15,7 @@ The key is one int64 device tensor that every such module reads; the loop sets i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -73,35 +74,34 @@ class RecomputableDropout(nn.Module):
         return f"p={self.p}"
 
 
+def _lora_dropouts(model: nn.Module) -> Iterator[tuple[nn.ModuleDict, str, nn.Module]]:
+    """Every LoRA layer's dropout of ``model``: (its ``lora_dropout`` table, the adapter's name, the module)."""
+    for module in model.modules():
+        table = getattr(module, "lora_dropout", None)
+        if isinstance(table, nn.ModuleDict):
+            for name, drop in list(table.items()):
+                yield table, name, drop
+
+
 def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | None:
     """Replace every LoRA ``nn.Dropout`` of ``model`` by a :class:`RecomputableDropout` sharing one key tensor on
     ``device``; returns that tensor (None where the model has no LoRA dropout)."""
     key = torch.zeros((), dtype=torch.int64, device=device)
     salt = 0
-    for module in model.modules():
-        table = getattr(module, "lora_dropout", None)
-        if not isinstance(table, nn.ModuleDict):
-            continue
-        for name, drop in list(table.items()):
-            if isinstance(drop, nn.Dropout) and drop.p > 0:
-                salt += 1
-                table[name] = RecomputableDropout(drop.p, key, mix32(salt))
+    for table, name, drop in _lora_dropouts(model):
+        if isinstance(drop, nn.Dropout) and drop.p > 0:
+            salt += 1
+            table[name] = RecomputableDropout(drop.p, key, mix32(salt))
     return key if salt else None
 
 
 def make_plain(model: nn.Module) -> None:
     """Put PEFT's ``nn.Dropout`` back (after training: the model a run returns holds no key that nothing sets)."""
-    for module in model.modules():
-        table = getattr(module, "lora_dropout", None)
-        if isinstance(table, nn.ModuleDict):
-            for name, drop in list(table.items()):
-                if isinstance(drop, RecomputableDropout):
-                    table[name] = nn.Dropout(drop.p)
+    for table, name, drop in _lora_dropouts(model):
+        if isinstance(drop, RecomputableDropout):
+            table[name] = nn.Dropout(drop.p)
 
 
 def find_key(model: nn.Module) -> torch.Tensor | None:
     """The key tensor :func:`make_recomputable` installed in ``model`` (None: PEFT's own dropout, or none)."""
-    for module in model.modules():
-        if isinstance(module, RecomputableDropout):
-            return module.key
-    return None
+    return next((drop.key for _, _, drop in _lora_dropouts(model) if isinstance(drop, RecomputableDropout)), None)

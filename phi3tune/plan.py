@@ -120,7 +120,7 @@ class RunPlan:
         how.append({"flex_attention": "FlexAttention", None: "SDPA"}.get(self.attn_implementation,
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
-        if self.compile and self.activation_budget < 1.0:
+        if self.activation_budget < 1.0:  # only compiled layers on CUDA get a low one (_candidate)
             how.append(f"activations recomputed to a {self.activation_budget:g} budget")
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
