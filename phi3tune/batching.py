@@ -191,6 +191,8 @@ def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> 
     10.0% at fitted ones. The longest length, which the memory prediction is made for, stays. Other plans and
     packed rows are returned as they are."""
     columns = getattr(train, "column_names", None)  # a plugin's own dataset type: left as planned
+    if plan.dynamic_lengths:  # every multiple of a granule already: nothing to fit
+        return plan
     if plan.layout != "padding_free" or not plan.micro_batch_tokens or columns is None or "position_ids" in columns:
         return plan
     top = plan.token_buckets[-1]

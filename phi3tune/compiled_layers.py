@@ -116,11 +116,15 @@ def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
     return within_budget
 
 
-def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] | None = None) -> None:
-    """One static graph per input shape for each decoder layer (``dynamic=False``: the plan's fixed lengths)."""
+def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] | None = None,
+                   dynamic: bool = False) -> None:
+    """Compile each decoder layer. ``dynamic``: dynamo's automatic dynamic shapes, so the second length a layer
+    sees makes its graph's token dimension symbolic and every later length reuses that graph (the plan's lengths
+    are the multiples of a granule; the warm-up shows them all before training); else one static graph per
+    length (the plan's few fixed lengths)."""
     compiler = backend(settings)
     for layer in layers:
-        layer.compile(backend=compiler, dynamic=False)
+        layer.compile(backend=compiler, dynamic=None if dynamic else False)
 
 
 def warm_up_positions(lengths: tuple[int, ...], position_cap: int) -> list[tuple[int, torch.Tensor]]:

@@ -271,9 +271,10 @@ class Trainer:
             self.loss_module.zero_grad(set_to_none=True)
 
     def _compile_fixed_shapes(self) -> None:
-        """Compiled layers build one graph per micro-batch length: build them all now (one forward + backward of
-        pad tokens per length, nothing trained, gradients dropped, RNG restored), so no step after the first
-        waits for the compiler and a timed run measures training, not compilation."""
+        """Compiled layers build their graphs as they meet micro-batch lengths (one per fixed length, or a few
+        shared by every multiple of a granule): show them every length now (one forward + backward of pad tokens
+        per length, nothing trained, gradients dropped, RNG restored), so no step after the first waits for the
+        compiler and a timed run measures training, not compilation."""
         p, acc = self.plan, self.accelerator
         if not (p.compile and p.padding_free and p.token_buckets):
             return
@@ -289,8 +290,9 @@ class Trainer:
                 acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
         self._zero_grad()
         ckpt.set_rng_state(rng)
-        log.info("compiled layers for micro-batches of %s tokens in %.1f s",
-                 "/".join(map(str, p.token_buckets)), time.perf_counter() - started)
+        lengths = (f"{p.token_buckets[0]:,}-{p.token_buckets[-1]:,} (every multiple of {p.token_buckets[0]:,})"
+                   if p.dynamic_lengths else "/".join(f"{b:,}" for b in p.token_buckets))
+        log.info("compiled layers for micro-batches of %s tokens in %.1f s", lengths, time.perf_counter() - started)
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:

@@ -229,13 +229,14 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     if plan.checkpointing:  # the plan checkpoints only as many (first) layers as the memory needs
         for layer in model.get_base_model().model.layers[plan.checkpoint_layers:]:
             layer.gradient_checkpointing = False
-    if plan.compile:  # static graphs, one per fixed micro-batch length of the plan (loop builds them up front)
+    if plan.compile:  # graphs for the plan's micro-batch lengths (the loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
         model.get_base_model().enable_input_require_grads()
         # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
         make_recomputable(model, torch.device(plan.device))
-        compile_layers(model.get_base_model().model.layers, compile_settings(plan))  # 4-bit matmuls in the graph
+        compile_layers(model.get_base_model().model.layers, compile_settings(plan),  # 4-bit matmuls in the graph
+                       dynamic=plan.dynamic_lengths)
     return model
 
 

@@ -40,7 +40,12 @@ MODES: dict[str, dict[str, Any]] = {
                "micro_batch_tokens": 2048, "ce_chunk": 512},
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
-_BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
+_BUCKETS = 4  # fixed micro-batch lengths of a plan whose layers are not compiled, or compiled one graph per length
+# Compiled layers take every multiple of a granule up to the budget, from one graph whose token dimension is
+# symbolic (compiled_layers.compile_layers): a micro-batch is padded by less than a granule. Session 6, H200, the
+# unpacked quickstart at 4 fitted fixed lengths computed 12.7% pads (alpaca1k, 10 steps), and its steps were bound
+# by the GPU (kernels 0.339 s in 2 profiled steps that took 0.347 s unprofiled): every pad token costs a real one.
+LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
 # time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
 # their size suggests: each one pays a fixed cost (the host's launches of 32 compiled layers; the weights'
@@ -82,6 +87,7 @@ class RunPlan:
     checkpoint_layers: int  # how many decoder layers are checkpointed (the first ones); the rest keep activations
     activation_budget: float  # compiled layers: the compiler recomputes what keeps saved activations under this share
     expandable_segments: bool  # CUDA's allocator maps memory as it grows (_isolation.allocator_for): no fragments
+    dynamic_lengths: bool  # compiled layers: one graph for every length (token_buckets: multiples of a granule)
     upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     ce_chunk: int  # tokens per output-head + cross-entropy chunk
     optimizer: str
@@ -114,9 +120,10 @@ class RunPlan:
 
     def describe(self) -> str:
         """One line for the log: what runs, and how much memory it should take."""
-        how = [f"padding-free micro-batches of {self._budget_words()} padded to "
-               f"{'/'.join(f'{b:,}' for b in self.token_buckets)} tokens"] if self.padding_free else [
-            f"padded batches, {self.sequences_per_step} sequences a step"]
+        lengths = (f"a multiple of {self.token_buckets[0]:,}" if self.dynamic_lengths
+                   else "/".join(f"{b:,}" for b in self.token_buckets))
+        how = [f"padding-free micro-batches of {self._budget_words()} padded to {lengths} tokens"
+               ] if self.padding_free else [f"padded batches, {self.sequences_per_step} sequences a step"]
         how.append({"flex_attention": "FlexAttention", None: "SDPA"}.get(self.attn_implementation,
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
@@ -164,6 +171,13 @@ def token_buckets(budget: int, longest: int, step_tokens: int | None = None, cou
     return tuple(range(step, -(-top // step) * step + 1, step))
 
 
+def granule_lengths(top: int) -> tuple[int, ...]:
+    """Every multiple of the granule up to ``top`` (rounded up to one): ``LENGTH_GRANULE`` tokens for budgets of
+    4,096 and more, 1/32 of smaller ones (a multiple of 8), so at most ~32 lengths and one dynamic graph."""
+    g = min(LENGTH_GRANULE, max(8, top // 32 // 8 * 8))
+    return tuple(range(g, -(-top // g) * g + 1, g))
+
+
 def default_attention(device: torch.device, fenced: bool) -> str | None:
     """FlexAttention for padding-free / packed rows on CUDA: its document mask skips the blocks between examples
     (SDPA computes them, then masks them: 1.6x slower measured on the H200). SDPA everywhere else."""
@@ -202,20 +216,32 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
+def _compile_env() -> dict[str, str]:
+    """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
+    out = {}
+    for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("mode", "cpp_wrapper", "opaque_4bit", "activation_budget", "fixed_lengths"):
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
+                             "activation_budget, fixed_lengths")
+        out[key] = value
+    return out
+
+
 def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
     ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only,
     examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
     ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
     ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
-    recomputes in backward what keeps the saved activations under F of its default), to measure what each does
-    before a plan adopts it. Returns ``{"options": inductor config patches, "opaque_4bit": bool,
+    recomputes in backward what keeps the saved activations under F of its default), ``fixed_lengths=1`` (a graph
+    per fixed length, 4 lengths fitted to the data, as before session 6: read by ``_candidate``), to measure what
+    each does before a plan adopts it. Returns ``{"options": inductor config patches, "opaque_4bit": bool,
     "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) CUDA graphs and the C++ wrapper both failed
     with per-layer compilation (docs/performance.md), so no plan uses them."""
     options: dict[str, Any] = {}
     opaque, budget = False, plan.activation_budget if plan is not None else 1.0
-    for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
-        key, _, value = item.partition("=")
+    for key, value in _compile_env().items():
         if key == "mode":
             options["triton.cudagraphs"] = value == "reduce-overhead"
         elif key == "cpp_wrapper":
@@ -224,9 +250,6 @@ def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
             opaque = _yes(value)
         elif key == "activation_budget":
             budget = float(value)
-        else:
-            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
-                             "activation_budget")
     return {"options": options, "opaque_4bit": opaque, "activation_budget": budget}
 
 
@@ -250,6 +273,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = activation_budget if compile_ and cuda else 1.0
+    dynamic = bool(compile_ and buckets and not _yes(_compile_env().get("fixed_lengths", "0")))
+    buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
@@ -280,6 +305,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
+        dynamic_lengths=dynamic,
         ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 

@@ -178,14 +178,17 @@ def test_fitted_lengths_pad_least_and_keep_the_longest():
 
 
 def test_only_unpacked_rows_under_a_padding_free_plan_get_fitted_lengths(tiny_model):
-    """The longest length (the one memory is predicted for) stays; packed rows and padded plans keep theirs."""
+    """The longest length (the one memory is predicted for) stays; packed rows, padded plans and compiled plans
+    (every multiple of a granule, one graph) keep theirs."""
     from datasets import Dataset
 
     from phi3tune import FineTuner
     from phi3tune.batching import fit_lengths_to_data
     from phi3tune.bench import plan_for
 
-    speed = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed"), "cuda", free_gib=80)
+    compiled = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed"), "cuda", free_gib=80)
+    speed = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed", compile=False), "cuda", free_gib=80)
+    assert compiled.dynamic_lengths and not speed.dynamic_lengths and len(speed.token_buckets) == 4
     rows = Dataset.from_dict({"input_ids": [[1] * n for n in [300, 310, 320, 330] * 8],
                               "labels": [[1] * n for n in [300, 310, 320, 330] * 8]})
     fitted = fit_lengths_to_data(speed, rows, per_step=1, seed=0)
@@ -195,3 +198,4 @@ def test_only_unpacked_rows_under_a_padding_free_plan_get_fitted_lengths(tiny_mo
     assert fit_lengths_to_data(speed, packed, per_step=1, seed=0) is speed
     balanced = plan_for(FineTuner(str(tiny_model)), "cpu")
     assert fit_lengths_to_data(balanced, rows, per_step=1, seed=0) is balanced
+    assert fit_lengths_to_data(compiled, rows, per_step=1, seed=0) is compiled

@@ -169,3 +169,53 @@ def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_m
     else:
         assert ours != stock and any(dtype == torch.uint8 and len(shape) == 2 and shape[1] == 2
                                      for shape, dtype in ours)
+
+
+def test_compiled_layers_take_every_length_from_a_few_graphs_and_train_as_fixed_lengths_do(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    """A compiled plan pads each micro-batch to a multiple of a granule (16 lengths up to 128 tokens here, not
+    4 fixed ones), and its layers make their token dimension symbolic once they have met two lengths: the warm-up
+    builds a few graphs, training builds none, over many lengths. The losses equal those of a plan with 4 fixed
+    lengths and a static graph each (the same tokens, the same math). Negative control: static graphs at a
+    granule's lengths (8 up to 64 tokens) compile one per length."""
+    import torch._dynamo
+    from helpers import rows_of_text, tiny_tuner
+    from torch._dynamo.utils import counters
+
+    from phi3tune import batching, pipeline
+
+    widths: list[int] = []
+    real_pad = batching.pad_to_bucket
+
+    def spy(*a, **k):
+        out = real_pad(*a, **k)
+        widths.append(int(out["input_ids"].shape[1]))
+        return out
+
+    monkeypatch.setattr(batching, "pad_to_bucket", spy)
+
+    def run(out: str, budget: int = 128, steps: int = 6) -> tuple[list[float], list[int], tuple[int, ...]]:
+        torch._dynamo.reset()
+        counters.clear()
+        graphs: list[int] = []
+        res = tiny_tuner(tiny_model, tmp_path / out, rows_of_text(48, seed=3), optimize_for="speed", compile=True,
+                         micro_batch_tokens=budget, batch_size=3, grad_accum=2, max_steps=steps).run(
+            callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+        assert res.plan is not None
+        return [h["loss"] for h in res.history if "loss" in h], graphs, res.plan.token_buckets
+
+    losses, graphs, lengths = run("dynamic")
+    assert lengths == tuple(range(8, 129, 8))
+    trained = set(widths[-12:])  # the steps' micro-batches (the warm-up's came first)
+    assert len(trained) >= 4 and trained <= set(lengths)
+    assert graphs[0] == graphs[-1] <= 4, graphs
+
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "fixed_lengths=1")
+    fixed, _, fixed_lengths = run("fixed")
+    assert len(fixed_lengths) == 4 and fixed == pytest.approx(losses, rel=1e-5)
+
+    monkeypatch.delenv("PHI3TUNE_COMPILE")
+    real_compile = pipeline.compile_layers
+    monkeypatch.setattr(pipeline, "compile_layers", lambda layers, settings, dynamic: real_compile(layers, settings))
+    _, static_graphs, static_lengths = run("static", budget=64, steps=1)  # 8 lengths: the warm-up compiles them
+    assert static_graphs[0] >= len(static_lengths) == 8 > graphs[0]

@@ -16,7 +16,8 @@
 #   calls in the compiled layers, as before compiled_layers.py), noflat (the optimizer stepping each tensor, as before
 #   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5 instead
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
-#   noexpand (the allocator without expandable segments, as before session 5), mem (optimize_for=memory), seq4096 (memory plan at
+#   noexpand (the allocator without expandable segments, as before session 5), fixed (a compiled graph per fixed
+#   length, 4 lengths fitted to the data, as before session 6: PHI3TUNE_COMPILE=fixed_lengths=1), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -39,6 +40,7 @@ ours() {  # label gib variant
     cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
     opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
+    fixed) envs+=(PHI3TUNE_COMPILE=fixed_lengths=1) ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
     nodrop-amb*) sets+=(--set adapter.dropout=0); envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#nodrop-amb}") ;;
     amb*) envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#amb}") ;;
@@ -47,7 +49,7 @@ ours() {  # label gib variant
     *) echo "unknown variant $variant"; return ;;
   esac
   # shellcheck disable=SC2046
-  env "${envs[@]}" timeout "$LIMIT" python3 $(card_prefix "$gib") -m phi3tune.bench /tmp/base.yaml --steps "$STEPS" \
+  env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") -m phi3tune.bench /tmp/base.yaml --steps "$STEPS" \
     --warmup "$WARM" --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
     || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" | sed "s/^{/{\"card\": \"$gib\", /" >> "$OUT/all.jsonl"
@@ -61,7 +63,7 @@ for l in sys.stdin:
 
 peer() {  # label gib gc
   local label=$1 gib=$2 gc=$3
-  UNSLOTH_COMPILE_LOCATION=/tmp/ucc_$label timeout "$LIMIT" python3 $(card_prefix "$gib") \
+  UNSLOTH_COMPILE_LOCATION=/tmp/ucc_$label timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") \
     .devshared/bench/peers/unsloth_recipe.py --model /tmp/phi3 --data "$DATA" --steps "$STEPS" --warmup "$WARM" \
     --packing --gc "$gc" --label "$label" --out "/tmp/peer_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
     || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
@@ -77,7 +79,7 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
-    prof) timeout "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
+    prof) timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             --out "$OUT/profile_$gib.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib.txt" 2>/dev/null ;;
     *) echo "unknown run $r" ;;

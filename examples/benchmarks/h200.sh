@@ -10,7 +10,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 ours() {  # label, then --set overrides
   local label=$1; shift
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
-  timeout ${LIMIT:-170} python3 -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" \
+  timeout -k 15 ${LIMIT:-170} python3 -m phi3tune.bench /tmp/base.yaml --steps $STEPS --warmup $WARM --label "$label" \
     "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; tail -c 700 "/tmp/log_$label.txt"; echo
 }
@@ -36,7 +36,7 @@ run_speed_unpacked_c() { ours speed_unpacked_c training.optimize_for=speed train
 multi() {  # label, nproc, then --set overrides: one process per GPU through torchrun
   local label=$1 n=$2; shift 2
   local sets=(); for s in "$@"; do sets+=(--set "$s"); done
-  timeout ${LIMIT:-170} python3 -m torch.distributed.run --nproc_per_node $n -m phi3tune.bench /tmp/base.yaml \
+  timeout -k 15 ${LIMIT:-170} python3 -m torch.distributed.run --nproc_per_node $n -m phi3tune.bench /tmp/base.yaml \
     --steps $STEPS --warmup $WARM --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
     || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; grep -h '^{' "/tmp/log_$label.txt" | cut -c1-900; echo
