@@ -40,11 +40,13 @@ MODES: dict[str, dict[str, Any]] = {
                "micro_batch_tokens": 2048, "ce_chunk": 512},
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
-_BUCKETS = 4  # fixed micro-batch lengths of a plan whose layers are not compiled, or compiled one graph per length
-# Compiled layers take every multiple of a granule up to the budget, from one graph whose token dimension is
-# symbolic (compiled_layers.compile_layers): a micro-batch is padded by less than a granule. Session 6, H200, the
-# unpacked quickstart at 4 fitted fixed lengths computed 12.7% pads (alpaca1k, 10 steps), and its steps were bound
-# by the GPU (kernels 0.339 s in 2 profiled steps that took 0.347 s unprofiled): every pad token costs a real one.
+_BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
+# Compiled layers could instead take every multiple of a granule up to the budget from one graph whose token
+# dimension is symbolic (PHI3TUNE_COMPILE=dynamic_lengths=1; compiled_layers.compile_layers). Session 6, H200 x2,
+# same call, the unpacked quickstart: pads 12.7% -> 2.7% of the tokens computed, yet 19,520 tokens/s against 19,666
+# with 4 fitted fixed lengths (12 GiB card: 16,523 against 16,807, 9.30 GiB allocated against 8.72): the symbolic
+# graph's kernels cost ~10% more per token than the static ones. Its warm-up compiles in 42-45 s against 61-69 s
+# (a cold cache). No plan uses it.
 LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
 # time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
@@ -221,9 +223,9 @@ def _compile_env() -> dict[str, str]:
     out = {}
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("mode", "cpp_wrapper", "opaque_4bit", "activation_budget", "fixed_lengths"):
+        if key not in ("mode", "cpp_wrapper", "opaque_4bit", "activation_budget", "dynamic_lengths", "lengths"):
             raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
-                             "activation_budget, fixed_lengths")
+                             "activation_budget, dynamic_lengths, lengths")
         out[key] = value
     return out
 
@@ -234,11 +236,11 @@ def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
     ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
     ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
-    recomputes in backward what keeps the saved activations under F of its default), ``fixed_lengths=1`` (a graph
-    per fixed length, 4 lengths fitted to the data, as before session 6: read by ``_candidate``), to measure what
-    each does before a plan adopts it. Returns ``{"options": inductor config patches, "opaque_4bit": bool,
-    "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) CUDA graphs and the C++ wrapper both failed
-    with per-layer compilation (docs/performance.md), so no plan uses them."""
+    recomputes in backward what keeps the saved activations under F of its default), ``dynamic_lengths=1`` (every
+    multiple of a granule from one symbolic-length graph), ``lengths=N`` (N fixed lengths instead of 4; both read
+    by ``_candidate``), to measure what each does before a plan adopts it. Returns ``{"options": inductor config
+    patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) CUDA graphs and
+    the C++ wrapper both failed with per-layer compilation (docs/performance.md), so no plan uses them."""
     options: dict[str, Any] = {}
     opaque, budget = False, plan.activation_budget if plan is not None else 1.0
     for key, value in _compile_env().items():
@@ -267,13 +269,14 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     dtype = resolve_compute_dtype(run.quant, precision, device)
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
-    buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length) if budget else ()
+    count = int(_compile_env().get("lengths", _BUCKETS))  # benchmarks: more fixed lengths, fewer pads
+    buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length, count) if budget else ()
     cuda = device.type == "cuda"
     sharded = t.distributed == "fsdp" and processes > 1
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = activation_budget if compile_ and cuda else 1.0
-    dynamic = bool(compile_ and buckets and not _yes(_compile_env().get("fixed_lengths", "0")))
+    dynamic = bool(compile_ and buckets and _yes(_compile_env().get("dynamic_lengths", "0")))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:

@@ -177,17 +177,18 @@ def test_fitted_lengths_pad_least_and_keep_the_longest():
     assert _padded_total(skewed, fitted_buckets(skewed, 4096, len(even))) < _padded_total(skewed, even)
 
 
-def test_only_unpacked_rows_under_a_padding_free_plan_get_fitted_lengths(tiny_model):
-    """The longest length (the one memory is predicted for) stays; packed rows, padded plans and compiled plans
-    (every multiple of a granule, one graph) keep theirs."""
+def test_only_unpacked_rows_under_a_padding_free_plan_get_fitted_lengths(tiny_model, monkeypatch):
+    """The longest length (the one memory is predicted for) stays; packed rows, padded plans and plans with
+    symbolic-length graphs (every multiple of a granule) keep theirs."""
     from datasets import Dataset
 
     from phi3tune import FineTuner
     from phi3tune.batching import fit_lengths_to_data
     from phi3tune.bench import plan_for
 
+    speed = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed"), "cuda", free_gib=80)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
     compiled = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed"), "cuda", free_gib=80)
-    speed = plan_for(FineTuner(str(tiny_model)).training(optimize_for="speed", compile=False), "cuda", free_gib=80)
     assert compiled.dynamic_lengths and not speed.dynamic_lengths and len(speed.token_buckets) == 4
     rows = Dataset.from_dict({"input_ids": [[1] * n for n in [300, 310, 320, 330] * 8],
                               "labels": [[1] * n for n in [300, 310, 320, 330] * 8]})

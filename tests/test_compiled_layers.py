@@ -171,13 +171,14 @@ def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_m
                                      for shape, dtype in ours)
 
 
-def test_compiled_layers_take_every_length_from_a_few_graphs_and_train_as_fixed_lengths_do(tiny_model, tmp_path,
-                                                                                         monkeypatch):
-    """A compiled plan pads each micro-batch to a multiple of a granule (16 lengths up to 128 tokens here, not
-    4 fixed ones), and its layers make their token dimension symbolic once they have met two lengths: the warm-up
-    builds a few graphs, training builds none, over many lengths. The losses equal those of a plan with 4 fixed
-    lengths and a static graph each (the same tokens, the same math). Negative control: static graphs at a
-    granule's lengths (8 up to 64 tokens) compile one per length."""
+def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as_fixed_lengths_do(
+        tiny_model, tmp_path, monkeypatch):
+    """PHI3TUNE_COMPILE=dynamic_lengths=1 (measured on the GPU, not a plan's default): micro-batches are padded to
+    a multiple of a granule (16 lengths up to 128 tokens here, not 4 fixed ones), and the layers make their token
+    dimension symbolic once they have met two lengths: the warm-up builds a few graphs, training builds none, over
+    many lengths. The losses equal those of the default plan's 4 fixed lengths with a static graph each (the same
+    tokens, the same math). Negative control: static graphs at a granule's lengths (8 up to 64 tokens) compile
+    one per length."""
     import torch._dynamo
     from helpers import rows_of_text, tiny_tuner
     from torch._dynamo.utils import counters
@@ -204,17 +205,16 @@ def test_compiled_layers_take_every_length_from_a_few_graphs_and_train_as_fixed_
         assert res.plan is not None
         return [h["loss"] for h in res.history if "loss" in h], graphs, res.plan.token_buckets
 
+    fixed, _, fixed_lengths = run("fixed")
+    assert len(fixed_lengths) == 4
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
     losses, graphs, lengths = run("dynamic")
     assert lengths == tuple(range(8, 129, 8))
     trained = set(widths[-12:])  # the steps' micro-batches (the warm-up's came first)
     assert len(trained) >= 4 and trained <= set(lengths)
     assert graphs[0] == graphs[-1] <= 4, graphs
+    assert losses == pytest.approx(fixed, rel=1e-5)
 
-    monkeypatch.setenv("PHI3TUNE_COMPILE", "fixed_lengths=1")
-    fixed, _, fixed_lengths = run("fixed")
-    assert len(fixed_lengths) == 4 and fixed == pytest.approx(losses, rel=1e-5)
-
-    monkeypatch.delenv("PHI3TUNE_COMPILE")
     real_compile = pipeline.compile_layers
     monkeypatch.setattr(pipeline, "compile_layers", lambda layers, settings, dynamic: real_compile(layers, settings))
     _, static_graphs, static_lengths = run("static", budget=64, steps=1)  # 8 lengths: the warm-up compiles them

@@ -272,3 +272,23 @@ def test_cuda_plans_ask_for_expandable_segments_and_a_run_gives_the_allocator_ba
     with allocator_for(False):
         pass
     assert len(calls) == 2
+
+
+def test_benchmark_compile_knobs_change_only_what_they_name(tiny_model, monkeypatch):
+    """PHI3TUNE_COMPILE (benchmarks: examples/benchmarks/cards.sh): ``lengths=N`` gives N fixed lengths up to the
+    same longest one (so the same predicted peak), ``dynamic_lengths=1`` every multiple of a granule; an unknown
+    key is an error that lists the known ones, not a silent default."""
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4)).training(optimize_for="speed")
+    base = plan_for(ft, "cuda", free_gib=80)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "lengths=8")
+    eight = plan_for(ft, "cuda", free_gib=80)
+    assert len(base.token_buckets) == 4 and len(eight.token_buckets) == 8 and not eight.dynamic_lengths
+    assert eight.token_buckets[-1] == base.token_buckets[-1] and eight.predicted_peak_gib == base.predicted_peak_gib
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
+    dyn = plan_for(ft, "cuda", free_gib=80)
+    g = dyn.token_buckets[0]
+    assert dyn.dynamic_lengths and dyn.token_buckets == tuple(range(g, dyn.token_buckets[-1] + 1, g))
+    assert "a multiple of" in dyn.describe() and "a multiple of" not in base.describe()
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "lenghts=8")
+    with pytest.raises(ValueError, match="lenghts.*dynamic_lengths, lengths"):
+        plan_for(ft, "cuda", free_gib=80)
