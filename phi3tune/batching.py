@@ -146,7 +146,7 @@ def fitted_buckets(lengths: Sequence[int], top: int, count: int) -> tuple[int, .
     each micro-batch goes to the shortest length that holds it. Exact (dynamic programming over lengths rounded
     up to multiples of a quantum, 128 tokens for a 4,096 budget). Lengths above ``top`` keep their own width
     (``pad_to_bucket``) and do not count."""
-    quantum = max(8, min(128, top // (4 * count)))
+    quantum = max(8, min(128, top // (4 * count)) // 8 * 8)  # a multiple of 8, whatever the count
     held = [n for n in lengths if n <= top]
 
     def rounded(n: int) -> int:  # the shortest candidate length that holds n

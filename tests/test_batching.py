@@ -168,13 +168,15 @@ def test_fitted_lengths_pad_least_and_keep_the_longest():
                                                  generator=gen)]
         got = fitted_buckets(lengths, top, count)
         assert got[-1] == top and len(got) <= count and list(got) == sorted(set(got))
-        quantum = max(8, min(128, top // (4 * count)))
+        quantum = max(8, min(128, top // (4 * count)) // 8 * 8)
         cands = range(quantum, top, quantum)
         best = min(_padded_total(lengths, (*c, top)) for k in range(count) for c in itertools.combinations(cands, k))
         assert _padded_total(lengths, got) == best
     skewed = [3000 + 13 * i for i in range(60)] + [700, 900]  # the quickstart's steps: most above 2,048 tokens
     even = token_buckets(4096, 512)
     assert _padded_total(skewed, fitted_buckets(skewed, 4096, len(even))) < _padded_total(skewed, even)
+    for count in (4, 5, 6, 8, 12):  # PHI3TUNE_COMPILE=lengths=N: any count keeps lengths of whole 8-token units
+        assert all(b % 8 == 0 for b in fitted_buckets(skewed, 4096, count))
 
 
 def test_only_unpacked_rows_under_a_padding_free_plan_get_fitted_lengths(tiny_model, monkeypatch):
