@@ -128,8 +128,9 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
 
     gpus = PartialState().num_processes  # the run's processes (accelerate launch / torchrun), as accelerate sees them
     real = sum(e["real_tokens"] for e in events)
-    # real tokens are counted over all ranks, batch tokens per rank
-    batch = sum(e["batch_tokens"] for e in events) * gpus
+    # real tokens are counted over all ranks, batch tokens per rank: ranks lay out their own examples, so this rank's
+    # batch tokens times the ranks is not the run's (it gave a negative share under FSDP): no padding share there
+    batch = sum(e["batch_tokens"] for e in events)
     tok_s = real / sum(times) if times else 0.0
     report: dict[str, Any] = {
         "label": label or run.train.optimize_for, "optimize_for": run.train.optimize_for,
@@ -141,7 +142,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         "real_tokens_per_s": round(tok_s, 1),
         "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
         "step_s": [round(t, 4) for t in times],
-        "padding_fraction": round(1 - real / max(1, batch), 4),
+        "padding_fraction": round(1 - real / max(1, batch), 4) if gpus == 1 else None,
         "losses": [round(e["loss"], 4) for e in events],
         "total_s": round(time.perf_counter() - started, 1),
         "final_loss": result.losses[-1] if result.losses else None,
