@@ -47,9 +47,12 @@ def main() -> None:
     ft.run(callbacks=[on_step])
     avg = prof.key_averages()
     # the GPU's busy share: kernel time (summed, one stream) over the wall time of the profiled steps
-    # (GPU-side user annotations such as "Optimizer.step#..." span kernels already counted: left out)
-    kernels = sum(e.self_device_time_total for e in avg if "#" not in e.key and not e.key.startswith("ProfilerStep")
-                  ) / 1e6
+    # the table's own "Self CUDA time total": device events only (a CPU op's row repeats its kernels' time, and
+    # GPU-side user annotations such as "Optimizer.step#..." span kernels already counted)
+    from torch.autograd import DeviceType
+
+    kernels = sum(e.self_device_time_total for e in avg
+                  if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
     head = (f"{a.steps} steps from step {a.start}: wall {wall[0]:.3f} s, GPU kernels {kernels:.3f} s "
             f"({100 * kernels / max(wall[0], 1e-9):.0f}% busy)\n\n")
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
