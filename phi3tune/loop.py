@@ -32,7 +32,7 @@ from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hi
 from .files import CONFIG_NAME
 from .loss import TokenLoss, mean_loss, trained_positions
 from .metrics import Metrics, StepCallback, StepResult
-from .plan import RunPlan
+from .plan import RunPlan, compile_settings
 from .specs import TrainSpec
 
 log = logging.getLogger("phi3tune")
@@ -102,7 +102,8 @@ class Trainer:
                                       streaming=data.streaming)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
-        self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk), optimizer)
+        graphs = plan.compile and bool(compile_settings(plan)["options"].get("triton.cudagraphs"))
+        self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk, graphs), optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)
         if self.sharded:  # bitsandbytes cannot step DTensors: it steps this rank's local shards (shards.py)

@@ -48,10 +48,13 @@ class TokenLoss(nn.Module):
     we call the decoder and the output head separately.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = CE_CHUNK) -> None:
+    def __init__(self, model: nn.Module, chunk: int = CE_CHUNK, cuda_graphs: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
+        # compiled layers replayed as CUDA graphs (a benchmark knob, plan.compile_settings): each micro-batch is a
+        # new step of inductor's graph trees, whose outputs the last one's backward no longer needs
+        self.cuda_graphs = cuda_graphs
 
     def _causal_lm(self) -> Any:  # the transformers model under PEFT
         m: Any = self.model
@@ -59,6 +62,8 @@ class TokenLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                 trained_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         lm = self._causal_lm()
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         if trained_idx is None:

@@ -219,3 +219,31 @@ def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as
     monkeypatch.setattr(pipeline, "compile_layers", lambda layers, settings, dynamic: real_compile(layers, settings))
     _, static_graphs, static_lengths = run("static", budget=64, steps=1)  # 8 lengths: the warm-up compiles them
     assert static_graphs[0] >= len(static_lengths) == 8 > graphs[0]
+
+
+def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_model, tmp_path, monkeypatch):
+    """PHI3TUNE_COMPILE=mode=reduce-overhead (a benchmark knob: compiled layers replayed as CUDA graphs): inductor's
+    graph trees must be told where a micro-batch starts, or a layer's replay overwrites what the previous one saved
+    for backward (the failure of 2026-11-30's first try). Every forward of the loss module marks one, in the warm-up
+    and in training; an eager plan marks none. (On the CPU inductor skips the graphs; the marks are what is tested.)"""
+    from helpers import rows_of_text, tiny_tuner
+
+    from phi3tune import loss as loss_mod
+
+    marks, forwards = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(forwards)))
+    real_forward = loss_mod.TokenLoss.forward
+
+    def counted(self, *a, **k):
+        forwards.append(1)
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(loss_mod.TokenLoss, "forward", counted)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "mode=reduce-overhead")
+    kw = dict(optimize_for="speed", micro_batch_tokens=64, batch_size=3, grad_accum=2, max_steps=2)
+    tiny_tuner(tiny_model, tmp_path / "graphs", rows_of_text(12, seed=2), compile=True, **kw).run()
+    assert len(forwards) > 4 and marks == list(range(1, len(forwards) + 1))  # one mark in each forward
+    marks.clear()
+    forwards.clear()
+    tiny_tuner(tiny_model, tmp_path / "eager", rows_of_text(12, seed=2), compile=False, **kw).run()
+    assert forwards and not marks

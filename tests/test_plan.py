@@ -290,5 +290,5 @@ def test_benchmark_compile_knobs_change_only_what_they_name(tiny_model, monkeypa
     assert dyn.dynamic_lengths and dyn.token_buckets == tuple(range(g, dyn.token_buckets[-1] + 1, g))
     assert "a multiple of" in dyn.describe() and "a multiple of" not in base.describe()
     monkeypatch.setenv("PHI3TUNE_COMPILE", "lenghts=8")
-    with pytest.raises(ValueError, match="lenghts.*dynamic_lengths, lengths"):
+    with pytest.raises(ValueError, match=r"lenghts.*dynamic_lengths, lengths"):
         plan_for(ft, "cuda", free_gib=80)
