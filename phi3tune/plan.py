@@ -44,9 +44,9 @@ _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
 # Compiled layers could instead take every multiple of a granule up to the budget from one graph whose token
 # dimension is symbolic (PHI3TUNE_COMPILE=dynamic_lengths=1; compiled_layers.compile_layers). Session 6, H200 x2,
 # same call, the unpacked quickstart: pads 12.7% -> 2.7% of the tokens computed, yet 19,520 tokens/s against 19,666
-# with 4 fitted fixed lengths (12 GiB card: 16,523 against 16,807, 9.30 GiB allocated against 8.72): the symbolic
-# graph's kernels cost ~10% more per token than the static ones. Its warm-up compiles in 42-45 s against 61-69 s
-# (a cold cache). No plan uses it.
+# with 4 fitted fixed lengths (12 GiB card: 16,523 against 16,807, 9.30 GiB allocated against 8.72): the host's
+# launches set the pace of a step (the GPU is busy ~68% of it), and fewer pads only shorten the GPU's part. Its
+# warm-up compiles in 42-45 s against 61-69 s (a cold cache). No plan uses it.
 LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
 # time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
