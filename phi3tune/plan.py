@@ -239,8 +239,9 @@ def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     recomputes in backward what keeps the saved activations under F of its default), ``dynamic_lengths=1`` (every
     multiple of a granule from one symbolic-length graph), ``lengths=N`` (N fixed lengths instead of 4; both read
     by ``_candidate``), to measure what each does before a plan adopts it. Returns ``{"options": inductor config
-    patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) CUDA graphs and
-    the C++ wrapper both failed with per-layer compilation (docs/performance.md), so no plan uses them."""
+    patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11, session 3) CUDA
+    graphs failed in the warm-up, before the loss module marked each micro-batch a graph step (``TokenLoss``; not
+    re-run since), and the C++ wrapper in code generation (docs/performance.md): no plan uses either."""
     options: dict[str, Any] = {}
     opaque, budget = False, plan.activation_budget if plan is not None else 1.0
     for key, value in _compile_env().items():
