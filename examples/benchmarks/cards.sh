@@ -17,7 +17,8 @@
 #   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5 instead
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
-#   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4), mem (optimize_for=memory), seq4096 (memory plan at
+#   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
+#   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -41,6 +42,7 @@ ours() {  # label gib variant
     opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
     dyn) envs+=(PHI3TUNE_COMPILE=dynamic_lengths=1) ;;
+    lt) envs+=(TORCH_BLAS_PREFER_CUBLASLT=1) ;;
     len*) envs+=("PHI3TUNE_COMPILE=lengths=${variant#len}") ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
     nodrop-amb*) sets+=(--set adapter.dropout=0); envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#nodrop-amb}") ;;
