@@ -103,6 +103,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         graphs = plan.compile and bool(compile_settings(plan)["options"].get("triton.cudagraphs"))
+        self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk, graphs), optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)
@@ -272,10 +273,9 @@ class Trainer:
             self.loss_module.zero_grad(set_to_none=True)
 
     def _compile_fixed_shapes(self) -> None:
-        """Compiled layers build their graphs as they meet micro-batch lengths (one per fixed length, or a few
-        shared by every multiple of a granule): show them every length now (one forward + backward of pad tokens
-        per length, nothing trained, gradients dropped, RNG restored), so no step after the first waits for the
-        compiler and a timed run measures training, not compilation."""
+        """Compiled layers build their graphs as they meet micro-batch lengths: show them every length now (one
+        forward + backward of pad tokens per length and round, nothing trained, gradients dropped, RNG restored),
+        so no step after the first waits for the compiler and a timed run measures training, not compilation."""
         p, acc = self.plan, self.accelerator
         if not (p.compile and p.padding_free and p.token_buckets):
             return
@@ -283,7 +283,7 @@ class Trainer:
         if self.sharded:
             ids = torch.full((1, p.token_buckets[0]), self.pad_id, dtype=torch.long, device=self.accelerator.device)
             distributed.hand_quant_state_eagerly(self.loss_module, ids)
-        for n, pos in warm_up_positions(p.token_buckets, p.position_cap):
+        for n, pos in warm_up_positions(p.token_buckets, p.position_cap) * self.warm_up_rounds:
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
             b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos[None],  # every position
                                  "trained_idx": trained_positions(ids)})  # trained: the whole backward is built

@@ -228,6 +228,7 @@ def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_m
     and in training; an eager plan marks none. (On the CPU inductor skips the graphs; the marks are what is tested.)"""
     from helpers import rows_of_text, tiny_tuner
 
+    from phi3tune import loop
     from phi3tune import loss as loss_mod
 
     marks, forwards = [], []
@@ -239,10 +240,27 @@ def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_m
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(loss_mod.TokenLoss, "forward", counted)
+    warm: list[int] = []  # forwards in the warm-up, and the warm-up's lengths
+    real_warm_up, real_positions = loop.Trainer._compile_fixed_shapes, loop.warm_up_positions
+
+    def counted_warm_up(self):
+        before = len(forwards)
+        real_warm_up(self)
+        warm.append(len(forwards) - before)
+
+    monkeypatch.setattr(loop.Trainer, "_compile_fixed_shapes", counted_warm_up)
+    def positions(*a):
+        out = real_positions(*a)
+        warm.append(len(out))
+        return out
+
+    monkeypatch.setattr(loop, "warm_up_positions", positions)
     monkeypatch.setenv("PHI3TUNE_COMPILE", "mode=reduce-overhead")
     kw = dict(optimize_for="speed", micro_batch_tokens=64, batch_size=3, grad_accum=2, max_steps=2)
     tiny_tuner(tiny_model, tmp_path / "graphs", rows_of_text(12, seed=2), compile=True, **kw).run()
     assert len(forwards) > 4 and marks == list(range(1, len(forwards) + 1))  # one mark in each forward
+    lengths, warm_forwards = warm
+    assert warm_forwards == 2 * lengths  # every graph called twice before training: run, then recorded
     marks.clear()
     forwards.clear()
     tiny_tuner(tiny_model, tmp_path / "eager", rows_of_text(12, seed=2), compile=False, **kw).run()
