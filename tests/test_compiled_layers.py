@@ -226,7 +226,8 @@ def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_m
     """PHI3TUNE_COMPILE=mode=reduce-overhead (a benchmark knob: compiled layers replayed as CUDA graphs): inductor's
     graph trees must be told where a micro-batch starts, or a layer's replay overwrites what the previous one saved
     for backward (the failure of 2026-11-30's first try). Every forward of the loss module marks one, in the warm-up
-    and in training; an eager plan marks none. (On the CPU inductor skips the graphs; the marks are what is tested.)"""
+    and in training; the warm-up shows each length twice (a graph is recorded on its second call, so not in the
+    timed steps); an eager plan marks none. (On the CPU inductor skips the graphs; the marks are what is tested.)"""
     from helpers import rows_of_text, tiny_tuner
 
     from phi3tune import loop

@@ -46,9 +46,9 @@ def main() -> None:
 
     ft.run(callbacks=[on_step])
     avg = prof.key_averages()
-    # the GPU's busy share: kernel time (summed, one stream) over the wall time of the profiled steps
-    # the table's own "Self CUDA time total": device events only (a CPU op's row repeats its kernels' time, and
-    # GPU-side user annotations such as "Optimizer.step#..." span kernels already counted)
+    # the GPU's busy share: kernel time over the profiled steps' wall time. Kernel time as the table's own "Self
+    # CUDA time total" counts it: device events only (a CPU op's row repeats its kernels' time, and GPU-side user
+    # annotations such as "Optimizer.step#..." span kernels already counted)
     from torch.autograd import DeviceType
 
     kernels = sum(e.self_device_time_total for e in avg
