@@ -270,14 +270,15 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     dtype = resolve_compute_dtype(run.quant, precision, device)
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
-    count = int(_compile_env().get("lengths", _BUCKETS))  # benchmarks: more fixed lengths, fewer pads
+    knobs = _compile_env()  # benchmarks: more fixed lengths, or symbolic-length graphs
+    count = int(knobs.get("lengths", _BUCKETS))
     buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length, count) if budget else ()
     cuda = device.type == "cuda"
     sharded = t.distributed == "fsdp" and processes > 1
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = activation_budget if compile_ and cuda else 1.0
-    dynamic = bool(compile_ and buckets and _yes(_compile_env().get("dynamic_lengths", "0")))
+    dynamic = bool(compile_ and buckets and _yes(knobs.get("dynamic_lengths", "0")))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
