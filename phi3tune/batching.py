@@ -188,12 +188,11 @@ def fitted_buckets(lengths: Sequence[int], top: int, count: int) -> tuple[int, .
 def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> RunPlan:
     """``plan`` with fixed lengths fitted to the first epoch's micro-batches of one-document rows (unpacked data
     under a padding-free plan): the README quickstart's first epoch holds 14.5% pads at the evenly spaced lengths,
-    10.0% at fitted ones. The longest length, which the memory prediction is made for, stays. Other plans and
-    packed rows are returned as they are."""
+    10.0% at fitted ones. The longest length, which the memory prediction is made for, stays. Other plans
+    (symbolic-length ones too) and packed rows are returned as they are."""
     columns = getattr(train, "column_names", None)  # a plugin's own dataset type: left as planned
-    if plan.dynamic_lengths:  # every multiple of a granule already: nothing to fit
-        return plan
-    if plan.layout != "padding_free" or not plan.micro_batch_tokens or columns is None or "position_ids" in columns:
+    if (plan.layout != "padding_free" or not plan.micro_batch_tokens or columns is None or "position_ids" in columns
+            or plan.dynamic_lengths):  # symbolic-length graphs: every multiple of a granule already
         return plan
     top = plan.token_buckets[-1]
     micro = micro_batch_lengths(row_lengths(train).tolist(), list(EpochSampler(len(train), seed)), per_step,
