@@ -58,7 +58,10 @@ LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # 0.175 s at 4,096 (x1.48); 4,096 with 24 of 32 layers checkpointed 0.228 s (+30%), with 31 0.248 s (+41%):
 # recomputation now costs in proportion to the layers recomputed (the earlier saturation at half the layers was
 # the host's launch cost, since cut), so 4,096 tokens with up to every layer checkpointed beat 2,048 without.
-_BUDGET_COST = {4096: 1.0, 2048: 1.48, 1024: 5.1}
+# Session 7 (2026-11-30, H200 x2, one call, packed quickstart): 8,192-token micro-batches (a packed step of 16
+# rows of 512 in one micro-batch, one layer call per step instead of two) 0.317 s median step against 0.335 s at
+# 4,096 (x0.94; 25,876 tokens/s against 24,440) at 37.1 GiB allocated against 20.5: taken where a card holds them.
+_BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
 _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # The compiler's activation budget (functorch's activation_memory_budget): compiled layers recompute cheap ops in
@@ -239,9 +242,11 @@ def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     recomputes in backward what keeps the saved activations under F of its default), ``dynamic_lengths=1`` (every
     multiple of a granule from one symbolic-length graph), ``lengths=N`` (N fixed lengths instead of 4; both read
     by ``_candidate``), to measure what each does before a plan adopts it. Returns ``{"options": inductor config
-    patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11, session 3) CUDA
-    graphs failed in the warm-up, before the loss module marked each micro-batch a graph step (``TokenLoss``; not
-    re-run since), and the C++ wrapper in code generation (docs/performance.md): no plan uses either."""
+    patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) the C++ wrapper
+    failed in code generation (session 3); CUDA graphs, with the loss module marking each micro-batch a graph step
+    (``TokenLoss``), ran (session 7) but no faster: median step 0.165 s against 0.151 s on the whole H200, 0.179 s
+    against 0.179 s on a 12 GiB card, and graphs re-recorded in the first timed steps cost ~2.7 s a step
+    (docs/performance.md). No plan uses either."""
     options: dict[str, Any] = {}
     opaque, budget = False, plan.activation_budget if plan is not None else 1.0
     for key, value in _compile_env().items():
@@ -325,10 +330,11 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
 
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
                       free: int | None, processes: int = 1) -> list[RunPlan]:
-    """For each micro-batch budget (the user's, else 4,096 / 2,048 / 1,024) and activation budget (the compiler's
-    default, then the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of
-    them when none fits)."""
-    budgets = [None] if run.train.micro_batch_tokens else [None, 2048, 1024]
+    """For each micro-batch budget (the user's, else 8,192 when a step can fill it / 4,096 / 2,048 / 1,024) and
+    activation budget (the compiler's default, then the low one): the speed plan that checkpoints the fewest layers
+    and still fits ``free`` (all of them when none fits)."""
+    whole_step = run.train.sequences_per_step * run.data.max_seq_length >= 8192
+    budgets = [None] if run.train.micro_batch_tokens else [*([8192] if whole_step else []), None, 2048, 1024]
     out: list[RunPlan] = []
     for budget in budgets:
         for low in (1.0, LOW_ACTIVATION_BUDGET):
@@ -348,10 +354,10 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
 def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
                  free_bytes: int | None = None, processes: int = 1) -> RunPlan:
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
-    fits the free memory, by ``expected_cost`` (speed with 4,096-, 2,048- or 1,024-token micro-batches and the fewest
-    checkpointed layers that fit, else memory), on the CPU
-    the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured
-    free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards)."""
+    fits the free memory, by ``expected_cost`` (speed with 8,192-, 4,096-, 2,048- or 1,024-token micro-batches and
+    the fewest checkpointed layers that fit, else memory), on the CPU the plain padded layout (no compiler, no Flex
+    kernels to gain from). ``free_bytes`` overrides the measured free memory (estimates for another card);
+    ``processes``: the run's ranks (FSDP divides what it shards)."""
     asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if asked != "auto":

@@ -18,6 +18,7 @@
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
 #   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
+#   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
 #   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
@@ -48,6 +49,7 @@ ours() {  # label gib variant
     nodrop-amb*) sets+=(--set adapter.dropout=0); envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#nodrop-amb}") ;;
     amb*) envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#amb}") ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
+    bal) sets+=(--set training.optimize_for=balanced) ;;
     seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     *) echo "unknown variant $variant"; return ;;
   esac

@@ -41,6 +41,7 @@ multi() {  # label, nproc, then --set overrides: one process per GPU through tor
     || { echo "run $label failed: $?"; tail -c 3000 "/tmp/log_$label.txt" >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" >> "$OUT/all.jsonl"; grep -h '^{' "/tmp/log_$label.txt" | cut -c1-900; echo
 }
+run_ddp2_auto() { multi ddp2_auto 2 data.packing=true; }  # quickstart_packed (optimize_for="auto") on 2 GPUs
 run_ddp2() { multi ddp2 2 training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1; }
 # DDP's gradient buckets (PHI3TUNE_DDP, benchmarks only; torch's default: 25 MB buckets, gradients copied into them)
 DDP_SETS=(training.optimize_for=speed data.packing=true training.batch_size=16 training.grad_accum=1)
