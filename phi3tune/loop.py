@@ -104,7 +104,8 @@ class Trainer:
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         graphs = plan.compile and bool(compile_settings(plan)["options"].get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
-        self.loss_module, self.optimizer = acc.prepare(TokenLoss(model, plan.ce_chunk, graphs), optimizer)
+        loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints)
+        self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)
         if self.sharded:  # bitsandbytes cannot step DTensors: it steps this rank's local shards (shards.py)

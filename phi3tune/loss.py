@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
+from .offload import Offloader
 
 # tokens per output-head chunk. PHI3TUNE_CE_CHUNK is for benchmarks only (examples/benchmarks/h200.sh): a value
 # above the tokens of a micro-batch turns chunking off, i.e. the full logits tensor, to measure what chunking saves.
@@ -48,10 +50,13 @@ class TokenLoss(nn.Module):
     we call the decoder and the output head separately.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = CE_CHUNK, cuda_graphs: bool = False) -> None:
+    def __init__(self, model: nn.Module, chunk: int = CE_CHUNK, cuda_graphs: bool = False,
+                 offload: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
+        # checkpointed layers' inputs held in host memory until backward (offload.py; plan.offload_checkpoints)
+        self.offloader = Offloader() if offload else None
         # compiled layers replayed as CUDA graphs (a benchmark knob, plan.compile_settings): each micro-batch is a
         # new step of inductor's graph trees, whose outputs the last one's backward no longer needs
         self.cuda_graphs = cuda_graphs
@@ -65,7 +70,8 @@ class TokenLoss(nn.Module):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         lm = self._causal_lm()
-        hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        with self.offloader.hooks() if self.offloader is not None else nullcontext():
+            hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         if trained_idx is None:
             trained_idx = trained_positions(labels)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, trained_idx)

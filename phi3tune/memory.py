@@ -50,13 +50,14 @@ class ModelShape:
 def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, targets: set[str], r: int,
                    dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
-                   checkpoint_layers: int | None = None, activation_budget: float = 1.0) -> dict[str, int]:
+                   checkpoint_layers: int | None = None, activation_budget: float = 1.0,
+                   offload: bool = False) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
     without dropout; under the default budget the compiler still saves the dropped inputs (H200: 20.55 GiB at
-    peak with hashed masks, 20.57 with nn.Dropout's)."""
+    peak with hashed masks, 20.57 with nn.Dropout's). ``offload``: the checkpointed inputs live in host memory."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -77,8 +78,13 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     if compiled:
         per_layer *= _COMPILED * (_LOW_BUDGET if low else 1.0)
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
-    # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time
-    activations = tokens * (k * shape.hidden * act_bytes + (shape.layers - k) * per_layer + (per_layer if k else 0))
+    # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time.
+    # ``offload`` (offload.py): what the layers save outside their checkpoints goes to host memory; two layers'
+    # inputs are on the GPU at a time in backward (the one recomputed and the one prefetched)
+    if offload and k:
+        activations = tokens * (2 * shape.hidden * act_bytes + per_layer)
+    else:
+        activations = tokens * (k * shape.hidden * act_bytes + (shape.layers - k) * per_layer + (per_layer if k else 0))
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,

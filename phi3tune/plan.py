@@ -108,6 +108,9 @@ class RunPlan:
     # DDP's gradient buckets (DistributedDataParallelKwargs). PHI3TUNE_DDP overrides them, for benchmarks only
     # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,gradient_as_bucket_view=1"
     ddp: dict[str, Any] = field(default_factory=dict)
+    # checkpointed layers' inputs held in pinned host memory until backward (offload.py): the memory plan on one or
+    # more CUDA GPUs without FSDP; PHI3TUNE_OFFLOAD=1 / 0 (benchmarks) asks for it with any checkpointing / never
+    offload_checkpoints: bool = False
 
     @property
     def requested(self) -> str:
@@ -135,7 +138,8 @@ class RunPlan:
         if self.activation_budget < 1.0:  # only compiled layers on CUDA get a low one (_candidate)
             how.append(f"activations recomputed to a {self.activation_budget:g} budget")
         if self.checkpointing:
-            how.append(f"activation checkpointing of {self.checkpoint_layers} layers")
+            how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
+                       + (", their inputs in host memory" if self.offload_checkpoints else ""))
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
@@ -221,6 +225,14 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
+def offload_wanted(mode: str, checkpointing: bool, cuda: bool, sharded: bool) -> bool:
+    """Offload checkpointed inputs (offload.py)? The memory plan's choice on CUDA (not under FSDP, whose gathers
+    it would race); PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it whenever layers are checkpointed, on any
+    device, 0 never."""
+    asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
+    return bool(checkpointing and not sharded and (_yes(asked) if asked else cuda and mode == "memory"))
+
+
 def _compile_env() -> dict[str, str]:
     """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
     out = {}
@@ -293,13 +305,14 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)
+    offload = offload_wanted(mode, checkpointing, cuda, sharded)
     parts = estimate_parts(
         shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
         targets=set(targets), r=a.r, dropout=a.dropout,
         optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
-        activation_budget=activation_budget)
+        activation_budget=activation_budget, offload=offload)
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
@@ -315,7 +328,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
-        dynamic_lengths=dynamic,
+        dynamic_lengths=dynamic, offload_checkpoints=offload,
         ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 

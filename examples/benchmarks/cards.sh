@@ -18,6 +18,8 @@
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
 #   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
+#   off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1 with any checkpointing /
+#   0 never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it),
 #   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
 #   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
@@ -49,6 +51,10 @@ ours() {  # label gib variant
     nodrop-amb*) sets+=(--set adapter.dropout=0); envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#nodrop-amb}") ;;
     amb*) envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#amb}") ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
+    off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
+    nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
+    seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0)
+      sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;
     seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     *) echo "unknown variant $variant"; return ;;
