@@ -19,7 +19,8 @@
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
 #   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
 #   off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1 with any checkpointing /
-#   0 never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it),
+#   0 never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with
+#   the compiler's low activation budget: the recomputed layer keeps less),
 #   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
 #   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
@@ -53,6 +54,8 @@ ours() {  # label gib variant
     mem) sets+=(--set training.optimize_for=memory) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
+    seq4096-amb3) envs+=(PHI3TUNE_COMPILE=activation_budget=0.3)
+      sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0)
       sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;
