@@ -79,8 +79,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
         per_layer *= _COMPILED * (_LOW_BUDGET if low else 1.0)
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
     # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time.
-    # ``offload`` (offload.py): what the layers save outside their checkpoints goes to host memory; two layers'
-    # inputs are on the GPU at a time in backward (the one recomputed and the one prefetched)
+    # ``offload`` (offload.py; every layer checkpointed): the layers' inputs go to host memory; two are on the GPU
+    # at a time in backward (the one recomputed and the one prefetched)
     if offload and k:
         activations = tokens * (2 * shape.hidden * act_bytes + per_layer)
     else:

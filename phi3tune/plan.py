@@ -109,7 +109,8 @@ class RunPlan:
     # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,gradient_as_bucket_view=1"
     ddp: dict[str, Any] = field(default_factory=dict)
     # checkpointed layers' inputs held in pinned host memory until backward (offload.py): the memory plan on one or
-    # more CUDA GPUs without FSDP; PHI3TUNE_OFFLOAD=1 / 0 (benchmarks) asks for it with any checkpointing / never
+    # more CUDA GPUs without FSDP; PHI3TUNE_OFFLOAD=1 / 0 (benchmarks) asks for it wherever every layer is
+    # checkpointed / never
     offload_checkpoints: bool = False
 
     @property
@@ -225,12 +226,14 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
-def offload_wanted(mode: str, checkpointing: bool, cuda: bool, sharded: bool) -> bool:
-    """Offload checkpointed inputs (offload.py)? The memory plan's choice on CUDA (not under FSDP, whose gathers
-    it would race); PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it whenever layers are checkpointed, on any
-    device, 0 never."""
+def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharded: bool) -> bool:
+    """Offload checkpointed inputs (offload.py)? Only where every decoder layer is checkpointed: the hooks take
+    whatever the decoder stack saves outside a checkpoint, which a layer that is not checkpointed fills with its
+    whole activations. The memory plan's choice on CUDA (not under FSDP, whose gathers it would race);
+    PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it on any plan that checkpoints every layer, on any device,
+    0 never."""
     asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
-    return bool(checkpointing and not sharded and (_yes(asked) if asked else cuda and mode == "memory"))
+    return bool(every_layer_checkpointed and not sharded and (_yes(asked) if asked else cuda and mode == "memory"))
 
 
 def _compile_env() -> dict[str, str]:
@@ -305,7 +308,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)
-    offload = offload_wanted(mode, checkpointing, cuda, sharded)
+    offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
     parts = estimate_parts(
         shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
         targets=set(targets), r=a.r, dropout=a.dropout,

@@ -79,7 +79,7 @@ def test_offloader_hooks_apply_only_inside_and_are_released(tmp_path):
 @needs_shared
 def test_plan_offloads_for_the_memory_plan_on_cuda(monkeypatch):
     """The memory plan on CUDA offloads and predicts less (all but two checkpointed inputs off the device); the
-    CPU, FSDP and the speed plans do not unless PHI3TUNE_OFFLOAD asks."""
+    CPU, FSDP and the speed plans do not; PHI3TUNE_OFFLOAD=1 asks for it only where every layer is checkpointed."""
     from phi3tune.bench import plan_for
 
     monkeypatch.delenv("PHI3TUNE_OFFLOAD", raising=False)
@@ -93,8 +93,13 @@ def test_plan_offloads_for_the_memory_plan_on_cuda(monkeypatch):
     saved = (on.checkpoint_layers - 2) * 4096 * 3072 * 2 / 2**30  # bf16 inputs of 30 layers at 4,096 tokens
     assert abs((off.predicted_peak_gib - on.predicted_peak_gib) - saved) < 0.01
     monkeypatch.delenv("PHI3TUNE_OFFLOAD")
-    eight = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8)  # speed, some layers checkpointed
-    assert eight.checkpointing and not eight.offload_checkpoints
+    eight = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8)  # the speed plan checkpoints some layers
+    assert 0 < eight.checkpoint_layers < 32 and not eight.offload_checkpoints
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD", "1")  # asked for: only ever with every layer checkpointed
+    plans = [plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=g) for g in (8, 12, 24, 139)]
+    assert all(p.checkpoint_layers == 32 for p in plans if p.offload_checkpoints)
+    assert plans[0].offload_checkpoints and plans[0].predicted_peak_gib < eight.predicted_peak_gib
+    monkeypatch.delenv("PHI3TUNE_OFFLOAD")
     assert not plan_for(mem.training(distributed="fsdp"), "cuda", free_gib=8, processes=2).offload_checkpoints
 
 

@@ -18,8 +18,9 @@
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
 #   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
-#   off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1 with any checkpointing /
-#   0 never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with
+#   off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1 for any plan that
+#   checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all 32 checkpointed; 0 never; the
+#   memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with
 #   the compiler's low activation budget: the recomputed layer keeps less),
 #   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
 #   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
