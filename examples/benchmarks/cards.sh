@@ -42,7 +42,7 @@ ours() {  # label gib variant
     mb*) sets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
     expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
     noexpand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False) ;;
-    ro) envs+=(PHI3TUNE_COMPILE=mode=reduce-overhead) ;;
+    ro) envs+=(PHI3TUNE_COMPILE=mode=reduce-overhead TORCH_LOGS=perf_hints) ;;  # perf_hints: why a graph is skipped
     cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
     opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
@@ -69,6 +69,7 @@ ours() {  # label gib variant
     || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
   grep -h '^{' "/tmp/log_$label.txt" | sed "s/^{/{\"card\": \"$gib\", /" >> "$OUT/all.jsonl"
   grep -h 'plan:\|as_card' "/tmp/log_$label.txt" | cut -c1-400
+  grep -ih 'cudagraph' "/tmp/log_$label.txt" | sort | uniq -c | head -8 | cut -c1-300
   { echo "== $label"; grep -v '^{' "/tmp/log_$label.txt" | grep -iv 'it/s\]' | tail -25 | cut -c1-300; } >> "$OUT/logs.txt"
   grep -h '^{' "/tmp/log_$label.txt" | python3 -c "import json,sys
 for l in sys.stdin:
