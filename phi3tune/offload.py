@@ -7,8 +7,8 @@ own hooks take over inside the layer), so ``Offloader.hooks()`` around the decod
 final norm's saved tensors). Each one is copied to pinned host memory on a side stream as soon as forward has made
 it, and its GPU memory is released once the copy is done; backward copies it back, one layer ahead of the one
 being recomputed, on the same side stream. The values are copies: the loss and gradients are bit for bit those
-of plain checkpointing (tests/test_offload.py). Torch's own ``save_on_cpu`` copies synchronously on the compute
-stream and keeps no lookahead; no library offloads checkpoint inputs with both.
+of plain checkpointing (tests/test_offload.py). Torch's own ``save_on_cpu`` copies on the compute stream with no
+lookahead (torchtune's ``OffloadActivations`` has both, but torchtune is not among our dependencies).
 """
 
 from __future__ import annotations
