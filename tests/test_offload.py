@@ -104,22 +104,25 @@ def test_plan_offloads_for_the_memory_plan_on_cuda(monkeypatch):
 
 
 def test_public_run_with_offload_trains_the_same_adapter(tiny_model, tmp_path, monkeypatch):
-    """Through FineTuner.run: the memory plan (every layer checkpointed, compiled layers as on a GPU) with offloading
-    asked for trains the adapter and losses of the run without it, bit for bit, with no more compiled graphs
-    (the hooks are not guarded on), and says so in its plan."""
-    import torch._dynamo
-
+    """Through FineTuner.run: the memory plan (every layer checkpointed) with offloading asked for trains the adapter
+    and losses of the run without it, bit for bit, and says so in its plan. (Eager layers, for the suite's time:
+    compiled ones on the CPU gave the same equality and no extra graph, measured once; on the H200 the compiled
+    memory plan trains with it, docs/performance.md session 7.)"""
     rows = rows_of_text(8, seed=4)
-    runs, graphs = {}, {}
+    runs, moved = {}, {"0": 0, "1": 0}
+    real_pack = Offloader._pack
+
+    def counting(self: Offloader, t: torch.Tensor) -> Any:
+        moved[flag] += 1
+        return real_pack(self, t)
+
+    monkeypatch.setattr(Offloader, "_pack", counting)
     for flag in ("0", "1"):
         monkeypatch.setenv("PHI3TUNE_OFFLOAD", flag)
-        torch._dynamo.reset()
-        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        result = tiny_tuner(tiny_model, tmp_path / flag, rows, optimize_for="memory", grad_accum=2,
-                            max_steps=3, compile=True).run()
-        runs[flag], graphs[flag] = result, torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-    assert graphs["1"] == graphs["0"] > 0
+        runs[flag] = tiny_tuner(tiny_model, tmp_path / flag, rows, optimize_for="memory", grad_accum=2,
+                                max_steps=3).run()
     assert runs["1"].plan.offload_checkpoints and not runs["0"].plan.offload_checkpoints
+    assert moved["0"] == 0 and moved["1"] >= 3 * 2  # at least both layers' inputs in each of the 3 steps
     assert runs["1"].losses == runs["0"].losses and len(runs["0"].losses) == 3
     a, b = adapter_tensors(runs["0"]), adapter_tensors(runs["1"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
