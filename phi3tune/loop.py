@@ -292,9 +292,8 @@ class Trainer:
                 acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
         self._zero_grad()
         ckpt.set_rng_state(rng)
-        lengths = (f"{p.token_buckets[0]:,}-{p.token_buckets[-1]:,} (every multiple of {p.token_buckets[0]:,})"
-                   if p.dynamic_lengths else "/".join(f"{b:,}" for b in p.token_buckets))
-        log.info("compiled layers for micro-batches of %s tokens in %.1f s", lengths, time.perf_counter() - started)
+        log.info("compiled layers for micro-batches of %s tokens in %.1f s", p.length_words(),
+                 time.perf_counter() - started)
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:

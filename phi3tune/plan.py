@@ -127,11 +127,15 @@ class RunPlan:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute_dtype]
 
+    def length_words(self) -> str:
+        """The micro-batch lengths in words: the fixed ones, or the symbolic graphs' granule and largest."""
+        if self.dynamic_lengths:
+            return f"a multiple of {self.token_buckets[0]:,} (up to {self.token_buckets[-1]:,})"
+        return "/".join(f"{b:,}" for b in self.token_buckets)
+
     def describe(self) -> str:
         """One line for the log: what runs, and how much memory it should take."""
-        lengths = (f"a multiple of {self.token_buckets[0]:,}" if self.dynamic_lengths
-                   else "/".join(f"{b:,}" for b in self.token_buckets))
-        how = [f"padding-free micro-batches of {self._budget_words()} padded to {lengths} tokens"
+        how = [f"padding-free micro-batches of {self._budget_words()} padded to {self.length_words()} tokens"
                ] if self.padding_free else [f"padded batches, {self.sequences_per_step} sequences a step"]
         how.append({"flex_attention": "FlexAttention", None: "SDPA"}.get(self.attn_implementation,
                                                                        str(self.attn_implementation)))
