@@ -31,6 +31,9 @@ set -u
 . examples/benchmarks/_device_setup.sh
 LIMIT=${LIMIT:-180}
 
+# the memory plan at max_seq_length 4096, batch 1 x 4 (the seq4096* variants)
+SEQ4096=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1)
+
 card_prefix() { [ "$1" = full ] && echo "" || echo ".devshared/bench/as_card.py $1"; }
 
 ours() {  # label gib variant
@@ -55,12 +58,10 @@ ours() {  # label gib variant
     mem) sets+=(--set training.optimize_for=memory) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
-    seq4096-amb3) envs+=(PHI3TUNE_COMPILE=activation_budget=0.3)
-      sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
-    seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0)
-      sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
+    seq4096-amb3) envs+=(PHI3TUNE_COMPILE=activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;
+    seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0); sets+=("${SEQ4096[@]}") ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;
-    seq4096) sets+=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set training.batch_size=1) ;;
+    seq4096) sets+=("${SEQ4096[@]}") ;;
     *) echo "unknown variant $variant"; return ;;
   esac
   # shellcheck disable=SC2046
