@@ -161,7 +161,8 @@ class Trainer:
         """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
         ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
         try:
-            with graph_room(self.plan):  # the warm-up, the step-0 eval and training all build compiled graphs
+            # the warm-up, the step-0 eval and training all build compiled graphs
+            with graph_room(self.plan, compile_settings(self.plan)["options"]):
                 return self._fit(resume_from, stop)
         finally:  # a sweep of runs in one launched process would otherwise keep one gloo group per run
             distributed.release_host_group(self.host_group)

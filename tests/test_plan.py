@@ -193,20 +193,24 @@ def test_paged_8bit_optimizer_is_planned_paged_with_2_bytes_of_state(tiny_model)
 
 def test_compiled_layers_get_room_for_every_graph_and_the_limit_comes_back(tiny_model):
     """All decoder layers share one dynamo cache: a graph per fixed length, for train and eval, twice where only some
-    layers are checkpointed. A run raises the recompile limit to that many while it trains, and only then."""
+    layers are checkpointed. A run raises the recompile limit to that many while it trains, and only then; the
+    compile settings' inductor options (e.g. a benchmark's cpp_wrapper) hold for that time too."""
     import dataclasses
 
     import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
 
     from phi3tune.compiled_layers import graph_room as _graph_room
 
     plan = plan_for(tiny_tuner(tiny_model, "unused", rows_of_text(4), optimize_for="speed"), "cuda")
-    before = dynamo.recompile_limit
-    with _graph_room(dataclasses.replace(plan, compile=True)):
+    before, wrapper = dynamo.recompile_limit, inductor.cpp_wrapper
+    # inductor options hold for the whole run: a layer's backward compiles lazily, outside the backend's own patch
+    with _graph_room(dataclasses.replace(plan, compile=True), {"cpp_wrapper": not wrapper}):
         assert dynamo.recompile_limit >= 4 * len(plan.token_buckets) > before
-    assert dynamo.recompile_limit == before
-    with _graph_room(dataclasses.replace(plan, compile=False)):  # nothing compiled: nothing changed
-        assert dynamo.recompile_limit == before
+        assert inductor.cpp_wrapper is (not wrapper)
+    assert dynamo.recompile_limit == before and inductor.cpp_wrapper is wrapper
+    with _graph_room(dataclasses.replace(plan, compile=False), {"cpp_wrapper": not wrapper}):  # nothing compiled
+        assert dynamo.recompile_limit == before and inductor.cpp_wrapper is wrapper
 
 
 def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path):
