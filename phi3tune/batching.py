@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -185,13 +186,26 @@ def fitted_buckets(lengths: Sequence[int], top: int, count: int) -> tuple[int, .
     return tuple(sorted(chosen))
 
 
+def _one_document_rows(train: Any) -> bool:
+    """Unpacked rows (packed ones carry position_ids); a plugin's own dataset type is not looked into."""
+    columns = getattr(train, "column_names", None)
+    return columns is not None and "position_ids" not in columns
+
+
+def largest_step(train: Any, per_step: int, seed: int) -> int | None:
+    """The most tokens an optimizer step of one-document rows holds in the first epoch (None: other rows)."""
+    if not _one_document_rows(train):
+        return None
+    order = list(EpochSampler(len(train), seed))
+    return max(micro_batch_lengths(row_lengths(train).tolist(), order, per_step, sys.maxsize), default=None)
+
+
 def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> RunPlan:
     """``plan`` with fixed lengths fitted to the first epoch's micro-batches of one-document rows (unpacked data
     under a padding-free plan): the README quickstart's first epoch holds 14.5% pads at the evenly spaced lengths,
     10.0% at fitted ones. The longest length, which the memory prediction is made for, stays. Other plans
     (symbolic-length ones too) and packed rows are returned as they are."""
-    columns = getattr(train, "column_names", None)  # a plugin's own dataset type: left as planned
-    if (plan.layout != "padding_free" or not plan.micro_batch_tokens or columns is None or "position_ids" in columns
+    if (plan.layout != "padding_free" or not plan.micro_batch_tokens or not _one_document_rows(train)
             or plan.dynamic_lengths):  # symbolic-length graphs: every multiple of a granule already
         return plan
     top = plan.token_buckets[-1]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import checkpoints as ckpt
-from .batching import fit_lengths_to_data
+from .batching import fit_lengths_to_data, largest_step
 from .compiled_layers import compile_layers
 from .data import PreparedData
 from .distributed import process_group_kwargs
@@ -31,7 +31,7 @@ from .files import PLAN_NAME as PLAN_NAME
 from .loop import Trainer
 from .lora_dropout import make_recomputable
 from .model import ModelInfo
-from .plan import RunPlan, compile_settings, resolve_plan
+from .plan import RunPlan, compile_settings, resolve_plan, whole_step_tokens
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
 from .runspec import RunSpec
 from .shards import check_optimizer_shardable
@@ -127,13 +127,29 @@ def check_run(run: RunSpec, resume: bool | str, overwrite: bool, config: dict[st
     check_distributed(t, run.quant, plan.dtype, device.type)
     check_fits(plan)
     tokenizer, data = tokenize_data(run, info, plan, state.is_main_process)
-    if not data.streaming:  # unpacked rows: fixed lengths fitted to the micro-batches the data makes
+    if not data.streaming:  # unpacked rows: a whole step and the fixed lengths fitted to what the data makes
+        plan = whole_steps_of_the_data(run, info, targets, device, plan, data.train, state.num_processes)
         plan = fit_lengths_to_data(plan, data.train, t.sequences_per_step, t.seed)
     log.info(plan.describe())
     prints = ckpt.fingerprints(tokenizer, data)
     if resume_from is not None:
         ckpt.check_fingerprints(out, prints)
     return CheckedRun(plan, info, targets, tokenizer, data, out, resume_from, state, prints)
+
+
+def whole_steps_of_the_data(run: RunSpec, info: ModelInfo, targets: list[str], device: torch.device, plan: RunPlan,
+                            train: Any, processes: int) -> RunPlan:
+    """``auto``'s plan once the data is known: a whole-step micro-batch sized to the data's longest step
+    (plan.whole_step_tokens) predicts less memory than one sized to what a step could hold, so it may now fit this
+    card, or fit it with less padding. Chosen again among the same candidates; other plans stay as they are."""
+    t = run.train
+    if plan.optimize_for != "auto" or plan.mode != "speed" or t.micro_batch_tokens:
+        return plan
+    largest = largest_step(train, t.sequences_per_step, t.seed)
+    if largest is None or whole_step_tokens(run, largest) >= whole_step_tokens(run):
+        return plan
+    assert info.shape is not None
+    return resolve_plan(run, info.shape, targets, device, processes=processes, step_tokens=largest)
 
 
 def inspect_model(run: RunSpec, device: torch.device) -> tuple[ModelInfo, list[str]]:

@@ -41,27 +41,17 @@ MODES: dict[str, dict[str, Any]] = {
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
 _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
-# Compiled layers could instead take every multiple of a granule up to the budget from one graph whose token
-# dimension is symbolic (PHI3TUNE_COMPILE=dynamic_lengths=1; compiled_layers.compile_layers). Session 6, H200 x2,
-# same call, the unpacked quickstart: pads 12.7% -> 2.7% of the tokens computed, yet 19,520 tokens/s against 19,666
-# with 4 fitted fixed lengths (12 GiB card: 16,523 against 16,807, 9.30 GiB allocated against 8.72): the host's
-# launches set the pace of a step (the GPU is busy ~68% of it), and fewer pads only shorten the GPU's part. Its
-# warm-up compiles in 42-45 s against 61-69 s (a cold cache). No plan uses it.
+# Symbolic-length graphs (PHI3TUNE_COMPILE=dynamic_lengths=1) cut pads from 12.7% to 2.7% of the tokens computed
+# and ran no faster (session 6: 19,520 tokens/s against 19,666 at 4 fitted lengths; docs/performance.md).
 LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
-# What "auto" trades on CUDA, measured on the H200 with the README quickstart (docs/performance.md, 2026-11-30):
-# time per real token of speed plans relative to 4,096-token micro-batches. Small micro-batches cost far more than
-# their size suggests: each one pays a fixed cost (the host's launches of 32 compiled layers; the weights'
-# dequantization on the GPU) that 4,096 tokens hide and fewer do not (1,024 tokens: 3,359 tokens/s vs 17,120 at
-# 4,096, with no memory pressure at all). So a card that cannot hold 4,096-token activations keeps large
-# micro-batches and checkpoints some layers instead of cutting the micro-batch. Session 4's call 2 (median steps,
-# one machine, after the flat optimizer step and the 4-bit ops in the graphs): 2,048 tokens 0.260 s against
-# 0.175 s at 4,096 (x1.48); 4,096 with 24 of 32 layers checkpointed 0.228 s (+30%), with 31 0.248 s (+41%):
-# recomputation now costs in proportion to the layers recomputed (the earlier saturation at half the layers was
-# the host's launch cost, since cut), so 4,096 tokens with up to every layer checkpointed beat 2,048 without.
-# Session 7 (2026-11-30, H200 x2, one call, packed quickstart): 8,192-token micro-batches (a packed step of 16
-# rows of 512 in one micro-batch, one layer call per step instead of two) 0.317 s median step against 0.335 s at
-# 4,096 (x0.94; 25,876 tokens/s against 24,440) at 37.1 GiB allocated against 20.5: taken where a card holds them.
-_BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}
+# What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
+# 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
+# weights' dequantization), so a card that cannot hold 4,096-token activations keeps large micro-batches and
+# checkpoints layers rather than cut them. Session 4: 2,048 tokens 0.260 s a step against 0.175 s (x1.48); 4,096
+# with 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers). Session 7:
+# a whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
+_BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
+WHOLE_STEP_CAP = 8192  # the longest micro-batch measured: a whole step is tried as one micro-batch up to this size
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
 _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # The compiler's activation budget (functorch's activation_memory_budget): compiled layers recompute cheap ops in
@@ -340,21 +330,33 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
 
 
 def expected_cost(plan: RunPlan, layers: int) -> float:
-    """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200)."""
+    """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
+    A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost."""
     budget = plan.micro_batch_tokens or 4096
-    size = min(_BUDGET_COST, key=lambda b: abs(b - budget))
+    size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     share = plan.checkpoint_layers / max(1, layers)
     low = _LOW_BUDGET_COST if plan.activation_budget < 1.0 else 1.0
     return _BUDGET_COST[size] * low * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
+def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
+    """A micro-batch that holds a whole optimizer step: what a step can hold (sequences_per_step x max_seq_length)
+    or, given ``step_tokens`` (the data's longest step: unpacked rows, batching.largest_step), that many tokens
+    rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's steps hold at most ~5,500 tokens
+    of the 8,192 they could: a top length fitted to them keeps ~1/3 less at peak, and a step of a later epoch that
+    is longer simply makes two micro-batches."""
+    cap = run.train.sequences_per_step * run.data.max_seq_length
+    held = min(cap, -(-step_tokens // LENGTH_GRANULE) * LENGTH_GRANULE) if step_tokens else cap
+    return min(WHOLE_STEP_CAP, held)
+
+
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
-                      free: int | None, processes: int = 1) -> list[RunPlan]:
-    """For each micro-batch budget (the user's, else 8,192 when a step can fill it / 4,096 / 2,048 / 1,024) and
-    activation budget (the compiler's default, then the low one): the speed plan that checkpoints the fewest layers
-    and still fits ``free`` (all of them when none fits)."""
-    whole_step = run.train.sequences_per_step * run.data.max_seq_length >= 8192
-    budgets = [None] if run.train.micro_batch_tokens else [*([8192] if whole_step else []), None, 2048, 1024]
+                      free: int | None, processes: int = 1, step_tokens: int | None = None) -> list[RunPlan]:
+    """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
+    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, then the low
+    one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when none fits)."""
+    whole = whole_step_tokens(run, step_tokens)
+    budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     out: list[RunPlan] = []
     for budget in budgets:
         for low in (1.0, LOW_ACTIVATION_BUDGET):
@@ -372,19 +374,20 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
 
 
 def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
-                 free_bytes: int | None = None, processes: int = 1) -> RunPlan:
+                 free_bytes: int | None = None, processes: int = 1, step_tokens: int | None = None) -> RunPlan:
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
-    fits the free memory, by ``expected_cost`` (speed with 8,192-, 4,096-, 2,048- or 1,024-token micro-batches and
-    the fewest checkpointed layers that fit, else memory), on the CPU the plain padded layout (no compiler, no Flex
-    kernels to gain from). ``free_bytes`` overrides the measured free memory (estimates for another card);
-    ``processes``: the run's ranks (FSDP divides what it shards)."""
+    fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
+    micro-batches and the fewest checkpointed layers that fit, else memory), on the CPU the plain padded layout (no
+    compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured free memory (estimates for
+    another card); ``processes``: the run's ranks (FSDP divides what it shards); ``step_tokens``: the data's
+    longest step, once the data is known (``whole_step_tokens``)."""
     asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if asked != "auto":
         return _candidate(run, shape, targets, device, asked, asked, free, processes=processes)
     if device.type != "cuda":
         return _candidate(run, shape, targets, device, "balanced", asked, free, processes=processes)
-    fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes)
+    fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers))

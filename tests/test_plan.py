@@ -111,6 +111,56 @@ def test_phi3_mini_plan_on_cards_of_every_size():
     assert "activations recomputed to a 0.3 budget" in twelve.describe()
 
 
+@needs_shared
+def test_a_whole_step_sized_to_the_data_fits_where_one_sized_to_the_limits_does_not():
+    """The quickstart's steps hold at most ~4,900 of the 8,192 tokens 16 rows of 512 could: a whole-step
+    micro-batch sized to the data's longest step predicts ~1/3 less, so a 40 GiB card takes it too (negative
+    control: without the data's step it keeps 4,096). Steps that 4,096 tokens hold whole need no such candidate;
+    the user's micro_batch_tokens is kept."""
+    ft = FineTuner(str(PHI3_DIR))
+    full, fitted = plan_for(ft, "cuda", free_gib=139), plan_for(ft, "cuda", free_gib=139, step_tokens=4842)
+    assert full.micro_batch_tokens == full.token_buckets[-1] == 8192
+    assert fitted.micro_batch_tokens == fitted.token_buckets[-1] == 4864  # rounded up to a granule (128)
+    assert fitted.predicted_peak_gib < 0.7 * full.predicted_peak_gib
+    assert (plan_for(ft, "cuda", free_gib=40).micro_batch_tokens, plan_for(ft, "cuda", free_gib=40).checkpointing
+            ) == (4096, False)
+    forty = plan_for(ft, "cuda", free_gib=40, step_tokens=4842)
+    assert (forty.micro_batch_tokens, forty.checkpointing) == (4864, False) and forty.predicted_peak_gib <= 36
+    assert plan_for(ft, "cuda", free_gib=139, step_tokens=3000).micro_batch_tokens == 4096
+    user = plan_for(ft.training(micro_batch_tokens=2048), "cuda", free_gib=139, step_tokens=4842)
+    assert user.micro_batch_tokens == 2048
+
+
+@needs_shared
+def test_a_run_sizes_its_whole_step_to_the_prepared_rows():
+    """Once the rows are prepared, ``auto`` chooses again with the data's longest step (16 rows of 300-330 tokens:
+    5,040 at most, 5,120 rounded up); the memory plan, packed rows (position_ids) and rows that could fill the
+    8,192 are left as planned."""
+    from datasets import Dataset
+
+    from phi3tune import pipeline
+    from phi3tune.model import preflight_model, resolve_target_modules
+
+    ft = FineTuner(str(PHI3_DIR))
+    run = ft.freeze()
+    info = preflight_model(run.model, False, need_weights=False)
+    targets = resolve_target_modules(run.adapter, info.linear_layers)
+    lengths = [300, 310, 320, 330] * 8
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in lengths], "labels": [[1] * n for n in lengths]})
+
+    def refit(plan, data, spec=run):
+        return pipeline.whole_steps_of_the_data(spec, info, targets, torch.device("cuda"), plan, data, 1)
+
+    plan = plan_for(ft, "cuda", free_gib=139)
+    assert plan.micro_batch_tokens == 8192 and refit(plan, rows).micro_batch_tokens == 5120
+    packed = rows.add_column("position_ids", [list(range(n)) for n in lengths])
+    assert refit(plan, packed) is plan
+    memory = plan_for(ft.training(optimize_for="memory"), "cuda", free_gib=139)
+    assert refit(memory, rows, ft.training(optimize_for="memory").freeze()) is memory
+    long_rows = Dataset.from_dict({"input_ids": [[1] * 512] * 32, "labels": [[1] * 512] * 32})
+    assert refit(plan, long_rows) is plan
+
+
 def test_checkpointing_some_layers_gives_the_same_step(tiny_model, tmp_path, monkeypatch):
     """A plan that checkpoints only the first layer: that layer runs twice per micro-batch (recomputed in backward),
     the other once, and the step's loss, gradient norm and adapter equal the run without checkpointing."""
