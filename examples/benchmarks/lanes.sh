@@ -10,7 +10,7 @@ set -u
 . examples/benchmarks/_device_setup.sh
 # the compiler's worker processes take every core by default: one lane's compile then slows the other lane's timed
 # steps, whose host thread sets part of their pace; each lane gets a share, the rest stays free for the timed steps
-export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) * 3 / 8 / $# + 1 ))}
+[ $# -gt 1 ] && export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) * 3 / 8 / $# + 1 ))}
 lanes=("$@"); i=0; pids=()
 for lane in "${lanes[@]}"; do
   mkdir -p "$OUT/lane$i"
