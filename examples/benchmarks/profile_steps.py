@@ -30,7 +30,7 @@ def main() -> None:
     ft.training(max_steps=a.start + a.steps, save_strategy="no", progress_bar=False, overwrite_output_dir=True,
                 output_dir="/tmp/phi3tune-profile")
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA])
+                                              torch.profiler.ProfilerActivity.CUDA], with_stack=True)
 
     wall = [0.0]
 
@@ -57,12 +57,53 @@ def main() -> None:
             f"({100 * kernels / max(wall[0], 1e-9):.0f}% busy)\n\n")
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
              + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
+    table += "\n\n" + idle_report(prof.events())
     rank = os.environ.get("RANK")  # under torchrun: one file per rank
     if a.out:
         with open(a.out if rank is None else f"{a.out}.rank{rank}", "w") as f:
             f.write(table)
     else:
         sys.stdout.write(table)
+
+
+def busy_gaps(spans: list[tuple[float, float]], least_us: float) -> list[tuple[float, float]]:
+    """The gaps of at least ``least_us`` between the union of ``spans`` (start, end): when no kernel ran."""
+    out, end = [], None
+    for s, e in sorted(spans):
+        if end is not None and s - end >= least_us:
+            out.append((end, s))
+        end = e if end is None else max(end, e)
+    return out
+
+
+def _where(stack: list[str]) -> str:
+    """The innermost frame of ours or of the libraries we call into (the place the host was, not torch's own)."""
+    for frame in stack:
+        if any(k in frame for k in ("phi3tune/", "transformers/", "peft/", "accelerate/", "bitsandbytes/")):
+            return frame.split("site-packages/")[-1]
+    return stack[0] if stack else "?"
+
+
+def idle_report(events: list, least_us: float = 50.0, rows: int = 25) -> str:
+    """Where the GPU waits: every gap of >= ``least_us`` between kernels, charged to what the host was running
+    when it ended (the innermost CPU op then active, and the Python frame of ours or a library above it)."""
+    from torch.autograd import DeviceType
+
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU and e.stack]
+    gaps = busy_gaps(kernels, least_us)
+    charged: dict[tuple[str, str], list[float]] = {}
+    for start, end in gaps:
+        active = [e for e in cpu if e.time_range.start <= end <= e.time_range.end]
+        inner = min(active, key=lambda e: e.time_range.end - e.time_range.start, default=None)
+        key = (inner.name if inner else "?", _where(inner.stack) if inner else "?")
+        charged.setdefault(key, []).append(end - start)
+    lines = [f"GPU idle: {len(gaps)} gaps of >= {least_us:.0f} us, {sum(e - s for s, e in gaps) / 1e3:.1f} ms in all, "
+             "charged to the host op running when each ended:"]
+    for (name, where), us in sorted(charged.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"{sum(us) / 1e3:9.2f} ms {len(us):5d} gaps  {name[:40]:40s}  {where[:110]}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
