@@ -5,7 +5,7 @@
 #
 #   bash examples/benchmarks/cards.sh RUN...        (from the repo root on the device; carry .whl .whl-peers .devshared)
 #
-# A RUN is KIND@GIB[+VARIANT], GIB a card size or "full" (the whole H200):
+# A RUN is KIND@GIB[+VARIANT[+VARIANT...]], GIB a card size or "full" (the whole H200):
 #   q   README quickstart, unpacked              p   the same with data.packing=true
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight (GIB ignored)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
@@ -36,34 +36,35 @@ SEQ4096=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set
 
 card_prefix() { [ "$1" = full ] && echo "" || echo ".devshared/bench/as_card.py $1"; }
 
-ours() {  # label gib variant
-  local label=$1 gib=$2 variant=$3 sets=() envs=()
+ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
+  local label=$1 gib=$2 sets=() envs=() compile=() v vs=()
   case "$1" in p@*) sets+=(--set data.packing=true) ;; esac
-  case "$variant" in
-    "") ;;
+  IFS=+ read -r -a vs <<< "$3"
+  for v in "${vs[@]}"; do case "$v" in
     adamw) sets+=(--set training.optimizer=adamw_torch) ;;
-    mb*) sets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
+    mb*) sets+=(--set "training.micro_batch_tokens=${v#mb}") ;;
     expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
     noexpand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False) ;;
-    ro) envs+=(PHI3TUNE_COMPILE=mode=reduce-overhead TORCH_LOGS=perf_hints) ;;  # perf_hints: why a graph is skipped
-    cpp) envs+=(PHI3TUNE_COMPILE=cpp_wrapper=1) ;;
-    opaque) envs+=(PHI3TUNE_COMPILE=opaque_4bit=1) ;;
+    ro) compile+=(mode=reduce-overhead); envs+=(TORCH_LOGS=perf_hints) ;;  # perf_hints: why a graph is skipped
+    cpp) compile+=(cpp_wrapper=1) ;;
+    opaque) compile+=(opaque_4bit=1) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
-    dyn) envs+=(PHI3TUNE_COMPILE=dynamic_lengths=1) ;;
+    dyn) compile+=(dynamic_lengths=1) ;;
     lt) envs+=(TORCH_BLAS_PREFER_CUBLASLT=1) ;;
-    len*) envs+=("PHI3TUNE_COMPILE=lengths=${variant#len}") ;;
+    len*) compile+=("lengths=${v#len}") ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
-    nodrop-amb*) sets+=(--set adapter.dropout=0); envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#nodrop-amb}") ;;
-    amb*) envs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#amb}") ;;
+    nodrop-amb*) sets+=(--set adapter.dropout=0); compile+=("activation_budget=0.${v#nodrop-amb}") ;;
+    amb*) compile+=("activation_budget=0.${v#amb}") ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
-    seq4096-amb3) envs+=(PHI3TUNE_COMPILE=activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;
+    seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;
     seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0); sets+=("${SEQ4096[@]}") ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;
     seq4096) sets+=("${SEQ4096[@]}") ;;
-    *) echo "unknown variant $variant"; return ;;
-  esac
+    *) echo "unknown variant $v"; return ;;
+  esac; done
+  [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
   # shellcheck disable=SC2046
   env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") -m phi3tune.bench /tmp/base.yaml --steps "$STEPS" \
     --warmup "$WARM" --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
