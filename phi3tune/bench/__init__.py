@@ -49,7 +49,9 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
 def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | None = None,
                     processes: int | None = None) -> dict[str, Any]:
     """Predict peak memory (bytes per component, and GiB in all; per GPU under FSDP) from specs and the model
-    config only: the prediction of the RunPlan the run would get (``plan_for``)."""
+    config only: the prediction of the RunPlan the run would get (``plan_for``). The data is not read, so for
+    unpacked rows a whole-step micro-batch is predicted full (an upper bound: the run sizes it to the data's
+    longest step, ``pipeline.whole_steps_of_the_data``)."""
     plan = plan_for(ft, device, free_gib, processes)
     return {**plan.memory, "total_gib": plan.predicted_peak_gib, "tokens_per_micro_batch": plan.peak_micro_batch_tokens,
             "mode": plan.mode, "plan": plan.describe()}
