@@ -47,9 +47,9 @@ LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
 # 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
 # weights' dequantization), so a card that cannot hold 4,096-token activations keeps large micro-batches and
-# checkpoints layers rather than cut them. Session 4: 2,048 tokens 0.260 s a step against 0.175 s (x1.48); 4,096
-# with 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers). Session 7:
-# a whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
+# checkpoints layers rather than cut them. Session 2: 1,024 tokens x5.1. Session 4: 2,048 tokens x1.48; 4,096 with
+# 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers). Session 7: a
+# whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
 _BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
 WHOLE_STEP_CAP = 8192  # the longest micro-batch measured: a whole step is tried as one micro-batch up to this size
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
@@ -342,9 +342,9 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
     """A micro-batch that holds a whole optimizer step: what a step can hold (sequences_per_step x max_seq_length)
     or, given ``step_tokens`` (the data's longest step: unpacked rows, batching.largest_step), that many tokens
-    rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's steps hold at most ~5,500 tokens
-    of the 8,192 they could: a top length fitted to them keeps ~1/3 less at peak, and a step of a later epoch that
-    is longer simply makes two micro-batches."""
+    rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's first epoch holds at most 4,842
+    tokens a step of the 8,192 it could: sized to that, the plan keeps ~1/3 less at peak (session 8: 23.7 GiB
+    against 37.1), and a longer step of a later epoch (4,961 in the second) makes two micro-batches."""
     cap = run.train.sequences_per_step * run.data.max_seq_length
     held = min(cap, -(-step_tokens // LENGTH_GRANULE) * LENGTH_GRANULE) if step_tokens else cap
     return min(WHOLE_STEP_CAP, held)
