@@ -42,10 +42,24 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) ->
     return values * absmax[torch.arange(n, device=values.device) // blocksize]
 
 
+def _select(codes: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
+    """``values[codes]`` for 4-bit codes as a tree of selects on the code's bits: the 16 values are constants of
+    the kernel, where a lookup (``table[codes]``) loads each from memory. The same fp32 values either way."""
+    def pick(first: int, width: int) -> Any:
+        if width == 1:
+            return values[first]
+        half = width // 2
+        return torch.where((codes & half) != 0, pick(first + half, half), pick(first, half))
+
+    return pick(0, len(values)).to(torch.float32)
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape: Sequence[int], dtype: torch.dtype, tables: dict[str, list[float]] | None = None,
-                    ) -> torch.Tensor:
-    """``bitsandbytes::dequantize_4bit`` in torch ops: two codes per byte, high nibble first."""
+                    lookup: str = "table") -> torch.Tensor:
+    """``bitsandbytes::dequantize_4bit`` in torch ops: two codes per byte, high nibble first. ``lookup``: each
+    code's value loaded from a 16-entry table, or "select"ed from constants by its bits (the same values; which
+    kernel is faster is measured, PHI3TUNE_COMPILE=dequant=select)."""
     n = math.prod(shape)
     codes = packed.reshape(-1)
     if codes.dtype != torch.uint8:  # quant_storage other than uint8 (FSDP stores bf16): the same bytes
@@ -53,9 +67,13 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
     # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
     shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
-    idx = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n].to(torch.int64)
-    table = torch.tensor((tables or code_tables())[quant_type], dtype=torch.float32, device=codes.device)
-    return _scale_blocks(table[idx], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    nibbles = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n]
+    values = (tables or code_tables())[quant_type]
+    if lookup == "select":
+        looked_up = _select(nibbles, values)
+    else:
+        looked_up = torch.tensor(values, dtype=torch.float32, device=codes.device)[nibbles.to(torch.int64)]
+    return _scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
@@ -68,22 +86,23 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 def gemm_4bit(a: torch.Tensor, packed: torch.Tensor, shape: Sequence[int], absmax: torch.Tensor, blocksize: int,
               quant_type: str, bias: torch.Tensor | None = None, absmax_8bit: torch.Tensor | None = None,
               absmax_code: torch.Tensor | None = None, absmax_offset: torch.Tensor | None = None,
-              tables: dict[str, list[float]] | None = None) -> torch.Tensor:
+              tables: dict[str, list[float]] | None = None, lookup: str = "table") -> torch.Tensor:
     """``bitsandbytes::gemm_4bit`` in torch ops: dequantize to ``a``'s dtype, then ``F.linear``. With double
     quantization ``absmax`` holds the scales of the 8-bit ``absmax_8bit`` (256-element blocks)."""
     if absmax_8bit is not None:
         assert absmax_code is not None and absmax_offset is not None
         absmax = dequantize_blockwise(absmax_8bit, absmax, absmax_code, 256, torch.float32) + absmax_offset
-    return F.linear(a, dequantize_4bit(packed, absmax, blocksize, quant_type, shape, a.dtype, tables), bias)
+    return F.linear(a, dequantize_4bit(packed, absmax, blocksize, quant_type, shape, a.dtype, tables, lookup), bias)
 
 
-def decompositions() -> dict[Any, Callable[..., Any]]:
+def decompositions(lookup: str = "table") -> dict[Any, Callable[..., Any]]:
     """The bitsandbytes ops this bitsandbytes registers, each with its torch-ops twin above."""
     ops = getattr(torch.ops, "bitsandbytes", None)
     tables = code_tables()
-    twins: dict[str, Callable[..., Any]] = {"gemm_4bit": functools.partial(gemm_4bit, tables=tables),
-                                            "dequantize_4bit": functools.partial(dequantize_4bit, tables=tables),
-                                            "dequantize_blockwise": dequantize_blockwise}
+    twins: dict[str, Callable[..., Any]] = {
+        "gemm_4bit": functools.partial(gemm_4bit, tables=tables, lookup=lookup),
+        "dequantize_4bit": functools.partial(dequantize_4bit, tables=tables, lookup=lookup),
+        "dequantize_blockwise": dequantize_blockwise}
     out: dict[Any, Callable[..., Any]] = {}
     for name, twin in twins.items():
         try:
@@ -94,14 +113,14 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
 
 
 def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
-    """inductor with the 4-bit decompositions added to its own. ``settings``: plan.compile_settings() (its
+    """inductor with the 4-bit decompositions added to its own. ``settings``: knobs.compile_settings() (its
     ``options`` are inductor config patches; ``opaque_4bit`` leaves bitsandbytes' ops opaque, the host cost this
     module removes, to measure it)."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
     settings = settings or {}
-    ours = {} if settings.get("opaque_4bit") else decompositions()
+    ours = {} if settings.get("opaque_4bit") else decompositions(settings.get("dequant", "table"))
     inner = functools.partial(compile_fx, config_patches=settings.get("options") or None,
                               decompositions={**select_decomp_table(), **ours})
     budget = float(settings.get("activation_budget", 1.0))

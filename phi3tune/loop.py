@@ -30,9 +30,10 @@ from .compiled_layers import graph_room, warm_up_positions
 from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
+from .knobs import compile_settings
 from .loss import TokenLoss, mean_loss, trained_positions
 from .metrics import Metrics, StepCallback, StepResult
-from .plan import RunPlan, compile_settings
+from .plan import RunPlan
 from .specs import TrainSpec
 
 log = logging.getLogger("phi3tune")

@@ -57,7 +57,7 @@ class TokenLoss(nn.Module):
         self.chunk = chunk
         # checkpointed layers' inputs held in host memory until backward (offload.py; plan.offload_checkpoints)
         self.offloader = Offloader() if offload else None
-        # compiled layers replayed as CUDA graphs (a benchmark knob, plan.compile_settings): each micro-batch is a
+        # compiled layers replayed as CUDA graphs (a benchmark knob, knobs.compile_settings): each micro-batch is a
         # new step of inductor's graph trees, whose outputs the last one's backward no longer needs
         self.cuda_graphs = cuda_graphs
 

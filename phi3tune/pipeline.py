@@ -28,10 +28,11 @@ from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
 from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, write_config
 from .files import PLAN_NAME as PLAN_NAME
+from .knobs import compile_settings
 from .loop import Trainer
 from .lora_dropout import make_recomputable
 from .model import ModelInfo
-from .plan import RunPlan, compile_settings, resolve_plan, whole_step_tokens
+from .plan import RunPlan, resolve_plan, whole_step_tokens
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
 from .runspec import RunSpec
 from .shards import check_optimizer_shardable

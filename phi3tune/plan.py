@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .knobs import compile_env, ddp_settings, offload_wanted, yes
 from .loss import CE_CHUNK
 from .memory import COMMUNICATION, GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
 from .optim import optimizer_facts
@@ -201,75 +202,6 @@ def _allocator_unset() -> bool:
     return "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
 
 
-def _yes(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
-
-
-def ddp_settings() -> dict[str, Any]:
-    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others (``broadcast_buffers=0``:
-    no broadcast of the model's buffers before every forward; Phi-3's are the same on every rank). Not static_graph:
-    torch's reducer fails an internal assert ("expect_autograd_hooks_") when a backward runs under no_sync,
-    which the loop uses for every micro-batch but a step's last (measured, gloo, torch 2.13)."""
-    out: dict[str, Any] = {}
-    for item in filter(None, os.environ.get("PHI3TUNE_DDP", "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers"):
-            raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view, "
-                             "broadcast_buffers")
-        out[key] = int(value) if key == "bucket_cap_mb" else _yes(value)
-    return out
-
-
-def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharded: bool) -> bool:
-    """Offload checkpointed inputs (offload.py)? Only where every decoder layer is checkpointed: the hooks take
-    whatever the decoder stack saves outside a checkpoint, which a layer that is not checkpointed fills with its
-    whole activations. The memory plan's choice on CUDA (not under FSDP, whose gathers it would race);
-    PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it on any plan that checkpoints every layer, on any device,
-    0 never."""
-    asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
-    return bool(every_layer_checkpointed and not sharded and (_yes(asked) if asked else cuda and mode == "memory"))
-
-
-def _compile_env() -> dict[str, str]:
-    """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
-    out = {}
-    for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in ("mode", "cpp_wrapper", "opaque_4bit", "activation_budget", "dynamic_lengths", "lengths"):
-            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
-                             "activation_budget, dynamic_lengths, lengths")
-        out[key] = value
-    return out
-
-
-def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
-    """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
-    ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only,
-    examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
-    ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
-    ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
-    recomputes in backward what keeps the saved activations under F of its default), ``dynamic_lengths=1`` (every
-    multiple of a granule from one symbolic-length graph), ``lengths=N`` (N fixed lengths instead of 4; both read
-    by ``_candidate``), to measure what each does before a plan adopts it. Returns ``{"options": inductor config
-    patches, "opaque_4bit": bool, "activation_budget": float}``. On 2026-11-30 (H200, torch 2.11) the C++ wrapper
-    failed in code generation (session 3); CUDA graphs, with the loss module marking each micro-batch a graph step
-    (``TokenLoss``), ran (session 7) but no faster: median step 0.165 s against 0.151 s on the whole H200, 0.179 s
-    against 0.179 s on a 12 GiB card, and graphs re-recorded in the first timed steps cost ~2.7 s a step
-    (docs/performance.md). No plan uses either."""
-    options: dict[str, Any] = {}
-    opaque, budget = False, plan.activation_budget if plan is not None else 1.0
-    for key, value in _compile_env().items():
-        if key == "mode":
-            options["triton.cudagraphs"] = value == "reduce-overhead"
-        elif key == "cpp_wrapper":
-            options["cpp_wrapper"] = _yes(value)
-        elif key == "opaque_4bit":
-            opaque = _yes(value)
-        elif key == "activation_budget":
-            budget = float(value)
-    return {"options": options, "opaque_4bit": opaque, "activation_budget": budget}
-
-
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1,
@@ -284,7 +216,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     dtype = resolve_compute_dtype(run.quant, precision, device)
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
-    knobs = _compile_env()  # benchmarks: more fixed lengths, or symbolic-length graphs
+    knobs = compile_env()  # benchmarks: more fixed lengths, or symbolic-length graphs
     count = int(knobs.get("lengths", _BUCKETS))
     buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length, count) if budget else ()
     cuda = device.type == "cuda"
@@ -292,7 +224,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = activation_budget if compile_ and cuda else 1.0
-    dynamic = bool(compile_ and buckets and _yes(knobs.get("dynamic_lengths", "0")))
+    dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", "0")))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:

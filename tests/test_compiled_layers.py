@@ -21,7 +21,9 @@ def _base(model, dtype: torch.dtype, double_quant: bool, quant_type: str = "nf4"
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_twins_dequantize_as_bitsandbytes_does_bit_for_bit(tiny_model, quant_type, double_quant, dtype):
+@pytest.mark.parametrize("lookup", ["table", "select"])
+def test_the_twins_dequantize_as_bitsandbytes_does_bit_for_bit(tiny_model, quant_type, double_quant, dtype, lookup):
+    """Either way of finding a code's value (a table load, or selects on its bits) gives bitsandbytes' values."""
     import bitsandbytes.functional as bnbf
 
     base = _base(tiny_model, dtype, double_quant, quant_type)
@@ -34,7 +36,7 @@ def test_the_twins_dequantize_as_bitsandbytes_does_bit_for_bit(tiny_model, quant
         if qs.nested:
             absmax = cl.dequantize_blockwise(qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize,
                                              torch.float32) + qs.offset
-        got = cl.dequantize_4bit(weight.data, absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype)
+        got = cl.dequantize_4bit(weight.data, absmax, qs.blocksize, qs.quant_type, qs.shape, qs.dtype, lookup=lookup)
         assert torch.equal(got, bnbf.dequantize_4bit(weight.data, qs)), name
         x = torch.randn(3, qs.shape[1], dtype=dtype)
         ref = torch.ops.bitsandbytes.gemm_4bit.default(
@@ -43,8 +45,20 @@ def test_the_twins_dequantize_as_bitsandbytes_does_bit_for_bit(tiny_model, quant
                               if qs.nested else {}))
         twin = cl.gemm_4bit(x, weight.data.view(-1, 1), qs.shape, qs.state2.absmax if qs.nested else qs.absmax,
                             qs.blocksize, qs.quant_type, **({"absmax_8bit": qs.absmax, "absmax_code": qs.state2.code,
-                                                             "absmax_offset": qs.offset} if qs.nested else {}))
+                                                             "absmax_offset": qs.offset} if qs.nested else {}),
+                            lookup=lookup)
         assert torch.equal(twin, ref), name
+
+
+def test_every_code_selects_its_own_value_and_a_wrong_tree_would_show():
+    """All 16 codes, both code tables: the selects give exactly the table's value, compiled too (the graph the
+    layers run). Negative control: a tree that reads one bit wrong differs from the table."""
+    codes = torch.arange(16, dtype=torch.uint8).repeat(4)
+    for values in cl.code_tables().values():
+        want = torch.tensor(values, dtype=torch.float32)[codes.to(torch.int64)]
+        assert torch.equal(cl._select(codes, values), want)
+        assert torch.equal(torch.compile(cl._select, dynamic=False)(codes, values), want)
+        assert not torch.equal(cl._select(codes ^ 1, values), want)
 
 
 def test_a_short_last_block_is_scaled_by_its_own_absmax():

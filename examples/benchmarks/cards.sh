@@ -12,8 +12,9 @@
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp (compiled layers with CUDA graphs /
-#   a C++ kernel wrapper: PHI3TUNE_COMPILE, plan.compile_settings), opaque (bitsandbytes' 4-bit ops left as Python
-#   calls in the compiled layers, as before compiled_layers.py), noflat (the optimizer stepping each tensor, as before
+#   a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque (bitsandbytes' 4-bit ops left as Python
+#   calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit code's value selected by its bits,
+#   not loaded from a table: PHI3TUNE_COMPILE=dequant=select), noflat (the optimizer stepping each tensor, as before
 #   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5 instead
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
@@ -48,6 +49,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     ro) compile+=(mode=reduce-overhead); envs+=(TORCH_LOGS=perf_hints) ;;  # perf_hints: why a graph is skipped
     cpp) compile+=(cpp_wrapper=1) ;;
     opaque) compile+=(opaque_4bit=1) ;;
+    sel) compile+=(dequant=select) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
     dyn) compile+=(dynamic_lengths=1) ;;
     lt) envs+=(TORCH_BLAS_PREFER_CUBLASLT=1) ;;

@@ -1,9 +1,12 @@
 """compiled_layers' torch-ops twin of bitsandbytes' 4-bit dequantization against bitsandbytes' own CUDA kernel, on
-every 4-bit weight of a checkpoint, eager and compiled (as the compiled layers run it): one JSON line.
+every 4-bit weight of a checkpoint, eager and compiled (as the compiled layers run it), with a code's value loaded
+from a table and selected by its bits: one JSON line per double_quant. On CUDA also one line of kernel times for the
+largest weight (bitsandbytes' kernel, the compiled table, the compiled selects: median of 50, CUDA events).
 
     python examples/benchmarks/check_twins.py /tmp/phi3 [cpu]   (on the GPU: cards.sh run "twins@full")
 """
 
+import functools
 import json
 import sys
 
@@ -14,11 +17,36 @@ from phi3tune import compiled_layers as cl
 from phi3tune.model import load_weights
 from phi3tune.specs import QuantSpec
 
+
+def median_us(fn) -> float:
+    """fn's GPU time, median of 50 runs (CUDA events), in microseconds."""
+    times = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return round(sorted(times)[25], 1)
+
+
+def kernel_times(weight, qs, args, compiled) -> dict:
+    """One weight dequantized by bitsandbytes' kernel, the compiled table lookup and the compiled selects."""
+    kernels = {"bitsandbytes": functools.partial(bnbf.dequantize_4bit, weight.data, qs),
+               "compiled_table": functools.partial(compiled, *args),
+               "compiled_select": functools.partial(compiled, *args, lookup="select")}
+    for fn in kernels.values():
+        fn()  # compile, warm
+    return {"values": weight.data.numel() * 2, **{k: median_us(fn) for k, fn in kernels.items()}}
+
+
 for double_quant in (False, True):
     base = load_weights(sys.argv[1], QuantSpec(compute_dtype="bfloat16", double_quant=double_quant),
                         torch.bfloat16, torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda"))
     compiled = torch.compile(cl.dequantize_4bit, dynamic=False)
-    counts = {"weights": 0, "eager_equal": 0, "compiled_equal": 0}
+    counts = {"weights": 0, "eager_equal": 0, "compiled_equal": 0, "compiled_select_equal": 0}
+    largest = None
     for module in base.modules():
         weight = getattr(module, "weight", None)
         qs = getattr(weight, "quant_state", None)
@@ -32,7 +60,13 @@ for double_quant in (False, True):
         counts["eager_equal"] += int(torch.equal(cl.dequantize_4bit(*args), want))
         if counts["weights"] <= 8:  # one compiled graph per weight shape: the first layers' four, twice
             counts["compiled_equal"] += int(torch.equal(compiled(*args), want))
+            counts["compiled_select_equal"] += int(torch.equal(compiled(*args, lookup="select"), want))
+        if largest is None or weight.data.numel() > largest[0].data.numel():
+            largest = (weight, qs, args)
     print(json.dumps({"label": "twins", "double_quant": double_quant, **counts}), flush=True)
+    if torch.cuda.is_available() and largest is not None:
+        print(json.dumps({"label": "twins_us", "double_quant": double_quant, **kernel_times(*largest, compiled)}),
+              flush=True)
     del base
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,0 +1,85 @@
+"""Benchmark knobs read from the environment: how compiled layers compile (PHI3TUNE_COMPILE), DDP's buckets
+(PHI3TUNE_DDP), host offloading of checkpointed inputs (PHI3TUNE_OFFLOAD). They exist to measure an option before a
+plan adopts it (examples/benchmarks/cards.sh); a user's run sets none of them."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
+
+
+def yes(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
+def ddp_settings() -> dict[str, Any]:
+    """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others (``broadcast_buffers=0``:
+    no broadcast of the model's buffers before every forward; Phi-3's are the same on every rank). Not static_graph:
+    torch's reducer fails an internal assert ("expect_autograd_hooks_") when a backward runs under no_sync,
+    which the loop uses for every micro-batch but a step's last (measured, gloo, torch 2.13)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, os.environ.get("PHI3TUNE_DDP", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers"):
+            raise ValueError(f"PHI3TUNE_DDP: {key!r} is not one of bucket_cap_mb, gradient_as_bucket_view, "
+                             "broadcast_buffers")
+        out[key] = int(value) if key == "bucket_cap_mb" else yes(value)
+    return out
+
+
+def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharded: bool) -> bool:
+    """Offload checkpointed inputs (offload.py)? Only where every decoder layer is checkpointed: the hooks take
+    whatever the decoder stack saves outside a checkpoint, which a layer that is not checkpointed fills with its
+    whole activations. The memory plan's choice on CUDA (not under FSDP, whose gathers it would race);
+    PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it on any plan that checkpoints every layer, on any device,
+    0 never."""
+    asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
+    return bool(every_layer_checkpointed and not sharded and (yes(asked) if asked else cuda and mode == "memory"))
+
+
+def compile_env() -> dict[str, str]:
+    """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
+    out = {}
+    for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("mode", "cpp_wrapper", "opaque_4bit", "activation_budget", "dynamic_lengths", "lengths",
+                       "dequant"):
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
+                             "activation_budget, dynamic_lengths, lengths, dequant")
+        if key == "dequant" and value not in ("table", "select"):
+            raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table or select")
+        out[key] = value
+    return out
+
+
+def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
+    """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
+    ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only,
+    examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
+    ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
+    ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
+    recomputes in backward what keeps the saved activations under F of its default), ``dynamic_lengths=1`` (every
+    multiple of a granule from one symbolic-length graph), ``lengths=N`` (N fixed lengths instead of 4; both read
+    by ``_candidate``), ``dequant=select`` (the 4-bit codes' values selected by their bits, not loaded from a
+    table: compiled_layers.dequantize_4bit), to measure what each does before a plan adopts it. Returns
+    ``{"options": inductor config patches, "opaque_4bit": bool, "activation_budget": float, "dequant": str}``.
+    Measured (H200, torch 2.11, docs/performance.md sessions 7-8): neither CUDA graphs (each micro-batch a graph
+    step, ``TokenLoss``) nor the C++ wrapper shortened a step at 4,096-8,192-token micro-batches (median 0.148 /
+    0.158 s against 0.149 s); the wrapper doubled the warm-up's compile. No plan uses either."""
+    options: dict[str, Any] = {}
+    opaque, budget, dequant = False, plan.activation_budget if plan is not None else 1.0, "table"
+    for key, value in compile_env().items():
+        if key == "mode":
+            options["triton.cudagraphs"] = value == "reduce-overhead"
+        elif key == "cpp_wrapper":
+            options["cpp_wrapper"] = yes(value)
+        elif key == "opaque_4bit":
+            opaque = yes(value)
+        elif key == "activation_budget":
+            budget = float(value)
+        elif key == "dequant":
+            dequant = value
+    return {"options": options, "opaque_4bit": opaque, "activation_budget": budget, "dequant": dequant}
