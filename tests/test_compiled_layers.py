@@ -135,7 +135,7 @@ def test_a_compiled_lora_layer_runs_no_bitsandbytes_op_and_computes_the_same(tin
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
-def _stacked_unpack(packed, absmax, blocksize, quant_type, shape, dtype, tables=None):
+def _stacked_unpack(packed, absmax, blocksize, quant_type, shape, dtype, tables=None, lookup="table"):
     """The negative control: the same values, unpacked with a stack (not recomputable by the partitioner)."""
     codes = packed.reshape(-1).view(torch.uint8)
     idx = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1).to(torch.int64)
@@ -143,11 +143,12 @@ def _stacked_unpack(packed, absmax, blocksize, quant_type, shape, dtype, tables=
     return (table[idx].view(-1, blocksize) * absmax.view(-1, 1)).view(tuple(shape)).to(dtype)
 
 
-@pytest.mark.parametrize("unpack", ["pointwise", "stacked"])
+@pytest.mark.parametrize("unpack", ["pointwise", "select", "stacked"])
 def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_model, monkeypatch, unpack):
     """Dequantizing inside the graph must not cost memory: the weight is recomputed from the packed bytes in
-    backward, so a compiled layer saves exactly the tensors inductor's own compilation saves. With a stack in
-    the unpacking (the negative control) the partitioner saves an unpacked copy of every weight instead."""
+    backward, so a compiled layer saves exactly the tensors inductor's own compilation saves, with the values
+    looked up in a table or selected by the codes' bits. With a stack in the unpacking (the negative control) the
+    partitioner saves an unpacked copy of every weight instead."""
     import torch._dynamo
 
     from phi3tune.model import attach_adapter
@@ -177,8 +178,8 @@ def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_m
             compiled(x, position_embeddings=emb, position_ids=pos)
         return sorted(saved, key=str)
 
-    ours, stock = saved_by(cl.backend()), saved_by("inductor")
-    if unpack == "pointwise":
+    ours, stock = saved_by(cl.backend({"dequant": "select"} if unpack == "select" else None)), saved_by("inductor")
+    if unpack != "stacked":
         assert ours == stock
     else:
         assert ours != stock and any(dtype == torch.uint8 and len(shape) == 2 and shape[1] == 2
