@@ -1,6 +1,7 @@
 """Benchmark knobs read from the environment: how compiled layers compile (PHI3TUNE_COMPILE), DDP's buckets
-(PHI3TUNE_DDP), host offloading of checkpointed inputs (PHI3TUNE_OFFLOAD). They exist to measure an option before a
-plan adopts it (examples/benchmarks/cards.sh); a user's run sets none of them."""
+(PHI3TUNE_DDP), host offloading of checkpointed inputs (PHI3TUNE_OFFLOAD, which overrides the memory plan's default
+decided here too). They exist to measure an option before a plan adopts it (examples/benchmarks/cards.sh); a user's
+run sets none of them, and without them each function returns the plan's default."""
 
 from __future__ import annotations
 
