@@ -6,10 +6,7 @@ run sets none of them, and without them each function returns the plan's default
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .plan import RunPlan
+from typing import Any
 
 
 def yes(value: str) -> bool:
@@ -56,9 +53,9 @@ def compile_env() -> dict[str, str]:
     return out
 
 
-def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
+def compile_settings(activation_budget: float = 1.0) -> dict[str, Any]:
     """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
-    ops as torch ops and the plan's activation budget, unless PHI3TUNE_COMPILE (benchmarks only,
+    ops as torch ops and the plan's ``activation_budget``, unless PHI3TUNE_COMPILE (benchmarks only,
     examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
     ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
     ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
@@ -71,7 +68,7 @@ def compile_settings(plan: RunPlan | None = None) -> dict[str, Any]:
     step, ``TokenLoss``) nor the C++ wrapper shortened a step at 4,096-8,192-token micro-batches (median 0.148 /
     0.158 s against 0.149 s); the wrapper doubled the warm-up's compile. No plan uses either."""
     options: dict[str, Any] = {}
-    opaque, budget, dequant = False, plan.activation_budget if plan is not None else 1.0, "table"
+    opaque, budget, dequant = False, activation_budget, "table"
     for key, value in compile_env().items():
         if key == "mode":
             options["triton.cudagraphs"] = value == "reduce-overhead"
