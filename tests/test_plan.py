@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -132,10 +133,10 @@ def test_a_whole_step_sized_to_the_data_fits_where_one_sized_to_the_limits_does_
 
 
 @needs_shared
-def test_a_run_sizes_its_whole_step_to_the_prepared_rows():
-    """Once the rows are prepared, ``auto`` chooses again with the data's longest step (16 rows of 300-330 tokens:
-    5,040 at most, 5,120 rounded up); the memory plan, packed rows (position_ids) and rows that could fill the
-    8,192 are left as planned."""
+def test_a_run_sizes_its_whole_step_to_the_prepared_rows(caplog):
+    """Once the rows are prepared, ``auto`` chooses again with the data's longest step (16 rows of 300-330 tokens,
+    5,050 in the first epoch's order: 5,120 once rounded up to a granule) and says so; the memory plan, packed rows
+    (position_ids) and rows that could fill the 8,192 are left as planned."""
     from datasets import Dataset
 
     from phi3tune import pipeline
@@ -152,7 +153,13 @@ def test_a_run_sizes_its_whole_step_to_the_prepared_rows():
         return pipeline.whole_steps_of_the_data(spec, info, targets, torch.device("cuda"), plan, data, 1)
 
     plan = plan_for(ft, "cuda", free_gib=139)
-    assert plan.micro_batch_tokens == 8192 and refit(plan, rows).micro_batch_tokens == 5120
+    with caplog.at_level(logging.INFO, logger="phi3tune"):
+        assert plan.micro_batch_tokens == 8192 and refit(plan, rows).micro_batch_tokens == 5120
+    from phi3tune.batching import largest_step
+
+    largest = largest_step(rows, 16, 0)
+    assert 16 * 300 <= largest <= 16 * 330 and -(-largest // 128) * 128 == 5120
+    assert f"a step holds at most {largest:,} tokens (first epoch), of the 8,192 it could" in caplog.text
     packed = rows.add_column("position_ids", [list(range(n)) for n in lengths])
     assert refit(plan, packed) is plan
     memory = plan_for(ft.training(optimize_for="memory"), "cuda", free_gib=139)
