@@ -41,6 +41,7 @@ def kernel_times(weight, qs, args, compiled) -> dict:
     return {"values": weight.data.numel() * 2, **{k: median_us(fn) for k, fn in kernels.items()}}
 
 
+torch._dynamo.config.recompile_limit = 64  # 4 weight shapes x 2 lookups (x double quant) are all graphs of one function
 for double_quant in (False, True):
     base = load_weights(sys.argv[1], QuantSpec(compute_dtype="bfloat16", double_quant=double_quant),
                         torch.bfloat16, torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda"))
