@@ -103,7 +103,8 @@ class Trainer:
                                       streaming=data.streaming)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
-        graphs = plan.compile and bool(compile_settings(plan.activation_budget)["options"].get("triton.cudagraphs"))
+        self.compile_options = compile_settings(plan.activation_budget)["options"]  # inductor's, for the whole run
+        graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints)
         self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
@@ -162,8 +163,7 @@ class Trainer:
         """Train up to ``total_steps`` (from ``resume_from``'s position if given); the run's final numbers.
         ``stop``: the caller's StopFlag, when it keeps handling signals after fit (through the final save)."""
         try:
-            # the warm-up, the step-0 eval and training all build compiled graphs
-            with graph_room(self.plan, compile_settings(self.plan.activation_budget)["options"]):
+            with graph_room(self.plan, self.compile_options):  # warm-up, step-0 eval and training build graphs
                 return self._fit(resume_from, stop)
         finally:  # a sweep of runs in one launched process would otherwise keep one gloo group per run
             distributed.release_host_group(self.host_group)
