@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .files import read_config, write_config
 from .logs import console
 from .loop import StopFlag, Trainer
+from .dequantized import restore_4bit
 from .lora_dropout import make_plain
 from .pipeline import build_model, check_run, claim_output_dir, save_outputs
 from .plan import RunPlan
@@ -166,6 +167,7 @@ def execute(run: RunSpec, *, resume: bool | str = False, overwrite: bool | None 
                 adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
     model.eval()
     make_plain(model)  # PEFT's own LoRA dropout again, as a model loaded for more training would have it
+    restore_4bit(model)  # the 4-bit layers again, where the plan dequantized them for the run (dequantized.py)
     if stop.signal:
         raise trainer.interrupted_after_training(stop.signal, adapter_dir)
     return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,

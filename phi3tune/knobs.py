@@ -1,7 +1,8 @@
 """Benchmark knobs read from the environment: how compiled layers compile (PHI3TUNE_COMPILE), DDP's buckets
 (PHI3TUNE_DDP), host offloading of checkpointed inputs (PHI3TUNE_OFFLOAD, which overrides the memory plan's default
-decided here too). They exist to measure an option before a plan adopts it (examples/benchmarks/cards.sh); a user's
-run sets none of them, and without them each function returns the plan's default."""
+decided here too), the 4-bit base dequantized once (PHI3TUNE_DEQUANTIZE). They exist to measure an option before a
+plan adopts it (examples/benchmarks/cards.sh); a user's run sets none of them, and without them each function
+returns the plan's default."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharde
     0 never."""
     asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
     return bool(every_layer_checkpointed and not sharded and (yes(asked) if asked else cuda and mode == "memory"))
+
+
+def dequantize_wanted() -> bool | None:
+    """PHI3TUNE_DEQUANTIZE (benchmarks, tests): ``1`` dequantizes the 4-bit base once on any plan that can
+    (plan.with_dequantized_base), on any device; ``0`` never; unset (None): the plan decides."""
+    asked = os.environ.get("PHI3TUNE_DEQUANTIZE", "")
+    return yes(asked) if asked else None
 
 
 def compile_env() -> dict[str, str]:

@@ -91,6 +91,11 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
             "lora_params": lora}
 
 
+def dequantized_bytes(shape: ModelShape, dtype_bytes: int) -> int:
+    """The 4-bit linear layers' weights dequantized to a ``dtype_bytes`` dtype (dequantized.py)."""
+    return sum(fan_in * fan_out for _, fan_in, fan_out in shape.linears) * dtype_bytes
+
+
 def per_rank_parts(parts: dict[str, int], shape: ModelShape, processes: int) -> dict[str, int]:
     """FSDP over ``processes`` GPUs: each holds 1/n of the 4-bit weights, of the embedding and of the adapter with
     its gradients and optimizer state, plus what is gathered whole at the peak: two decoder layers (the one

@@ -236,6 +236,7 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     from accelerate.utils import set_seed
 
     from .adapters import apply_init
+    from .dequantized import dequantize_base
     from .model import attach_adapter, load_base_model
 
     plan = checked.plan
@@ -245,6 +246,8 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     set_seed(run.train.seed)  # the adapter's initialisation does not depend on what loading drew
     model: Any = attach_adapter(base, run.adapter, checked.targets)
     apply_init(model, run.adapter, checked.info.source)
+    if plan.dequantized_base:  # the frozen 4-bit weights dequantized once, where the card has room (dequantized.py)
+        dequantize_base(model, plan.dtype)
     if plan.checkpointing:  # the plan checkpoints only as many (first) layers as the memory needs
         for layer in model.get_base_model().model.layers[plan.checkpoint_layers:]:
             layer.gradient_checkpointing = False

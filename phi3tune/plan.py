@@ -12,14 +12,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .knobs import compile_env, ddp_settings, offload_wanted, yes
+from .knobs import compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
 from .loss import CE_CHUNK
-from .memory import COMMUNICATION, GIB, ModelShape, estimate_parts, per_rank_parts, total_gib
+from .memory import COMMUNICATION, GIB, ModelShape, dequantized_bytes, estimate_parts, per_rank_parts, total_gib
 from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
@@ -62,6 +62,9 @@ _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # the same GPU in the same call (+18%), where checkpointing every layer costs +42%.
 LOW_ACTIVATION_BUDGET = 0.3
 _LOW_BUDGET_COST = 1.18
+# The 4-bit base dequantized once (dequantized.py): no dequantization in the step. Estimated, not yet measured:
+# session 6's profile had ~13 ms of it in a ~165 ms 4,096-token micro-batch on the H200.
+_DEQUANTIZED_COST = 0.92
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class RunPlan:
     # more CUDA GPUs without FSDP; PHI3TUNE_OFFLOAD=1 / 0 (benchmarks) asks for it wherever every layer is
     # checkpointed / never
     offload_checkpoints: bool = False
+    # the frozen 4-bit base dequantized once, kept for the run in the compute dtype (dequantized.py): the speed
+    # plans on CUDA, where it fits; PHI3TUNE_DEQUANTIZE=1 / 0 (benchmarks, tests) asks for it on any plan / never
+    dequantized_base: bool = False
 
     @property
     def requested(self) -> str:
@@ -136,6 +142,8 @@ class RunPlan:
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
                        + (", their inputs in host memory" if self.offload_checkpoints else ""))
+        if self.dequantized_base:
+            how.append(f"4-bit base dequantized once ({self.memory.get('dequantized_weights', 0) / GIB:.1f} GiB)")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
@@ -261,6 +269,25 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
+def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:
+    """``plan`` with its 4-bit base dequantized once (dequantized.py) where that pays and fits: a speed plan on
+    CUDA whose predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. Such
+    a plan has room to spare (it checkpoints the fewest layers that fit), so the weights never take memory that
+    would have kept activations. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
+    under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides."""
+    q = facts(run.quant, QuantFacts) if run.quant is not None else None
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
+    if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
+        return plan
+    parts = {**plan.memory, "dequantized_weights": dequantized_bytes(shape, plan.dtype.itemsize)}
+    held = replace(plan, dequantized_base=True, memory=parts, predicted_peak_gib=total_gib(parts))
+    asked = dequantize_wanted()
+    if asked is not None:
+        return held if asked else plan
+    fits = free is None or held.predicted_peak_gib * GIB <= FIT_FRACTION * free
+    return held if plan.mode == "speed" and plan.device.startswith("cuda") and fits else plan
+
+
 def expected_cost(plan: RunPlan, layers: int) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost."""
@@ -268,7 +295,8 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     share = plan.checkpoint_layers / max(1, layers)
     low = _LOW_BUDGET_COST if plan.activation_budget < 1.0 else 1.0
-    return _BUDGET_COST[size] * low * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
+    held = _DEQUANTIZED_COST if plan.dequantized_base else 1.0
+    return _BUDGET_COST[size] * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
@@ -300,9 +328,7 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
             out.append(plan)
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
-        if out[-1].checkpoint_layers == 0 and out[-1].activation_budget == 1.0:  # a smaller budget is only slower
-            break
-    return out
+    return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
 
 
 def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
@@ -316,11 +342,14 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     if asked != "auto":
-        return _candidate(run, shape, targets, device, asked, asked, free, processes=processes)
+        return with_dequantized_base(_candidate(run, shape, targets, device, asked, asked, free,
+                                                processes=processes), run, shape, free)
     if device.type != "cuda":
-        return _candidate(run, shape, targets, device, "balanced", asked, free, processes=processes)
+        return with_dequantized_base(_candidate(run, shape, targets, device, "balanced", asked, free,
+                                                processes=processes), run, shape, free)
     fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
+    fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers))
     memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
@@ -328,5 +357,5 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())
-    return memory
+    return with_dequantized_base(memory, run, shape, free)
 

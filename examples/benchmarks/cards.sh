@@ -23,6 +23,8 @@
 #   checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all 32 checkpointed; 0 never; the
 #   memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with
 #   the compiler's low activation budget: the recomputed layer keeps less),
+#   deq0 / deq1 (the 4-bit base never / always dequantized once for the run, dequantized.py: PHI3TUNE_DEQUANTIZE;
+#   by default the plan dequantizes it where it fits),
 #   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
 #   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
@@ -58,6 +60,8 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     nodrop-amb*) sets+=(--set adapter.dropout=0); compile+=("activation_budget=0.${v#nodrop-amb}") ;;
     amb*) compile+=("activation_budget=0.${v#amb}") ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
+    deq0) envs+=(PHI3TUNE_DEQUANTIZE=0) ;;
+    deq1) envs+=(PHI3TUNE_DEQUANTIZE=1) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
     seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;

@@ -1,0 +1,162 @@
+"""The frozen 4-bit base dequantized once for the run (phi3tune/dequantized.py): the same numbers in every matmul,
+so the same losses, gradients and adapter bit for bit, eager and compiled; the plan takes it only where it fits;
+the run returns its 4-bit layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
+
+from phi3tune import FineTuner
+from phi3tune import compiled_layers as cl
+from phi3tune.dequantized import DequantizedLinear, dequantize_base, restore_4bit
+from phi3tune.memory import GIB
+from phi3tune.model import attach_adapter, load_weights
+from phi3tune.specs import AdapterSpec, QuantSpec
+
+
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def _nudged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: every dequantized weight's largest value 1/64 larger than bitsandbytes' (a difference
+    that a comparison with a tolerance of 1e-2 would let through)."""
+    real = DequantizedLinear.__init__
+
+    def init(self: DequantizedLinear, original: Any, dtype: torch.dtype) -> None:
+        real(self, original, dtype)
+        flat = self.weight.data.view(-1)
+        flat[flat.abs().argmax()] *= 1 + 2**-6
+
+    monkeypatch.setattr(DequantizedLinear, "__init__", init)
+
+
+def test_public_run_with_the_base_dequantized_trains_the_same_adapter(tiny_model, tmp_path, monkeypatch):
+    """Through FineTuner.run: the base dequantized once (asked for with PHI3TUNE_DEQUANTIZE=1, since the CPU plan
+    does not take it) trains the losses and adapter of the 4-bit run bit for bit; its matmuls really read the
+    dequantized weights, and the model it returns has its 4-bit layers back. Negative control: one weight value
+    per layer 1/64 off changes the losses."""
+    from bitsandbytes.nn import Linear4bit
+
+    rows = rows_of_text(8, seed=4)
+    calls = {"n": 0}
+    real_forward = DequantizedLinear.forward
+
+    def counting(self: DequantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return real_forward(self, x)
+
+    monkeypatch.setattr(DequantizedLinear, "forward", counting)
+    runs = {}
+    for flag in ("0", "1", "nudged"):
+        monkeypatch.setenv("PHI3TUNE_DEQUANTIZE", "0" if flag == "0" else "1")
+        if flag == "nudged":
+            _nudged(monkeypatch)
+        runs[flag] = tiny_tuner(tiny_model, tmp_path / flag, rows, grad_accum=2, max_steps=3).run()
+        if flag == "0":
+            assert calls["n"] == 0
+    assert runs["1"].plan.dequantized_base and not runs["0"].plan.dequantized_base
+    assert "4-bit base dequantized once" in runs["1"].plan.describe()
+    assert calls["n"] >= 2 * 3 * 2 * 8  # two runs x 3 steps x 2 micro-batches x 8 linear layers (2 decoder layers)
+    assert runs["1"].losses == runs["0"].losses and len(runs["0"].losses) == 3
+    a, b = adapter_tensors(runs["0"]), adapter_tensors(runs["1"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["nudged"].losses != runs["0"].losses
+    base = runs["1"].model.get_base_model()
+    assert not any(isinstance(m, DequantizedLinear) for m in base.modules())
+    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # the GPU plans' compute dtype
+def test_a_compiled_layer_on_the_dequantized_base_computes_what_the_4bit_one_does(tiny_model, dtype, monkeypatch):
+    """A PEFT LoRA decoder layer compiled with our backend (the GPU plans' path): on the dequantized base its
+    output and every gradient equal the 4-bit layer's bit for bit, in the compute dtype the plans use. Negative
+    control: one value per weight 1/64 off is seen."""
+    import torch._dynamo
+
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+    def layer_of(dequantized: bool) -> Any:
+        torch.manual_seed(0)
+        base = load_weights(str(tiny_model), QuantSpec(compute_dtype=name), dtype, torch.device("cpu"))
+        model = attach_adapter(base, AdapterSpec(r=4, dropout=0.0), TARGETS)
+        for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        if dequantized:
+            assert dequantize_base(model, dtype) == sum(
+                m.weight.numel() for m in model.modules() if isinstance(m, DequantizedLinear)) * dtype.itemsize
+        return model.get_base_model().model
+
+    def run(inner: Any) -> tuple[torch.Tensor, ...]:
+        torch._dynamo.reset()
+        layer = torch.compile(inner.layers[0], backend=cl.backend(), dynamic=False)
+        x = torch.randn(1, 16, inner.config.hidden_size, generator=torch.Generator().manual_seed(1),
+                        dtype=dtype, requires_grad=True)
+        pos = torch.arange(16)[None]
+        out = layer(x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().sum().backward()
+        grads = [p.grad for p in inner.layers[0].parameters() if p.requires_grad]
+        return (out.detach(), x.grad, *grads)
+
+    four_bit = run(layer_of(False))
+    once = run(layer_of(True))
+    assert len(once) == len(four_bit) > 2
+    assert all(torch.equal(a, b) for a, b in zip(once, four_bit, strict=True))
+    _nudged(monkeypatch)
+    nudged = run(layer_of(True))
+    assert not torch.equal(nudged[0], four_bit[0])
+
+
+def test_restore_puts_back_the_very_4bit_layers(tiny_model):
+    """``restore_4bit`` undoes ``dequantize_base``: the same module objects, none left over, and the dequantized
+    weights are not parameters of the model while the 4-bit ones are held aside."""
+    from bitsandbytes.nn import Linear4bit
+
+    base = load_weights(str(tiny_model), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
+    model = attach_adapter(base, AdapterSpec(r=4, dropout=0.0), TARGETS)
+    before = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    n_params = sum(1 for _ in model.parameters())
+    dequantize_base(model, torch.float32)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    assert sum(1 for _ in model.parameters()) == n_params  # a Params4bit swapped for a dequantized weight, each
+    assert restore_4bit(model) == len(before) == 8
+    after = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+@needs_shared
+def test_the_plan_dequantizes_the_base_only_where_it_fits(monkeypatch):
+    """Phi-3-mini on CUDA: the whole H200 and a 40 GiB card take the dequantized base (its 2 bytes a weight in the
+    predicted peak, which still fits); 16 GiB, the memory plan, FSDP and an autocast dtype other than the
+    compute dtype do not; PHI3TUNE_DEQUANTIZE=0 turns it off, =1 on (also on the CPU)."""
+    from phi3tune.bench import plan_for
+
+    monkeypatch.delenv("PHI3TUNE_DEQUANTIZE", raising=False)
+    ft = FineTuner(str(PHI3_DIR))
+
+    def fresh() -> FineTuner:  # a FineTuner's setters change it in place
+        return FineTuner(str(PHI3_DIR))
+    weights = sum(i * o for i in (3072,) for o in (9216, 3072, 16384)) * 32 + 8192 * 3072 * 32  # the 4 linears
+    h200, forty = plan_for(ft, "cuda", free_gib=139), plan_for(ft, "cuda", free_gib=39)
+    for plan in (h200, forty):
+        assert plan.dequantized_base and plan.memory["dequantized_weights"] == 2 * weights
+        assert plan.predicted_peak_gib <= 0.9 * (139 if plan is h200 else 39)
+    assert not plan_for(ft, "cuda", free_gib=15).dequantized_base
+    assert not plan_for(fresh().training(optimize_for="memory"), "cuda", free_gib=139).dequantized_base
+    assert not plan_for(fresh().training(distributed="fsdp"), "cuda", free_gib=139, processes=2).dequantized_base
+    assert not plan_for(fresh().quantize(compute_dtype="bfloat16").training(precision="fp16"), "cuda",
+                        free_gib=139).dequantized_base  # bf16 matmuls under fp16 autocast
+    assert not plan_for(ft, "cpu").dequantized_base
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE", "0")
+    off = plan_for(ft, "cuda", free_gib=139)
+    assert not off.dequantized_base
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE", "1")
+    assert plan_for(ft, "cpu").dequantized_base
+    on = plan_for(ft, "cuda", free_gib=139)
+    assert on.micro_batch_tokens == off.micro_batch_tokens
+    assert abs(on.predicted_peak_gib - off.predicted_peak_gib - 2 * weights / GIB) < 0.01
