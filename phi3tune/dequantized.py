@@ -12,6 +12,8 @@ saved adapter, are what they would have been.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,11 +30,11 @@ class DequantizedLinear(nn.Module):
         import bitsandbytes.functional as bnbf
 
         super().__init__()
-        weight = original.weight
+        weight: Any = original.weight
+        bias: Any = original.bias
         values = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
         self.weight = nn.Parameter(values, requires_grad=False)
-        self.bias = None if original.bias is None else nn.Parameter(original.bias.detach().to(dtype),
-                                                                    requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         object.__setattr__(self, "original", original)  # not a submodule (see the class docstring)
 
     @property

@@ -18,11 +18,11 @@ from typing import Any
 from . import _preflight
 from ._isolation import allocator_for, leaves_process_as_found
 from ._preflight import merge_spec
+from .dequantized import restore_4bit
 from .errors import ConfigError
 from .files import read_config, write_config
 from .logs import console
 from .loop import StopFlag, Trainer
-from .dequantized import restore_4bit
 from .lora_dropout import make_plain
 from .pipeline import build_model, check_run, claim_output_dir, save_outputs
 from .plan import RunPlan

@@ -17,7 +17,6 @@ from phi3tune.memory import GIB
 from phi3tune.model import attach_adapter, load_weights
 from phi3tune.specs import AdapterSpec, QuantSpec
 
-
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
