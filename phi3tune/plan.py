@@ -36,9 +36,11 @@ MODES: dict[str, dict[str, Any]] = {
     # lengths; frozen weights in the compute dtype; FlexAttention document masks and compiled layers on CUDA
     "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
               "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
-    # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks
+    # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks; on
+    # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
+    # 4,096, 3.90 GiB allocated against 4.02, 4,068 tokens/s against 4,131 on another machine)
     "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
-               "micro_batch_tokens": 2048, "ce_chunk": 512},
+               "micro_batch_tokens": 2048, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
 _BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
@@ -62,9 +64,10 @@ _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # the same GPU in the same call (+18%), where checkpointing every layer costs +42%.
 LOW_ACTIVATION_BUDGET = 0.3
 _LOW_BUDGET_COST = 1.18
-# The 4-bit base dequantized once (dequantized.py): no dequantization in the step. Estimated, not yet measured:
-# session 6's profile had ~13 ms of it in a ~165 ms 4,096-token micro-batch on the H200.
-_DEQUANTIZED_COST = 0.92
+# The 4-bit base dequantized once (dequantized.py) saves a fixed time per micro-batch: session 9, H200, one machine,
+# median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
+# 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
+_DEQUANTIZE_SAVES_MS, _MICRO_BATCH_MS, _TOKEN_MS = 16.0, 19.0, 0.0367
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     sharded = t.distributed == "fsdp" and processes > 1
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
-    activation_budget = activation_budget if compile_ and cuda else 1.0
+    activation_budget = min(activation_budget, m.get("activation_budget", 1.0)) if compile_ and cuda else 1.0
     dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", "0")))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
@@ -295,7 +298,7 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     share = plan.checkpoint_layers / max(1, layers)
     low = _LOW_BUDGET_COST if plan.activation_budget < 1.0 else 1.0
-    held = _DEQUANTIZED_COST if plan.dequantized_base else 1.0
+    held = 1 - _DEQUANTIZE_SAVES_MS / (_MICRO_BATCH_MS + _TOKEN_MS * size) if plan.dequantized_base else 1.0
     return _BUDGET_COST[size] * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
