@@ -84,11 +84,13 @@ def allocator_for(expandable: bool) -> Iterator[None]:
     if not expandable:
         yield
         return
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    # torch 2.11 deprecates torch.cuda.memory's name for this setter (a FutureWarning in every run) for torch._C's
+    settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    settings("expandable_segments:True")
     try:
         yield
     finally:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        settings("expandable_segments:False")
 
 
 @contextmanager
