@@ -1,10 +1,10 @@
 """The frozen 4-bit base, dequantized once for the run where the card has room for it.
 
 Compiled layers dequantize every 4-bit weight twice a micro-batch: in forward, and again in backward rather than
-keep it. For Phi-3-mini that is ~12-15 ms of a ~150 ms step on the H200 (docs/performance.md, session 6's
-profile; the fit of session 8 puts ~19 ms a micro-batch beside ~37 µs a token). The base is frozen, so those
-values never change: a card with room for them (the compute dtype's 2 bytes a weight, 6.7 GiB for Phi-3-mini)
-keeps them, and each matmul reads them as they are. They are bitsandbytes' own dequantization, so every matmul
+keep it. The base is frozen, so those values never change: a card with room for them (the compute dtype's 2 bytes
+a weight, 6.8 GiB for Phi-3-mini) keeps them, and each matmul reads them as they are. Measured on the H200 (README
+quickstart, docs/performance.md, session 9): ~16 ms less a micro-batch, median step 0.1545 -> 0.137 s unpacked and
+0.320 -> 0.304 s packed. They are bitsandbytes' own dequantization, so every matmul
 multiplies the same numbers as before (tests compare losses and gradients bit for bit). The plan decides
 (``RunPlan.dequantized_base``); the 4-bit layers go back when the run ends, so the model a run returns, and its
 saved adapter, are what they would have been.

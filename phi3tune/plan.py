@@ -2,9 +2,10 @@
 
 The four specs say what to train; the plan says how: precision, attention kernel, batch layout, micro-batch
 token budget and its fixed shapes, compiled layers, activation checkpointing, output-head chunk, optimizer
-paging, and the peak memory that all of this predicts. ``run()``, the loop, ``estimate_memory`` and ``bench``
-read the plan; nothing re-derives a setting elsewhere. No plan changes which tokens are trained or how the loss
-is weighted (tests/test_modes.py), so ``optimize_for="auto"`` can pick the fastest plan that fits the device.
+paging, the 4-bit base dequantized once or not, and the peak memory that all of this predicts. ``run()``, the
+loop, ``estimate_memory`` and ``bench`` read the plan; nothing re-derives a setting elsewhere. No plan changes which
+tokens are trained or how the loss is weighted (tests/test_modes.py), so ``optimize_for="auto"`` can pick the
+fastest plan that fits the device.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MODES: dict[str, dict[str, Any]] = {
               "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
     # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks; on
     # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
-    # 4,096, 3.90 GiB allocated against 4.02, 4,068 tokens/s against 4,131 on another machine)
+    # 4,096, 3.90 GiB allocated against session 7's 4.02; its speed against the default not yet A/B'd on one machine)
     "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
                "micro_batch_tokens": 2048, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
 }
@@ -146,7 +147,8 @@ class RunPlan:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
                        + (", their inputs in host memory" if self.offload_checkpoints else ""))
         if self.dequantized_base:
-            how.append(f"4-bit base dequantized once ({self.memory.get('dequantized_weights', 0) / GIB:.1f} GiB)")
+            held = self.memory.get("dequantized_weights", 0) / GIB
+            how.append(f"4-bit base dequantized once ({held:.{1 if held >= 1 else 2}f} GiB)")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
@@ -293,7 +295,8 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
 
 def expected_cost(plan: RunPlan, layers: int) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
-    A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost."""
+    A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. The base
+    dequantized once takes its measured ~16 ms off each micro-batch."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     share = plan.checkpoint_layers / max(1, layers)
@@ -338,7 +341,8 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
                  free_bytes: int | None = None, processes: int = 1, step_tokens: int | None = None) -> RunPlan:
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
-    micro-batches and the fewest checkpointed layers that fit, else memory), on the CPU the plain padded layout (no
+    micro-batches and the fewest checkpointed layers that fit, each with the base dequantized once where that still
+    fits (``with_dequantized_base``), else memory), on the CPU the plain padded layout (no
     compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured free memory (estimates for
     another card); ``processes``: the run's ranks (FSDP divides what it shards); ``step_tokens``: the data's
     longest step, once the data is known (``whole_step_tokens``)."""
