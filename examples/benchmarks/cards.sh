@@ -16,7 +16,8 @@
 #   calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit code's value selected by its bits,
 #   not loaded from a table: PHI3TUNE_COMPILE=dequant=select), noflat (the optimizer stepping each tensor, as before
 #   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5 instead
-#   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks),
+#   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks;
+#   ambfull: the default budget 1.0, e.g. seq4096+ambfull against the memory plan's 0.3),
 #   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
 #   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
 #   off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1 for any plan that
@@ -58,6 +59,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     len*) compile+=("lengths=${v#len}") ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
     nodrop-amb*) sets+=(--set adapter.dropout=0); compile+=("activation_budget=0.${v#nodrop-amb}") ;;
+    ambfull) compile+=(activation_budget=1.0) ;;  # the compiler's default budget, e.g. seq4096+ambfull
     amb*) compile+=("activation_budget=0.${v#amb}") ;;
     mem) sets+=(--set training.optimize_for=memory) ;;
     deq0) envs+=(PHI3TUNE_DEQUANTIZE=0) ;;
