@@ -42,7 +42,9 @@ def _run(cmd: list[str], tmp_path) -> None:
 
 def test_two_process_ddp_equals_single_process(tiny_model, tmp_path):
     """With DDP's settings the benchmarks vary (PHI3TUNE_DDP): 1 MB buckets (several per step), gradients as
-    bucket views and no buffer broadcast before each forward still train exactly like one process."""
+    bucket views and no buffer broadcast before each forward still train exactly like one process; so does each
+    rank with its 4-bit base dequantized once (PHI3TUNE_DEQUANTIZE=1: the GPU plans' choice where a card has room),
+    against the one process on the 4-bit layers."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     rows = tmp_path / "rows.json"
@@ -51,9 +53,10 @@ def test_two_process_ddp_equals_single_process(tiny_model, tmp_path):
     settings = "bucket_cap_mb=1,gradient_as_bucket_view=1,broadcast_buffers=0"
     run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(_free_port()), str(script), str(tiny_model), str(tmp_path / "ddp"), "2", str(rows)], tmp_path,
-               PHI3TUNE_DDP=settings)
+               PHI3TUNE_DDP=settings, PHI3TUNE_DEQUANTIZE="1")
     plan = json.loads((tmp_path / "ddp" / "phi3tune_plan.json").read_text())
     assert plan["ddp"] == {"bucket_cap_mb": 1, "gradient_as_bucket_view": True, "broadcast_buffers": False}
+    assert plan["dequantized_base"] and plan["processes"] == 2
     _run([sys.executable, str(script), str(tiny_model), str(tmp_path / "one"), "4", str(rows)], tmp_path)
     ddp = load_file(str(tmp_path / "ddp" / "final_checkpoint" / "adapter_model.safetensors"))
     one = load_file(str(tmp_path / "one" / "final_checkpoint" / "adapter_model.safetensors"))
