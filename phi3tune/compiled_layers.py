@@ -115,7 +115,8 @@ def decompositions(lookup: str = "table") -> dict[Any, Callable[..., Any]]:
 def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
     """inductor with the 4-bit decompositions added to its own. ``settings``: knobs.compile_settings() (its
     ``options`` are inductor config patches; ``opaque_4bit`` leaves bitsandbytes' ops opaque, the host cost this
-    module removes, to measure it)."""
+    module removes, to measure it; ``activation_budget`` and ``partitioner`` patch how the joint graph is split
+    into forward and backward)."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
@@ -124,16 +125,17 @@ def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
     inner = functools.partial(compile_fx, config_patches=settings.get("options") or None,
                               decompositions={**select_decomp_table(), **ours})
     budget = float(settings.get("activation_budget", 1.0))
-    if budget >= 1.0:
+    patches = {**({"activation_memory_budget": budget} if budget < 1.0 else {}), **settings.get("partitioner", {})}
+    if not patches:
         return inner
 
-    def within_budget(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
+    def partitioned(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Any:
         import torch._functorch.config as functorch
 
-        with functorch.patch(activation_memory_budget=budget):  # read when the joint graph is partitioned
+        with functorch.patch(**patches):  # read when the joint graph is partitioned
             return inner(gm, inputs)
 
-    return within_budget
+    return partitioned
 
 
 def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] | None = None,

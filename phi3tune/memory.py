@@ -51,13 +51,14 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
                    dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
                    checkpoint_layers: int | None = None, activation_budget: float = 1.0,
-                   offload: bool = False) -> dict[str, int]:
+                   offload: bool = False, masks_recomputed: bool = False) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
-    without dropout; under the default budget the compiler still saves the dropped inputs (H200: 20.55 GiB at
-    peak with hashed masks, 20.57 with nn.Dropout's). ``offload``: the checkpointed inputs live in host memory."""
+    without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
+    GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
+    ``offload``: the checkpointed inputs live in host memory."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -73,7 +74,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     adapter = lora * (4 + 4 + optimizer_state_bytes)
     a, b, c = _ACT_COEF
     low = compiled and activation_budget < 1.0
-    kept = 1.0 if dropout > 0 and not low else _NO_DROPOUT
+    kept = 1.0 if dropout > 0 and not low and not (compiled and masks_recomputed) else _NO_DROPOUT
     recomputed = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
     per_layer = recomputed * kept * (_LOW_BUDGET if low else 1.0)
     recomputed *= 1.0 if dropout > 0 else _NO_DROPOUT

@@ -254,7 +254,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
-        activation_budget=activation_budget, offload=offload)
+        activation_budget=activation_budget, offload=offload, masks_recomputed=knobs.get("masks") == "recompute")
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts

@@ -282,3 +282,60 @@ def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_m
     forwards.clear()
     tiny_tuner(tiny_model, tmp_path / "eager", rows_of_text(12, seed=2), compile=False, **kw).run()
     assert forwards and not marks
+
+
+def test_with_masks_recomputed_a_compiled_layer_saves_no_dropout_mask_and_computes_the_same(tiny_model):
+    """PHI3TUNE_COMPILE=masks=recompute (knobs.RECOMPUTE_MASKS): the partitioner recomputes the hashed LoRA dropout
+    masks in backward, so a compiled layer saves none of its 4 bool masks (the default saves all 4: the negative
+    control), and its output and gradients are the default's bit for bit (fp32; in bf16 the partitioner's other
+    choices round some intermediates differently: ~0.3% of the output's norm on this layer)."""
+    import math
+
+    import torch._dynamo
+
+    from phi3tune.knobs import RECOMPUTE_MASKS
+    from phi3tune.lora_dropout import make_recomputable
+    from phi3tune.model import attach_adapter
+    from phi3tune.specs import AdapterSpec
+
+    def run(dropout: float, partitioner: dict) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], list]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = attach_adapter(_base(tiny_model, torch.float32, False), AdapterSpec(r=4, dropout=dropout),
+                               ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
+            if p.requires_grad:
+                p.data.normal_(0, 0.1)
+        make_recomputable(model, torch.device("cpu"))
+        inner = model.get_base_model().model
+        compiled = torch.compile(inner.layers[0], backend=cl.backend({"partitioner": partitioner}), dynamic=False)
+        x = torch.randn(1, 32, inner.config.hidden_size, requires_grad=True,
+                        generator=torch.Generator().manual_seed(1))
+        pos = torch.arange(32)[None]
+        emb = inner.rotary_emb(x, pos)
+        compiled(x, position_embeddings=emb, position_ids=pos)  # compiled outside the hooks
+        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = compiled(x, position_embeddings=emb, position_ids=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().sum().backward()
+        grads = [out.detach(), x.grad, *(p.grad for p in inner.layers[0].parameters() if p.requires_grad)]
+        return saved, grads
+
+    def size(saved: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in saved)
+
+    default, default_grads = run(0.1, {})
+    recomputed, grads = run(0.1, RECOMPUTE_MASKS)
+    plain, _ = run(0.0, {})
+    masks = lambda saved: [s for s in saved if s[1] == torch.bool]  # noqa: E731
+    assert len(masks(default)) == 4 and masks(recomputed) == []
+    assert size(default) - size(recomputed) >= size(masks(default))  # all the masks' bytes, nothing instead
+    assert size(plain) < size(recomputed)
+    assert len(grads) == len(default_grads) > 2
+    assert all(torch.equal(a, b) for a, b in zip(grads, default_grads, strict=True))

@@ -362,6 +362,28 @@ def test_benchmark_compile_knobs_change_only_what_they_name(tiny_model, monkeypa
 
 
 @needs_shared
+def test_with_masks_recomputed_the_plan_predicts_less_and_checkpoints_fewer_layers(monkeypatch):
+    """PHI3TUNE_COMPILE=masks=recompute (benchmarks): the compiled layers' dropout masks are recomputed, so the plan
+    predicts the activations they keep without dropout, and a 24 GiB card checkpoints fewer layers of the
+    quickstart's whole step (the A/B the next GPU call makes: cards.sh q@24+masks against q@24). The knob sets the
+    partitioner's rules (knobs.RECOMPUTE_MASKS) and nothing else; a wrong value is an error."""
+    from phi3tune.knobs import RECOMPUTE_MASKS, compile_settings
+
+    ft = FineTuner(str(PHI3_DIR))
+    monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
+    saved = plan_for(ft, "cuda", free_gib=24, step_tokens=4842)
+    assert compile_settings()["partitioner"] == {}
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "masks=recompute")
+    recomputed = plan_for(ft, "cuda", free_gib=24, step_tokens=4842)
+    assert compile_settings()["partitioner"] == RECOMPUTE_MASKS and RECOMPUTE_MASKS
+    assert recomputed.micro_batch_tokens == saved.micro_batch_tokens == 4864
+    assert 0 < recomputed.checkpoint_layers < saved.checkpoint_layers
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "masks=dropped")
+    with pytest.raises(ValueError, match="masks='dropped' is not save or recompute"):
+        plan_for(ft, "cuda", free_gib=24)
+
+
+@needs_shared
 def test_the_memory_plan_takes_the_low_activation_budget_on_cuda():
     """``optimize_for="memory"`` on CUDA compiles its layers to the compiler's low budget (session 9: 3.90 GiB
     allocated at max_seq_length 4,096 against 4.02); on the CPU (eager layers) there is no such budget; the speed

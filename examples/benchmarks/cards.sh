@@ -24,6 +24,8 @@
 #   checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all 32 checkpointed; 0 never; the
 #   memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with
 #   the compiler's low activation budget: the recomputed layer keeps less),
+#   masks (the partitioner recomputes the hashed LoRA dropout masks in backward instead of saving them, and the plan
+#   predicts without them: PHI3TUNE_COMPILE=masks=recompute, knobs.RECOMPUTE_MASKS),
 #   deq0 / deq1 (the 4-bit base never / always dequantized once for the run, dequantized.py: PHI3TUNE_DEQUANTIZE;
 #   by default the plan dequantizes it where it fits),
 #   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
@@ -53,6 +55,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     cpp) compile+=(cpp_wrapper=1) ;;
     opaque) compile+=(opaque_4bit=1) ;;
     sel) compile+=(dequant=select) ;;
+    masks) compile+=(masks=recompute) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
     dyn) compile+=(dynamic_lengths=1) ;;
     lt) envs+=(TORCH_BLAS_PREFER_CUBLASLT=1) ;;
