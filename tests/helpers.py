@@ -44,6 +44,24 @@ def tiny_tuner(model: Path, out: Path, rows: Any, **train: Any) -> FineTuner:
             .data(source=rows, max_seq_length=64).training(**defaults))
 
 
+def lora_on_4bit(model: Path, dtype: Any, dropout: float = 0.0) -> Any:
+    """A PEFT LoRA model (r=4 on every linear layer) on ``model``'s 4-bit base, matmuls in ``dtype``, seeded, with
+    every adapter weight drawn: LoRA B starts at zero, and drawn, the adapter's path counts in outputs and grads."""
+    import torch
+
+    from phi3tune.model import attach_adapter, load_weights
+    from phi3tune.specs import AdapterSpec, QuantSpec
+
+    torch.manual_seed(0)
+    base = load_weights(str(model), QuantSpec(compute_dtype=str(dtype).removeprefix("torch.")), dtype,
+                        torch.device("cpu"))
+    peft = attach_adapter(base, AdapterSpec(r=4, dropout=dropout), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    for p in peft.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    return peft
+
+
 def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make loading the base model fail: a test that expects an error "before weights load" proves it."""
     def fail(*_: Any, **__: Any) -> None:

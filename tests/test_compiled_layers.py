@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import lora_on_4bit
 
 from phi3tune import compiled_layers as cl
 from phi3tune.model import load_weights
@@ -84,17 +85,8 @@ def test_a_compiled_lora_layer_runs_no_bitsandbytes_op_and_computes_the_same(tin
     compilation, which (the negative control) calls them."""
     import torch._dynamo
 
-    from phi3tune.model import attach_adapter
-    from phi3tune.specs import AdapterSpec
-
     def layer_of():
-        torch.manual_seed(0)
-        model = attach_adapter(_base(tiny_model, torch.float32, False), AdapterSpec(r=4, dropout=0.0),
-                               ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-        for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
-            if p.requires_grad:
-                p.data.normal_(0, 0.1)
-        return model.get_base_model().model
+        return lora_on_4bit(tiny_model, torch.float32).get_base_model().model
 
     def run(inner, compiled):
         layer = inner.layers[0]
@@ -295,17 +287,10 @@ def test_with_masks_recomputed_a_compiled_layer_saves_no_dropout_mask_and_comput
 
     from phi3tune.knobs import RECOMPUTE_MASKS
     from phi3tune.lora_dropout import make_recomputable
-    from phi3tune.model import attach_adapter
-    from phi3tune.specs import AdapterSpec
 
     def run(dropout: float, partitioner: dict) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], list]:
         torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = attach_adapter(_base(tiny_model, torch.float32, False), AdapterSpec(r=4, dropout=dropout),
-                               ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-        for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
-            if p.requires_grad:
-                p.data.normal_(0, 0.1)
+        model = lora_on_4bit(tiny_model, torch.float32, dropout)
         make_recomputable(model, torch.device("cpu"))
         inner = model.get_base_model().model
         compiled = torch.compile(inner.layers[0], backend=cl.backend({"partitioner": partitioner}), dynamic=False)

@@ -8,16 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
+from helpers import PHI3_DIR, adapter_tensors, lora_on_4bit, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune import FineTuner
 from phi3tune import compiled_layers as cl
 from phi3tune.dequantized import DequantizedLinear, dequantize_base, restore_4bit
 from phi3tune.memory import GIB
-from phi3tune.model import attach_adapter, load_weights
-from phi3tune.specs import AdapterSpec, QuantSpec
-
-TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def _nudged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,15 +72,9 @@ def test_a_compiled_layer_on_the_dequantized_base_computes_what_the_4bit_one_doe
     control: one value per weight 1/64 off is seen."""
     import torch._dynamo
 
-    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
 
     def layer_of(dequantized: bool) -> Any:
-        torch.manual_seed(0)
-        base = load_weights(str(tiny_model), QuantSpec(compute_dtype=name), dtype, torch.device("cpu"))
-        model = attach_adapter(base, AdapterSpec(r=4, dropout=0.0), TARGETS)
-        for p in model.parameters():  # LoRA B starts at zero: give it values so the adapter's path counts
-            if p.requires_grad:
-                p.data.normal_(0, 0.1)
+        model = lora_on_4bit(tiny_model, dtype)
         if dequantized:
             assert dequantize_base(model, dtype) == sum(
                 m.weight.numel() for m in model.modules() if isinstance(m, DequantizedLinear)) * dtype.itemsize
@@ -116,8 +106,7 @@ def test_restore_puts_back_the_very_4bit_layers(tiny_model):
     weights are not parameters of the model while the 4-bit ones are held aside."""
     from bitsandbytes.nn import Linear4bit
 
-    base = load_weights(str(tiny_model), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
-    model = attach_adapter(base, AdapterSpec(r=4, dropout=0.0), TARGETS)
+    model = lora_on_4bit(tiny_model, torch.float32)
     before = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     n_params = sum(1 for _ in model.parameters())
     dequantize_base(model, torch.float32)
