@@ -4,10 +4,10 @@ Compiled layers dequantize every 4-bit weight twice a micro-batch: in forward, a
 keep it. The base is frozen, so those values never change: a card with room for them (the compute dtype's 2 bytes
 a weight, 6.8 GiB for Phi-3-mini) keeps them, and each matmul reads them as they are. Measured on the H200 (README
 quickstart, docs/performance.md, session 9): ~16 ms less a micro-batch, median step 0.1545 -> 0.137 s unpacked and
-0.320 -> 0.304 s packed. They are bitsandbytes' own dequantization, so every matmul
-multiplies the same numbers as before (tests compare losses and gradients bit for bit). The plan decides
-(``RunPlan.dequantized_base``); the 4-bit layers go back when the run ends, so the model a run returns, and its
-saved adapter, are what they would have been.
+0.320 -> 0.304 s packed. They are bitsandbytes' own dequantization, so every matmul multiplies the same numbers
+as before (tests compare losses and gradients bit for bit). The plan decides (``RunPlan.dequantized_base``); the
+4-bit layers go back when the run ends, so the model a run returns, and its saved adapter, are what they would
+have been.
 """
 
 from __future__ import annotations

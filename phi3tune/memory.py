@@ -75,9 +75,9 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     a, b, c = _ACT_COEF
     low = compiled and activation_budget < 1.0
     kept = 1.0 if dropout > 0 and not low and not (compiled and masks_recomputed) else _NO_DROPOUT
-    recomputed = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
-    per_layer = recomputed * kept * (_LOW_BUDGET if low else 1.0)
-    recomputed *= 1.0 if dropout > 0 else _NO_DROPOUT
+    whole_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
+    per_layer = whole_layer * kept * (_LOW_BUDGET if low else 1.0)  # a layer that keeps its activations
+    recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
     # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time, and
     # keeps what the default budget keeps (session 9: the low budget took 0.12 GiB off that layer's peak at 4,096

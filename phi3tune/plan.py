@@ -275,10 +275,10 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
 
 
 def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:
-    """``plan`` with its 4-bit base dequantized once (dequantized.py) where that pays and fits: a speed plan on
-    CUDA whose predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. Such
-    a plan has room to spare (it checkpoints the fewest layers that fit), so the weights never take memory that
-    would have kept activations. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
+    """``plan`` with its 4-bit base dequantized once (dequantized.py) where that fits: a speed plan on CUDA whose
+    predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. ``auto`` weighs
+    each candidate so (``expected_cost``), so the weights may displace a larger micro-batch where that costs less
+    than the dequantization saves. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
     under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides."""
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
