@@ -66,30 +66,31 @@ def compile_env() -> dict[str, str]:
 # The partitioner's rules that keep the hashed LoRA dropout masks saved (one bool byte per element of the 4 inputs
 # of a layer's LoRA'd linears): "reduction" (an int64 hash compared into a bool is 8x smaller than its input), "used
 # far apart", "long fusible chain". Off, a compiled tiny layer saves no mask and what it saves without dropout
-# (CPU, saved-tensor hooks: tests/test_compiled_layers.py). Speed on the GPU not yet measured.
+# (CPU, saved-tensor hooks: tests/test_compiled_layers.py). Plans under the middle activation budget turn them off
+# (RunPlan.recompute_masks).
 RECOMPUTE_MASKS = {"ban_recompute_reductions": False, "ban_recompute_used_far_apart": False,
                    "ban_recompute_long_fusible_chains": False}
 
 
-def compile_settings(activation_budget: float = 1.0) -> dict[str, Any]:
+def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = False) -> dict[str, Any]:
     """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
-    ops as torch ops and the plan's ``activation_budget``, unless PHI3TUNE_COMPILE (benchmarks only,
-    examples/benchmarks/cards.sh) names otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's
-    ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++ wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes'
-    ops left as Python calls), ``activation_budget=F`` (functorch's ``activation_memory_budget``: the partitioner
-    recomputes in backward what keeps the saved activations under F of its default), ``dynamic_lengths=1`` (every
-    multiple of a granule from one symbolic-length graph), ``lengths=N`` (N fixed lengths instead of 4; both read
-    by ``_candidate``), ``dequant=select`` (the 4-bit codes' values selected by their bits, not loaded from a
-    table: compiled_layers.dequantize_4bit), ``masks=recompute`` (the partitioner recomputes the hashed LoRA
-    dropout masks in backward instead of saving them: ``RECOMPUTE_MASKS``; ``_candidate`` predicts the memory
-    without them), to measure what each does before a plan adopts it. Returns ``{"options": inductor config
-    patches, "opaque_4bit": bool, "activation_budget": float, "dequant": str, "partitioner": functorch config
-    patches}``.
+    ops as torch ops, the plan's ``activation_budget`` and, where the plan says ``recompute_masks``, the
+    partitioner's ``RECOMPUTE_MASKS``; unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names
+    otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++
+    wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), ``activation_budget=F``
+    (functorch's ``activation_memory_budget``: the partitioner recomputes in backward what keeps the saved
+    activations under F of its default), ``dynamic_lengths=1`` (every multiple of a granule from one symbolic-length
+    graph), ``lengths=N`` (N fixed lengths instead of 4; both read by ``_candidate``), ``dequant=select`` (the 4-bit
+    codes' values selected by their bits, not loaded from a table: compiled_layers.dequantize_4bit),
+    ``masks=recompute`` / ``save`` (read by ``_candidate``: the plan's ``recompute_masks`` on any compiled plan / on
+    none), to measure what each does before a plan adopts it. Returns ``{"options": inductor config patches,
+    "opaque_4bit": bool, "activation_budget": float, "dequant": str, "partitioner": functorch config patches}``.
     Measured (H200, torch 2.11, docs/performance.md sessions 7-8): neither CUDA graphs (each micro-batch a graph
     step, ``TokenLoss``) nor the C++ wrapper shortened a step at 4,096-8,192-token micro-batches (median 0.148 /
     0.158 s against 0.149 s); the wrapper doubled the warm-up's compile. No plan uses either."""
     options: dict[str, Any] = {}
-    opaque, budget, dequant, partitioner = False, activation_budget, "table", {}
+    opaque, budget, dequant = False, activation_budget, "table"
+    partitioner = dict(RECOMPUTE_MASKS) if recompute_masks else {}
     for key, value in compile_env().items():
         if key == "mode":
             options["triton.cudagraphs"] = value == "reduce-overhead"
@@ -101,7 +102,5 @@ def compile_settings(activation_budget: float = 1.0) -> dict[str, Any]:
             budget = float(value)
         elif key == "dequant":
             dequant = value
-        elif key == "masks" and value == "recompute":
-            partitioner = dict(RECOMPUTE_MASKS)
     return {"options": options, "opaque_4bit": opaque, "activation_budget": budget, "dequant": dequant,
             "partitioner": partitioner}

@@ -103,7 +103,8 @@ class Trainer:
                                       streaming=data.streaming)
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
-        self.compile_options = compile_settings(plan.activation_budget)["options"]  # inductor's, for the whole run
+        # inductor's options, for the whole run
+        self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks)["options"]
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints)

@@ -20,7 +20,16 @@ import torch
 
 from .knobs import compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
 from .loss import CE_CHUNK
-from .memory import COMMUNICATION, GIB, ModelShape, dequantized_bytes, estimate_parts, per_rank_parts, total_gib
+from .memory import (
+    COMMUNICATION,
+    GIB,
+    MIDDLE_ACTIVATION_BUDGET,
+    ModelShape,
+    dequantized_bytes,
+    estimate_parts,
+    per_rank_parts,
+    total_gib,
+)
 from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
@@ -65,6 +74,13 @@ _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # the same GPU in the same call (+18%), where checkpointing every layer costs +42%.
 LOW_ACTIVATION_BUDGET = 0.3
 _LOW_BUDGET_COST = 1.18
+# A middle budget: on the CPU (a Phi-3-mini-shaped layer, bf16, saved-tensor hooks) it keeps 80.4 KiB a token a
+# layer against the default's 154.5, which saves an fp32 copy of each dropped LoRA input, and recomputes only
+# elementwise ops: its backward holds the default's 20 matmuls, where 0.3 recomputes 4 more. Session 10, H200,
+# quickstart (4,864 tokens, base dequantized), one machine: 8.6 GiB less at peak for a median step 0.1548 s against
+# 0.1391 (+11%); with the masks recomputed too (PHI3TUNE_COMPILE=masks=recompute), 13.1 GiB less for +19%, the
+# low budget's price per GiB, so the plan leaves the masks saved
+_MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose activation model it changes)
 # The 4-bit base dequantized once (dequantized.py) saves a fixed time per micro-batch: session 9, H200, one machine,
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
 # 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
@@ -113,6 +129,10 @@ class RunPlan:
     # the frozen 4-bit base dequantized once, kept for the run in the compute dtype (dequantized.py): the speed
     # plans on CUDA, where it fits; PHI3TUNE_DEQUANTIZE=1 / 0 (benchmarks, tests) asks for it on any plan / never
     dequantized_base: bool = False
+    # compiled layers: the partitioner may recompute the hashed LoRA dropout masks instead of saving them
+    # (knobs.RECOMPUTE_MASKS). Only PHI3TUNE_COMPILE=masks=recompute (benchmarks) asks for it: on the H200 it
+    # costs more time per GiB saved than a lower activation budget (session 10)
+    recompute_masks: bool = False
 
     @property
     def requested(self) -> str:
@@ -142,7 +162,10 @@ class RunPlan:
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
         if self.activation_budget < 1.0:  # only compiled layers on CUDA get a low one (_candidate)
-            how.append(f"activations recomputed to a {self.activation_budget:g} budget")
+            how.append(f"activations recomputed to a {self.activation_budget:g} budget"
+                       + (", dropout masks too" if self.recompute_masks else ""))
+        elif self.recompute_masks:
+            how.append("dropout masks recomputed")
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
                        + (", their inputs in host memory" if self.offload_checkpoints else ""))
@@ -237,6 +260,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = min(activation_budget, m.get("activation_budget", 1.0)) if compile_ and cuda else 1.0
+    recompute_masks = bool(compile_ and cuda and knobs.get("masks") == "recompute")
     dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", "0")))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
@@ -254,7 +278,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
-        activation_budget=activation_budget, offload=offload, masks_recomputed=knobs.get("masks") == "recompute")
+        activation_budget=activation_budget, offload=offload, masks_recomputed=recompute_masks)
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
@@ -270,7 +294,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
-        dynamic_lengths=dynamic, offload_checkpoints=offload,
+        dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
         ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
@@ -300,7 +324,8 @@ def expected_cost(plan: RunPlan, layers: int) -> float:
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     share = plan.checkpoint_layers / max(1, layers)
-    low = _LOW_BUDGET_COST if plan.activation_budget < 1.0 else 1.0
+    low = 1.0 if plan.activation_budget >= 1.0 else (
+        _MIDDLE_BUDGET_COST if plan.activation_budget >= MIDDLE_ACTIVATION_BUDGET else _LOW_BUDGET_COST)
     held = 1 - _DEQUANTIZE_SAVES_MS / (_MICRO_BATCH_MS + _TOKEN_MS * size) if plan.dequantized_base else 1.0
     return _BUDGET_COST[size] * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
@@ -319,13 +344,14 @@ def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
                       free: int | None, processes: int = 1, step_tokens: int | None = None) -> list[RunPlan]:
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
-    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, then the low
-    one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when none fits)."""
+    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
+    one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
+    none fits)."""
     whole = whole_step_tokens(run, step_tokens)
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     out: list[RunPlan] = []
     for budget in budgets:
-        for low in (1.0, LOW_ACTIVATION_BUDGET):
+        for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
             for k in range(shape.layers + 1):
                 plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
                                   low)

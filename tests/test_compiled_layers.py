@@ -276,51 +276,94 @@ def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_m
     assert forwards and not marks
 
 
-def test_with_masks_recomputed_a_compiled_layer_saves_no_dropout_mask_and_computes_the_same(tiny_model):
-    """PHI3TUNE_COMPILE=masks=recompute (knobs.RECOMPUTE_MASKS): the partitioner recomputes the hashed LoRA dropout
-    masks in backward, so a compiled layer saves none of its 4 bool masks (the default saves all 4: the negative
-    control), and its output and gradients are the default's bit for bit (fp32; in bf16 the partitioner's other
-    choices round some intermediates differently: ~0.3% of the output's norm on this layer)."""
-    import math
-
+def _compiled_layer(tiny_model, dtype: torch.dtype, dropout: float, settings: dict, monkeypatch) -> dict:
+    """One compiled LoRA decoder layer (hashed dropout) under ``settings`` (compiled_layers.backend): what it saves
+    for backward (saved-tensor hooks), how many matmuls its backward graph holds, its output and gradients."""
     import torch._dynamo
+    import torch._inductor.compile_fx as compile_fx
 
-    from phi3tune.knobs import RECOMPUTE_MASKS
     from phi3tune.lora_dropout import make_recomputable
 
-    def run(dropout: float, partitioner: dict) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], list]:
-        torch._dynamo.reset()
-        model = lora_on_4bit(tiny_model, torch.float32, dropout)
-        make_recomputable(model, torch.device("cpu"))
-        inner = model.get_base_model().model
-        compiled = torch.compile(inner.layers[0], backend=cl.backend({"partitioner": partitioner}), dynamic=False)
-        x = torch.randn(1, 32, inner.config.hidden_size, requires_grad=True,
-                        generator=torch.Generator().manual_seed(1))
-        pos = torch.arange(32)[None]
-        emb = inner.rotary_emb(x, pos)
-        compiled(x, position_embeddings=emb, position_ids=pos)  # compiled outside the hooks
-        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+    backwards: list[torch.fx.GraphModule] = []
+    partition = compile_fx.min_cut_rematerialization_partition
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            saved.append((tuple(t.shape), t.dtype))
-            return t
+    def spy(*args, **kwargs):  # the joint graph's split, as inductor makes it: keep the backward
+        forward, backward = partition(*args, **kwargs)
+        backwards.append(backward)
+        return forward, backward
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = compiled(x, position_embeddings=emb, position_ids=pos)
-        out = out[0] if isinstance(out, tuple) else out
-        out.float().square().sum().backward()
-        grads = [out.detach(), x.grad, *(p.grad for p in inner.layers[0].parameters() if p.requires_grad)]
-        return saved, grads
+    monkeypatch.setattr(compile_fx, "min_cut_rematerialization_partition", spy)
+    torch._dynamo.reset()
+    model = lora_on_4bit(tiny_model, dtype, dropout)
+    make_recomputable(model, torch.device("cpu"))
+    inner = model.get_base_model().model
+    compiled = torch.compile(inner.layers[0], backend=cl.backend(settings), dynamic=False)
+    x = torch.randn(1, 32, inner.config.hidden_size, dtype=dtype, requires_grad=True,
+                    generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(32)[None]
+    emb = inner.rotary_emb(x, pos)
+    compiled(x, position_embeddings=emb, position_ids=pos)  # compiled outside the hooks
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
 
-    def size(saved: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in saved)
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((tuple(t.shape), t.dtype))
+        return t
 
-    default, default_grads = run(0.1, {})
-    recomputed, grads = run(0.1, RECOMPUTE_MASKS)
-    plain, _ = run(0.0, {})
-    masks = lambda saved: [s for s in saved if s[1] == torch.bool]  # noqa: E731
-    assert len(masks(default)) == 4 and masks(recomputed) == []
-    assert size(default) - size(recomputed) >= size(masks(default))  # all the masks' bytes, nothing instead
-    assert size(plain) < size(recomputed)
-    assert len(grads) == len(default_grads) > 2
-    assert all(torch.equal(a, b) for a, b in zip(grads, default_grads, strict=True))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(x, position_embeddings=emb, position_ids=pos)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().square().sum().backward()
+    matmuls = sum(1 for n in backwards[-1].graph.nodes if n.op == "call_function" and "mm" in str(n.target))
+    return {"saved": saved, "matmuls": matmuls,
+            "grads": [out.detach(), x.grad, *(p.grad for p in inner.layers[0].parameters() if p.requires_grad)]}
+
+
+def _bytes(saved: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    import math
+
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in saved)
+
+
+def _masks(saved: list[tuple[tuple[int, ...], torch.dtype]]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [s for s in saved if s[1] == torch.bool]
+
+
+def test_with_masks_recomputed_a_compiled_layer_saves_no_dropout_mask_and_computes_the_same(tiny_model, monkeypatch):
+    """RunPlan.recompute_masks (knobs.RECOMPUTE_MASKS): the partitioner recomputes the hashed LoRA dropout masks in
+    backward, so a compiled layer saves none of its 4 bool masks (the default saves all 4: the negative control),
+    and its output and gradients are the default's bit for bit (fp32; in bf16 the partitioner's other choices
+    round some intermediates differently: ~0.3% of the output's norm on this layer)."""
+    from phi3tune.knobs import RECOMPUTE_MASKS
+
+    default = _compiled_layer(tiny_model, torch.float32, 0.1, {}, monkeypatch)
+    recomputed = _compiled_layer(tiny_model, torch.float32, 0.1, {"partitioner": RECOMPUTE_MASKS}, monkeypatch)
+    plain = _compiled_layer(tiny_model, torch.float32, 0.0, {}, monkeypatch)
+    assert len(_masks(default["saved"])) == 4 and _masks(recomputed["saved"]) == []
+    # all the masks' bytes, nothing instead
+    assert _bytes(default["saved"]) - _bytes(recomputed["saved"]) >= _bytes(_masks(default["saved"]))
+    assert _bytes(plain["saved"]) < _bytes(recomputed["saved"])
+    assert len(recomputed["grads"]) == len(default["grads"]) > 2
+    assert all(torch.equal(a, b) for a, b in zip(recomputed["grads"], default["grads"], strict=True))
+
+
+def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_model, monkeypatch):
+    """The speed plans' middle budget (plan.MIDDLE_ACTIVATION_BUDGET, masks recomputed): in bf16 a compiled layer
+    saves no dropout mask and no fp32 copy of a dropped LoRA input, under half the default's bytes, and its
+    backward holds exactly the default's matmuls (the low budget recomputes some: the negative control); in fp32
+    its output and gradients are the default's bit for bit."""
+    from phi3tune.knobs import compile_settings
+    from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
+
+    middle_settings = compile_settings(MIDDLE_ACTIVATION_BUDGET, recompute_masks=True)
+    default = _compiled_layer(tiny_model, torch.bfloat16, 0.1, {}, monkeypatch)
+    middle = _compiled_layer(tiny_model, torch.bfloat16, 0.1, middle_settings, monkeypatch)
+    low = _compiled_layer(tiny_model, torch.bfloat16, 0.1, compile_settings(LOW_ACTIVATION_BUDGET), monkeypatch)
+    hidden = default["grads"][1].shape[-1]
+    acts = lambda saved: [s for s in saved if 32 in s[0]]  # noqa: E731  (an axis of 32 tokens; no weight has one)
+    copies = lambda saved: [s for s in acts(saved) if s[1] == torch.float32 and s[0][-1] >= hidden]  # noqa: E731
+    assert len(_masks(default["saved"])) == 4 and len(copies(default["saved"])) == 4  # what the default keeps
+    assert _masks(middle["saved"]) == [] and copies(middle["saved"]) == []
+    assert _bytes(acts(middle["saved"])) < 0.5 * _bytes(acts(default["saved"]))
+    assert middle["matmuls"] == default["matmuls"] < low["matmuls"]
+    exact = [_compiled_layer(tiny_model, torch.float32, 0.1, s, monkeypatch)["grads"] for s in ({}, middle_settings)]
+    assert all(torch.equal(a, b) for a, b in zip(*exact, strict=True))

@@ -362,22 +362,25 @@ def test_benchmark_compile_knobs_change_only_what_they_name(tiny_model, monkeypa
 
 
 @needs_shared
-def test_with_masks_recomputed_the_plan_predicts_less_and_checkpoints_fewer_layers(monkeypatch):
-    """PHI3TUNE_COMPILE=masks=recompute (benchmarks): the compiled layers' dropout masks are recomputed, so the plan
-    predicts the activations they keep without dropout, and a 24 GiB card checkpoints fewer layers of the
-    quickstart's whole step (the A/B the next GPU call makes: cards.sh q@24+masks against q@24). The knob sets the
-    partitioner's rules (knobs.RECOMPUTE_MASKS) and nothing else; a wrong value is an error."""
+def test_with_masks_recomputed_the_plan_predicts_less_and_says_so(monkeypatch):
+    """PHI3TUNE_COMPILE=masks=recompute (benchmarks): a compiled plan on CUDA carries ``recompute_masks``, which sets
+    the partitioner's rules (knobs.RECOMPUTE_MASKS) and nothing else, and predicts the activations its layers keep
+    without the masks; no plan asks for it by itself (session 10: it costs more per GiB than a lower budget); the
+    CPU's eager layers never get it; a wrong value is an error."""
     from phi3tune.knobs import RECOMPUTE_MASKS, compile_settings
 
-    ft = FineTuner(str(PHI3_DIR))
+    ft = FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4096)
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
-    saved = plan_for(ft, "cuda", free_gib=24, step_tokens=4842)
-    assert compile_settings()["partitioner"] == {}
+    saved = plan_for(ft, "cuda", free_gib=139)
+    assert not saved.recompute_masks and not plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=16).recompute_masks
+    assert compile_settings(saved.activation_budget, saved.recompute_masks)["partitioner"] == {}
     monkeypatch.setenv("PHI3TUNE_COMPILE", "masks=recompute")
-    recomputed = plan_for(ft, "cuda", free_gib=24, step_tokens=4842)
-    assert compile_settings()["partitioner"] == RECOMPUTE_MASKS and RECOMPUTE_MASKS
-    assert recomputed.micro_batch_tokens == saved.micro_batch_tokens == 4864
-    assert 0 < recomputed.checkpoint_layers < saved.checkpoint_layers
+    recomputed = plan_for(ft, "cuda", free_gib=139)
+    assert recomputed.recompute_masks and "dropout masks recomputed" in recomputed.describe()
+    assert compile_settings(recomputed.activation_budget, recomputed.recompute_masks)["partitioner"] == RECOMPUTE_MASKS
+    assert (recomputed.micro_batch_tokens, recomputed.checkpointing) == (saved.micro_batch_tokens, False)
+    assert recomputed.memory["activations"] < saved.memory["activations"]
+    assert not plan_for(ft, "cpu").recompute_masks
     monkeypatch.setenv("PHI3TUNE_COMPILE", "masks=dropped")
     with pytest.raises(ValueError, match="masks='dropped' is not save or recompute"):
         plan_for(ft, "cuda", free_gib=24)
