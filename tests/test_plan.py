@@ -423,3 +423,32 @@ def test_the_low_budget_shrinks_the_layers_that_keep_activations_not_the_recompu
     assert acts(0.3, 32, offload=True) == acts(1.0, 32, offload=True)
     assert acts(0.3, 32) == acts(1.0, 32)
     assert acts(0.3, 16) < acts(1.0, 16)  # 16 layers keep their activations, to the low budget
+
+
+@needs_shared
+def test_the_middle_activation_budget_sits_between_the_default_and_the_low_one():
+    """The speed plans' third activation budget (memory.MIDDLE_ACTIVATION_BUDGET): its layers keep 0.6 of the
+    default's activations (H200: 8.7 GiB less at 4,864 tokens), for +11% a step where the low budget keeps ~1/3 for
+    +18%; so a card whose whole step fits only under it takes it (22 GiB: no layer checkpointed), a card with room
+    keeps the default (the negative control) and a smaller one the low budget."""
+    from phi3tune.memory import _MIDDLE_BUDGET, MIDDLE_ACTIVATION_BUDGET, ModelShape, estimate_parts
+    from phi3tune.plan import LOW_ACTIVATION_BUDGET, expected_cost
+
+    shape = ModelShape(hidden=3072, intermediate=8192, layers=32, vocab=32064, linears=(), other_params=0)
+
+    def acts(budget: float) -> int:
+        return estimate_parts(shape, bits=4, double_quant=False, targets=set(), r=64, dropout=0.1,
+                              optimizer_state_bytes=8, act_bytes=2, upcast_frozen=False, tokens=4096,
+                              checkpointing=False, compiled=True, ce_chunk=512, cuda=True,
+                              activation_budget=budget)["activations"]
+
+    assert acts(LOW_ACTIVATION_BUDGET) < acts(MIDDLE_ACTIVATION_BUDGET) < acts(1.0)
+    assert acts(MIDDLE_ACTIVATION_BUDGET) == pytest.approx(_MIDDLE_BUDGET * acts(1.0), rel=1e-3)
+    ft = FineTuner(str(PHI3_DIR))
+    plans = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=4842) for g in (16, 22, 40)}
+    middle = plans[22]
+    assert (middle.activation_budget, middle.checkpointing, middle.micro_batch_tokens) == (0.5, False, 4864)
+    assert "activations recomputed to a 0.5 budget" in middle.describe()
+    assert plans[40].activation_budget == 1.0 and plans[16].activation_budget == LOW_ACTIVATION_BUDGET
+    costs = [expected_cost(plans[g], 32) for g in (16, 22, 40)]
+    assert costs == sorted(costs, reverse=True)
