@@ -55,8 +55,8 @@ def _signed32(c: int) -> int:
 def _mix32_wrapping(x: torch.Tensor) -> torch.Tensor:
     """``mix32`` on int32 tensors holding the 32 bits: multiplies wrap mod 2**32 (the low half of the int64
     product), right shifts are masked to be logical. Its bits are ``mix32``'s (tests/test_lora_dropout.py), at a
-    fraction of the GPU's work: no 64-bit multiplies, emulated there (profiled: the int64 hash took ~4% of the H200's
-    whole-card step)."""
+    fraction of the GPU's work: no 64-bit multiplies, which a GPU emulates (profiled: the kernels that computed the
+    int64 hash took ~4% of the H200's whole-card step)."""
     x = x ^ ((x >> 16) & 0xFFFF)
     x = x * _signed32(0x7FEB352D)
     x = x ^ ((x >> 15) & 0x1FFFF)
