@@ -47,37 +47,11 @@ def micro_batch_key(seed: int, rank: int, step: int, micro: int) -> int:
     return int(key)
 
 
-def _signed32(c: int) -> int:
-    """The 32 bits of ``0 <= c < 2**32`` read as a signed int32."""
-    return c - 2**32 if c >= 2**31 else c
-
-
-def _mix32_wrapping(x: torch.Tensor) -> torch.Tensor:
-    """``mix32`` on int32 tensors holding the 32 bits: multiplies wrap mod 2**32 (the low half of the int64
-    product), right shifts are masked to be logical. Its bits are ``mix32``'s (tests/test_lora_dropout.py), at a
-    fraction of the GPU's work: no 64-bit multiplies, which a GPU emulates (profiled: the kernels that computed the
-    int64 hash took ~4% of the H200's whole-card step)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _signed32(0x7FEB352D)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _signed32(0x846CA68B)
-    return x ^ ((x >> 16) & 0xFFFF)
-
-
 def keep_mask(x: torch.Tensor, p: float, key: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
-    """Which elements of ``x`` survive: a hash of (key, salt, index) at or above ``p * 2**32``, compared as
-    unsigned 32-bit numbers (the sign bit flipped, then a signed compare)."""
-    threshold = round(p * 2**32)
-    if threshold >= 2**32:
-        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    if x.numel() >= 2**31:  # the index would not fit an int32: the int64 hash, the same bits
-        index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-        return mix32(mix32(key ^ salt) ^ mix32(index)) >= threshold
-    seed = mix32(key ^ salt)  # one element: int64 is cheap here
-    seed = torch.where(seed >= 2**31, seed - 2**32, seed).to(torch.int32)
-    index = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape)
-    mixed = _mix32_wrapping(seed ^ _mix32_wrapping(index))
-    return (mixed ^ _signed32(2**31)) >= threshold - 2**31
+    """Which elements of ``x`` survive: a hash of (key, salt, index) at or above ``p * 2**32``."""
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    mixed = mix32(mix32(key ^ salt) ^ mix32(index))
+    return mixed >= round(p * 2**32)
 
 
 class RecomputableDropout(nn.Module):

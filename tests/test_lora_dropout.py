@@ -44,36 +44,6 @@ def test_the_hash_is_computed_exactly_in_int64_and_keys_do_not_collide():
     assert len(keys) == 2 * 4 * 200 * 4
 
 
-def test_the_int32_hash_draws_the_int64_hash_masks_bit_for_bit():
-    """keep_mask hashes in wrapping int32 arithmetic (cheaper on a GPU than int64's emulated multiplies): its masks
-    are those of the int64 hash, eager and compiled, for keys and salts with the top bit set and unset. Negative
-    control: arithmetic right shifts (the logical shift's mask left out) draw other masks."""
-    def int64_mask(x, p, key, salt):
-        index = torch.arange(x.numel(), dtype=torch.int64).view(x.shape)
-        return ld.mix32(ld.mix32(key ^ salt) ^ ld.mix32(index)) >= round(p * 2**32)
-
-    x = torch.empty(16, 1031)
-    compiled = torch.compile(ld.keep_mask, dynamic=False)
-    for key in (0, 2**31 - 1, 2**31, 2**32 - 1, ld.micro_batch_key(0, 0, 3, 1)):
-        for salt in (1, 2**32 - 5):
-            k, s = torch.tensor(key, dtype=torch.int64), torch.tensor(salt, dtype=torch.int64)
-            for p in (0.1, 0.5):
-                want = int64_mask(x, p, k, s)
-                assert torch.equal(ld.keep_mask(x, p, k, s), want) and torch.equal(compiled(x, p, k, s), want)
-    assert not ld.keep_mask(x, 1.0, k, s).any() and ld.keep_mask(x, 0.0, k, s).all()
-
-    def arithmetic(v: torch.Tensor) -> torch.Tensor:
-        v = v ^ (v >> 16)
-        v = v * ld._signed32(0x7FEB352D)
-        v = v ^ (v >> 15)
-        v = v * ld._signed32(0x846CA68B)
-        return v ^ (v >> 16)
-
-    index = torch.arange(x.numel(), dtype=torch.int32)
-    assert torch.equal(ld._mix32_wrapping(index).long() % 2**32, ld.mix32(index.long()))
-    assert not torch.equal(arithmetic(index).long() % 2**32, ld.mix32(index.long()))
-
-
 def _lora_layer(model_dir, dropout_module: str):
     torch.manual_seed(0)
     base = load_weights(str(model_dir), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))

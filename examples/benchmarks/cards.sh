@@ -8,7 +8,6 @@
 # A RUN is KIND@GIB[+VARIANT[+VARIANT...]], GIB a card size or "full" (the whole H200):
 #   q   README quickstart, unpacked              p   the same with data.packing=true
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight (GIB ignored)
-#   hash  the hashed dropout mask in int32 against the int64 hash: the same bits, and each one's time (check_hash.py)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
@@ -109,7 +108,6 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
-    hash) python3 examples/benchmarks/check_hash.py 2>&1 | tail -3 | tee -a "$OUT/all.jsonl" ;;
     prof) timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             --out "$OUT/profile_$gib.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib.txt" 2>/dev/null ;;
