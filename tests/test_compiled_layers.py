@@ -350,7 +350,7 @@ def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_mode
     """The speed plans' middle budget (plan.MIDDLE_ACTIVATION_BUDGET), compiled as the plan compiles it (the masks
     saved): in bf16 a compiled layer saves no fp32 copy of a dropped LoRA input, at most 0.6 of the default's
     activation bytes, and its backward holds exactly the default's matmuls (the low budget recomputes some: the
-    negative control); in fp32 its output and gradients are the default's bit for bit."""
+    negative control). Its gradients are the eager layer's: tests/test_lora_dropout.py."""
     from phi3tune.knobs import compile_settings
     from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 
@@ -364,5 +364,3 @@ def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_mode
     assert len(copies(default["saved"])) == 4 and copies(middle["saved"]) == []  # the default keeps 4
     assert _bytes(acts(middle["saved"])) <= 0.6 * _bytes(acts(default["saved"]))
     assert middle["matmuls"] == default["matmuls"] < low["matmuls"]
-    exact = [_compiled_layer(tiny_model, torch.float32, 0.1, s, monkeypatch)["grads"] for s in ({}, middle_settings)]
-    assert all(torch.equal(a, b) for a, b in zip(*exact, strict=True))

@@ -10,6 +10,7 @@ import torch
 from phi3tune import compiled_layers as cl
 from phi3tune import lora_dropout as ld
 from phi3tune.model import attach_adapter, load_weights
+from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 from phi3tune.specs import AdapterSpec, QuantSpec
 
 
@@ -80,10 +81,11 @@ def _step(inner, layer, n: int = 32):
 
 @pytest.mark.parametrize("dropout_module", ["hashed", "torch"])
 def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(tiny_model, dropout_module):
-    """The partitioner's activation budget recomputes ops in backward instead of saving them. Hashed masks come
-    out the same when recomputed: the compiled layer's gradients are the eager layer's, and it saves less than
-    with its default budget. With nn.Dropout (the negative control: torch draws the mask again in backward,
-    even with inductor's fallback_random so that compiled and eager draw alike) the gradients are wrong."""
+    """The partitioner's activation budget (the low one and the speed plans' middle one) recomputes ops in backward
+    instead of saving them. Hashed masks come out the same when recomputed: the compiled layer's gradients are the
+    eager layer's, and it saves less than with its default budget. With nn.Dropout (the negative control: torch
+    draws the mask again in backward, even with inductor's fallback_random so that compiled and eager draw alike)
+    the gradients are wrong."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
@@ -102,13 +104,17 @@ def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(t
 
     with inductor.patch(fallback_random=True):
         full, saved_full = compiled(1.0)
-        low, saved_low = compiled(0.3)
+        low, saved_low = compiled(LOW_ACTIVATION_BUDGET)
+        # the speed plans' middle budget, with the hashed masks only (nn.Dropout's is wrong under any budget)
+        middle, saved_middle = compiled(MIDDLE_ACTIVATION_BUDGET) if dropout_module == "hashed" else (None, 0)
+
     def worst(grads):
         return max(float((g - e).norm() / e.norm()) for g, e in zip(grads, eager, strict=True))
 
     assert worst(full) < 1e-4  # the default budget: right either way
     if dropout_module == "hashed":
         assert worst(low) < 1e-4 and saved_low < 0.8 * saved_full
+        assert worst(middle) < 1e-4 and saved_middle < saved_full
     else:
         assert worst(low) > 0.1
 
