@@ -64,7 +64,7 @@ def compile_env() -> dict[str, str]:
 
 
 # The partitioner's rules that keep the hashed LoRA dropout masks saved (one bool byte per element of the 4 inputs
-# of a layer's LoRA'd linears): "reduction" (an integer hash compared into a bool is smaller than its input), "used
+# of a layer's LoRA'd linears): "reduction" (an int64 hash compared into a bool is 8x smaller than its input), "used
 # far apart", "long fusible chain". Off, a compiled tiny layer saves no mask and what it saves without dropout
 # (CPU, saved-tensor hooks: tests/test_compiled_layers.py). Only PHI3TUNE_COMPILE=masks=recompute turns them off
 # (RunPlan.recompute_masks): on the H200 that gave back 2.5 GiB for +7.6% a step (session 10), dearer than a budget.
