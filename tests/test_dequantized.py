@@ -72,7 +72,6 @@ def test_a_compiled_layer_on_the_dequantized_base_computes_what_the_4bit_one_doe
     control: one value per weight 1/64 off is seen."""
     import torch._dynamo
 
-
     def layer_of(dequantized: bool) -> Any:
         model = lora_on_4bit(tiny_model, dtype)
         if dequantized:
