@@ -364,3 +364,48 @@ def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_mode
     assert len(copies(default["saved"])) == 4 and copies(middle["saved"]) == []  # the default keeps 4
     assert _bytes(acts(middle["saved"])) <= 0.6 * _bytes(acts(default["saved"]))
     assert middle["matmuls"] == default["matmuls"] < low["matmuls"]
+
+
+def test_a_budget_in_some_layers_compiles_only_those_under_it_and_trains_the_same(tiny_model, tmp_path, monkeypatch):
+    """RunPlan.budget_layers: the first layer compiles under the low activation budget, the second under the
+    compiler's default (the partitioner sees both budgets; a plan of one budget, the negative control, only its
+    own), and a step with hashed LoRA dropout gives the all-default compile's loss, gradient norm and adapter."""
+    import dataclasses
+
+    import torch._dynamo
+    import torch._functorch.config as functorch
+    import torch._inductor.compile_fx as compile_fx
+    from helpers import adapter_tensors, rows_of_text, tiny_tuner
+
+    from phi3tune import pipeline
+    from phi3tune.plan import LOW_ACTIVATION_BUDGET
+
+    budgets: list[float] = []
+    partition = compile_fx.min_cut_rematerialization_partition
+
+    def spy(*args, **kwargs):  # the budget each joint graph is split under
+        budgets.append(functorch.activation_memory_budget)
+        return partition(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "min_cut_rematerialization_partition", spy)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "lengths=1")  # one graph per compiler: the test's time
+    real_resolve = pipeline.resolve_plan
+
+    def run(out: str, **change):
+        torch._dynamo.reset()
+        budgets.clear()
+        monkeypatch.setattr(pipeline, "resolve_plan", lambda *a, **k: dataclasses.replace(real_resolve(*a, **k),
+                                                                                          **change))
+        ft = tiny_tuner(tiny_model, tmp_path / out, rows_of_text(8, seed=4), optimize_for="speed", compile=True,
+                        grad_accum=2).adapter(r=8, alpha=16, dropout=0.1)
+        return ft.run(), sorted(set(budgets))
+
+    ref, ref_budgets = run("default")
+    got, got_budgets = run("mixed", activation_budget=LOW_ACTIVATION_BUDGET, budget_layers=1)
+    assert ref_budgets == [1.0] and got_budgets == [LOW_ACTIVATION_BUDGET, 1.0]
+    assert got.plan is not None and "0.3 budget in 1 layer," in got.plan.describe()
+    assert got.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-6)
+    assert got.history[0]["grad_norm"] == pytest.approx(ref.history[0]["grad_norm"], rel=1e-5)
+    a, b = adapter_tensors(ref), adapter_tensors(got)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
