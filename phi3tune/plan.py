@@ -64,6 +64,12 @@ LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers). Session 7: a
 # whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
 _BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
+# Packed rows fill every micro-batch, and there a micro-batch costs what the fit below says (~19 ms + ~36.7 µs a
+# token): session 11, packed on a 16 GiB card, one machine, 4 micro-batches of 2,048 at the default budget took
+# 0.376 s a step (the fit: 0.377) against 0.398 for 2 of 4,096 at the low budget (the fit x1.18: 0.400). Unpacked
+# rows make a step of ~3,100 tokens, so a budget below it cuts the step into part-filled micro-batches: on the same
+# card 2,048 ran 0.193 s against one whole-step micro-batch's 0.181 at the low budget, and with the base
+# dequantized no faster (0.197 s on 24 GiB) where the fit would save 2 x 16 ms; the table above stays theirs
 WHOLE_STEP_CAP = 8192  # the longest micro-batch measured: a whole step is tried as one micro-batch up to this size
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
 _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
@@ -328,20 +334,28 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     return held if plan.mode == "speed" and plan.device.startswith("cuda") and fits else plan
 
 
-def expected_cost(plan: RunPlan, layers: int) -> float:
+def micro_batch_ms(tokens: int) -> float:
+    """The fitted time of one full micro-batch of ``tokens`` (H200, the default budget, the base not dequantized)."""
+    return _MICRO_BATCH_MS + _TOKEN_MS * tokens
+
+
+def expected_cost(plan: RunPlan, layers: int, packed: bool = False) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
-    A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. The base
-    dequantized once takes its measured ~16 ms off each micro-batch. A budget in only some layers costs in
+    A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
+    rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
+    base dequantized once takes its measured ~16 ms off each micro-batch. A budget in only some layers costs in
     proportion to them."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
+    fitted = packed and size >= 2048
+    per_size = micro_batch_ms(size) / size / (micro_batch_ms(4096) / 4096) if fitted else _BUDGET_COST[size]
     share = plan.checkpoint_layers / max(1, layers)
     low = 1.0 if plan.activation_budget >= 1.0 else (
         _MIDDLE_BUDGET_COST if plan.activation_budget >= MIDDLE_ACTIVATION_BUDGET else _LOW_BUDGET_COST)
     if plan.budget_layers is not None:  # only some layers recompute: their share of the price
         low = 1 + (low - 1) * plan.budget_layers / max(1, layers)
-    held = 1 - _DEQUANTIZE_SAVES_MS / (_MICRO_BATCH_MS + _TOKEN_MS * size) if plan.dequantized_base else 1.0
-    return _BUDGET_COST[size] * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
+    held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
+    return per_size * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
@@ -411,7 +425,7 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
     if fits:
-        return min(fits, key=lambda p: expected_cost(p, shape.layers))
+        return min(fits, key=lambda p: expected_cost(p, shape.layers, run.data.packing))
     memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:

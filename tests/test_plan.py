@@ -448,8 +448,8 @@ def test_the_middle_activation_budget_sits_between_the_default_and_the_low_one()
 
 
 @needs_shared
-@pytest.mark.parametrize("packing", [False, True])
-def test_a_card_with_room_for_some_layers_activations_recomputes_only_in_the_rest(packing):
+@pytest.mark.parametrize(("packing", "cards"), [(False, (16, 20, 24)), (True, (20,))])
+def test_a_card_with_room_for_some_layers_activations_recomputes_only_in_the_rest(packing, cards):
     """Between the cards where a whole step's activations fit (40 GiB: the default budget everywhere) and those
     where every layer needs a low budget (12 GiB), ``auto`` keeps the default's activations in as many layers as
     the card holds and recomputes in the rest (RunPlan.budget_layers), checkpointing none: one layer more at the
@@ -463,12 +463,12 @@ def test_a_card_with_room_for_some_layers_activations_recomputes_only_in_the_res
     info = preflight_model(run.model, False, need_weights=False)
     targets = resolve_target_modules(run.adapter, info.linear_layers)
     step = None if packing else 4842
-    plans = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=step) for g in (12, 16, 20, 24, 40)}
+    plans = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=step) for g in (12, *cards, 40)}
     assert (plans[12].activation_budget, plans[12].budget_layers) == (LOW_ACTIVATION_BUDGET, None)
     assert (plans[40].activation_budget, plans[40].budget_layers) == (1.0, None)
-    costs = [expected_cost(plans[g], 32) for g in sorted(plans)]
+    costs = [expected_cost(plans[g], 32, packing) for g in sorted(plans)]
     assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
-    for g in (16, 20, 24):
+    for g in cards:
         plan = plans[g]
         n = plan.budget_layers
         assert plan.activation_budget < 1.0 and n is not None and 0 < n < 32 and not plan.checkpointing
@@ -477,3 +477,23 @@ def test_a_card_with_room_for_some_layers_activations_recomputes_only_in_the_res
         fatter = _candidate(run, info.shape, targets, torch.device("cuda"), "speed", "auto", g * GIB,
                             plan.micro_batch_tokens, 0, 1, plan.activation_budget, budget_layers=n - 1)
         assert fatter.predicted_peak_gib * GIB > FIT_FRACTION * g * GIB  # one more layer at the default: over
+
+
+@needs_shared
+def test_packed_rows_take_full_2048_token_micro_batches_where_4096_would_need_recomputing():
+    """Packed rows fill every micro-batch, so a micro-batch costs the fitted ~19 ms + ~36.7 µs a token. On a 16 GiB
+    card, four of 2,048 at the default budget beat two of 4,096 at the low one: the model's ratio is the one
+    measured (session 11, one machine: 0.376 s against 0.398 a step); on 24 GiB the base is dequantized beside
+    them. Unpacked rows (a part-filled micro-batch: measured slower) keep a whole step per micro-batch, and a 12 GiB
+    card, where 2,048's default activations do not fit, keeps 4,096 at the low budget: the negative controls."""
+    from phi3tune.plan import LOW_ACTIVATION_BUDGET, expected_cost
+
+    packed = FineTuner(str(PHI3_DIR)).data(packing=True)
+    p12, p16, p24 = (plan_for(packed, "cuda", free_gib=g) for g in (12, 16, 24))
+    assert (p16.micro_batch_tokens, p16.activation_budget, p16.checkpointing, p16.dequantized_base) == (
+        2048, 1.0, False, False)
+    assert (p24.micro_batch_tokens, p24.activation_budget, p24.dequantized_base) == (2048, 1.0, True)
+    assert (p12.micro_batch_tokens, p12.activation_budget) == (4096, LOW_ACTIVATION_BUDGET)
+    assert expected_cost(p16, 32, True) / expected_cost(p12, 32, True) == pytest.approx(0.376 / 0.398, rel=0.02)
+    unpacked = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=16, step_tokens=4842)
+    assert unpacked.micro_batch_tokens == 4864
