@@ -56,16 +56,14 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
                    dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
                    checkpoint_layers: int | None = None, activation_budget: float = 1.0,
-                   budget_layers: int | None = None, offload: bool = False,
-                   masks_recomputed: bool = False) -> dict[str, int]:
+                   offload: bool = False, masks_recomputed: bool = False) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
     without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
-    ``budget_layers``: how many layers (the first ones) compile under ``activation_budget``, the others under the
-    compiler's default (default: all). ``offload``: the checkpointed inputs live in host memory."""
+    ``offload``: the checkpointed inputs live in host memory."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -85,15 +83,9 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     whole_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
     middle = compiled and MIDDLE_ACTIVATION_BUDGET <= activation_budget < 1.0
     share = _MIDDLE_BUDGET if middle else _LOW_BUDGET if low else 1.0
-    per_layer = whole_layer * kept * share  # a layer that keeps its activations, under the budget
+    per_layer = whole_layer * kept * share  # a layer that keeps its activations
     recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
-    # of the layers that keep their activations (all but the first k), those among the first ``budget_layers``
-    # keep them to the budget, the rest what the default budget keeps
-    n = shape.layers if budget_layers is None else min(budget_layers, shape.layers)
-    at_budget = max(0, n - k)
-    default = whole_layer * (1.0 if dropout > 0 and not (compiled and masks_recomputed) else _NO_DROPOUT)
-    keeping = at_budget * per_layer + (shape.layers - k - at_budget) * default
     # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time, and
     # keeps what the default budget keeps (session 9: the low budget took 0.12 GiB off that layer's peak at 4,096
     # tokens where the model would take 0.36). ``offload`` (offload.py; every layer checkpointed): the layers'
@@ -101,7 +93,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     if offload and k:
         activations = tokens * (2 * shape.hidden * act_bytes + recomputed)
     else:
-        kept_whole = keeping + (recomputed if k else 0)
+        kept_whole = (shape.layers - k) * per_layer + (recomputed if k else 0)
         activations = tokens * (k * shape.hidden * act_bytes + kept_whole)
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,

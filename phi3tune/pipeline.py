@@ -257,11 +257,8 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         model.get_base_model().enable_input_require_grads()
         # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
         make_recomputable(model, torch.device(plan.device))
-        layers = model.get_base_model().model.layers  # 4-bit matmuls in the graph
-        n = len(layers) if plan.budget_layers is None else plan.budget_layers  # the first n: the plan's budget
-        compile_layers(layers[:n], compile_settings(plan.activation_budget, plan.recompute_masks),
-                       dynamic=plan.dynamic_lengths)
-        compile_layers(layers[n:], compile_settings(1.0, plan.recompute_masks), dynamic=plan.dynamic_lengths)
+        compile_layers(model.get_base_model().model.layers,  # 4-bit matmuls in the graph
+                       compile_settings(plan.activation_budget, plan.recompute_masks), dynamic=plan.dynamic_lengths)
     return model
 
 

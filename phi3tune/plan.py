@@ -139,10 +139,6 @@ class RunPlan:
     # (knobs.RECOMPUTE_MASKS). Only PHI3TUNE_COMPILE=masks=recompute (benchmarks) asks for it: on the H200 it
     # costs more time per GiB saved than a lower activation budget (session 10)
     recompute_masks: bool = False
-    # compiled layers: how many decoder layers (the first ones) compile under ``activation_budget``, the others under
-    # the compiler's default; None: all of them. A card with room for some layers' whole activations but not all
-    # (plan._speed_candidates) recomputes in only as many as it must
-    budget_layers: int | None = None
 
     @property
     def requested(self) -> str:
@@ -172,9 +168,7 @@ class RunPlan:
                                                                        str(self.attn_implementation)))
         how.append("compiled layers" if self.compile else "eager layers")
         if self.activation_budget < 1.0:  # only compiled layers on CUDA get a low one (_candidate)
-            n = self.budget_layers
-            some = f" in {n} layer{'s' if n != 1 else ''}" if n is not None else ""
-            how.append(f"activations recomputed to a {self.activation_budget:g} budget{some}"
+            how.append(f"activations recomputed to a {self.activation_budget:g} budget"
                        + (", dropout masks too" if self.recompute_masks else ""))
         elif self.recompute_masks:
             how.append("dropout masks recomputed")
@@ -253,10 +247,9 @@ def _allocator_unset() -> bool:
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1,
-               activation_budget: float = 1.0, budget_layers: int | None = None) -> RunPlan:
+               activation_budget: float = 1.0) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
-    ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers', in
-    the first ``budget_layers`` of them (default: all)."""
+    ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers'."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -273,8 +266,6 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # under FSDP too: distributed.keep_quant_state_on_gathered_weights keeps 4-bit layers traceable there
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = min(activation_budget, m.get("activation_budget", 1.0)) if compile_ and cuda else 1.0
-    if activation_budget >= 1.0 or (budget_layers is not None and budget_layers >= shape.layers):
-        budget_layers = None  # every layer alike
     recompute_masks = bool(compile_ and cuda and knobs.get("masks") == "recompute")
     dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", "0")))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
@@ -293,8 +284,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         optimizer_state_bytes=opt.state_bytes,
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
-        activation_budget=activation_budget, budget_layers=budget_layers, offload=offload,
-        masks_recomputed=recompute_masks)
+        activation_budget=activation_budget, offload=offload, masks_recomputed=recompute_masks)
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
@@ -311,7 +301,6 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
         dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
-        budget_layers=budget_layers,
         ddp=ddp_settings() if processes > 1 and not sharded else {})
 
 
@@ -343,8 +332,7 @@ def expected_cost(plan: RunPlan, layers: int, packed: bool = False) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
-    base dequantized once takes its measured ~16 ms off each micro-batch. A budget in only some layers costs in
-    proportion to them."""
+    base dequantized once takes its measured ~16 ms off each micro-batch."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
@@ -352,8 +340,6 @@ def expected_cost(plan: RunPlan, layers: int, packed: bool = False) -> float:
     share = plan.checkpoint_layers / max(1, layers)
     low = 1.0 if plan.activation_budget >= 1.0 else (
         _MIDDLE_BUDGET_COST if plan.activation_budget >= MIDDLE_ACTIVATION_BUDGET else _LOW_BUDGET_COST)
-    if plan.budget_layers is not None:  # only some layers recompute: their share of the price
-        low = 1 + (low - 1) * plan.budget_layers / max(1, layers)
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
     return per_size * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
@@ -374,33 +360,20 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
     (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
     one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
-    none fits). Where a lower budget fits with no layer checkpointed but the default does not, also the plan that
-    recomputes in the fewest layers that fit, the others keeping the default's activations: each GiB a layer's
-    budget gives back costs the same time (session 10), so the card's room left over is not wasted."""
+    none fits)."""
     whole = whole_step_tokens(run, step_tokens)
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
-
-    def fits(plan: RunPlan) -> bool:
-        return free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free
-
-    def fewest(budget: int | None, low: float, mixed: bool = False) -> RunPlan:
-        """The fewest layers checkpointed (``mixed``: under ``low``, none checkpointed) that fit, else all."""
-        for count in range(shape.layers + 1):
-            plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0 if mixed else count,
-                              processes, low, budget_layers=count if mixed else None)
-            if fits(plan):
-                break
-        return plan
-
     out: list[RunPlan] = []
     for budget in budgets:
         for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
-            plan = fewest(budget, low)
+            for k in range(shape.layers + 1):
+                plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
+                                  low)
+                if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+                    break
             out.append(plan)
-            if plan.checkpoint_layers == 0 and low >= 1.0:  # fits whole: a lower activation budget is only slower
+            if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
-            if plan.checkpoint_layers == 0 and fits(plan):
-                out.append(fewest(budget, low, mixed=True))
     return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
 
 
