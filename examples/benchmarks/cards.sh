@@ -8,7 +8,8 @@
 # A RUN is KIND@GIB[+VARIANT[+VARIANT...]], GIB a card size or "full" (the whole H200):
 #   q   README quickstart, unpacked              p   the same with data.packing=true
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight (GIB ignored)
-#   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card
+#   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
+#         training.micro_batch_tokens=2048)
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), mb1024 / mb2048 (training.micro_batch_tokens),
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp (compiled layers with CUDA graphs /
@@ -108,9 +109,10 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
-    prof) timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
-            --out "$OUT/profile_$gib.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
-          head -40 "$OUT/profile_$gib.txt" 2>/dev/null ;;
+    prof) psets=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;; esac
+          timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
+            "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
+          head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
     *) echo "unknown run $r" ;;
   esac
 done
