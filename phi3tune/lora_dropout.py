@@ -1,7 +1,8 @@
 """LoRA dropout whose mask is a function of (key, element index), so a compiled layer can recompute it in backward.
 
 PEFT's LoRA dropout is ``nn.Dropout``: its mask comes from the RNG, so a compiled layer must keep, for backward, the
-dropped fp32 input of every LoRA'd linear (4 per decoder layer) or its mask. Measured on the H200 (README
+dropped input of every LoRA'd linear (4 per decoder layer; fp32 where PEFT casts it to the adapter's dtype, as it does
+outside CUDA autocast) or its mask. Measured on the H200 (README
 quickstart, docs/performance.md, session 5) that was 2.9 GiB of the 20.6 GiB peak and 6% of the median step, and
 it rules out the partitioner's activation budget, which recomputes cheap ops instead of saving them: torch redraws
 a random mask when it recomputes it in backward (wrong gradients; tests/test_lora_dropout.py shows it). Here the

@@ -60,16 +60,14 @@ LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
 # 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
 # weights' dequantization), so a card that cannot hold 4,096-token activations keeps large micro-batches and
-# checkpoints layers rather than cut them. Session 2: 1,024 tokens x5.1. Session 4: 2,048 tokens x1.48; 4,096 with
-# 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers). Session 7: a
-# whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
+# checkpoints layers rather than cut them. Session 2: 1,024 tokens x5.1. Session 4: 2,048 tokens x1.48 (unpacked);
+# 4,096 with 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers).
+# Session 7: a whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
 _BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
-# Packed rows fill every micro-batch, and there a micro-batch costs what the fit below says (~19 ms + ~36.7 µs a
-# token): session 11, packed on a 16 GiB card, one machine, 4 micro-batches of 2,048 at the default budget took
-# 0.376 s a step (the fit: 0.377) against 0.398 for 2 of 4,096 at the low budget (the fit x1.18: 0.400). Unpacked
-# rows make a step of ~3,100 tokens, so a budget below it cuts the step into part-filled micro-batches: on the same
-# card 2,048 ran 0.193 s against one whole-step micro-batch's 0.181 at the low budget, and with the base
-# dequantized no faster (0.197 s on 24 GiB) where the fit would save 2 x 16 ms; the table above stays theirs
+# Packed rows fill every micro-batch, which then costs what the fit below says (~19 ms + ~36.7 µs a token): session
+# 11, a 16 GiB card, one machine, 4 of 2,048 at the default budget 0.376 s a step (the fit: 0.377), 2 of 4,096 at
+# the low budget 0.398 (the fit x1.18: 0.400). Unpacked rows (~3,100 tokens a step) part-fill them: 2,048 ran 0.193 s
+# against a whole step's 0.181 (low budget), and no faster with the base dequantized (0.197); the table is theirs
 WHOLE_STEP_CAP = 8192  # the longest micro-batch measured: a whole step is tried as one micro-batch up to this size
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
 _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
@@ -80,12 +78,10 @@ _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # the same GPU in the same call (+18%), where checkpointing every layer costs +42%.
 LOW_ACTIVATION_BUDGET = 0.3
 _LOW_BUDGET_COST = 1.18
-# A middle budget: on the CPU (a Phi-3-mini-shaped layer, bf16, saved-tensor hooks) it keeps 80.4 KiB a token a
-# layer against the default's 154.5, which saves an fp32 copy of each dropped LoRA input, and recomputes only
-# elementwise ops: its backward holds the default's 20 matmuls, where 0.3 recomputes 4 more. Session 10, H200,
-# quickstart (4,864 tokens, base dequantized), one machine: 8.6 GiB less at peak for a median step 0.1548 s against
-# 0.1391 (+11%); with the masks recomputed too (PHI3TUNE_COMPILE=masks=recompute), 13.1 GiB less for +19%, the
-# low budget's price per GiB, so the plan leaves the masks saved
+# A middle budget: session 10, H200, quickstart (4,864 tokens, base dequantized), one machine: 8.6 GiB less at peak
+# for a median step 0.1548 s against 0.1391 (+11%); with the masks recomputed too (PHI3TUNE_COMPILE=masks=recompute)
+# 13.1 GiB less for +19%, the low budget's price a GiB, so the plan leaves the masks saved. Its backward holds the
+# default's matmuls (CPU: tests/test_compiled_layers.py), where 0.3 recomputes 4 more
 _MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose activation model it changes)
 # The 4-bit base dequantized once (dequantized.py) saves a fixed time per micro-batch: session 9, H200, one machine,
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of

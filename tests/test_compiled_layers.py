@@ -348,9 +348,10 @@ def test_with_masks_recomputed_a_compiled_layer_saves_no_dropout_mask_and_comput
 
 def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_model, monkeypatch):
     """The speed plans' middle budget (plan.MIDDLE_ACTIVATION_BUDGET), compiled as the plan compiles it (the masks
-    saved): in bf16 a compiled layer saves no fp32 copy of a dropped LoRA input, at most 0.6 of the default's
-    activation bytes, and its backward holds exactly the default's matmuls (the low budget recomputes some: the
-    negative control). Its gradients are the eager layer's: tests/test_lora_dropout.py."""
+    saved): in bf16 a compiled layer saves no fp32 copy of a dropped LoRA input (on the CPU, outside CUDA autocast,
+    PEFT casts each LoRA input to the fp32 adapter's dtype, and the default budget keeps those copies), at most 0.6 of
+    the default's activation bytes, and its backward holds exactly the default's matmuls (the low budget recomputes
+    some: the negative control). Its gradients are the eager layer's: tests/test_lora_dropout.py."""
     from phi3tune.knobs import compile_settings
     from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 
