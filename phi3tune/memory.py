@@ -28,6 +28,13 @@ _MIDDLE_BUDGET = 0.60
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
 
 
+def budget_tier(activation_budget: float) -> str:
+    """Which measured budget a compiled layer's ``activation_budget`` falls under: "default" (1.0), "middle"
+    (from MIDDLE_ACTIVATION_BUDGET) or "low"; the one rule both the memory model here and plan.expected_cost read."""
+    return "default" if activation_budget >= 1.0 else "middle" if activation_budget >= MIDDLE_ACTIVATION_BUDGET \
+        else "low"
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate needs to know about a model: read off a weightless (meta) copy."""
@@ -78,11 +85,10 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     other += shape.other_params * (4 if (upcast_frozen and bits is not None) or act_bytes == 4 else act_bytes)
     adapter = lora * (4 + 4 + optimizer_state_bytes)
     a, b, c = _ACT_COEF
-    low = compiled and activation_budget < MIDDLE_ACTIVATION_BUDGET
-    kept = 1.0 if dropout > 0 and not low and not (compiled and masks_recomputed) else _NO_DROPOUT
+    tier = budget_tier(activation_budget) if compiled else "default"
+    kept = 1.0 if dropout > 0 and tier != "low" and not (compiled and masks_recomputed) else _NO_DROPOUT
     whole_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
-    middle = compiled and MIDDLE_ACTIVATION_BUDGET <= activation_budget < 1.0
-    share = _MIDDLE_BUDGET if middle else _LOW_BUDGET if low else 1.0
+    share = {"default": 1.0, "middle": _MIDDLE_BUDGET, "low": _LOW_BUDGET}[tier]
     per_layer = whole_layer * kept * share  # a layer that keeps its activations
     recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0

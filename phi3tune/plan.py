@@ -25,6 +25,7 @@ from .memory import (
     GIB,
     MIDDLE_ACTIVATION_BUDGET,
     ModelShape,
+    budget_tier,
     dequantized_bytes,
     estimate_parts,
     per_rank_parts,
@@ -334,8 +335,7 @@ def expected_cost(plan: RunPlan, layers: int, packed: bool = False) -> float:
     fitted = packed and size >= 2048
     per_size = micro_batch_ms(size) / size / (micro_batch_ms(4096) / 4096) if fitted else _BUDGET_COST[size]
     share = plan.checkpoint_layers / max(1, layers)
-    low = 1.0 if plan.activation_budget >= 1.0 else (
-        _MIDDLE_BUDGET_COST if plan.activation_budget >= MIDDLE_ACTIVATION_BUDGET else _LOW_BUDGET_COST)
+    low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
     return per_size * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
