@@ -109,7 +109,8 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
-    prof) psets=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;; esac
+    prof) psets=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
+            "") ;; *) echo "prof takes only +mbN, not +$variant"; continue ;; esac
           timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
