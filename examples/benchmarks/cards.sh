@@ -7,6 +7,8 @@
 #
 # A RUN is KIND@GIB[+VARIANT[+VARIANT...]], GIB a card size or "full" (the whole H200):
 #   q   README quickstart, unpacked              p   the same with data.packing=true
+#   attn  FlexAttention's document mask against torch's variable-length flash attention, one layer's fwd+bwd
+#         (attention_kernels.py; GIB ignored)
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight (GIB ignored)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
 #         training.micro_batch_tokens=2048)
@@ -109,6 +111,8 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
+    attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
+          grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
     prof) psets=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
             "") ;; *) echo "prof takes only +mbN, not +$variant"; continue ;; esac
           timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
