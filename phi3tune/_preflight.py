@@ -64,7 +64,9 @@ def check_model_loads(info: Any, attn: str | None, trust_remote_code: bool) -> N
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn:
-        kwargs["attn_implementation"] = attn
+        from . import varlen_attention
+
+        kwargs["attn_implementation"] = varlen_attention.registered(attn)
     try:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(info.config, **kwargs)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from . import varlen_attention
 from .data.formats import IGNORE, fence
 from .data.prepared import row_lengths
 from .loss import trained_positions
@@ -282,11 +283,12 @@ class MicroBatcher:
     position_cap: int
     pad_id: int
     largest_count: Callable[[int], int] = _own_count
+    bounds: bool = False  # each micro-batch's examples' cumulative lengths too (varlen_attention.py)
 
     @classmethod
     def of(cls, plan: RunPlan, pad_id: int, largest_count: Callable[[int], int] = _own_count) -> MicroBatcher:
         return cls(plan.layout, plan.micro_batch_tokens, plan.token_buckets, plan.position_cap, pad_id,  # type: ignore[arg-type]
-                   largest_count)
+                   largest_count, plan.attn_implementation == varlen_attention.NAME)
 
     def __call__(self, loader_batches: list[Batch]) -> list[Batch]:
         """One step's (or one eval batch's) micro-batches; each gets ``trained_idx``, computed here on the CPU."""
@@ -295,7 +297,19 @@ class MicroBatcher:
             micro = [pad_to_bucket(b, self.buckets, self.pad_id, self.position_cap)
                      for b in resplit_flat(micro, self.budget)]
         micro = [{**b, "trained_idx": trained_positions(b["labels"])} for b in micro]
+        if self.bounds:
+            micro = [{**b, "cu_seqlens": self._bounds(b["position_ids"])} for b in micro]
         return equal_count(micro, self.largest_count(len(micro)))
+
+
+    def _bounds(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The examples' cumulative lengths; the kernel is told none is longer than ``position_cap``: checked."""
+        bounds = varlen_attention.document_bounds(position_ids)
+        longest = int(bounds.diff().max())
+        if longest > self.position_cap:
+            raise AssertionError(f"a {longest}-token example in a micro-batch of max_seq_length "
+                                 f"{self.position_cap}: the batch layout broke its own bound")
+        return bounds
 
 
 # --------------------------------------------------------------------------------------- micro-batches -> steps

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from . import checkpoints as ckpt
-from . import distributed, flat_steps, lora_dropout, shards, tracking
+from . import distributed, flat_steps, lora_dropout, shards, tracking, varlen_attention
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
 from .compiled_layers import graph_room, warm_up_positions
@@ -107,7 +107,8 @@ class Trainer:
         self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks)["options"]
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
-        loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints)
+        longest = plan.position_cap if plan.attn_implementation == varlen_attention.NAME else None
+        loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints, longest_example=longest)
         self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)
@@ -243,7 +244,8 @@ class Trainer:
                                                                     self.pos.step, i))
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
             with sync:
-                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"])
+                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"],
+                                        b.get("cu_seqlens"))
                 acc.backward(part * scale)
             loss_sum += part.detach().float()
         if acc.num_processes > 1:

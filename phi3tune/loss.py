@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE
 from .offload import Offloader
+from .varlen_attention import document_bounds
 
 # tokens per output-head chunk. PHI3TUNE_CE_CHUNK is for benchmarks only (examples/benchmarks/h200.sh): a value
 # above the tokens of a micro-batch turns chunking off, i.e. the full logits tensor, to measure what chunking saves.
@@ -51,10 +52,12 @@ class TokenLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk: int = CE_CHUNK, cuda_graphs: bool = False,
-                 offload: bool = False) -> None:
+                 offload: bool = False, longest_example: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
+        # varlen attention (varlen_attention.py): no example is longer than this (plan.position_cap); None: another
+        self.longest_example = longest_example
         # checkpointed layers' inputs held in host memory until backward (offload.py; plan.offload_checkpoints)
         self.offloader = Offloader() if offload else None
         # compiled layers replayed as CUDA graphs (a benchmark knob, knobs.compile_settings): each micro-batch is a
@@ -66,12 +69,13 @@ class TokenLoss(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                trained_idx: torch.Tensor | None = None) -> torch.Tensor:
+                trained_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         lm = self._causal_lm()
         with self.offloader.hooks() if self.offloader is not None else nullcontext():
-            hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                              **self._bounds(input_ids, position_ids, cu_seqlens)).last_hidden_state
         if trained_idx is None:
             trained_idx = trained_positions(labels)
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, trained_idx)
@@ -85,6 +89,19 @@ class TokenLoss(nn.Module):
                                        use_reentrant=False)
         return total
 
+    def _bounds(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None) -> dict[str, Any]:
+        """varlen attention's keywords: the examples' cumulative lengths (from the batch; else read off
+        ``position_ids``, a device sync) and the longest an example may be, which the compiled layers see as a
+        constant. The number of examples varies: one graph serves them all (a dynamic dimension)."""
+        if self.longest_example is None:
+            return {}
+        if cu_seqlens is None:
+            ids = position_ids if position_ids is not None else torch.arange(input_ids.shape[-1])[None]
+            cu_seqlens = document_bounds(ids.cpu()).to(input_ids.device)
+        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
+                "max_length_q": self.longest_example, "max_length_k": self.longest_example}
 
 
 @torch.no_grad()
@@ -99,7 +116,8 @@ def mean_loss(loss_fn: nn.Module, batches: Iterable[dict[str, torch.Tensor]], de
         if "trained_idx" not in cpu_batch:
             cpu_batch = {**cpu_batch, "trained_idx": trained_positions(cpu_batch["labels"])}
         b = to_device(cpu_batch) if to_device else {k: v.to(device) for k, v in cpu_batch.items()}
-        total += loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]).float()
+        total += loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"],
+                         b.get("cu_seqlens")).float()
         count += int(cpu_batch["trained_idx"].numel())
     if reduce is not None:
         total, count = reduce(total), reduce(count)

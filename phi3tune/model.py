@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import varlen_attention
 from .errors import ModelSourceError, TargetModulesError
 from .files import looks_like_path
 from .logs import peft_wrapping
@@ -194,7 +195,7 @@ def load_weights(source: str, quant: QuantizationSpec | None, dtype: torch.dtype
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+        kwargs["attn_implementation"] = varlen_attention.registered(attn_implementation)
     if quant is not None:
         kwargs.update(quantization_config=bnb_config(quant, compute_dtype or dtype), device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

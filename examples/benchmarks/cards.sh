@@ -32,6 +32,7 @@
 #   deq0 / deq1 (the 4-bit base never / always dequantized once for the run, dequantized.py: PHI3TUNE_DEQUANTIZE;
 #   by default the plan dequantizes it where it fits),
 #   bal (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference),
+#   vl / flex (attention: torch's varlen flash kernel, varlen_attention.py / FlexAttention's document mask),
 #   lt (matmuls through cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory), seq4096 (memory plan at
 #   max_seq_length 4096, batch 1 x 4)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
@@ -75,6 +76,8 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;
     seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0); sets+=("${SEQ4096[@]}") ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;
+    vl) sets+=(--set attn_implementation=phi3tune_varlen) ;;
+    flex) sets+=(--set attn_implementation=flex_attention) ;;
     seq4096) sets+=("${SEQ4096[@]}") ;;
     *) echo "unknown variant $v"; return ;;
   esac; done

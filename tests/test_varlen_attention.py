@@ -1,0 +1,145 @@
+"""varlen attention (examples laid end to end, each its own causal sequence) is the document mask's math: the
+bounds it is given, its attention against SDPA per example, and whole runs against the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import adapter_tensors, rows_of_text, tiny_tuner
+
+from phi3tune.varlen_attention import NAME, attention, document_bounds, reference
+
+
+def test_bounds_start_an_example_wherever_positions_restart_and_at_every_row():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert document_bounds(pos).tolist() == [0, 3, 5, 9]
+    assert document_bounds(pos).dtype == torch.int32
+    # two rows: the second row's start is an example's start although its position follows the first row's last
+    rows = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 1]])
+    assert document_bounds(rows).tolist() == [0, 4, 6, 8]
+    # an example that does not start at 0 (a packed row's pads continue its last example) is still one example
+    assert document_bounds(torch.tensor([[0, 1, 0, 1, 2, 3]])).tolist() == [0, 2, 6]
+
+
+def _per_example(q, k, v, bounds, window=None):
+    outs = []
+    for a, b in zip(bounds.tolist(), bounds.tolist()[1:]):
+        n = b - a
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        if window is not None:
+            mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
+        outs.append(F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
+                                                   attn_mask=mask).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_reference_is_sdpa_on_each_example_alone():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(11, 2, 8) for _ in range(3))
+    bounds = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    got = reference(q, k, v, bounds, 8 ** -0.5)
+    torch.testing.assert_close(got, _per_example(q, k, v, bounds))
+    torch.testing.assert_close(reference(q, k, v, bounds, 8 ** -0.5, window=2), _per_example(q, k, v, bounds, 2))
+    # negative control: one causal sequence over all 11 tokens lets examples see each other
+    whole = torch.tensor([0, 11], dtype=torch.int32)
+    assert not torch.allclose(reference(q, k, v, whole, 8 ** -0.5)[4:], got[4:])
+
+
+def test_attention_takes_transformers_layout_and_repeats_grouped_heads():
+    """(batch, heads, length, dim) in, (batch, length, heads, dim) out; 4 query heads over 2 key/value heads."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 9, 8)
+    k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    bounds = torch.tensor([0, 3, 9], dtype=torch.int32)
+    out, weights = attention(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=bounds, max_length_q=6)
+    assert weights is None and out.shape == (1, 9, 4, 8)
+    flat = [t[0].transpose(0, 1) for t in (q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))]
+    torch.testing.assert_close(out[0], _per_example(*flat, bounds))
+
+
+def test_without_bounds_it_is_transformers_sdpa():
+    """A call that is not TokenLoss's (generation) gets plain causal attention, as with SDPA."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    out, _ = attention(torch.nn.Module(), q, k, v, None)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_a_run_with_varlen_attention_matches_the_plain_path(tiny_model, tmp_path, monkeypatch, compile_):
+    """The speed plan's padding-free micro-batches with varlen attention (on the CPU its dense-mask reference;
+    the flash kernel itself is compared on the GPU, examples/benchmarks/attention_kernels.py): the same steps as
+    the plain path. Compiled, one graph serves every number of examples a micro-batch holds: the warm-up shows
+    the layers one and two examples, training three (checked), and nothing compiles after the first step."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from phi3tune import varlen_attention
+
+    examples: list[int] = []
+    bounds = varlen_attention.document_bounds
+    monkeypatch.setattr(varlen_attention, "document_bounds",
+                        lambda pos: examples.append(len(bounds(pos)) - 1) or bounds(pos))
+
+    rows = rows_of_text(24, seed=5)
+    ref = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=4, grad_accum=2, max_steps=3).run()
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    tuner = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=2, optimize_for="speed",
+                       compile=compile_, micro_batch_tokens=128, max_steps=3)
+    tuner.attn_implementation = NAME
+    got = tuner.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+    assert got.plan is not None and got.plan.attn_implementation == NAME
+    for step in range(3):
+        assert got.history[step]["loss"] == pytest.approx(ref.history[step]["loss"], rel=1e-5)
+        assert got.history[step]["grad_norm"] == pytest.approx(ref.history[step]["grad_norm"], rel=1e-4)
+    a, b = adapter_tensors(ref), adapter_tensors(got)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert max(examples) >= 3, examples
+    if compile_:
+        assert graphs[0] == graphs[-1], graphs  # nothing compiled after the first step
+
+
+
+def test_a_phi3_model_gives_the_same_hidden_states_as_with_sdpa_document_masks():
+    """transformers' own document and sliding-window masks (SDPA, examples found from position_ids) against varlen
+    attention with the bounds, on a random Phi-3 whose window (4) is shorter than its examples (7 and 5 tokens)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phi3tune.varlen_attention import register
+
+    torch.manual_seed(3)
+    cfg = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+                     pad_token_id=0)
+    model = Phi3ForCausalLM(cfg).eval()
+    ids = torch.randint(1, 64, (1, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        want = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        model.set_attn_implementation(register())
+        bounds = document_bounds(pos)
+        got = model.model(input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
+                          max_length_q=7, max_length_k=7).last_hidden_state
+        model.config.sliding_window = None  # negative control: the window matters here
+        unwindowed = model.model(input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=bounds,
+                                 cu_seq_lens_k=bounds, max_length_q=7, max_length_k=7).last_hidden_state
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(unwindowed, want, atol=1e-4)
+
+
+def test_cuda_plans_take_varlen_attention_where_its_kernel_runs(monkeypatch):
+    from phi3tune import varlen_attention
+    from phi3tune.plan import default_attention
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: dtype == torch.bfloat16)
+    assert default_attention(cuda, True, torch.bfloat16) == NAME
+    assert default_attention(cuda, True, torch.float32) == "flex_attention"  # the flash kernel is 16-bit only
+    assert default_attention(cuda, False, torch.bfloat16) is None  # padded rows: SDPA
+    assert default_attention(torch.device("cpu"), True, torch.bfloat16) is None
