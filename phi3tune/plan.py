@@ -10,7 +10,6 @@ fastest plan that fits the device.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 
-from . import varlen_attention
 from .knobs import compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
 from .loss import CE_CHUNK
 from .memory import (
@@ -36,6 +34,8 @@ from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 from .runspec import RunSpec
+from .shapes import BUCKETS, LENGTH_GRANULE, attention_words, default_attention, granule_lengths, symbolic_lengths_pay
+from .shapes import token_buckets as token_buckets
 
 log = logging.getLogger("phi3tune")
 
@@ -55,10 +55,6 @@ MODES: dict[str, dict[str, Any]] = {
                "micro_batch_tokens": 2048, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
-_BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
-# Symbolic-length graphs (PHI3TUNE_COMPILE=dynamic_lengths=1) cut pads from 12.7% to 2.7% of the tokens computed
-# and ran no faster (session 6: 19,520 tokens/s against 19,666 at 4 fitted lengths; docs/performance.md).
-LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
 # 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
 # weights' dequantization), so a card that cannot hold 4,096-token activations keeps large micro-batches and
@@ -162,8 +158,7 @@ class RunPlan:
         """One line for the log: what runs, and how much memory it should take."""
         how = [f"padding-free micro-batches of {self._budget_words()} padded to {self.length_words()} tokens"
                ] if self.padding_free else [f"padded batches, {self.sequences_per_step} sequences a step"]
-        how.append({"flex_attention": "FlexAttention", varlen_attention.NAME: "varlen flash attention",
-                    None: "SDPA"}.get(self.attn_implementation, str(self.attn_implementation)))
+        how.append(attention_words(self.attn_implementation))
         how.append("compiled layers" if self.compile else "eager layers")
         if self.activation_budget < 1.0:  # only compiled layers on CUDA get a low one (_candidate)
             how.append(f"activations recomputed to a {self.activation_budget:g} budget"
@@ -206,35 +201,6 @@ class RunPlan:
         return d
 
 
-def token_buckets(budget: int, longest: int, step_tokens: int | None = None, count: int = _BUCKETS) -> tuple[int, ...]:
-    """``count`` evenly spaced lengths, multiples of 8, up to the largest micro-batch a step can make: the budget,
-    capped by what a whole step holds (``step_tokens``: sequences_per_step x max_seq_length, so a small step is
-    not padded up to a budget it can never fill), and at least the longest example (which gets a micro-batch of
-    its own when it is longer than the budget)."""
-    top = max(min(budget, step_tokens or budget), longest)
-    step = max(8, -(-top // count // 8) * 8)
-    return tuple(range(step, -(-top // step) * step + 1, step))
-
-
-def granule_lengths(top: int) -> tuple[int, ...]:
-    """Every multiple of the granule up to ``top`` (rounded up to one): ``LENGTH_GRANULE`` tokens for budgets of
-    4,096 and more, 1/32 of smaller ones (a multiple of 8), so at most ~32 lengths and one dynamic graph."""
-    g = min(LENGTH_GRANULE, max(8, top // 32 // 8 * 8))
-    return tuple(range(g, -(-top // g) * g + 1, g))
-
-
-def default_attention(device: torch.device, fenced: bool, dtype: torch.dtype) -> str | None:
-    """For padding-free / packed rows on CUDA: torch's varlen flash kernel, each example its own sequence
-    (varlen_attention.py: 0.82 against 1.38 ms a layer's forward + backward for FlexAttention at 4,864 tokens on the
-    H200, session 12); else FlexAttention, whose document mask skips the blocks between examples (SDPA computes
-    them, then masks them: 1.6x slower). SDPA everywhere else."""
-    if device.type != "cuda" or not fenced:
-        return None
-    if varlen_attention.available(device, dtype):
-        return varlen_attention.NAME
-    return "flex_attention" if importlib.util.find_spec("torch.nn.attention.flex_attention") else None
-
-
 def _free_device_memory(device: torch.device) -> int | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -261,7 +227,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     padding_free = bool(m["padding_free"])
     budget = (t.micro_batch_tokens or budget_override or m["micro_batch_tokens"]) if padding_free else None
     knobs = compile_env()  # benchmarks: more fixed lengths, or symbolic-length graphs
-    count = int(knobs.get("lengths", _BUCKETS))
+    count = int(knobs.get("lengths", BUCKETS))
     buckets = token_buckets(budget, d.max_seq_length, t.sequences_per_step * d.max_seq_length, count) if budget else ()
     cuda = device.type == "cuda"
     sharded = t.distributed == "fsdp" and processes > 1
@@ -269,13 +235,14 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     compile_ = t.compile if t.compile is not None else bool(m["compile"] and cuda and padding_free)
     activation_budget = min(activation_budget, m.get("activation_budget", 1.0)) if compile_ and cuda else 1.0
     recompute_masks = bool(compile_ and cuda and knobs.get("masks") == "recompute")
-    dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", "0")))
+    layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
+    attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
+    dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", str(int(
+        symbolic_lengths_pay(attn, d.packing, activation_budget))))))
     buckets = granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
-    layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
-    attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)

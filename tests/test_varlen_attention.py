@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import adapter_tensors, rows_of_text, tiny_tuner
+from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune.varlen_attention import NAME, attention, document_bounds, reference
 
@@ -143,3 +143,27 @@ def test_cuda_plans_take_varlen_attention_where_its_kernel_runs(monkeypatch):
     assert default_attention(cuda, True, torch.float32) == "flex_attention"  # the flash kernel is 16-bit only
     assert default_attention(cuda, False, torch.bfloat16) is None  # padded rows: SDPA
     assert default_attention(torch.device("cpu"), True, torch.bfloat16) is None
+
+
+@needs_shared
+def test_symbolic_lengths_where_they_pay_unpacked_rows_under_varlen_and_the_default_budget(monkeypatch):
+    """Phi-3-mini on cards of 139 and 16 GiB, the flash kernel taken as present: unpacked rows on the big card get
+    one symbolic-length graph (multiples of 128); packed rows, the 16 GiB card's low activation budget, and
+    FlexAttention keep their 4 fixed lengths."""
+    from phi3tune import FineTuner, varlen_attention
+    from phi3tune.bench import plan_for
+
+    monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
+    ft = FineTuner(str(PHI3_DIR))
+    big = plan_for(ft, "cuda", free_gib=139)
+    assert big.attn_implementation == NAME and big.dynamic_lengths and big.activation_budget == 1.0
+    assert set(big.token_buckets) == set(range(128, big.token_buckets[-1] + 1, 128))
+    assert "varlen flash attention" in big.describe() and "a multiple of 128" in big.describe()
+    small = plan_for(ft, "cuda", free_gib=16)
+    assert small.activation_budget < 1.0 and not small.dynamic_lengths and len(small.token_buckets) == 4
+    packed = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=139)
+    assert not packed.dynamic_lengths and len(packed.token_buckets) == 4
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
+    flex = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
+    assert flex.attn_implementation == "flex_attention" and not flex.dynamic_lengths

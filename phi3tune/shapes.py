@@ -1,0 +1,58 @@
+"""The shapes compiled decoder layers see, and the attention kernel over them: a plan's few fixed micro-batch
+lengths or one symbolic length, and which attention runs padding-free rows. plan.py decides with these."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import varlen_attention
+
+BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
+LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks; symbolic lengths are its multiples
+
+
+def token_buckets(budget: int, longest: int, step_tokens: int | None = None, count: int = BUCKETS) -> tuple[int, ...]:
+    """``count`` evenly spaced lengths, multiples of 8, up to the largest micro-batch a step can make: the budget,
+    capped by what a whole step holds (``step_tokens``: sequences_per_step x max_seq_length, so a small step is
+    not padded up to a budget it can never fill), and at least the longest example (which gets a micro-batch of
+    its own when it is longer than the budget)."""
+    top = max(min(budget, step_tokens or budget), longest)
+    step = max(8, -(-top // count // 8) * 8)
+    return tuple(range(step, -(-top // step) * step + 1, step))
+
+
+def granule_lengths(top: int) -> tuple[int, ...]:
+    """Every multiple of the granule up to ``top`` (rounded up to one): ``LENGTH_GRANULE`` tokens for budgets of
+    4,096 and more, 1/32 of smaller ones (a multiple of 8), so at most ~32 lengths and one dynamic graph."""
+    g = min(LENGTH_GRANULE, max(8, top // 32 // 8 * 8))
+    return tuple(range(g, -(-top // g) * g + 1, g))
+
+
+def default_attention(device: torch.device, fenced: bool, dtype: torch.dtype) -> str | None:
+    """For padding-free / packed rows on CUDA: torch's varlen flash kernel, each example its own sequence
+    (varlen_attention.py: 0.82 against 1.38 ms a layer's forward + backward for FlexAttention at 4,864 tokens on the
+    H200, session 12); else FlexAttention, whose document mask skips the blocks between examples (SDPA computes
+    them, then masks them: 1.6x slower). SDPA everywhere else."""
+    if device.type != "cuda" or not fenced:
+        return None
+    if varlen_attention.available(device, dtype):
+        return varlen_attention.NAME
+    return "flex_attention" if importlib.util.find_spec("torch.nn.attention.flex_attention") else None
+
+
+def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float) -> bool:
+    """Compiled layers with a symbolic token dimension (each micro-batch padded to a multiple of 128, not to one of
+    4 fixed lengths) where measured faster: unpacked rows (pads 11.1% -> 2.3% of the tokens computed) under varlen
+    attention and the compiler's default activation budget. On the H200: 0.129 against 0.137 s a mean step, and 27
+    against 34 s of compiling (session 12). Not with FlexAttention (no faster: session 6, 12), nor under a lower
+    budget (with FlexAttention, 0.6 GiB more than predicted at 0.3), nor for packed rows, which fill their
+    micro-batches anyway. PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it (benchmarks)."""
+    return attn == varlen_attention.NAME and not packed and activation_budget >= 1.0
+
+
+def attention_words(attn: str | None) -> str:
+    """The attention implementation as the plan's log line names it."""
+    return {"flex_attention": "FlexAttention", varlen_attention.NAME: "varlen flash attention",
+            None: "SDPA"}.get(attn, str(attn))
