@@ -28,6 +28,7 @@ from .memory import (
     dequantized_bytes,
     estimate_parts,
     per_rank_parts,
+    symbolic_lengths_bytes,
     total_gib,
 )
 from .optim import optimizer_facts
@@ -237,9 +238,10 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     recompute_masks = bool(compile_ and cuda and knobs.get("masks") == "recompute")
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
     attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
-    dynamic = bool(compile_ and buckets and yes(knobs.get("dynamic_lengths", str(int(
-        symbolic_lengths_pay(attn, d.packing, activation_budget))))))
-    buckets = granule_lengths(buckets[-1]) if dynamic else buckets
+    asked = knobs.get("dynamic_lengths")
+    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(attn, d.packing,
+                                                                                           activation_budget)))
+    fixed, buckets = buckets, granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
@@ -254,6 +256,10 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
         compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
         activation_budget=activation_budget, offload=offload, masks_recomputed=recompute_masks)
+    if dynamic:
+        parts["symbolic_lengths"] = symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)
+        if not asked and free is not None and total_gib(parts) * GIB > FIT_FRACTION * free:  # fixed lengths fit
+            dynamic, buckets, parts["symbolic_lengths"] = False, fixed, 0
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts

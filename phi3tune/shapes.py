@@ -8,6 +8,7 @@ import importlib.util
 import torch
 
 from . import varlen_attention
+from .memory import budget_tier
 
 BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
 LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks; symbolic lengths are its multiples
@@ -45,11 +46,12 @@ def default_attention(device: torch.device, fenced: bool, dtype: torch.dtype) ->
 def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float) -> bool:
     """Compiled layers with a symbolic token dimension (each micro-batch padded to a multiple of 128, not to one of
     4 fixed lengths) where measured faster: unpacked rows (pads 11.1% -> 2.3% of the tokens computed) under varlen
-    attention and the compiler's default activation budget. On the H200: 0.129 against 0.137 s a mean step, and 27
-    against 34 s of compiling (session 12). Not with FlexAttention (no faster: session 6, 12), nor under a lower
-    budget (with FlexAttention, 0.6 GiB more than predicted at 0.3), nor for packed rows, which fill their
-    micro-batches anyway. PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it (benchmarks)."""
-    return attn == varlen_attention.NAME and not packed and activation_budget >= 1.0
+    attention, at the compiler's default or low activation budget. On the H200 (session 12): 0.129 against 0.137 s
+    a mean step and 27 against 34 s of compiling at the default budget; 0.163 against 0.177 s and 33 against 50 s
+    at the low one, which keeps more memory (memory.symbolic_lengths_bytes: the plan takes them only where they fit).
+    Not with FlexAttention (no faster: sessions 6, 12), nor at the middle budget (not measured), nor for packed
+    rows, which fill their micro-batches anyway. PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it (benchmarks)."""
+    return attn == varlen_attention.NAME and not packed and budget_tier(activation_budget) != "middle"
 
 
 def attention_words(attn: str | None) -> str:

@@ -146,12 +146,13 @@ def test_cuda_plans_take_varlen_attention_where_its_kernel_runs(monkeypatch):
 
 
 @needs_shared
-def test_symbolic_lengths_where_they_pay_unpacked_rows_under_varlen_and_the_default_budget(monkeypatch):
-    """Phi-3-mini on cards of 139 and 16 GiB, the flash kernel taken as present: unpacked rows on the big card get
-    one symbolic-length graph (multiples of 128); packed rows, the 16 GiB card's low activation budget, and
-    FlexAttention keep their 4 fixed lengths."""
+def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
+    """Phi-3-mini, the flash kernel taken as present. Unpacked rows get one symbolic-length graph (multiples of
+    128) at the default budget, and at the low one where its measured extra memory still fits (16 GiB, not 12).
+    Packed rows, the middle budget (unmeasured) and FlexAttention keep their 4 fixed lengths."""
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
+    from phi3tune.plan import FIT_FRACTION
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
@@ -159,9 +160,17 @@ def test_symbolic_lengths_where_they_pay_unpacked_rows_under_varlen_and_the_defa
     big = plan_for(ft, "cuda", free_gib=139)
     assert big.attn_implementation == NAME and big.dynamic_lengths and big.activation_budget == 1.0
     assert set(big.token_buckets) == set(range(128, big.token_buckets[-1] + 1, 128))
+    assert big.memory["symbolic_lengths"] == 0  # the default budget keeps the same with either
     assert "varlen flash attention" in big.describe() and "a multiple of 128" in big.describe()
-    small = plan_for(ft, "cuda", free_gib=16)
-    assert small.activation_budget < 1.0 and not small.dynamic_lengths and len(small.token_buckets) == 4
+    sixteen, twelve = plan_for(ft, "cuda", free_gib=16), plan_for(ft, "cuda", free_gib=12)
+    assert sixteen.activation_budget < 1.0 and sixteen.dynamic_lengths
+    assert sixteen.memory["symbolic_lengths"] > 1 << 30 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
+    assert twelve.activation_budget < 1.0 and not twelve.dynamic_lengths and len(twelve.token_buckets) == 4
+    # negative control: the 12 GiB plan with symbolic lengths' extra (per token, as on 16 GiB) would not fit
+    extra = sixteen.memory["symbolic_lengths"] / sixteen.peak_micro_batch_tokens * twelve.peak_micro_batch_tokens
+    assert twelve.predicted_peak_gib + extra / (1 << 30) > FIT_FRACTION * 12
+    middle = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
+    assert 0.3 < middle.activation_budget < 1.0 and not middle.dynamic_lengths
     packed = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=139)
     assert not packed.dynamic_lengths and len(packed.token_buckets) == 4
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
