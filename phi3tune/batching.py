@@ -301,7 +301,6 @@ class MicroBatcher:
             micro = [{**b, "cu_seqlens": self._bounds(b["position_ids"])} for b in micro]
         return equal_count(micro, self.largest_count(len(micro)))
 
-
     def _bounds(self, position_ids: torch.Tensor) -> torch.Tensor:
         """The examples' cumulative lengths; the kernel is told none is longer than ``position_cap``: checked."""
         bounds = varlen_attention.document_bounds(position_ids)

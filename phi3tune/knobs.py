@@ -79,8 +79,9 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
     otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++
     wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), ``activation_budget=F``
     (functorch's ``activation_memory_budget``: the partitioner recomputes in backward what keeps the saved
-    activations under F of its default), ``dynamic_lengths=1`` (every multiple of a granule from one symbolic-length
-    graph), ``lengths=N`` (N fixed lengths instead of 4; both read by ``_candidate``), ``dequant=select`` (the 4-bit
+    activations under F of its default), ``dynamic_lengths=1`` / ``0`` (every multiple of a granule from one
+    symbolic-length graph, or the fixed lengths, whatever the plan's own choice: shapes.symbolic_lengths_pay),
+    ``lengths=N`` (N fixed lengths instead of 4; both read by ``_candidate``), ``dequant=select`` (the 4-bit
     codes' values selected by their bits, not loaded from a table: compiled_layers.dequantize_4bit),
     ``masks=recompute`` / ``save`` (read by ``_candidate``: the plan's ``recompute_masks`` on any compiled plan / on
     none), to measure what each does before a plan adopts it. Returns ``{"options": inductor config patches,

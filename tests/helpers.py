@@ -44,6 +44,18 @@ def tiny_tuner(model: Path, out: Path, rows: Any, **train: Any) -> FineTuner:
             .data(source=rows, max_seq_length=64).training(**defaults))
 
 
+def run_counting_graphs(tuner: FineTuner) -> tuple[Any, list[int]]:
+    """``tuner.run()`` from a fresh dynamo cache, and how many graphs dynamo had built after each step."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    result = tuner.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+    return result, graphs
+
+
 def lora_on_4bit(model: Path, dtype: Any, dropout: float = 0.0) -> Any:
     """A PEFT LoRA model (r=4 on every linear layer) on ``model``'s 4-bit base, matmuls in ``dtype``, seeded, with
     every adapter weight drawn: LoRA B starts at zero, and drawn, the adapter's path counts in outputs and grads."""

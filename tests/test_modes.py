@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import adapter_tensors, rows_of_text, tiny_tuner
+from helpers import adapter_tensors, rows_of_text, run_counting_graphs, tiny_tuner
 
 from phi3tune.batching import Collator
 from phi3tune.data import IGNORE
@@ -76,17 +76,11 @@ def test_compiled_layers_give_the_same_first_step_and_never_recompile(tiny_model
     """torch.compile of the decoder layers (the speed plan's default on CUDA), checked on the CPU: the same first
     step as eager, one graph per fixed micro-batch length, all built before step 1 (a graph built in eval mode, or a
     second graph for the first layer's grad-less input, would show up as compilations during training)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     rows = rows_of_text(24, seed=5)
     ref = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=4, grad_accum=2, max_steps=3).run()
-    torch._dynamo.reset()
-    counters.clear()
-    graphs: list[int] = []
-    got = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=2, optimize_for="speed",
-                     compile=True, micro_batch_tokens=64, max_steps=3).run(
-        callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+    got, graphs = run_counting_graphs(tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=2,
+                                                 optimize_for="speed", compile=True, micro_batch_tokens=64,
+                                                 max_steps=3))
     assert got.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-5)
     assert got.history[0]["grad_norm"] == pytest.approx(ref.history[0]["grad_norm"], rel=1e-4)
     assert got.plan is not None and 1 <= len(got.plan.token_buckets) <= 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
+from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, run_counting_graphs, tiny_tuner
 
 from phi3tune.varlen_attention import NAME, attention, document_bounds, reference
 
@@ -73,9 +73,6 @@ def test_a_run_with_varlen_attention_matches_the_plain_path(tiny_model, tmp_path
     the flash kernel itself is compared on the GPU, examples/benchmarks/attention_kernels.py): the same steps as
     the plain path. Compiled, one graph serves every number of examples a micro-batch holds: the warm-up shows
     the layers one and two examples, training three (checked), and nothing compiles after the first step."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
     from phi3tune import varlen_attention
 
     examples: list[int] = []
@@ -85,13 +82,10 @@ def test_a_run_with_varlen_attention_matches_the_plain_path(tiny_model, tmp_path
 
     rows = rows_of_text(24, seed=5)
     ref = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=4, grad_accum=2, max_steps=3).run()
-    torch._dynamo.reset()
-    counters.clear()
-    graphs: list[int] = []
     tuner = tiny_tuner(tiny_model, tmp_path / "b", rows, batch_size=4, grad_accum=2, optimize_for="speed",
                        compile=compile_, micro_batch_tokens=128, max_steps=3)
     tuner.attn_implementation = NAME
-    got = tuner.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+    got, graphs = run_counting_graphs(tuner)
     assert got.plan is not None and got.plan.attn_implementation == NAME
     for step in range(3):
         assert got.history[step]["loss"] == pytest.approx(ref.history[step]["loss"], rel=1e-5)

@@ -21,8 +21,8 @@
 #   flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5 instead
 #   of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed masks;
 #   ambfull: the default budget 1.0, e.g. seq4096+ambfull against the memory plan's 0.3),
-#   noexpand (the allocator without expandable segments, as before session 5), dyn (every multiple of 128 tokens from
-#   one symbolic-length graph: PHI3TUNE_COMPILE=dynamic_lengths=1), lenN (N fixed lengths fitted to the data, not 4),
+#   noexpand (the allocator without expandable segments, as before session 5), dyn / nodyn (every multiple of 128 tokens from
+#   one symbolic-length graph / the 4 fixed lengths, whatever auto takes: PHI3TUNE_COMPILE=dynamic_lengths=1 / 0), lenN (N fixed lengths fitted to the data, not 4),
 #   off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1 for any plan that
 #   checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all 32 checkpointed; 0 never; the
 #   memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with
@@ -62,6 +62,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     masks) compile+=(masks=recompute) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
     dyn) compile+=(dynamic_lengths=1) ;;
+    nodyn) compile+=(dynamic_lengths=0) ;;
     lt) envs+=(TORCH_BLAS_PREFER_CUBLASLT=1) ;;
     len*) compile+=("lengths=${v#len}") ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
