@@ -97,7 +97,8 @@ class TokenLoss(nn.Module):
         if self.longest_example is None:
             return {}
         if cu_seqlens is None:
-            ids = position_ids if position_ids is not None else torch.arange(input_ids.shape[-1])[None]
+            ids = position_ids if position_ids is not None else torch.arange(input_ids.shape[-1]).expand(
+                input_ids.shape[0], -1)
             cu_seqlens = document_bounds(ids.cpu()).to(input_ids.device)
         torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,

@@ -20,6 +20,14 @@ def test_bounds_start_an_example_wherever_positions_restart_and_at_every_row():
     assert document_bounds(rows).tolist() == [0, 4, 6, 8]
     # an example that does not start at 0 (a packed row's pads continue its last example) is still one example
     assert document_bounds(torch.tensor([[0, 1, 0, 1, 2, 3]])).tolist() == [0, 2, 6]
+    # TokenLoss reads them off the batch's positions when a caller gives none; without positions, each row is one
+    from phi3tune.loss import TokenLoss
+
+    loss = TokenLoss(torch.nn.Module(), longest_example=8)
+    got = loss._bounds(torch.zeros(2, 5, dtype=torch.long), None, None)
+    assert got["cu_seq_lens_q"].tolist() == [0, 5, 10] and got["max_length_q"] == 8
+    assert loss._bounds(torch.zeros(1, 9, dtype=torch.long), pos, None)["cu_seq_lens_q"].tolist() == [0, 3, 5, 9]
+    assert TokenLoss(torch.nn.Module())._bounds(torch.zeros(1, 9, dtype=torch.long), pos, None) == {}
 
 
 def _per_example(q, k, v, bounds, window=None):
