@@ -288,7 +288,7 @@ class MicroBatcher:
     @classmethod
     def of(cls, plan: RunPlan, pad_id: int, largest_count: Callable[[int], int] = _own_count) -> MicroBatcher:
         return cls(plan.layout, plan.micro_batch_tokens, plan.token_buckets, plan.position_cap, pad_id,  # type: ignore[arg-type]
-                   largest_count, plan.attn_implementation == varlen_attention.NAME)
+                   largest_count, plan.varlen_bounds)
 
     def __call__(self, loader_batches: list[Batch]) -> list[Batch]:
         """One step's (or one eval batch's) micro-batches; each gets ``trained_idx``, computed here on the CPU."""

@@ -112,18 +112,19 @@ def decompositions(lookup: str = "table") -> dict[Any, Callable[..., Any]]:
     return out
 
 
-def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
+def backend(settings: dict[str, Any] | None = None, generate: bool = True) -> Callable[..., Any]:
     """inductor with the 4-bit decompositions added to its own. ``settings``: knobs.compile_settings() (its
     ``options`` are inductor config patches; ``opaque_4bit`` leaves bitsandbytes' ops opaque, the host cost this
     module removes, to measure it; ``activation_budget`` and ``partitioner`` patch how the joint graph is split
-    into forward and backward)."""
-    from torch._inductor.compile_fx import compile_fx
+    into forward and backward). ``generate=False``: the same decompositions and inductor's partitioner, called as
+    inductor calls it but without inductor's own graph passes, the two graphs then run as traced, with no code
+    generated: what the tests of the loop around compiled layers need, at a fraction of the compile time on a CPU."""
     from torch._inductor.decomposition import select_decomp_table
 
     settings = settings or {}
     ours = {} if settings.get("opaque_4bit") else decompositions(settings.get("dequant", "table"))
-    inner = functools.partial(compile_fx, config_patches=settings.get("options") or None,
-                              decompositions={**select_decomp_table(), **ours})
+    table = {**select_decomp_table(), **ours}
+    inner = _inductor(settings.get("options") or None, table) if generate else _traced(table)
     budget = float(settings.get("activation_budget", 1.0))
     patches = {**({"activation_memory_budget": budget} if budget < 1.0 else {}), **settings.get("partitioner", {})}
     if not patches:
@@ -136,6 +137,27 @@ def backend(settings: dict[str, Any] | None = None) -> Callable[..., Any]:
             return inner(gm, inputs)
 
     return partitioned
+
+
+def _inductor(options: dict[str, Any] | None, table: dict[Any, Any]) -> Callable[..., Any]:
+    from torch._inductor.compile_fx import compile_fx
+
+    return functools.partial(compile_fx, config_patches=options, decompositions=table)
+
+
+def _traced(table: dict[Any, Any]) -> Callable[..., Any]:
+    """AOTAutograd's forward and backward graphs, split by inductor's partitioner, run without code generation."""
+    import torch._inductor.compile_fx as inductor
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def boxed_nop(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
+        return make_boxed_func(gm.forward)
+
+    def partition(*args: Any, **kwargs: Any) -> Any:  # looked up at each call: as inductor's own
+        return inductor.min_cut_rematerialization_partition(*args, compiler="inductor", **kwargs)
+
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition, decompositions=table)
 
 
 def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] | None = None,

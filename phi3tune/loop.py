@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 
 from . import checkpoints as ckpt
-from . import distributed, flat_steps, lora_dropout, shards, tracking, varlen_attention
+from . import distributed, flat_steps, lora_dropout, shards, tracking
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
 from .compiled_layers import graph_room, warm_up_positions
@@ -35,6 +35,7 @@ from .loss import TokenLoss, mean_loss, trained_positions
 from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
 from .specs import TrainSpec
+from .varlen_attention import document_bounds
 
 log = logging.getLogger("phi3tune")
 _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> accelerate's mixed_precision
@@ -107,7 +108,7 @@ class Trainer:
         self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks)["options"]
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
-        longest = plan.position_cap if plan.attn_implementation == varlen_attention.NAME else None
+        longest = plan.position_cap if plan.varlen_bounds else None
         loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints, longest_example=longest)
         self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
@@ -292,9 +293,11 @@ class Trainer:
         for n, pos in warm_up_positions(p.token_buckets, p.position_cap) * self.warm_up_rounds:
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
             b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos[None],  # every position
-                                 "trained_idx": trained_positions(ids)})  # trained: the whole backward is built
+                                 "trained_idx": trained_positions(ids),  # trained: the whole backward is built
+                                 **({"cu_seqlens": document_bounds(pos[None])} if p.varlen_bounds else {})})
             with acc.no_sync(self.loss_module):
-                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"]) * 0.0)
+                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"],
+                                              b.get("cu_seqlens")) * 0.0)
         self._zero_grad()
         ckpt.set_rng_state(rng)
         log.info("compiled layers for micro-batches of %s tokens in %.1f s", p.length_words(),

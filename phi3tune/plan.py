@@ -37,6 +37,7 @@ from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 from .runspec import RunSpec
 from .shapes import BUCKETS, LENGTH_GRANULE, attention_words, default_attention, granule_lengths, symbolic_lengths_pay
 from .shapes import token_buckets as token_buckets
+from .varlen_attention import NAME as VARLEN
 
 log = logging.getLogger("phi3tune")
 
@@ -148,6 +149,11 @@ class RunPlan:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute_dtype]
+
+    @property
+    def varlen_bounds(self) -> bool:
+        """Attention is varlen_attention's: every micro-batch carries its examples' cumulative lengths."""
+        return self.attn_implementation == VARLEN
 
     def length_words(self) -> str:
         """The micro-batch lengths in words: the fixed ones, or the symbolic graphs' granule and largest."""

@@ -66,3 +66,17 @@ def reference(tiny_model, tmp_path_factory):
     """The uninterrupted resume run (helpers.resume_tuner) that resumed and interrupted runs must equal."""
     out = tmp_path_factory.mktemp("reference") / "run"
     return resume_tuner(tiny_model, out).run()
+
+
+@pytest.fixture
+def traced_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled layers split into forward and backward by inductor's partitioner (same decompositions, without
+    inductor's own graph passes), then run as traced, with no code generated (compiled_layers.backend's
+    ``generate=False``): for tests of what the loop does around compiled layers, where inductor's CPU code
+    generation only costs minutes. What inductor itself builds (tests/test_compiled_layers.py' twins and saved
+    tensors, tests/test_modes.py, tests/test_dequantized.py, tests/test_varlen_attention.py) compiles with inductor."""
+    import functools
+
+    from phi3tune import compiled_layers
+
+    monkeypatch.setattr(compiled_layers, "backend", functools.partial(compiled_layers.backend, generate=False))

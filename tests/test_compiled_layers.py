@@ -179,7 +179,7 @@ def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_m
 
 
 def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as_eager_layers_do(
-        tiny_model, tmp_path, monkeypatch):
+        tiny_model, tmp_path, monkeypatch, traced_layers):
     """PHI3TUNE_COMPILE=dynamic_lengths=1 (measured on the GPU, not a plan's default): micro-batches are padded to
     a multiple of a granule (16 lengths up to 128 tokens here, not 4 fixed ones), and the layers make their token
     dimension symbolic once they have met two lengths: the warm-up builds a few graphs, training builds none, over
@@ -229,7 +229,8 @@ def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as
     assert static_graphs[0] >= len(static_lengths) == 8 > graphs[0]
 
 
-def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_model, tmp_path, monkeypatch):
+def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_model, tmp_path, monkeypatch,
+                                                                         traced_layers):
     """PHI3TUNE_COMPILE=mode=reduce-overhead (a benchmark knob: compiled layers replayed as CUDA graphs): inductor's
     graph trees must be told where a micro-batch starts, or a layer's replay overwrites what the previous one saved
     for backward (the failure of 2026-11-30's first try). Every forward of the loss module marks one, in the warm-up
@@ -276,9 +277,11 @@ def test_with_cuda_graphs_asked_for_every_micro_batch_starts_a_graph_step(tiny_m
     assert forwards and not marks
 
 
-def _compiled_layer(tiny_model, dtype: torch.dtype, dropout: float, settings: dict, monkeypatch) -> dict:
+def _compiled_layer(tiny_model, dtype: torch.dtype, dropout: float, settings: dict, monkeypatch,
+                    generate: bool = True) -> dict:
     """One compiled LoRA decoder layer (hashed dropout) under ``settings`` (compiled_layers.backend): what it saves
-    for backward (saved-tensor hooks), how many matmuls its backward graph holds, its output and gradients."""
+    for backward (saved-tensor hooks), how many matmuls its backward graph holds, its output and gradients.
+    ``generate=False``: inductor's split, run as traced (the partitioner's choices without code generation)."""
     import torch._dynamo
     import torch._inductor.compile_fx as compile_fx
 
@@ -297,7 +300,7 @@ def _compiled_layer(tiny_model, dtype: torch.dtype, dropout: float, settings: di
     model = lora_on_4bit(tiny_model, dtype, dropout)
     make_recomputable(model, torch.device("cpu"))
     inner = model.get_base_model().model
-    compiled = torch.compile(inner.layers[0], backend=cl.backend(settings), dynamic=False)
+    compiled = torch.compile(inner.layers[0], backend=cl.backend(settings, generate=generate), dynamic=False)
     x = torch.randn(1, 32, inner.config.hidden_size, dtype=dtype, requires_grad=True,
                     generator=torch.Generator().manual_seed(1))
     pos = torch.arange(32)[None]
@@ -356,9 +359,11 @@ def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_mode
     from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 
     middle_settings = compile_settings(MIDDLE_ACTIVATION_BUDGET)
-    default = _compiled_layer(tiny_model, torch.bfloat16, 0.1, {}, monkeypatch)
-    middle = _compiled_layer(tiny_model, torch.bfloat16, 0.1, middle_settings, monkeypatch)
-    low = _compiled_layer(tiny_model, torch.bfloat16, 0.1, compile_settings(LOW_ACTIVATION_BUDGET), monkeypatch)
+
+    def split(settings: dict) -> dict:  # the partitioner's choices: inductor's split, no code generated
+        return _compiled_layer(tiny_model, torch.bfloat16, 0.1, settings, monkeypatch, generate=False)
+
+    default, middle, low = split({}), split(middle_settings), split(compile_settings(LOW_ACTIVATION_BUDGET))
     hidden = default["grads"][1].shape[-1]
     acts = lambda saved: [s for s in saved if 32 in s[0]]  # noqa: E731  (an axis of 32 tokens; no weight has one)
     copies = lambda saved: [s for s in acts(saved) if s[1] == torch.float32 and s[0][-1] >= hidden]  # noqa: E731

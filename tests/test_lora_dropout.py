@@ -84,8 +84,8 @@ def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(t
     """The partitioner's activation budget (the low one and the speed plans' middle one) recomputes ops in backward
     instead of saving them. Hashed masks come out the same when recomputed: the compiled layer's gradients are the
     eager layer's, and it saves less than with its default budget. With nn.Dropout (the negative control: torch
-    draws the mask again in backward, even with inductor's fallback_random so that compiled and eager draw alike)
-    the gradients are wrong."""
+    draws the mask again in backward) the gradients are wrong. The split is inductor's, its graphs run as traced
+    (no code generated: the partitioner decides what is recomputed)."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
@@ -96,7 +96,8 @@ def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(t
     def compiled(budget: float):
         torch._dynamo.reset()
         fresh = _lora_layer(tiny_model, dropout_module)
-        layer = torch.compile(fresh.layers[0], backend=cl.backend({"activation_budget": budget}), dynamic=False)
+        layer = torch.compile(fresh.layers[0], backend=cl.backend({"activation_budget": budget}, generate=False),
+                              dynamic=False)
         _step(fresh, layer)  # compile
         for p in fresh.parameters():
             p.grad = None
@@ -119,7 +120,8 @@ def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(t
         assert worst(low) > 0.1
 
 
-def test_a_compiled_run_keys_each_micro_batch_and_resumes_to_the_same_adapter(tiny_model, tmp_path, monkeypatch):
+def test_a_compiled_run_keys_each_micro_batch_and_resumes_to_the_same_adapter(tiny_model, tmp_path, monkeypatch,
+                                                                              traced_layers):
     """Through the public API: compiled layers get the hashed dropout, the loop keys every micro-batch by
     (seed, rank, step, micro-batch), and a run killed after checkpoint 2 resumes to the unbroken run's result (the
     masks are a function of the step, not of an RNG stream)."""
@@ -157,7 +159,7 @@ def test_a_compiled_run_keys_each_micro_batch_and_resumes_to_the_same_adapter(ti
     assert drops and all(type(m) is torch.nn.Dropout and m.p == 0.1 for m in drops)
 
 
-def test_a_checkpointed_compiled_layer_recomputes_the_same_masks(tiny_model, tmp_path, monkeypatch):
+def test_a_checkpointed_compiled_layer_recomputes_the_same_masks(tiny_model, tmp_path, monkeypatch, traced_layers):
     """A plan that checkpoints the first layer of compiled layers with LoRA dropout on: its forward runs again in
     backward and hashes the same masks (the key is still the micro-batch's), so loss, gradient norm and adapter
     equal the run that keeps every activation."""

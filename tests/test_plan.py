@@ -273,7 +273,7 @@ def test_compiled_layers_get_room_for_every_graph_and_the_limit_comes_back(tiny_
         assert dynamo.recompile_limit == before and inductor.cpp_wrapper is wrapper
 
 
-def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path):
+def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path, traced_layers):
     """Compiled layers: every graph is built before the first step, so no step waits for the compiler. The warm-up
     micro-batches hold two documents, as real ones do (pads are a document of their own); with one document the
     attention mask took another path (SDPA with no mask) and training built graphs of its own (this test then

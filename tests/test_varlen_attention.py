@@ -80,13 +80,21 @@ def test_a_run_with_varlen_attention_matches_the_plain_path(tiny_model, tmp_path
     """The speed plan's padding-free micro-batches with varlen attention (on the CPU its dense-mask reference;
     the flash kernel itself is compared on the GPU, examples/benchmarks/attention_kernels.py): the same steps as
     the plain path. Compiled, one graph serves every number of examples a micro-batch holds: the warm-up shows
-    the layers one and two examples, training three (checked), and nothing compiles after the first step."""
+    the layers one and two examples, training three (checked), and nothing compiles after the first step. Every
+    micro-batch, the warm-up's too, brings its bounds: none is read off the position ids."""
     from phi3tune import varlen_attention
 
     examples: list[int] = []
     bounds = varlen_attention.document_bounds
     monkeypatch.setattr(varlen_attention, "document_bounds",
                         lambda pos: examples.append(len(bounds(pos)) - 1) or bounds(pos))
+
+    from phi3tune.loss import TokenLoss
+
+    unbounded: list[bool] = []  # a forward that had to read the bounds off position_ids (a device sync)
+    own = TokenLoss._bounds
+    monkeypatch.setattr(TokenLoss, "_bounds", lambda self, ids, pos, cu: unbounded.append(
+        self.longest_example is not None and cu is None) or own(self, ids, pos, cu))
 
     rows = rows_of_text(24, seed=5)
     ref = tiny_tuner(tiny_model, tmp_path / "a", rows, batch_size=4, grad_accum=2, max_steps=3).run()
@@ -102,6 +110,7 @@ def test_a_run_with_varlen_attention_matches_the_plain_path(tiny_model, tmp_path
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
     assert max(examples) >= 3, examples
+    assert len(unbounded) > 6 and not any(unbounded)  # the warm-up's micro-batches carry their bounds too
     if compile_:
         assert graphs[0] == graphs[-1], graphs  # nothing compiled after the first step
 
