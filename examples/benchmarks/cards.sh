@@ -10,6 +10,7 @@
 #   attn  FlexAttention's document mask against torch's variable-length flash attention, one layer's fwd+bwd
 #         (attention_kernels.py; GIB ignored)
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight (GIB ignored)
+#   deq   the compiled dequantization's ways against bitsandbytes' kernel, timed (dequant_kernels.py; GIB ignored)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
 #         training.micro_batch_tokens=2048)
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
@@ -115,6 +116,7 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
+    deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
     prof) psets=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;

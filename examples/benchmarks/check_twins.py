@@ -12,23 +12,11 @@ import sys
 
 import bitsandbytes.functional as bnbf
 import torch
+from _timing import median_us  # this folder's
 
 from phi3tune import compiled_layers as cl
 from phi3tune.model import load_weights
 from phi3tune.specs import QuantSpec
-
-
-def median_us(fn) -> float:
-    """fn's GPU time, median of 50 runs (CUDA events), in microseconds."""
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return round(sorted(times)[25], 1)
 
 
 def kernel_times(weight, qs, args, compiled) -> dict:
