@@ -18,6 +18,11 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="phi3tune-tes
 
 from helpers import PHI3_DIR, resume_tuner
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
