@@ -12,6 +12,8 @@
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight
 #         (GIB ignored)
 #   deq   the compiled dequantization's ways against bitsandbytes' kernel, timed (dequant_kernels.py; GIB ignored)
+#   saved  what one compiled layer saves for backward at each budget, fixed / symbolic lengths (saved_tensors.py;
+#         GIB ignored; ~6 compiles: give it LIMIT=300)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
 #         training.micro_batch_tokens=2048)
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
@@ -117,6 +119,8 @@ for r in "$@"; do
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
     deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
+    saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 2>&1 | grep '^{' \
+             | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
     prof) psets=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
