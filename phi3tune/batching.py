@@ -296,10 +296,13 @@ class MicroBatcher:
         if self.layout == "padding_free" and self.budget:
             micro = [pad_to_bucket(b, self.buckets, self.pad_id, self.position_cap)
                      for b in resplit_flat(micro, self.budget)]
-        micro = [{**b, "trained_idx": trained_positions(b["labels"])} for b in micro]
-        if self.bounds:
-            micro = [{**b, "cu_seqlens": self._bounds(b["position_ids"])} for b in micro]
-        return equal_count(micro, self.largest_count(len(micro)))
+        return equal_count([self.annotated(b) for b in micro], self.largest_count(len(micro)))
+
+    def annotated(self, batch: Batch) -> Batch:
+        """``batch`` with what the loss reads off it, computed on the CPU: the trained positions and, under varlen
+        attention, the examples' bounds. Also for the compile warm-up's micro-batches, so they match training's."""
+        extra = {"cu_seqlens": self._bounds(batch["position_ids"])} if self.bounds else {}
+        return {**batch, "trained_idx": trained_positions(batch["labels"]), **extra}
 
     def _bounds(self, position_ids: torch.Tensor) -> torch.Tensor:
         """The examples' cumulative lengths; the kernel is told none is longer than ``position_cap``: checked."""

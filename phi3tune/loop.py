@@ -31,11 +31,10 @@ from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
 from .knobs import compile_settings
-from .loss import TokenLoss, mean_loss, trained_positions
+from .loss import TokenLoss, loss_inputs, mean_loss
 from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
 from .specs import TrainSpec
-from .varlen_attention import document_bounds
 
 log = logging.getLogger("phi3tune")
 _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> accelerate's mixed_precision
@@ -245,8 +244,7 @@ class Trainer:
                                                                     self.pos.step, i))
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.loss_module)
             with sync:
-                part = self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"],
-                                        b.get("cu_seqlens"))
+                part = self.loss_module(*loss_inputs(b))
                 acc.backward(part * scale)
             loss_sum += part.detach().float()
         if acc.num_processes > 1:
@@ -292,12 +290,10 @@ class Trainer:
             distributed.hand_quant_state_eagerly(self.loss_module, ids)
         for n, pos in warm_up_positions(p.token_buckets, p.position_cap) * self.warm_up_rounds:
             ids = torch.full((1, n), self.pad_id, dtype=torch.long)
-            b = self._to_device({"input_ids": ids, "labels": ids, "position_ids": pos[None],  # every position
-                                 "trained_idx": trained_positions(ids),  # trained: the whole backward is built
-                                 **({"cu_seqlens": document_bounds(pos[None])} if p.varlen_bounds else {})})
+            # every position trained, so the whole backward is built
+            b = self._to_device(self.batcher.annotated({"input_ids": ids, "labels": ids, "position_ids": pos[None]}))
             with acc.no_sync(self.loss_module):
-                acc.backward(self.loss_module(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"],
-                                              b.get("cu_seqlens")) * 0.0)
+                acc.backward(self.loss_module(*loss_inputs(b)) * 0.0)
         self._zero_grad()
         ckpt.set_rng_state(rng)
         log.info("compiled layers for micro-batches of %s tokens in %.1f s", p.length_words(),

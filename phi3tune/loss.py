@@ -105,6 +105,11 @@ class TokenLoss(nn.Module):
                 "max_length_q": self.longest_example, "max_length_k": self.longest_example}
 
 
+def loss_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """A (device) micro-batch as ``TokenLoss.forward``'s arguments."""
+    return batch["input_ids"], batch["labels"], batch["position_ids"], batch["trained_idx"], batch.get("cu_seqlens")
+
+
 @torch.no_grad()
 def mean_loss(loss_fn: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
               to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
@@ -117,8 +122,7 @@ def mean_loss(loss_fn: nn.Module, batches: Iterable[dict[str, torch.Tensor]], de
         if "trained_idx" not in cpu_batch:
             cpu_batch = {**cpu_batch, "trained_idx": trained_positions(cpu_batch["labels"])}
         b = to_device(cpu_batch) if to_device else {k: v.to(device) for k, v in cpu_batch.items()}
-        total += loss_fn(b["input_ids"], b["labels"], b["position_ids"], b["trained_idx"],
-                         b.get("cu_seqlens")).float()
+        total += loss_fn(*loss_inputs(b)).float()
         count += int(cpu_batch["trained_idx"].numel())
     if reduce is not None:
         total, count = reduce(total), reduce(count)
