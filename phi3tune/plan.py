@@ -22,11 +22,13 @@ from .loss import CE_CHUNK
 from .memory import (
     COMMUNICATION,
     GIB,
+    LOW_ACTIVATION_BUDGET,
     MIDDLE_ACTIVATION_BUDGET,
     ModelShape,
     budget_tier,
     dequantized_bytes,
     estimate_parts,
+    modelled_budget,
     per_rank_parts,
     symbolic_lengths_bytes,
     total_gib,
@@ -75,8 +77,7 @@ _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
 # backward instead of saving them. Session 5, H200, quickstart at 4,096 tokens: without LoRA dropout, budget 0.3 kept
 # 9.25 GiB at peak against 17.69 (0.5: 9.47); with hashed LoRA dropout (lora_dropout.py; torch redraws nn.Dropout's
 # masks when it recomputes them), median step 0.174 s on a 12 GiB card against 0.147 s for the default budget on
-# the same GPU in the same call (+18%), where checkpointing every layer costs +42%.
-LOW_ACTIVATION_BUDGET = 0.3
+# the same GPU in the same call (+18%), where checkpointing every layer costs +42% (LOW_ACTIVATION_BUDGET: memory.py).
 _LOW_BUDGET_COST = 1.18
 # A middle budget: session 10, H200, quickstart (4,864 tokens, base dequantized), one machine: 8.6 GiB less at peak
 # for a median step 0.1548 s against 0.1391 (+11%); with the masks recomputed too (PHI3TUNE_COMPILE=masks=recompute)
@@ -245,8 +246,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
     attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
     asked = knobs.get("dynamic_lengths")
-    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(attn, d.packing,
-                                                                                           activation_budget)))
+    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(attn, d.packing)))
     fixed, buckets = buckets, granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
@@ -255,17 +255,23 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
-    parts = estimate_parts(
-        shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
-        targets=set(targets), r=a.r, dropout=a.dropout,
-        optimizer_state_bytes=opt.state_bytes,
-        act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
-        compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
-        activation_budget=activation_budget, offload=offload, masks_recomputed=recompute_masks)
-    if dynamic:
-        parts["symbolic_lengths"] = symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)
-        if not asked and free is not None and total_gib(parts) * GIB > FIT_FRACTION * free:  # fixed lengths fit
-            dynamic, buckets, parts["symbolic_lengths"] = False, fixed, 0
+
+    def parts_of(symbolic: bool) -> dict[str, int]:  # symbolic-length graphs keep other activations (memory.py)
+        kept_as = modelled_budget(activation_budget, symbolic)
+        parts = estimate_parts(
+            shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
+            targets=set(targets), r=a.r, dropout=a.dropout, optimizer_state_bytes=opt.state_bytes,
+            act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
+            compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
+            activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks)
+        return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, kept_as)} \
+            if symbolic else parts
+
+    parts = parts_of(dynamic)
+    if dynamic and not asked and free is not None and total_gib(parts) * GIB > FIT_FRACTION * free:
+        fixed_parts = parts_of(False)  # where the fixed lengths fit and the symbolic length does not, fixed lengths
+        if total_gib(fixed_parts) < total_gib(parts):
+            dynamic, buckets, parts = False, fixed, fixed_parts
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts

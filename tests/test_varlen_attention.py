@@ -159,10 +159,12 @@ def test_cuda_plans_take_varlen_attention_where_its_kernel_runs(monkeypatch):
 @needs_shared
 def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     """Phi-3-mini, the flash kernel taken as present. Unpacked rows get one symbolic-length graph (multiples of
-    128) at the default budget, and at the low one where its measured extra memory still fits (16 GiB, not 12).
-    Packed rows, the middle budget (unmeasured) and FlexAttention keep their 4 fixed lengths."""
+    128) at the default budget, and at the lower ones where their measured extra memory still fits (16 GiB, not
+    12); at the middle budget the symbolic graphs are planned to keep what the low budget's do (measured), less
+    than fixed lengths would (the negative control). Packed rows and FlexAttention keep their 4 fixed lengths."""
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
+    from phi3tune.memory import modelled_budget
     from phi3tune.plan import FIT_FRACTION
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
@@ -174,14 +176,20 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     assert big.memory["symbolic_lengths"] == 0  # the default budget keeps the same with either
     assert "varlen flash attention" in big.describe() and "a multiple of 128" in big.describe()
     sixteen, twelve = plan_for(ft, "cuda", free_gib=16), plan_for(ft, "cuda", free_gib=12)
-    assert sixteen.activation_budget < 1.0 and sixteen.dynamic_lengths
+    assert sixteen.activation_budget == 0.5 and sixteen.dynamic_lengths
     assert sixteen.memory["symbolic_lengths"] > 1 << 30 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
     assert twelve.activation_budget < 1.0 and not twelve.dynamic_lengths and len(twelve.token_buckets) == 4
     # negative control: the 12 GiB plan with symbolic lengths' extra (per token, as on 16 GiB) would not fit
     extra = sixteen.memory["symbolic_lengths"] / sixteen.peak_micro_batch_tokens * twelve.peak_micro_batch_tokens
     assert twelve.predicted_peak_gib + extra / (1 << 30) > FIT_FRACTION * 12
     middle = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
-    assert 0.3 < middle.activation_budget < 1.0 and not middle.dynamic_lengths
+    assert middle.activation_budget == 0.5 and middle.dynamic_lengths
+    assert (modelled_budget(0.5, True), modelled_budget(0.5, False), modelled_budget(1.0, True)) == (0.3, 0.5, 1.0)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=0")
+    fixed = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
+    assert fixed.activation_budget == 0.5 and not fixed.dynamic_lengths
+    assert fixed.predicted_peak_gib > middle.predicted_peak_gib + 3
+    monkeypatch.delenv("PHI3TUNE_COMPILE")
     packed = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=139)
     assert not packed.dynamic_lengths and len(packed.token_buckets) == 4
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
