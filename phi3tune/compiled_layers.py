@@ -54,26 +54,37 @@ def _select(codes: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
     return pick(0, len(values)).to(torch.float32)
 
 
+def decode_4bit(codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """uint8 ``codes`` (two a byte, high nibble first) looked up in ``table`` (16 fp32 values), times their
+    block's absmax, rounded once to ``dtype``."""
+    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
+    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
+    nibbles = ((codes.reshape(-1).unsqueeze(-1) >> shifts) & 15).reshape(-1)[:math.prod(shape)]
+    return _scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape: Sequence[int], dtype: torch.dtype, tables: dict[str, list[float]] | None = None,
                     lookup: str = "table") -> torch.Tensor:
     """``bitsandbytes::dequantize_4bit`` in torch ops: two codes per byte, high nibble first. ``lookup``: each
-    code's value loaded from a 16-entry table, or "select"ed from constants by its bits (the same values; which
-    kernel is faster is measured, PHI3TUNE_COMPILE=dequant=select)."""
-    n = math.prod(shape)
+    code's value loaded from a 16-entry table; "select"ed from constants by its bits; or the "kernel" of
+    dequant_kernel.py, one custom op (the same values; which is faster is measured, PHI3TUNE_COMPILE=dequant=...)."""
     codes = packed.reshape(-1)
     if codes.dtype != torch.uint8:  # quant_storage other than uint8 (FSDP stores bf16): the same bytes
         codes = codes.view(torch.uint8)
-    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
-    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
-    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
-    nibbles = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n]
     values = (tables or code_tables())[quant_type]
     if lookup == "select":
-        looked_up = _select(nibbles, values)
-    else:
-        looked_up = torch.tensor(values, dtype=torch.float32, device=codes.device)[nibbles.to(torch.int64)]
-    return _scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+        nibbles = ((codes.unsqueeze(-1) >> torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)) & 15)
+        looked_up = _select(nibbles.reshape(-1)[:math.prod(shape)], values)
+        return _scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    table = torch.tensor(values, dtype=torch.float32, device=codes.device)
+    if lookup == "kernel":
+        from . import dequant_kernel  # registers the op
+
+        return dequant_kernel.dequantize_4bit(codes, absmax.float(), table, blocksize, shape, dtype)
+    return decode_4bit(codes, table, absmax, blocksize, shape, dtype)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
@@ -124,7 +135,12 @@ def backend(settings: dict[str, Any] | None = None, generate: bool = True) -> Ca
     settings = settings or {}
     ours = {} if settings.get("opaque_4bit") else decompositions(settings.get("dequant", "table"))
     table = {**select_decomp_table(), **ours}
-    inner = _inductor(settings.get("options") or None, table) if generate else _traced(table)
+    options = dict(settings.get("options") or {})
+    if settings.get("dequant") == "kernel":
+        from . import dequant_kernel
+
+        options["joint_custom_pre_pass"] = dequant_kernel.recompute_pass()
+    inner = _inductor(options or None, table) if generate else _traced(table)
     budget = float(settings.get("activation_budget", 1.0))
     patches = {**({"activation_memory_budget": budget} if budget < 1.0 else {}), **settings.get("partitioner", {})}
     if not patches:
@@ -154,8 +170,11 @@ def _traced(table: dict[Any, Any]) -> Callable[..., Any]:
     def boxed_nop(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
         return make_boxed_func(gm.forward)
 
-    def partition(*args: Any, **kwargs: Any) -> Any:  # looked up at each call: as inductor's own
-        return inductor.min_cut_rematerialization_partition(*args, compiler="inductor", **kwargs)
+    def partition(joint: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:  # looked up at each call: as
+        from . import dequant_kernel  # inductor's own, after the one joint-graph pass of ours (dequant=kernel)
+
+        dequant_kernel.mark_recomputed(joint.graph)
+        return inductor.min_cut_rematerialization_partition(joint, *args, compiler="inductor", **kwargs)
 
     return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition, decompositions=table)
 

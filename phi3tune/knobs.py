@@ -55,8 +55,8 @@ def compile_env() -> dict[str, str]:
                        "dequant", "masks"):
             raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
                              "activation_budget, dynamic_lengths, lengths, dequant, masks")
-        if key == "dequant" and value not in ("table", "select"):
-            raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table or select")
+        if key == "dequant" and value not in ("table", "select", "kernel"):
+            raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table, select or kernel")
         if key == "masks" and value not in ("save", "recompute"):
             raise ValueError(f"PHI3TUNE_COMPILE: masks={value!r} is not save or recompute")
         out[key] = value
@@ -82,7 +82,8 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
     activations under F of its default), ``dynamic_lengths=1`` / ``0`` (every multiple of a granule from one
     symbolic-length graph, or the fixed lengths, whatever the plan's own choice: shapes.symbolic_lengths_pay),
     ``lengths=N`` (N fixed lengths instead of 4; both read by ``_candidate``), ``dequant=select`` (the 4-bit
-    codes' values selected by their bits, not loaded from a table: compiled_layers.dequantize_4bit),
+    codes' values selected by their bits, not loaded from a table: compiled_layers.dequantize_4bit), ``dequant=kernel``
+    (one Triton kernel per weight, dequant_kernel.py),
     ``masks=recompute`` / ``save`` (read by ``_candidate``: the plan's ``recompute_masks`` on any compiled plan / on
     none), to measure what each does before a plan adopts it. Returns ``{"options": inductor config patches,
     "opaque_4bit": bool, "activation_budget": float, "dequant": str, "partitioner": functorch config patches}``.

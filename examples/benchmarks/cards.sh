@@ -11,7 +11,8 @@
 #         (attention_kernels.py; GIB ignored)
 #   twins  compiled_layers' torch-ops dequantization against bitsandbytes' CUDA kernel, every 4-bit weight
 #         (GIB ignored)
-#   deq   the compiled dequantization's ways against bitsandbytes' kernel, timed (dequant_kernels.py; GIB ignored)
+#   deq   the compiled dequantization's ways against bitsandbytes' kernel, timed (dequant_kernels.py; GIB ignored;
+#         DEQ_WAYS="bitsandbytes table kernel ..." times only those)
 #   saved  what one compiled layer saves for backward at each budget, fixed / symbolic lengths (saved_tensors.py;
 #         GIB ignored; ~6 compiles: give it LIMIT=300)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
@@ -21,7 +22,8 @@
 #   (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp (compiled
 #   layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque (bitsandbytes'
 #   4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit code's value
-#   selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), noflat (the optimizer stepping each
+#   selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton kernel per
+#   weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel), noflat (the optimizer stepping each
 #   tensor, as before flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation
 #   budget 0.5 instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's
 #   hashed masks; ambfull: the default budget 1.0, e.g. seq4096+ambfull against the memory plan's 0.3), noexpand (the
@@ -62,6 +64,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     cpp) compile+=(cpp_wrapper=1) ;;
     opaque) compile+=(opaque_4bit=1) ;;
     sel) compile+=(dequant=select) ;;
+    kern) compile+=(dequant=kernel) ;;
     masks) compile+=(masks=recompute) ;;
     noflat) envs+=(PHI3TUNE_FLAT_STEP=0) ;;
     dyn) compile+=(dynamic_lengths=1) ;;
@@ -118,7 +121,9 @@ for r in "$@"; do
     u) peer "$r" "$gib" false ;;
     ug) peer "$r" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
-    deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
+    # shellcheck disable=SC2086
+    deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py ${DEQ_WAYS:-} 2>&1 | grep '^{' \
+           | tee -a "$OUT/all.jsonl" ;;
     saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 2>&1 | grep '^{' \
              | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5

@@ -3,10 +3,15 @@ weight (gate_up_proj, 16,384 x 3,072, NF4, blocks of 64), each way compiled alon
 layer. Checks every way gives bitsandbytes' values bit for bit, and on CUDA times each (median of 50, CUDA events),
 alone and followed by the matmul of a 4,864-token micro-batch. One JSON line.
 
-    python examples/benchmarks/dequant_kernels.py            (on the GPU: cards.sh run "deq@full")
+    python examples/benchmarks/dequant_kernels.py [WAY...]   (on the GPU: cards.sh run "deq@full"; DEQ_WAYS="a b")
+
+Per way: bit-equality, the median GPU time alone and before the matmul, and the host's time per call (the mean of
+200 calls without a sync: what a compiled layer's wrapper pays to launch it).
 
 Ways: ``table`` (compiled_layers' default: a 16-entry table, shifts from a 2-element tensor), ``select``
-(compiled_layers' alternative: PHI3TUNE_COMPILE=dequant=select), and candidates: ``pairs`` (a byte's two values
+(compiled_layers' alternative: PHI3TUNE_COMPILE=dequant=select), ``kernel`` (dequant_kernel.py's Triton kernel as the
+custom op a compiled layer calls, PHI3TUNE_COMPILE=dequant=kernel; on CUDA also launched directly with 256 to 4,096
+bytes a program: ``kernelN``), and candidates: ``pairs`` (a byte's two values
 loaded at once from a 256 x 2 table), ``iota`` (the table with the shifts as index arithmetic, no tensor), ``tuned``
 (the table under inductor's coordinate-descent tuning of its kernel). Measured: docs/performance.md, session 13.
 """
@@ -16,6 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +31,7 @@ import torch
 from _timing import median_us  # this folder's
 
 from phi3tune import compiled_layers as cl
+from phi3tune import dequant_kernel
 
 
 def byte_pairs(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
@@ -51,7 +59,15 @@ def timed(fn: Callable[[], Any], cuda: bool) -> float | None:
     return median_us(fn) if cuda else None
 
 
+def host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return round((time.perf_counter() - start) / calls * 1e6, 1)
+
+
 def main() -> None:
+    chosen = set(sys.argv[1:])  # none: every way
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
@@ -66,9 +82,20 @@ def main() -> None:
                               ("select", functools.partial(cl.dequantize_4bit, lookup="select"), None),
                               ("pairs", byte_pairs, None),
                               ("iota", iota_table, None),
-                              ("tuned", cl.dequantize_4bit, {"coordinate_descent_tuning": True})):
+                              ("tuned", cl.dequantize_4bit, {"coordinate_descent_tuning": True}),
+                              ("kernel", functools.partial(cl.dequantize_4bit, tables=cl.code_tables(),
+                                                           lookup="kernel"), None)):
+        if chosen and name not in chosen:
+            continue
         compiled = torch.compile(fn, dynamic=False, options=options)
         ways[name] = functools.partial(compiled, *args)
+    if cuda:
+        table = torch.tensor(cl.code_tables()["nf4"], dtype=torch.float32, device=device)
+        for per_program in (256, 512, 1024, 2048, 4096):
+            if chosen and f"kernel{per_program}" not in chosen:
+                continue
+            ways[f"kernel{per_program}"] = functools.partial(dequant_kernel.launch, packed, qs.absmax, qs.blocksize,
+                                                             table, tuple(qs.shape), torch.bfloat16, per_program)
     x = torch.randn(tokens, in_features, dtype=torch.bfloat16, device=device)
     line: dict[str, Any] = {"label": "dequant_kernels", "shape": [out_features, in_features], "tokens": tokens,
                             "device": torch.cuda.get_device_name() if cuda else "cpu"}
@@ -77,6 +104,9 @@ def main() -> None:
         line[f"{name}_equal"] = bool(torch.equal(got, want))
         line[f"{name}_us"] = timed(fn, cuda)
         line[f"{name}_with_matmul_us"] = timed(lambda fn=fn: torch.nn.functional.linear(x, fn()), cuda)
+        line[f"{name}_host_us"] = host_us(fn)
+        if cuda:
+            torch.cuda.synchronize()
     line["matmul_alone_us"] = timed(lambda: torch.nn.functional.linear(x, want), cuda)
     print(json.dumps(line), flush=True)
 

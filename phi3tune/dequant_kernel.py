@@ -1,0 +1,119 @@
+"""bitsandbytes' 4-bit dequantization as one Triton kernel that compiled layers call inside their graphs.
+
+Inductor's own kernel for ``compiled_layers.dequantize_4bit`` (the torch-ops twin) takes 190 µs on Phi-3-mini's
+largest weight where bitsandbytes' CUDA kernel takes 74 (H200, session 13: ``examples/benchmarks/dequant_kernels.py``),
+~10% of a 16 GiB card's step. bitsandbytes' kernel cannot run inside the graph without a Python call per weight (its
+ops are Python implementations: the host cost ``compiled_layers`` removed). This one can: a custom op
+(``phi3tune::dequantize_4bit``) whose CUDA implementation launches the kernel below and whose other devices run the
+torch-ops twin. Each program reads a run of packed bytes once, looks up both codes of each byte in the 16-entry table,
+multiplies by the block's fp32 absmax and rounds once to the output dtype: bitsandbytes' arithmetic, so the values are
+bit for bit its own (tests run the kernel under Triton's interpreter on the CPU; the GPU check is check_twins.py).
+
+The op is opaque to the partitioner, which would then save each layer's dequantized weights for backward (4x the
+packed bytes) rather than dequantize again; ``mark_recomputed`` tells it to recompute them, as it does the torch-ops
+twin's pointwise kernel.
+
+Measured (H200, session 14): the kernel alone 69.7-76.5 µs on that weight (512-4,096 bytes a program; bitsandbytes'
+75.7), bit-identical. But in the layers (PHI3TUNE_COMPILE=dequant=kernel, not a plan's choice) the quickstart ran
+14,793 against 18,737 tokens/s on a 16 GiB card: each call goes through the custom op's Python dispatch and Triton's
+Python launcher (143 µs of host time a compiled call, 25 µs launched directly), 256 calls a micro-batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 outputs
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The Triton kernel, built at first use (Triton is imported only where a CUDA run needs it)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_nf4(packed, absmax, table, out, n_out, blocksize: tl.constexpr, per_program: tl.constexpr,
+                       bf16: tl.constexpr, low_first: tl.constexpr):
+        first = tl.program_id(0) * per_program
+        index = first + tl.arange(0, per_program)  # byte index
+        live = index * 2 < n_out
+        byte = tl.load(packed + index, mask=live, other=0).to(tl.int32)
+        scale = tl.load(absmax + (index * 2) // blocksize, mask=live, other=0.0)  # a byte's two codes share a block
+        high = tl.load(table + (byte >> 4)) * scale
+        low = tl.load(table + (byte & 15)) * scale
+        # high nibble first, as bitsandbytes packs (low_first: the tests' negative control)
+        values = tl.interleave(low, high) if low_first else tl.interleave(high, low)
+        if bf16:  # round to nearest even by hand: the GPU's conversion, and the interpreter's (which truncates) too
+            bits = values.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            values = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            values = values.to(out.dtype.element_ty)
+        where = first * 2 + tl.arange(0, 2 * per_program)
+        tl.store(out + where, values, mask=where < n_out)
+
+    return dequantize_nf4
+
+
+def launch(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: torch.Tensor,
+           shape: Sequence[int], dtype: torch.dtype, per_program: int = BYTES_PER_PROGRAM,
+           low_first: bool = False) -> torch.Tensor:
+    """Run the kernel: ``packed`` uint8 (two codes a byte), ``absmax`` fp32 (one a block), ``table`` the 16 fp32
+    code values, on one device. ``per_program`` (a power of two) and ``low_first`` (the nibbles in the wrong order:
+    the tests' negative control) exist for the tests and examples/benchmarks/dequant_kernels.py."""
+    n = math.prod(shape)
+    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    programs = (n + 2 * per_program - 1) // (2 * per_program)
+    _kernel()[(programs,)](packed.reshape(-1), absmax.reshape(-1), table, out, n, blocksize=blocksize,
+                           per_program=per_program, bf16=dtype == torch.bfloat16, low_first=low_first)
+    return out
+
+
+@torch.library.custom_op("phi3tune::dequantize_4bit", mutates_args=())
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int,
+                    shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes::dequantize_4bit's values from ``table`` (the 16 fp32 code values): the Triton kernel on CUDA,
+    the torch-ops twin elsewhere (the CPU tests of what the partitioner does with the op)."""
+    from . import compiled_layers
+
+    codes = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # FSDP's bf16 storage: the same bytes
+    if codes.is_cuda:
+        return launch(codes, absmax.float(), blocksize, table, shape, dtype)
+    return compiled_layers.decode_4bit(codes, table, absmax, blocksize, shape, dtype)
+
+
+@dequantize_4bit.register_fake
+def _(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, shape: Sequence[int],
+      dtype: torch.dtype) -> torch.Tensor:
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+def mark_recomputed(graph: torch.fx.Graph) -> None:
+    """Tag every call of the op in a joint forward-backward graph for recomputation in backward (the partitioner's
+    checkpoint policy), so that backward dequantizes again from the packed bytes a layer keeps anyway."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.phi3tune.dequantize_4bit.default:
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
+def recompute_pass() -> Any:
+    """``mark_recomputed`` as inductor's joint-graph pass (``joint_custom_pre_pass``: run on the joint graph before
+    it is partitioned); its uuid keys inductor's cache by this file."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class MarkRecomputed(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            mark_recomputed(graph)
+
+        def uuid(self) -> Any:
+            return get_hash_for_files((__file__,))
+
+    return MarkRecomputed()
