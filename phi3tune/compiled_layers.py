@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from . import dequant_kernel
+from .dequant_kernel import decode_4bit, scale_blocks
+
 if TYPE_CHECKING:
     from .plan import RunPlan
 
@@ -34,14 +37,6 @@ def code_tables() -> dict[str, list[float]]:
     return {kind: get_4bit_type(kind, device="cpu").tolist() for kind in ("nf4", "fp4")}
 
 
-def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """fp32 ``values`` (flat) times the absmax of their block; the last block may be short."""
-    n = values.numel()
-    if n % blocksize == 0:
-        return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
-    return values * absmax[torch.arange(n, device=values.device) // blocksize]
-
-
 def _select(codes: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
     """``values[codes]`` for 4-bit codes as a tree of selects on the code's bits: the 16 values are constants of
     the kernel, where a lookup (``table[codes]``) loads each from memory. The same fp32 values either way."""
@@ -52,17 +47,6 @@ def _select(codes: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
         return torch.where((codes & half) != 0, pick(first + half, half), pick(first, half))
 
     return pick(0, len(values)).to(torch.float32)
-
-
-def decode_4bit(codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """uint8 ``codes`` (two a byte, high nibble first) looked up in ``table`` (16 fp32 values), times their
-    block's absmax, rounded once to ``dtype``."""
-    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
-    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
-    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
-    nibbles = ((codes.reshape(-1).unsqueeze(-1) >> shifts) & 15).reshape(-1)[:math.prod(shape)]
-    return _scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
@@ -78,11 +62,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     if lookup == "select":
         nibbles = ((codes.unsqueeze(-1) >> torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)) & 15)
         looked_up = _select(nibbles.reshape(-1)[:math.prod(shape)], values)
-        return _scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+        return scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
     table = torch.tensor(values, dtype=torch.float32, device=codes.device)
     if lookup == "kernel":
-        from . import dequant_kernel  # registers the op
-
         return dequant_kernel.dequantize_4bit(codes, absmax.float(), table, blocksize, shape, dtype)
     return decode_4bit(codes, table, absmax, blocksize, shape, dtype)
 
@@ -91,7 +73,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
                          dtype: torch.dtype) -> torch.Tensor:
     """``bitsandbytes::dequantize_blockwise`` (8-bit codes, e.g. the double-quantized absmax) in torch ops."""
     values = code.float()[codes.reshape(-1).to(torch.int64)]
-    return _scale_blocks(values, absmax.float(), blocksize).view(codes.shape).to(dtype)
+    return scale_blocks(values, absmax.float(), blocksize).view(codes.shape).to(dtype)
 
 
 def gemm_4bit(a: torch.Tensor, packed: torch.Tensor, shape: Sequence[int], absmax: torch.Tensor, blocksize: int,
@@ -137,8 +119,6 @@ def backend(settings: dict[str, Any] | None = None, generate: bool = True) -> Ca
     table = {**select_decomp_table(), **ours}
     options = dict(settings.get("options") or {})
     if settings.get("dequant") == "kernel":
-        from . import dequant_kernel
-
         options["joint_custom_pre_pass"] = dequant_kernel.recompute_pass()
     inner = _inductor(options or None, table) if generate else _traced(table)
     budget = float(settings.get("activation_budget", 1.0))
@@ -171,9 +151,7 @@ def _traced(table: dict[Any, Any]) -> Callable[..., Any]:
         return make_boxed_func(gm.forward)
 
     def partition(joint: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:  # looked up at each call: as
-        from . import dequant_kernel  # inductor's own, after the one joint-graph pass of ours (dequant=kernel)
-
-        dequant_kernel.mark_recomputed(joint.graph)
+        dequant_kernel.mark_recomputed(joint.graph)  # inductor's own, after the one joint-graph pass of ours
         return inductor.min_cut_rematerialization_partition(joint, *args, compiler="inductor", **kwargs)
 
     return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition, decompositions=table)

@@ -1,11 +1,12 @@
-"""bitsandbytes' 4-bit dequantization as one Triton kernel that compiled layers call inside their graphs.
+"""bitsandbytes' 4-bit dequantization for compiled graphs: in torch ops (``decode_4bit``, which inductor fuses into
+one kernel of its own: compiled_layers' default) and as one hand-written Triton kernel.
 
 Inductor's own kernel for ``compiled_layers.dequantize_4bit`` (the torch-ops twin) takes 190 µs on Phi-3-mini's
 largest weight where bitsandbytes' CUDA kernel takes 74 (H200, session 13: ``examples/benchmarks/dequant_kernels.py``),
 ~10% of a 16 GiB card's step. bitsandbytes' kernel cannot run inside the graph without a Python call per weight (its
 ops are Python implementations: the host cost ``compiled_layers`` removed). This one can: a custom op
-(``phi3tune::dequantize_4bit``) whose CUDA implementation launches the kernel below and whose other devices run the
-torch-ops twin. Each program reads a run of packed bytes once, looks up both codes of each byte in the 16-entry table,
+(``phi3tune::dequantize_4bit``) whose CUDA implementation launches the kernel below and whose other devices run
+``decode_4bit``. Each program reads a run of packed bytes once, looks up both codes of each byte in the 16-entry table,
 multiplies by the block's fp32 absmax and rounds once to the output dtype: bitsandbytes' arithmetic, so the values are
 bit for bit its own (tests run the kernel under Triton's interpreter on the CPU; the GPU check is check_twins.py).
 
@@ -29,6 +30,25 @@ from typing import Any
 import torch
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 outputs
+
+
+def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 ``values`` (flat) times the absmax of their block; the last block may be short."""
+    n = values.numel()
+    if n % blocksize == 0:
+        return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
+    return values * absmax[torch.arange(n, device=values.device) // blocksize]
+
+
+def decode_4bit(codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """uint8 ``codes`` (two a byte, high nibble first) looked up in ``table`` (16 fp32 values), times their
+    block's absmax, rounded once to ``dtype``."""
+    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
+    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
+    nibbles = ((codes.reshape(-1).unsqueeze(-1) >> shifts) & 15).reshape(-1)[:math.prod(shape)]
+    return scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
 
 
 @functools.cache
@@ -80,12 +100,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Ten
                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes::dequantize_4bit's values from ``table`` (the 16 fp32 code values): the Triton kernel on CUDA,
     the torch-ops twin elsewhere (the CPU tests of what the partitioner does with the op)."""
-    from . import compiled_layers
-
     codes = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # FSDP's bf16 storage: the same bytes
     if codes.is_cuda:
         return launch(codes, absmax.float(), blocksize, table, shape, dtype)
-    return compiled_layers.decode_4bit(codes, table, absmax, blocksize, shape, dtype)
+    return decode_4bit(codes, table, absmax, blocksize, shape, dtype)
 
 
 @dequantize_4bit.register_fake

@@ -41,7 +41,7 @@ def byte_pairs(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     values = cl.code_tables()[quant_type]
     pairs = torch.tensor([[values[b >> 4], values[b & 15]] for b in range(256)], dtype=torch.float32,
                          device=packed.device)[packed.reshape(-1).to(torch.int64)]
-    return cl._scale_blocks(pairs.reshape(-1)[:n], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    return dequant_kernel.scale_blocks(pairs.reshape(-1)[:n], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
 
 
 def iota_table(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
@@ -52,7 +52,8 @@ def iota_table(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     shifts = (4 - 4 * torch.arange(2, device=codes.device)).to(torch.uint8)
     nibbles = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n]
     table = torch.tensor(cl.code_tables()[quant_type], dtype=torch.float32, device=codes.device)
-    return cl._scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    scaled = dequant_kernel.scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize)
+    return scaled.view(tuple(shape)).to(dtype)
 
 
 def timed(fn: Callable[[], Any], cuda: bool) -> float | None:
