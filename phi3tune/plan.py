@@ -82,7 +82,8 @@ _LOW_BUDGET_COST = 1.18
 # A middle budget: session 10, H200, quickstart (4,864 tokens, base dequantized), one machine: 8.6 GiB less at peak
 # for a median step 0.1548 s against 0.1391 (+11%); with the masks recomputed too (PHI3TUNE_COMPILE=masks=recompute)
 # 13.1 GiB less for +19%, the low budget's price a GiB, so the plan leaves the masks saved. Its backward holds the
-# default's matmuls (CPU: tests/test_compiled_layers.py), where 0.3 recomputes 4 more
+# default's matmuls (CPU: tests/test_compiled_layers.py), where 0.3 recomputes 4 more. Session 14, 16 GiB card, both
+# with symbolic lengths, one machine: 0.1582 against 0.1675 s a step (0.944; these costs: 1.11 / 1.18 = 0.941)
 _MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose activation model it changes)
 # The 4-bit base dequantized once (dequantized.py) saves a fixed time per micro-batch: session 9, H200, one machine,
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
