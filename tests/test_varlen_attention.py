@@ -165,7 +165,7 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
     from phi3tune.memory import modelled_budget
-    from phi3tune.plan import FIT_FRACTION
+    from phi3tune.plan import FIT_FRACTION, expected_cost
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
@@ -177,6 +177,12 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     assert "varlen flash attention" in big.describe() and "a multiple of 128" in big.describe()
     sixteen, twelve = plan_for(ft, "cuda", free_gib=16), plan_for(ft, "cuda", free_gib=12)
     assert sixteen.activation_budget == 0.5 and sixteen.dynamic_lengths
+    # as the GPU plans them (the data's longest step, varlen attention): a bigger card is never expected slower
+    cards = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=4842) for g in (8, 12, 16, 20, 24, 32, 40, 139)}
+    costs = [expected_cost(p, 32) for p in cards.values()]
+    assert costs == sorted(costs, reverse=True) and all(p.predicted_peak_gib <= FIT_FRACTION * g
+                                                        for g, p in cards.items())
+    assert cards[24].dequantized_base and cards[24].activation_budget == 0.5 and cards[24].dynamic_lengths
     assert sixteen.memory["symbolic_lengths"] > 1 << 30 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
     assert twelve.activation_budget < 1.0 and not twelve.dynamic_lengths and len(twelve.token_buckets) == 4
     # negative control: the 12 GiB plan with symbolic lengths' extra (per token, as on 16 GiB) would not fit
