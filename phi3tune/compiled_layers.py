@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dequant_kernel
-from .dequant_kernel import decode_4bit, scale_blocks
+from .dequant_kernel import decode_4bit, nibbles, scale_blocks
 
 if TYPE_CHECKING:
     from .plan import RunPlan
@@ -54,14 +54,13 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
                     lookup: str = "table") -> torch.Tensor:
     """``bitsandbytes::dequantize_4bit`` in torch ops: two codes per byte, high nibble first. ``lookup``: each
     code's value loaded from a 16-entry table; "select"ed from constants by its bits; or the "kernel" of
-    dequant_kernel.py, one custom op (the same values; which is faster is measured, PHI3TUNE_COMPILE=dequant=...)."""
+    dequant_kernel.py, one Triton kernel (the same values; which is faster is measured: PHI3TUNE_COMPILE=dequant=)."""
     codes = packed.reshape(-1)
     if codes.dtype != torch.uint8:  # quant_storage other than uint8 (FSDP stores bf16): the same bytes
         codes = codes.view(torch.uint8)
     values = (tables or code_tables())[quant_type]
     if lookup == "select":
-        nibbles = ((codes.unsqueeze(-1) >> torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)) & 15)
-        looked_up = _select(nibbles.reshape(-1)[:math.prod(shape)], values)
+        looked_up = _select(nibbles(codes, math.prod(shape)), values)
         return scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
     table = torch.tensor(values, dtype=torch.float32, device=codes.device)
     if lookup == "kernel":
@@ -117,10 +116,7 @@ def backend(settings: dict[str, Any] | None = None, generate: bool = True) -> Ca
     settings = settings or {}
     ours = {} if settings.get("opaque_4bit") else decompositions(settings.get("dequant", "table"))
     table = {**select_decomp_table(), **ours}
-    options = dict(settings.get("options") or {})
-    if settings.get("dequant") == "kernel":
-        options["joint_custom_pre_pass"] = dequant_kernel.recompute_pass()
-    inner = _inductor(options or None, table) if generate else _traced(table)
+    inner = _inductor(settings.get("options") or None, table) if generate else _traced(table)
     budget = float(settings.get("activation_budget", 1.0))
     patches = {**({"activation_memory_budget": budget} if budget < 1.0 else {}), **settings.get("partitioner", {})}
     if not patches:
@@ -150,9 +146,8 @@ def _traced(table: dict[Any, Any]) -> Callable[..., Any]:
     def boxed_nop(gm: torch.fx.GraphModule, _inputs: Any) -> Any:
         return make_boxed_func(gm.forward)
 
-    def partition(joint: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:  # looked up at each call: as
-        dequant_kernel.mark_recomputed(joint.graph)  # inductor's own, after the one joint-graph pass of ours
-        return inductor.min_cut_rematerialization_partition(joint, *args, compiler="inductor", **kwargs)
+    def partition(*args: Any, **kwargs: Any) -> Any:  # looked up at each call: as inductor's own
+        return inductor.min_cut_rematerialization_partition(*args, compiler="inductor", **kwargs)
 
     return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition, decompositions=table)
 

@@ -1,23 +1,21 @@
 """bitsandbytes' 4-bit dequantization for compiled graphs: in torch ops (``decode_4bit``, which inductor fuses into
 one kernel of its own: compiled_layers' default) and as one hand-written Triton kernel.
 
-Inductor's own kernel for ``compiled_layers.dequantize_4bit`` (the torch-ops twin) takes 190 µs on Phi-3-mini's
-largest weight where bitsandbytes' CUDA kernel takes 74 (H200, session 13: ``examples/benchmarks/dequant_kernels.py``),
-~10% of a 16 GiB card's step. bitsandbytes' kernel cannot run inside the graph without a Python call per weight (its
-ops are Python implementations: the host cost ``compiled_layers`` removed). This one can: a custom op
-(``phi3tune::dequantize_4bit``) whose CUDA implementation launches the kernel below and whose other devices run
-``decode_4bit``. Each program reads a run of packed bytes once, looks up both codes of each byte in the 16-entry table,
-multiplies by the block's fp32 absmax and rounds once to the output dtype: bitsandbytes' arithmetic, so the values are
-bit for bit its own (tests run the kernel under Triton's interpreter on the CPU; the GPU check is check_twins.py).
+Inductor's own kernel for the torch-ops decoding is slow next to bitsandbytes' CUDA kernel (~10% of a 16 GiB card's
+step, session 13's profile), which cannot run inside the graph without a Python call per weight (its ops are Python
+implementations: the host cost ``compiled_layers`` removed). The Triton kernel below can. Each program reads a run of
+packed bytes once, looks up both codes of each byte in the 16-entry table, multiplies by the block's fp32 absmax and
+rounds once to the output dtype: bitsandbytes' arithmetic, so the values are bit for bit its own (tests run the
+kernel under Triton's interpreter on the CPU; on the GPU, examples/benchmarks/dequant_kernels.py). It is the CUDA path
+of ``phi3tune::dequantize_4bit``, a ``torch.library.triton_op`` (PHI3TUNE_COMPILE=dequant=kernel, not yet a plan's
+choice): a compiled layer traces through the op, so the graph holds the kernel's launch and no Python call. The
+partitioner then needs no help: the layer's backward dequantizes again on its own (bitsandbytes' MatMul4Bit), so the
+forward's weights are never saved.
 
-The op is opaque to the partitioner, which would then save each layer's dequantized weights for backward (4x the
-packed bytes) rather than dequantize again; ``mark_recomputed`` tells it to recompute them, as it does the torch-ops
-twin's pointwise kernel.
-
-Measured (H200, session 14): the kernel alone 69.7-76.5 µs on that weight (512-4,096 bytes a program; bitsandbytes'
-75.7), bit-identical. But in the layers (PHI3TUNE_COMPILE=dequant=kernel, not a plan's choice) the quickstart ran
-14,793 against 18,737 tokens/s on a 16 GiB card: each call goes through the custom op's Python dispatch and Triton's
-Python launcher (143 µs of host time a compiled call, 25 µs launched directly), 256 calls a micro-batch.
+Measured (H200, session 14): the kernel alone 69.7-76.5 µs on Phi-3-mini's largest weight (512-4,096 bytes a program;
+bitsandbytes' 75.7), bit-identical. The op was first a ``torch.library.custom_op`` that the compiled layers called:
+14,793 against 18,737 tokens/s on a 16 GiB card, each of its 256 calls a micro-batch a Python dispatch and a Triton
+launch from Python. The ``triton_op`` is its replacement, not measured yet.
 """
 
 from __future__ import annotations
@@ -44,11 +42,16 @@ def decode_4bit(codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, 
                 shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """uint8 ``codes`` (two a byte, high nibble first) looked up in ``table`` (16 fp32 values), times their
     block's absmax, rounded once to ``dtype``."""
-    # pointwise ops only (a broadcast shift, not a stack): the compiler may then recompute the weight in backward
-    # from the packed bytes, which a layer keeps anyway, instead of saving an unpacked copy per layer
+    looked_up = table[nibbles(codes, math.prod(shape)).to(torch.int64)]
+    return scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+
+
+def nibbles(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` 4-bit codes of uint8 ``codes``, two a byte, high nibble first. Pointwise ops only (a
+    broadcast shift, not a stack): the compiler may then recompute a weight in backward from the packed bytes, which
+    a layer keeps anyway, instead of saving an unpacked copy per layer."""
     shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
-    nibbles = ((codes.reshape(-1).unsqueeze(-1) >> shifts) & 15).reshape(-1)[:math.prod(shape)]
-    return scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    return ((codes.reshape(-1).unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n]
 
 
 @functools.cache
@@ -83,55 +86,26 @@ def _kernel() -> Any:
 
 def launch(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: torch.Tensor,
            shape: Sequence[int], dtype: torch.dtype, per_program: int = BYTES_PER_PROGRAM,
-           low_first: bool = False) -> torch.Tensor:
+           low_first: bool = False, wrap: Any = None) -> torch.Tensor:
     """Run the kernel: ``packed`` uint8 (two codes a byte), ``absmax`` fp32 (one a block), ``table`` the 16 fp32
-    code values, on one device. ``per_program`` (a power of two) and ``low_first`` (the nibbles in the wrong order:
-    the tests' negative control) exist for the tests and examples/benchmarks/dequant_kernels.py."""
+    code values, on one device. ``wrap``: torch.library.wrap_triton, so that a compiled graph launches the kernel
+    itself. ``per_program`` (a power of two) and ``low_first`` (the nibbles in the wrong order: the tests' negative
+    control) exist for the tests and examples/benchmarks/dequant_kernels.py."""
     n = math.prod(shape)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     programs = (n + 2 * per_program - 1) // (2 * per_program)
-    _kernel()[(programs,)](packed.reshape(-1), absmax.reshape(-1), table, out, n, blocksize=blocksize,
-                           per_program=per_program, bf16=dtype == torch.bfloat16, low_first=low_first)
+    kernel = wrap(_kernel()) if wrap is not None else _kernel()
+    kernel[(programs,)](packed.reshape(-1), absmax.reshape(-1), table, out, n, blocksize=blocksize,
+                        per_program=per_program, bf16=dtype == torch.bfloat16, low_first=low_first)
     return out
 
 
-@torch.library.custom_op("phi3tune::dequantize_4bit", mutates_args=())
+@torch.library.triton_op("phi3tune::dequantize_4bit", mutates_args=())
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int,
                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes::dequantize_4bit's values from ``table`` (the 16 fp32 code values): the Triton kernel on CUDA,
-    the torch-ops twin elsewhere (the CPU tests of what the partitioner does with the op)."""
+    ``decode_4bit`` elsewhere. A compiled graph traces through it: on CUDA it then holds the kernel's launch."""
     codes = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # FSDP's bf16 storage: the same bytes
     if codes.is_cuda:
-        return launch(codes, absmax.float(), blocksize, table, shape, dtype)
+        return launch(codes, absmax.float(), blocksize, table, shape, dtype, wrap=torch.library.wrap_triton)
     return decode_4bit(codes, table, absmax, blocksize, shape, dtype)
-
-
-@dequantize_4bit.register_fake
-def _(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, shape: Sequence[int],
-      dtype: torch.dtype) -> torch.Tensor:
-    return packed.new_empty(tuple(shape), dtype=dtype)
-
-
-def mark_recomputed(graph: torch.fx.Graph) -> None:
-    """Tag every call of the op in a joint forward-backward graph for recomputation in backward (the partitioner's
-    checkpoint policy), so that backward dequantizes again from the packed bytes a layer keeps anyway."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.phi3tune.dequantize_4bit.default:
-            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-
-
-def recompute_pass() -> Any:
-    """``mark_recomputed`` as inductor's joint-graph pass (``joint_custom_pre_pass``: run on the joint graph before
-    it is partitioned); its uuid keys inductor's cache by this file."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-
-    class MarkRecomputed(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            mark_recomputed(graph)
-
-        def uuid(self) -> Any:
-            return get_hash_for_files((__file__,))
-
-    return MarkRecomputed()

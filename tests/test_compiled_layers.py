@@ -24,8 +24,8 @@ def _base(model, dtype: torch.dtype, double_quant: bool, quant_type: str = "nf4"
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lookup", ["table", "select", "kernel"])
 def test_the_twins_dequantize_as_bitsandbytes_does_bit_for_bit(tiny_model, quant_type, double_quant, dtype, lookup):
-    """Each way of finding a code's value (a table load, selects on its bits, the custom op of dequant_kernel.py,
-    here its CPU implementation) gives bitsandbytes' values."""
+    """Each way of finding a code's value (a table load, selects on its bits, dequant_kernel.py's op, here its CPU
+    path) gives bitsandbytes' values."""
     import bitsandbytes.functional as bnbf
 
     base = _base(tiny_model, dtype, double_quant, quant_type)
@@ -177,39 +177,6 @@ def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_m
     else:
         assert ours != stock and any(dtype == torch.uint8 and len(shape) == 2 and shape[1] == 2
                                      for shape, dtype in ours)
-
-
-@pytest.mark.parametrize("generate", [True, False])
-@pytest.mark.parametrize("marked", [True, False])
-def test_the_dequantize_op_is_recomputed_for_backward_not_saved(monkeypatch, generate, marked):
-    """A linear whose weight comes from dequant_kernel's op needs that weight again for the input's gradient. The
-    op is opaque to the partitioner, which would save the weight (4x its packed bytes) unless told to recompute
-    it: the joint-graph pass does, with inductor (``generate``) and the traced graphs alike; unmarked (the negative
-    control) the weight is saved. Same gradient either way."""
-    import bitsandbytes.functional as bnbf
-    import torch._dynamo
-
-    from phi3tune import dequant_kernel
-
-    if not marked:
-        monkeypatch.setattr(dequant_kernel, "mark_recomputed", lambda graph: None)
-    packed, qs = bnbf.quantize_4bit(torch.randn(96, 64, dtype=torch.bfloat16), blocksize=64, quant_type="nf4")
-    tables = cl.code_tables()
-
-    def f(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-        w = cl.dequantize_4bit(packed, absmax, 64, "nf4", (96, 64), torch.bfloat16, tables, lookup="kernel")
-        return torch.nn.functional.linear(x, w).square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend=cl.backend({"dequant": "kernel"}, generate=generate), dynamic=False)
-    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
-    saved: list[tuple[int, ...]] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        compiled(x, packed, qs.absmax).backward()
-    assert ((96, 64) in saved) is not marked, saved
-    want = x.detach().clone().requires_grad_()
-    f(want, packed, qs.absmax).backward()
-    torch.testing.assert_close(x.grad, want.grad)
 
 
 def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as_eager_layers_do(

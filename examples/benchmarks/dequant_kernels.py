@@ -10,7 +10,7 @@ Per way: bit-equality, the median GPU time alone and before the matmul, and the 
 
 Ways: ``table`` (compiled_layers' default: a 16-entry table, shifts from a 2-element tensor), ``select``
 (compiled_layers' alternative: PHI3TUNE_COMPILE=dequant=select), ``kernel`` (dequant_kernel.py's Triton kernel as the
-custom op a compiled layer calls, PHI3TUNE_COMPILE=dequant=kernel; on CUDA also launched directly with 256 to 4,096
+op a compiled layer traces through, PHI3TUNE_COMPILE=dequant=kernel; on CUDA also launched directly with 256 to 4,096
 bytes a program: ``kernelN``), and candidates: ``pairs`` (a byte's two values
 loaded at once from a 256 x 2 table), ``iota`` (the table with the shifts as index arithmetic, no tensor), ``tuned``
 (the table under inductor's coordinate-descent tuning of its kernel). Measured: docs/performance.md, session 13.
