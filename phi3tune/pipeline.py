@@ -79,13 +79,21 @@ def check_distributed(spec: TrainSpec, quant: QuantizationSpec | None, compute_d
 
 def check_fits(plan: RunPlan) -> None:
     """Refuse a run whose weights, adapter and optimizer state alone (no activation yet) exceed the free device
-    memory: no micro-batch size can help, and loading would end in an out-of-memory error minutes later."""
+    memory: no micro-batch size can help, and loading would end in an out-of-memory error minutes later. Warn where
+    a plan the user named (not ``auto``, which only takes what fits) predicts a peak past ``auto``'s margin."""
     from .memory import GIB, fixed_bytes
+    from .plan import FIT_FRACTION
 
     if plan.device_memory_gib is None:
         return
     need = fixed_bytes(plan.memory) / GIB
     if need <= plan.device_memory_gib:
+        if plan.optimize_for != "auto" and plan.predicted_peak_gib > FIT_FRACTION * plan.device_memory_gib:
+            log.warning(
+                "training.optimize_for=%r predicts a peak of %.1f GiB where %s has %.1f GiB free: it may run out of "
+                'memory. optimize_for="auto" (the default) takes the fastest plan that fits; "memory" checkpoints '
+                "activations; lower training.micro_batch_tokens or data.max_seq_length", plan.optimize_for,
+                plan.predicted_peak_gib, plan.device, plan.device_memory_gib)
         return
     per_gpu = "per GPU " if plan.sharded else ""
     raise ConfigError(

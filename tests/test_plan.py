@@ -472,3 +472,22 @@ def test_packed_rows_take_full_2048_token_micro_batches_where_4096_would_need_re
     assert expected_cost(p16, 32, True) / expected_cost(p12, 32, True) == pytest.approx(0.376 / 0.398, rel=0.02)
     for g in (16, 24):  # on 24 GiB the fit would give unpacked rows 2,048 beside the dequantized base too
         assert plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=g, step_tokens=4842).micro_batch_tokens == 4864
+
+
+@needs_shared
+def test_a_named_plan_that_would_not_fit_is_warned_about_before_any_weight_loads(caplog):
+    """Phi-3-mini with optimize_for="balanced" (padded, eager, ~15.5 GiB predicted) on a 12 GiB card: the run warns,
+    naming the field and what fits; on an 80 GiB card it does not, nor does ``auto`` on the 12 GiB card (it takes
+    only plans that fit)."""
+    from phi3tune.pipeline import check_fits
+
+    def warned(optimize_for: str, free_gib: float) -> bool:
+        plan = plan_for(FineTuner(str(PHI3_DIR)).training(optimize_for=optimize_for), "cuda", free_gib=free_gib)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="phi3tune"):
+            check_fits(plan)
+        return "may run out of memory" in caplog.text
+
+    assert warned("balanced", 12)
+    assert "training.optimize_for='balanced' predicts a peak of" in caplog.text and 'optimize_for="auto"' in caplog.text
+    assert not warned("balanced", 80) and not warned("auto", 12)
