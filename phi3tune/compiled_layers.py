@@ -61,7 +61,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     values = (tables or code_tables())[quant_type]
     if lookup == "select":
         looked_up = _select(nibbles(codes, math.prod(shape)), values)
-        return scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+        return scale_blocks(looked_up, absmax, blocksize, shape, dtype)
     table = torch.tensor(values, dtype=torch.float32, device=codes.device)
     if lookup == "kernel":
         return dequant_kernel.dequantize_4bit(codes, absmax.float(), table, blocksize, shape, dtype)
@@ -72,7 +72,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
                          dtype: torch.dtype) -> torch.Tensor:
     """``bitsandbytes::dequantize_blockwise`` (8-bit codes, e.g. the double-quantized absmax) in torch ops."""
     values = code.float()[codes.reshape(-1).to(torch.int64)]
-    return scale_blocks(values, absmax.float(), blocksize).view(codes.shape).to(dtype)
+    return scale_blocks(values, absmax, blocksize, codes.shape, dtype)
 
 
 def gemm_4bit(a: torch.Tensor, packed: torch.Tensor, shape: Sequence[int], absmax: torch.Tensor, blocksize: int,

@@ -30,12 +30,16 @@ import torch
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 outputs
 
 
-def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """fp32 ``values`` (flat) times the absmax of their block; the last block may be short."""
-    n = values.numel()
+def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: Sequence[int],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``values`` (flat) times the fp32 absmax of their block (the last block may be short), rounded once to
+    ``dtype``, in ``shape``: how every way of dequantizing ends."""
+    n, absmax = values.numel(), absmax.float()
     if n % blocksize == 0:
-        return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
-    return values * absmax[torch.arange(n, device=values.device) // blocksize]
+        scaled = (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
+    else:
+        scaled = values * absmax[torch.arange(n, device=values.device) // blocksize]
+    return scaled.view(tuple(shape)).to(dtype)
 
 
 def decode_4bit(codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, blocksize: int,
@@ -43,7 +47,7 @@ def decode_4bit(codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor, 
     """uint8 ``codes`` (two a byte, high nibble first) looked up in ``table`` (16 fp32 values), times their
     block's absmax, rounded once to ``dtype``."""
     looked_up = table[nibbles(codes, math.prod(shape)).to(torch.int64)]
-    return scale_blocks(looked_up, absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    return scale_blocks(looked_up, absmax, blocksize, shape, dtype)
 
 
 def nibbles(codes: torch.Tensor, n: int) -> torch.Tensor:

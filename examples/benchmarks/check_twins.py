@@ -33,7 +33,8 @@ torch._dynamo.config.recompile_limit = 64  # 4 weight shapes x 2 lookups (x doub
 for double_quant in (False, True):
     base = load_weights(sys.argv[1], QuantSpec(compute_dtype="bfloat16", double_quant=double_quant),
                         torch.bfloat16, torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda"))
-    compiled = torch.compile(cl.dequantize_4bit, dynamic=False)
+    # the code tables read outside the trace, as compiled_layers.decompositions does (inside, they break the graph)
+    compiled = torch.compile(functools.partial(cl.dequantize_4bit, tables=cl.code_tables()), dynamic=False)
     counts = {"weights": 0, "eager_equal": 0, "compiled_equal": 0, "compiled_select_equal": 0}
     largest = None
     for module in base.modules():

@@ -13,7 +13,9 @@ Ways: ``table`` (compiled_layers' default: a 16-entry table, shifts from a 2-ele
 op a compiled layer traces through, PHI3TUNE_COMPILE=dequant=kernel; on CUDA also launched directly with 256 to 4,096
 bytes a program: ``kernelN``), and candidates: ``pairs`` (a byte's two values
 loaded at once from a 256 x 2 table), ``iota`` (the table with the shifts as index arithmetic, no tensor), ``tuned``
-(the table under inductor's coordinate-descent tuning of its kernel). Measured: docs/performance.md, session 13.
+(the table under inductor's coordinate-descent tuning of its kernel). Measured: docs/performance.md, sessions 13-14,
+where every way but ``kernel`` read the code tables inside the compiled function: 3 graph breaks and eager code in
+each call, so those rows timed the breaks, not a layer's kernel (mended since; not measured again yet).
 """
 
 from __future__ import annotations
@@ -35,25 +37,22 @@ from phi3tune import dequant_kernel
 
 
 def byte_pairs(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, tables: dict[str, list[float]]) -> torch.Tensor:
     """Both values of each byte loaded at once from a 256 x 2 table: no shifts, one load a byte."""
-    n = math.prod(shape)
-    values = cl.code_tables()[quant_type]
+    values = tables[quant_type]
     pairs = torch.tensor([[values[b >> 4], values[b & 15]] for b in range(256)], dtype=torch.float32,
                          device=packed.device)[packed.reshape(-1).to(torch.int64)]
-    return dequant_kernel.scale_blocks(pairs.reshape(-1)[:n], absmax.float(), blocksize).view(tuple(shape)).to(dtype)
+    return dequant_kernel.scale_blocks(pairs.reshape(-1)[:math.prod(shape)], absmax, blocksize, shape, dtype)
 
 
 def iota_table(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, tables: dict[str, list[float]]) -> torch.Tensor:
     """The table lookup with each code's shift computed from its index (a candidate for compiled_layers)."""
-    n = math.prod(shape)
     codes = packed.reshape(-1)
     shifts = (4 - 4 * torch.arange(2, device=codes.device)).to(torch.uint8)
-    nibbles = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:n]
-    table = torch.tensor(cl.code_tables()[quant_type], dtype=torch.float32, device=codes.device)
-    scaled = dequant_kernel.scale_blocks(table[nibbles.to(torch.int64)], absmax.float(), blocksize)
-    return scaled.view(tuple(shape)).to(dtype)
+    nibbles = ((codes.unsqueeze(-1) >> shifts) & 15).reshape(-1)[:math.prod(shape)]
+    table = torch.tensor(tables[quant_type], dtype=torch.float32, device=codes.device)
+    return dequant_kernel.scale_blocks(table[nibbles.to(torch.int64)], absmax, blocksize, shape, dtype)
 
 
 def timed(fn: Callable[[], Any], cuda: bool) -> float | None:
@@ -78,20 +77,22 @@ def main() -> None:
     want = bnbf.dequantize_4bit(packed, qs)
     args = (packed, qs.absmax, qs.blocksize, qs.quant_type, tuple(qs.shape), torch.bfloat16)
     torch._dynamo.config.recompile_limit = 64
+    tables = cl.code_tables()
     ways: dict[str, Callable[[], torch.Tensor]] = {"bitsandbytes": functools.partial(bnbf.dequantize_4bit, packed, qs)}
     for name, fn, options in (("table", cl.dequantize_4bit, None),
                               ("select", functools.partial(cl.dequantize_4bit, lookup="select"), None),
                               ("pairs", byte_pairs, None),
                               ("iota", iota_table, None),
                               ("tuned", cl.dequantize_4bit, {"coordinate_descent_tuning": True}),
-                              ("kernel", functools.partial(cl.dequantize_4bit, tables=cl.code_tables(),
-                                                           lookup="kernel"), None)):
+                              ("kernel", functools.partial(cl.dequantize_4bit, lookup="kernel"), None)):
         if chosen and name not in chosen:
             continue
-        compiled = torch.compile(fn, dynamic=False, options=options)
+        # the code tables read here, outside the trace, as compiled_layers.decompositions does: read inside, they
+        # break each way into 4 graphs with eager code between (sessions 13-14 timed those, see the module docstring)
+        compiled = torch.compile(functools.partial(fn, tables=tables), dynamic=False, options=options)
         ways[name] = functools.partial(compiled, *args)
     if cuda:
-        table = torch.tensor(cl.code_tables()["nf4"], dtype=torch.float32, device=device)
+        table = torch.tensor(tables["nf4"], dtype=torch.float32, device=device)
         for per_program in (256, 512, 1024, 2048, 4096):
             if chosen and f"kernel{per_program}" not in chosen:
                 continue
