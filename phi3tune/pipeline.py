@@ -32,7 +32,7 @@ from .knobs import compile_settings
 from .loop import Trainer
 from .lora_dropout import make_recomputable
 from .model import ModelInfo
-from .plan import RunPlan, resolve_plan, whole_step_tokens
+from .plan import FIT_FRACTION, RunPlan, resolve_plan, whole_step_tokens
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
 from .runspec import RunSpec
 from .shards import check_optimizer_shardable
@@ -82,7 +82,6 @@ def check_fits(plan: RunPlan) -> None:
     memory: no micro-batch size can help, and loading would end in an out-of-memory error minutes later. Warn where
     a plan the user named (not ``auto``, which only takes what fits) predicts a peak past ``auto``'s margin."""
     from .memory import GIB, fixed_bytes
-    from .plan import FIT_FRACTION
 
     if plan.device_memory_gib is None:
         return
