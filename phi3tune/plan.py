@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .knobs import compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
-from .loss import CE_CHUNK
+from .loss import CE_CHUNK, SPEED_CE_CHUNK
 from .memory import (
     COMMUNICATION,
     GIB,
@@ -51,7 +51,7 @@ MODES: dict[str, dict[str, Any]] = {
     # examples laid end to end, fenced by position ids, re-cut into <= 4,096-token micro-batches of a few fixed
     # lengths; frozen weights in the compute dtype; FlexAttention document masks and compiled layers on CUDA
     "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
-              "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
+              "micro_batch_tokens": 4096, "ce_chunk": SPEED_CE_CHUNK},
     # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks; on
     # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
     # 4,096, 3.90 GiB allocated against session 7's 4.02; its speed against the default not yet A/B'd on one machine)
@@ -265,7 +265,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
             compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks)
-        return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, kept_as)} \
+        return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)} \
             if symbolic else parts
 
     parts = parts_of(dynamic)
