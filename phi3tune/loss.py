@@ -26,13 +26,13 @@ from .varlen_attention import document_bounds
 
 # tokens per output-head chunk. PHI3TUNE_CE_CHUNK is for benchmarks only (examples/benchmarks/h200.sh, cards.sh ceN):
 # a value above the tokens of a micro-batch turns chunking off, i.e. the full logits tensor, to measure what chunking
-# saves. The speed plans take SPEED_CE_CHUNK: a chunk's logits in bf16 plus fp32 for the loss and its gradient are
-# 10 bytes a vocabulary entry, 0.31 GiB at 1,024 tokens against 0.61 at 2,048 for Phi-3, which is what lets a
-# 12 GiB card hold the middle activation budget (session 15, 16 GiB card, 4,096-token micro-batches: 9.26 GiB
-# allocated at peak with 1,024-token chunks; the chunks cost the same matmuls, only more of them)
+# saves. A chunk's logits in bf16 plus fp32 for the loss and its gradient are 10 bytes a vocabulary entry: for Phi-3
+# 0.61 GiB at 2,048 tokens, 0.31 at TIGHT_CE_CHUNK, which a speed plan takes where 2,048's would not fit, before
+# anything slower (plan._candidate): it lets a 12 GiB card hold the middle activation budget (session 15). The same
+# matmuls, more of them: on a 16 GiB card 2.8% slower a step over 10 steps, one machine (within the steps' noise)
 _ASKED_CE_CHUNK = int(os.environ.get("PHI3TUNE_CE_CHUNK") or 0)
 CE_CHUNK = _ASKED_CE_CHUNK or 2048
-SPEED_CE_CHUNK = _ASKED_CE_CHUNK or 1024
+TIGHT_CE_CHUNK = _ASKED_CE_CHUNK or 1024
 
 
 def count_trained(labels: torch.Tensor) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .knobs import compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
-from .loss import CE_CHUNK, SPEED_CE_CHUNK
+from .loss import CE_CHUNK, TIGHT_CE_CHUNK
 from .memory import (
     COMMUNICATION,
     GIB,
@@ -51,7 +51,7 @@ MODES: dict[str, dict[str, Any]] = {
     # examples laid end to end, fenced by position ids, re-cut into <= 4,096-token micro-batches of a few fixed
     # lengths; frozen weights in the compute dtype; FlexAttention document masks and compiled layers on CUDA
     "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
-              "micro_batch_tokens": 4096, "ce_chunk": SPEED_CE_CHUNK},
+              "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
     # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks; on
     # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
     # 4,096, 3.90 GiB allocated against session 7's 4.02; its speed against the default not yet A/B'd on one machine)
@@ -139,8 +139,7 @@ class RunPlan:
     recompute_masks: bool = False
 
     @property
-    def requested(self) -> str:
-        """The old name of ``optimize_for``."""
+    def requested(self) -> str:  # the old name of ``optimize_for``
         return self.optimize_for
 
     @property
@@ -257,20 +256,26 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     opt = optimizer_facts(t.optimizer, device.type)
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
 
-    def parts_of(symbolic: bool) -> dict[str, int]:  # symbolic-length graphs keep other activations (memory.py)
+    def parts_of(symbolic: bool, chunk: int) -> dict[str, int]:  # symbolic-length graphs keep other activations
         kept_as = modelled_budget(activation_budget, symbolic)
         parts = estimate_parts(
             shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
             targets=set(targets), r=a.r, dropout=a.dropout, optimizer_state_bytes=opt.state_bytes,
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
-            compiled=compile_ and cuda, ce_chunk=int(m["ce_chunk"]), cuda=cuda, checkpoint_layers=checkpoint_layers,
+            compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=checkpoint_layers,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks)
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)} \
             if symbolic else parts
 
-    parts = parts_of(dynamic)
-    if dynamic and not asked and free is not None and total_gib(parts) * GIB > FIT_FRACTION * free:
-        fixed_parts = parts_of(False)  # where the fixed lengths fit and the symbolic length does not, fixed lengths
+    def over(parts: dict[str, int]) -> bool:
+        return free is not None and total_gib(parts) * GIB > FIT_FRACTION * free
+
+    chunk = int(m["ce_chunk"])
+    parts = parts_of(dynamic, chunk)
+    if mode == "speed" and over(parts) and chunk > TIGHT_CE_CHUNK:  # smaller output-head chunks: the same matmuls
+        chunk, parts = TIGHT_CE_CHUNK, parts_of(dynamic, TIGHT_CE_CHUNK)
+    if dynamic and not asked and over(parts):
+        fixed_parts = parts_of(False, chunk)  # where fixed lengths fit and the symbolic length does not: fixed
         if total_gib(fixed_parts) < total_gib(parts):
             dynamic, buckets, parts = False, fixed, fixed_parts
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
@@ -284,7 +289,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, activation_budget=activation_budget,
         upcast_frozen=bool(m["upcast_frozen"]),
-        ce_chunk=int(m["ce_chunk"]), optimizer=t.optimizer, paged_optimizer=opt.paged,
+        ce_chunk=chunk, optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
