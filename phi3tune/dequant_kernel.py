@@ -1,21 +1,23 @@
 """bitsandbytes' 4-bit dequantization for compiled graphs: in torch ops (``decode_4bit``, which inductor fuses into
 one kernel of its own: compiled_layers' default) and as one hand-written Triton kernel.
 
-Inductor's own kernel for the torch-ops decoding is slow next to bitsandbytes' CUDA kernel (~10% of a 16 GiB card's
-step, session 13's profile), which cannot run inside the graph without a Python call per weight (its ops are Python
+Inductor's own kernel for the torch-ops decoding takes ~10% of a 16 GiB card's step (session 13's profile);
+bitsandbytes' CUDA kernel cannot run inside the graph without a Python call per weight (its ops are Python
 implementations: the host cost ``compiled_layers`` removed). The Triton kernel below can. Each program reads a run of
 packed bytes once, looks up both codes of each byte in the 16-entry table, multiplies by the block's fp32 absmax and
 rounds once to the output dtype: bitsandbytes' arithmetic, so the values are bit for bit its own (tests run the
 kernel under Triton's interpreter on the CPU; on the GPU, examples/benchmarks/dequant_kernels.py). It is the CUDA path
-of ``phi3tune::dequantize_4bit``, a ``torch.library.triton_op`` (PHI3TUNE_COMPILE=dequant=kernel, not yet a plan's
-choice): a compiled layer traces through the op, so the graph holds the kernel's launch and no Python call. The
-partitioner then needs no help: the layer's backward dequantizes again on its own (bitsandbytes' MatMul4Bit), so the
-forward's weights are never saved.
+of ``phi3tune::dequantize_4bit``, a ``torch.library.triton_op`` (PHI3TUNE_COMPILE=dequant=kernel; measured slower
+in the layers, so no plan's choice): a compiled layer traces through the op, so the graph holds the kernel's launch
+and no Python call. The partitioner then needs no help: the layer's backward dequantizes again on its own
+(bitsandbytes' MatMul4Bit), so the forward's weights are never saved.
 
-Measured (H200, session 14): the kernel alone 69.7-76.5 µs on Phi-3-mini's largest weight (512-4,096 bytes a program;
-bitsandbytes' 75.7), bit-identical. The op was first a ``torch.library.custom_op`` that the compiled layers called:
+Measured (H200, sessions 14-15): the kernel alone 68-77 µs on Phi-3-mini's largest weight (512-4,096 bytes a program;
+bitsandbytes' 76-87), bit-identical. The op was first a ``torch.library.custom_op`` that the compiled layers called:
 14,793 against 18,737 tokens/s on a 16 GiB card, each of its 256 calls a micro-batch a Python dispatch and a Triton
-launch from Python. The ``triton_op`` is its replacement, not measured yet.
+launch from Python. As this ``triton_op``: 19,041 against 20,004 on a 16 GiB card (16,792 against 17,876 on 12),
+one machine: compiled, its launch took 102 µs where the direct one takes 73, and inductor's own kernel is faster in
+the layers than alone (docs/performance.md, session 15). So it stays a benchmark knob.
 """
 
 from __future__ import annotations
