@@ -246,7 +246,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
     attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
     asked = knobs.get("dynamic_lengths")
-    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(attn, d.packing)))
+    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(attn, d.packing,
+                                                                                          activation_budget)))
     fixed, buckets = buckets, granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
@@ -267,7 +268,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)} \
             if symbolic else parts
 
-    def over(parts: dict[str, int]) -> bool:
+    def over(parts: dict[str, int]) -> bool:  # the parts would not fit in FIT_FRACTION of the free memory
         return free is not None and total_gib(parts) * GIB > FIT_FRACTION * free
 
     chunk = int(m["ce_chunk"])
@@ -397,4 +398,3 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())
     return with_dequantized_base(memory, run, shape, free)
-

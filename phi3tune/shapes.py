@@ -8,6 +8,7 @@ import importlib.util
 import torch
 
 from . import varlen_attention
+from .memory import budget_tier
 
 BUCKETS = 4  # fixed micro-batch lengths per plan: each is one compiled shape
 LENGTH_GRANULE = 128  # FlexAttention's block: a length of whole blocks; symbolic lengths are its multiples
@@ -42,7 +43,7 @@ def default_attention(device: torch.device, fenced: bool, dtype: torch.dtype) ->
     return "flex_attention" if importlib.util.find_spec("torch.nn.attention.flex_attention") else None
 
 
-def symbolic_lengths_pay(attn: str | None, packed: bool) -> bool:
+def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float = 1.0) -> bool:
     """Compiled layers with a symbolic token dimension (each micro-batch padded to a multiple of 128, not to one of
     4 fixed lengths) where measured faster: unpacked rows (pads 11.1% -> 2.3% of the tokens computed) under varlen
     attention, at every activation budget. On the H200 (session 12): 0.129 against 0.137 s a mean step and 27
@@ -50,9 +51,13 @@ def symbolic_lengths_pay(attn: str | None, packed: bool) -> bool:
     which keeps more memory (memory.symbolic_lengths_bytes: the plan takes them only where they fit). At the middle
     budget as fast as fixed lengths on a 20 GiB card (20,247 against 20,347 tokens/s, session 13) and keeping less
     (memory.modelled_budget); 5% faster than the low budget's symbolic graphs on a 16 GiB card for the same memory
-    (19,560 against 18,608 tokens/s, session 14). Not with FlexAttention (no faster: sessions 6, 12), nor for
-    packed rows, which fill their micro-batches anyway. PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it."""
-    return attn == varlen_attention.NAME and not packed
+    (19,560 against 18,608 tokens/s, session 14). Not with FlexAttention (no faster: sessions 6, 12). Packed rows
+    fill their micro-batches anyway, so they take them only at the middle budget, for the memory: a 16 GiB card then
+    holds 4,096-token micro-batches there, 21,716 tokens/s at 10.85 GiB on the device against 2,048 at the default
+    budget's 20,561 at 14.09; on 12 GiB 21,566 against the low budget's 21,417 (session 15, one machine).
+    PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it."""
+    middle = budget_tier(activation_budget) == "middle"
+    return attn == varlen_attention.NAME and (not packed or middle)
 
 
 def attention_words(attn: str | None) -> str:
