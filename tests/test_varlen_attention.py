@@ -162,11 +162,12 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     128) at the default budget, and at the middle one where its measured extra memory still fits (12 and 16 GiB:
     with the low budget's extra 12 GiB would not, the negative control); at the middle budget the symbolic graphs
     are planned to keep what the low budget's do (measured), less than fixed lengths would (the other control).
-    Packed rows and FlexAttention keep their 4 fixed lengths."""
+    Packed rows keep their 4 fixed lengths but at the middle budget; FlexAttention always."""
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
     from phi3tune.memory import SYMBOLIC_HIDDENS, modelled_budget
     from phi3tune.plan import FIT_FRACTION, expected_cost
+    from phi3tune.shapes import symbolic_lengths_pay
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
@@ -205,6 +206,12 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     monkeypatch.delenv("PHI3TUNE_COMPILE")
     packed = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=139)
     assert not packed.dynamic_lengths and len(packed.token_buckets) == 4
+    # packed rows take them only at the middle budget, for the memory: 16 GiB holds 4,096 tokens there (measured
+    # faster than 2,048 at the default budget); at the low budget they would keep more, at the default no less
+    packed16 = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=16)
+    assert (packed16.activation_budget, packed16.dynamic_lengths, packed16.micro_batch_tokens) == (0.5, True, 4096)
+    assert [symbolic_lengths_pay(NAME, True, b) for b in (1.0, 0.5, 0.3)] == [False, True, False]
+    assert [symbolic_lengths_pay(NAME, False, b) for b in (1.0, 0.5, 0.3)] == [True, True, True]
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
     flex = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
     assert flex.attn_implementation == "flex_attention" and not flex.dynamic_lengths
