@@ -461,7 +461,9 @@ def test_packed_rows_take_full_2048_token_micro_batches_where_4096_would_need_re
     card, four of 2,048 at the default budget beat two of 4,096 at the low one: the model's ratio is the one
     measured (session 11, one machine: 0.376 s against 0.398 a step); on 24 GiB the base is dequantized beside
     them. Unpacked rows (a part-filled micro-batch: measured slower) keep a whole step per micro-batch, and a 12 GiB
-    card, where 2,048's default activations do not fit, keeps 4,096 at the low budget: the negative controls."""
+    card, where 2,048's default activations do not fit, keeps 4,096 at the low budget: the negative controls.
+    (FlexAttention's plans: under varlen attention the middle budget's symbolic lengths hold 4,096 on 12-22 GiB,
+    tests/test_varlen_attention.py.)"""
     from phi3tune.plan import LOW_ACTIVATION_BUDGET, expected_cost
 
     packed = FineTuner(str(PHI3_DIR)).data(packing=True)
