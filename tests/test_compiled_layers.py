@@ -181,11 +181,12 @@ def test_a_compiled_layer_saves_for_backward_what_the_stock_compile_saves(tiny_m
 
 def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as_eager_layers_do(
         tiny_model, tmp_path, monkeypatch, traced_layers):
-    """PHI3TUNE_COMPILE=dynamic_lengths=1 (measured on the GPU, not a plan's default): micro-batches are padded to
-    a multiple of a granule (16 lengths up to 128 tokens here, not 4 fixed ones), and the layers make their token
-    dimension symbolic once they have met two lengths: the warm-up builds a few graphs, training builds none, over
-    many lengths. The losses equal those of eager layers at the plan's 4 fixed lengths (the same tokens, the same
-    math). Negative control: static graphs at a granule's lengths (8 up to 64 tokens) compile one per length."""
+    """PHI3TUNE_COMPILE=dynamic_lengths=1 (what CUDA plans take under varlen attention: unpacked rows at every
+    budget, packed rows at the middle one, shapes.symbolic_lengths_pay): micro-batches are padded to a multiple of a
+    granule (16 lengths up to 128 tokens here, not 4 fixed ones), and the layers make their token dimension symbolic
+    once they have met two lengths: the warm-up builds a few graphs, training builds none, over many lengths. The
+    losses equal those of eager layers at the plan's 4 fixed lengths (the same tokens, the same math), for packed
+    rows too. Negative control: static graphs at a granule's lengths (8 up to 64 tokens) compile one per length."""
     import torch._dynamo
     from helpers import rows_of_text, tiny_tuner
     from torch._dynamo.utils import counters
@@ -202,13 +203,14 @@ def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as
 
     monkeypatch.setattr(batching, "pad_to_bucket", spy)
 
-    def run(out: str, budget: int = 128, steps: int = 3, compile: bool = True
+    def run(out: str, budget: int = 128, steps: int = 3, compile: bool = True, packing: bool = False
             ) -> tuple[list[float], list[int], tuple[int, ...]]:
         torch._dynamo.reset()
         counters.clear()
         graphs: list[int] = []
         res = tiny_tuner(tiny_model, tmp_path / out, rows_of_text(48, seed=3), optimize_for="speed", compile=compile,
-                         micro_batch_tokens=budget, batch_size=3, grad_accum=2, max_steps=steps).run(
+                         micro_batch_tokens=budget, batch_size=3, grad_accum=2, max_steps=steps
+                         ).data(packing=packing).run(
             callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
         assert res.plan is not None
         return [h["loss"] for h in res.history if "loss" in h], graphs, res.plan.token_buckets
@@ -223,6 +225,11 @@ def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as
     assert len(trained) >= 4 and trained <= set(lengths)
     assert graphs[0] == graphs[-1] <= 4, graphs
     assert losses == pytest.approx(eager, rel=1e-5)
+    packed, _, _ = run("dynamic_packed", packing=True)
+    monkeypatch.delenv("PHI3TUNE_COMPILE")
+    packed_eager, _, _ = run("eager_packed", compile=False, packing=True)
+    assert packed == pytest.approx(packed_eager, rel=1e-5) and packed != pytest.approx(eager, rel=1e-3)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
 
     real_compile = pipeline.compile_layers
     monkeypatch.setattr(pipeline, "compile_layers", lambda layers, settings, dynamic: real_compile(layers, settings))
