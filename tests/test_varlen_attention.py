@@ -212,6 +212,10 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     assert (packed16.activation_budget, packed16.dynamic_lengths, packed16.micro_batch_tokens) == (0.5, True, 4096)
     assert [symbolic_lengths_pay(NAME, True, b) for b in (1.0, 0.5, 0.3)] == [False, True, False]
     assert [symbolic_lengths_pay(NAME, False, b) for b in (1.0, 0.5, 0.3)] == [True, True, True]
+    packed_cards = [plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=g)
+                    for g in (8, 12, 16, 20, 24, 40, 139)]  # packed rows too: a bigger card never expected slower
+    packed_costs = [expected_cost(p, 32, packed=True) for p in packed_cards]
+    assert packed_costs == sorted(packed_costs, reverse=True) and packed_costs[0] > packed_costs[-1]
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
     flex = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
     assert flex.attn_implementation == "flex_attention" and not flex.dynamic_lengths
