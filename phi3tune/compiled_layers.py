@@ -64,7 +64,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
         return scale_blocks(looked_up, absmax, blocksize, shape, dtype)
     table = torch.tensor(values, dtype=torch.float32, device=codes.device)
     if lookup == "kernel":
-        return dequant_kernel.dequantize_4bit(codes, absmax.float(), table, blocksize, shape, dtype)
+        return dequant_kernel.dequantize_4bit(codes, absmax, table, blocksize, shape, dtype)  # casts absmax itself
     return decode_4bit(codes, table, absmax, blocksize, shape, dtype)
 
 

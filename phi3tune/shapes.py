@@ -43,7 +43,7 @@ def default_attention(device: torch.device, fenced: bool, dtype: torch.dtype) ->
     return "flex_attention" if importlib.util.find_spec("torch.nn.attention.flex_attention") else None
 
 
-def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float = 1.0) -> bool:
+def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float) -> bool:
     """Compiled layers with a symbolic token dimension (each micro-batch padded to a multiple of 128, not to one of
     4 fixed lengths) where measured faster: unpacked rows (pads 11.1% -> 2.3% of the tokens computed) under varlen
     attention, at every activation budget. On the H200 (session 12): 0.129 against 0.137 s a mean step and 27

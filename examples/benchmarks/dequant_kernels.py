@@ -15,7 +15,7 @@ bytes a program: ``kernelN``), and candidates: ``pairs`` (a byte's two values
 loaded at once from a 256 x 2 table), ``iota`` (the table with the shifts as index arithmetic, no tensor), ``tuned``
 (the table under inductor's coordinate-descent tuning of its kernel). Measured: docs/performance.md, sessions 13-14,
 where every way but ``kernel`` read the code tables inside the compiled function: 3 graph breaks and eager code in
-each call, so those rows timed the breaks, not a layer's kernel (mended since; not measured again yet).
+each call, so those rows timed the breaks, not a layer's kernel (mended since; session 15 measured them again).
 """
 
 from __future__ import annotations
