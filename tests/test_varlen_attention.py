@@ -66,6 +66,28 @@ def test_attention_takes_transformers_layout_and_repeats_grouped_heads():
     torch.testing.assert_close(out[0], _per_example(*flat, bounds))
 
 
+def test_under_autocast_it_attends_in_the_autocast_dtype_as_sdpa_does(monkeypatch):
+    """The classic layout's fp32 norms hand it fp32 q / k / v; under bf16 autocast it attends in bf16, as SDPA
+    does there, so on CUDA the flash kernel takes them (in fp32 they took the dense reference: 33.8 GiB at peak on
+    the H200 for the balanced plan's packed rows, session 16). Negative control: without autocast fp32 stays."""
+    import phi3tune.varlen_attention as va
+
+    seen: list[torch.dtype] = []
+    real = va.reference
+    monkeypatch.setattr(va, "reference", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    bounds = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=bounds, max_length_q=5)
+    assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
+    half = [t[0].transpose(0, 1).to(torch.bfloat16) for t in (q, k, v)]
+    torch.testing.assert_close(out[0], _per_example(*half, bounds))
+    out32, _ = attention(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=bounds, max_length_q=5)
+    assert seen[-1] == torch.float32 and out32.dtype == torch.float32
+    torch.testing.assert_close(out32[0], _per_example(*(t[0].transpose(0, 1) for t in (q, k, v)), bounds))
+
+
 def test_without_bounds_it_is_transformers_sdpa():
     """A call that is not TokenLoss's (generation) gets plain causal attention, as with SDPA."""
     torch.manual_seed(2)
