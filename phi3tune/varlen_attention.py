@@ -89,9 +89,9 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # under autocast, in its 16-bit dtype as SDPA would be: the classic layout's fp32 norms make q / k / v fp32
-    # here (bitsandbytes casts its output back to its input's dtype), which would take the dense reference
-    half = _autocast_half(query.device)
-    if half is not None and query.dtype != half:
+    # here (bitsandbytes casts its output back to its input's dtype), which would take the dense reference. Only
+    # fp32 asks: the compiled layers' q / k / v are 16-bit, so their graphs never read the autocast state
+    if query.dtype == torch.float32 and (half := _autocast_half(query.device)) is not None:
         query, key, value = (t.to(half) for t in (query, key, value))
     b, h, s, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
