@@ -20,9 +20,9 @@
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage (bitsandbytes' AdamW32bit: the default's
 #   math, its state in the caching allocator, not in managed memory that pages out when the card fills), mb1024 /
-#   mb2048 (training.micro_batch_tokens), ceN (N tokens per output-head chunk, PHI3TUNE_CE_CHUNK; the plan predicts with it), expand
-#   (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp (compiled
-#   layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque (bitsandbytes'
+#   mb2048 (training.micro_batch_tokens), ceN (N tokens per output-head chunk, PHI3TUNE_CE_CHUNK; the plan
+#   predicts with it), expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since
+#   session 5), ro / cpp (compiled layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque (bitsandbytes'
 #   4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit code's value
 #   selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton kernel per
 #   weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel), noflat (the optimizer stepping each
