@@ -24,20 +24,20 @@
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp
 #   (compiled layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
-#   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton kernel
-#   per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel), noflat (the optimizer stepping each tensor, as
-#   before flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
+#   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
+#   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel), noflat (the optimizer stepping each tensor,
+#   as before flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
 #   instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed
 #   masks; ambfull: the default budget 1.0, e.g. seq4096+ambfull against the memory plan's 0.3), noexpand (the allocator
-#   without expandable segments, as before session 5), dyn / nodyn (every multiple of 128 tokens from one symbolic-length
-#   graph / the 4 fixed lengths, whatever auto takes: PHI3TUNE_COMPILE=dynamic_lengths=1 / 0), lenN (N fixed lengths
-#   fitted to the data, not 4), off / nooff (checkpointed layers' inputs in host memory, offload.py: PHI3TUNE_OFFLOAD=1
-#   for any plan that checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all 32 checkpointed; 0
-#   never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3 (seq4096 with the
-#   compiler's low activation budget: the recomputed layer keeps less), masks (the partitioner recomputes the hashed LoRA
-#   dropout masks in backward instead of saving them, and the plan predicts without them:
-#   PHI3TUNE_COMPILE=masks=recompute, knobs.RECOMPUTE_MASKS), deq0 / deq1 (the 4-bit base never / always dequantized once
-#   for the run, dequantized.py: PHI3TUNE_DEQUANTIZE; by default the plan dequantizes it where it fits), bal
+#   without expandable segments, as before session 5), dyn / nodyn (every multiple of 128 tokens from one
+#   symbolic-length graph / the 4 fixed lengths, whatever auto takes: PHI3TUNE_COMPILE=dynamic_lengths=1 / 0), lenN (N
+#   fixed lengths fitted to the data, not 4), off / nooff (checkpointed layers' inputs in host memory, offload.py:
+#   PHI3TUNE_OFFLOAD=1 for any plan that checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all
+#   32 checkpointed; 0 never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3
+#   (seq4096 with the compiler's low activation budget: the recomputed layer keeps less), masks (the partitioner
+#   recomputes the hashed LoRA dropout masks in backward instead of saving them, and the plan predicts without them:
+#   PHI3TUNE_COMPILE=masks=recompute, knobs.RECOMPUTE_MASKS), deq0 / deq1 (the 4-bit base never / always dequantized
+#   once for the run, dequantized.py: PHI3TUNE_DEQUANTIZE; by default the plan dequantizes it where it fits), bal
 #   (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference), vl / flex
 #   (attention: torch's varlen flash kernel, varlen_attention.py / FlexAttention's document mask), lt (matmuls through
 #   cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory),
