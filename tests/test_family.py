@@ -189,4 +189,4 @@ def test_estimate_memory_knows_the_real_shape(member, tmp_path):
     qkv_out = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head_dim
     per_layer = r * ((h + qkv_out) + (h + h) + (h + 2 * cfg["intermediate_size"]) + (cfg["intermediate_size"] + h))
     assert est["lora_params"] == cfg["num_hidden_layers"] * per_layer
-    assert 2 < est["total_gib"] < 40
+    assert 2 < est["total_gib"] < 50  # Phi-3-medium under the classic layout: 42.7 (fp32 residual stream, session 16)
