@@ -479,7 +479,7 @@ def test_packed_rows_take_full_2048_token_micro_batches_where_4096_would_need_re
 
 @needs_shared
 def test_a_named_plan_that_would_not_fit_is_warned_about_before_any_weight_loads(caplog):
-    """Phi-3-mini with optimize_for="balanced" (padded, eager, ~15.5 GiB predicted) on a 12 GiB card: the run warns,
+    """Phi-3-mini with optimize_for="balanced" (padded, eager, ~18.0 GiB predicted) on a 12 GiB card: the run warns,
     naming the field and what fits; on an 80 GiB card it does not, nor does ``auto`` on the 12 GiB card (it takes
     only plans that fit)."""
     from phi3tune.pipeline import check_fits
