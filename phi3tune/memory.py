@@ -116,13 +116,14 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
             quantized += n + fan_out * 4
         if name.rsplit(".", 1)[-1] in targets:
             lora += r * (fan_in + fan_out)
-    other += shape.other_params * (4 if (upcast_frozen and bits is not None) or act_bytes == 4 else act_bytes)
+    upcast = upcast_frozen and bits is not None  # PEFT's prepare_model_for_kbit_training runs on quantized bases
+    other += shape.other_params * (4 if upcast or act_bytes == 4 else act_bytes)
     adapter = lora * (4 + 4 + optimizer_state_bytes)
     a, b, c = _ACT_COEF
     tier = budget_tier(activation_budget) if compiled else "default"
     kept = 1.0 if dropout > 0 and tier != "low" and not (compiled and masks_recomputed) else _NO_DROPOUT
     whole_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
-    if upcast_frozen and bits is not None and act_bytes < 4:
+    if upcast and act_bytes < 4:
         whole_layer *= _UPCAST_ACTIVATIONS
     share = {"default": 1.0, "middle": _MIDDLE_BUDGET, "low": _LOW_BUDGET}[tier]
     per_layer = whole_layer * kept * share  # a layer that keeps its activations

@@ -29,6 +29,14 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def _micro_batch_saves(model) -> int:
+    """What the loss of one micro-batch of 2 x 128 tokens, all trained, saves for backward."""
+    ids = torch.randint(0, 90, (2, 128))
+    batch = Collator(0)([{"input_ids": r, "labels": r} for r in ids.tolist()])
+    loss = TokenLoss(model, chunk=4096).train()
+    return _saved_bytes(functools.partial(loss, batch["input_ids"], batch["labels"], batch["position_ids"]))
+
+
 def test_estimate_matches_cpu_measurement(tiny_model):
     ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), batch_size=2, precision="fp32").data(max_seq_length=128)
     ft.adapter(dropout=0.1)
@@ -42,11 +50,7 @@ def test_estimate_matches_cpu_measurement(tiny_model):
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est["lora_params"] == lora
     assert est["quantized_weights"] == pytest.approx(quantized, rel=0.05)
-    # activations of one micro-batch of batch_size x max_seq_length tokens, all trained
-    ids = torch.randint(0, 90, (2, 128))
-    batch = Collator(0)([{"input_ids": r, "labels": r} for r in ids.tolist()])
-    loss = TokenLoss(model, chunk=4096).train()
-    measured = _saved_bytes(lambda: loss(batch["input_ids"], batch["labels"], batch["position_ids"]))
+    measured = _micro_batch_saves(model)  # one micro-batch of batch_size x max_seq_length tokens
     predicted = est["activations"] + est["logits_chunk"]
     assert predicted == pytest.approx(measured, rel=0.35), (predicted, measured)
 
@@ -63,17 +67,13 @@ def test_classic_layout_estimate_matches_cpu_measurement_under_bf16(tiny_model):
     ft.adapter(dropout=0.1)
     est = estimate_memory(ft, device="cpu")
     info = preflight_model(tiny_model)
-    ids = torch.randint(0, 90, (2, 128))
-    batch = Collator(0)([{"input_ids": r, "labels": r} for r in ids.tolist()])
     measured = {}
     for upcast in (True, False):
         base = load_base_model(info, QuantSpec(), torch.bfloat16, torch.device("cpu"), upcast_frozen=upcast)
         model = attach_adapter(base, AdapterSpec(r=8, dropout=0.1),
                                resolve_target_modules(AdapterSpec(), info.linear_layers))
-        loss = TokenLoss(model, chunk=4096).train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            measured[upcast] = _saved_bytes(functools.partial(loss, batch["input_ids"], batch["labels"],
-                                                              batch["position_ids"]))
+            measured[upcast] = _micro_batch_saves(model)
     predicted = est["activations"] + est["logits_chunk"]
     assert predicted == pytest.approx(measured[True], rel=0.15), (predicted, measured)
     assert measured[False] < measured[True]
