@@ -43,6 +43,7 @@ def test_bench_reports_throughput_and_padding(tiny_model):
     rep = benchmark(ft, steps=3, warmup=1)
     assert rep["steps"] == 3 and rep["real_tokens_per_s"] > 0 and len(rep["losses"]) == 3
     assert 0 < rep["padding_fraction"] < 1  # padded batches of uneven rows
+    assert rep["frames_compiled"] == [0, 0, 0]  # eager layers: nothing compiled during a timed step
     flat = benchmark(ft.training(optimize_for="speed", micro_batch_tokens=64), steps=3, warmup=1)
     assert flat["mode"] == "speed" and flat["plan"].startswith("plan: speed")
     assert 0 <= flat["padding_fraction"] < rep["padding_fraction"]  # only the pads up to a fixed length remain

@@ -98,6 +98,13 @@ def _useful_flops_per_token(run: RunSpec) -> float:
     return 4.0 * n
 
 
+def _frames_compiled() -> int:
+    """Frames torch.compile has built in this process so far (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
 def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None = None) -> dict[str, Any]:
     """Run ``warmup + steps`` optimizer steps; report the timed ``steps`` as one JSON-ready dict."""
     out_dir = tempfile.mkdtemp(prefix="phi3tune-bench-")
@@ -106,16 +113,23 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     cuda = torch.cuda.is_available() and run.train.device != "cpu"
     times: list[float] = []
     events: list[dict[str, Any]] = []
-    last = [time.perf_counter()]
+    # per timed step, to place a slow one: frames torch.compile built during it, and the allocator's reserve after it
+    # (a reserve that grows asks the driver for memory, which may first evict paged optimizer state)
+    compiles: list[int] = []
+    reserved: list[float] = []
+    last: list[float] = [time.perf_counter(), _frames_compiled()]
 
     def on_step(event: dict[str, Any]) -> None:
         if cuda:
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, frames = time.perf_counter(), _frames_compiled()
         if event["step"] > warmup:
             times.append(now - last[0])
             events.append(event)
-        last[0] = now
+            compiles.append(int(frames - last[1]))
+            if cuda:
+                reserved.append(round(torch.cuda.memory_reserved() / GIB, 3))
+        last[:] = [now, frames]
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -146,6 +160,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         "real_tokens_per_s": round(tok_s, 1),
         "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
         "step_s": [round(t, 4) for t in times],
+        "frames_compiled": compiles,
         "padding_fraction": round(1 - real / max(1, batch), 4) if gpus == 1 else None,
         "losses": [round(e["loss"], 4) for e in events],
         "total_s": round(time.perf_counter() - started, 1),
@@ -157,7 +172,7 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         report.update(device=name, peak_device_gib=round(monitor.peak_gib, 3),
                       peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3), reserved_gib=reserved)
         stats = torch.cuda.memory_stats()  # allocator retries: a plan too close to the card's size frees and re-asks
         report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0))
         if peak:
