@@ -94,7 +94,8 @@ def optimizer_facts(name: str, device_type: str = "cuda") -> OptimizerFacts:
     one place these are known (plan.py and memory.py read them). Unknown families count as AdamW (2 states)."""
     cls = optimizer_class(name, device_type)
     key = cls.__name__.lower()
-    paged = cls.__module__.startswith("bitsandbytes") and key.startswith("paged")
+    # bitsandbytes pages only on CUDA (elsewhere a Paged class falls back to unpaged state, with a warning)
+    paged = cls.__module__.startswith("bitsandbytes") and key.startswith("paged") and device_type == "cuda"
     key = key.removeprefix("paged")
     state_dtype_bytes = 1 if key.endswith("8bit") else 4
     family = key.removesuffix("8bit").removesuffix("32bit")

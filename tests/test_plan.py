@@ -235,6 +235,8 @@ def test_optimizer_facts_give_class_paging_and_state_bytes():
     assert (optimizer_facts("paged_adamw_32bit").paged, optimizer_facts("paged_adamw_32bit").state_bytes) == (True, 8)
     cpu = optimizer_facts("paged_adamw_32bit", "cpu")  # paging exists on CUDA only: the unpaged twin
     assert (cpu.cls.__name__, cpu.paged, cpu.state_bytes) == ("AdamW32bit", False, 8)
+    named = optimizer_facts("PagedAdamW32bit", "cpu")  # a Paged class on the CPU: bitsandbytes does not page there
+    assert (named.cls.__name__, named.paged) == ("PagedAdamW32bit", False)
     assert optimizer_facts("Lion8bit").state_bytes == 1 and not optimizer_facts("Lion8bit").paged
     assert (optimizer_facts("adamw_torch").paged, optimizer_facts("SGD").state_bytes) == (False, 4)
 

@@ -18,8 +18,9 @@
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
 #         training.micro_batch_tokens=2048)
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
-#   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage (bitsandbytes' AdamW32bit: the default's math,
-#   its state in the caching allocator, not in managed memory that pages out when the card fills), mb1024 / mb2048
+#   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
+#   PagedAdamW32bit by class name: the recipe's math with its state in the caching allocator (speed plans' default
+#   since session 17) / in managed memory that pages out when the card fills (the default before)), mb1024 / mb2048
 #   (training.micro_batch_tokens), ceN (N tokens per output-head chunk, PHI3TUNE_CE_CHUNK; the plan predicts with it),
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp
 #   (compiled layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque
@@ -60,6 +61,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
   for v in "${vs[@]}"; do case "$v" in
     adamw) sets+=(--set training.optimizer=adamw_torch) ;;
     nopage) sets+=(--set training.optimizer=AdamW32bit) ;;
+    paged) sets+=(--set training.optimizer=PagedAdamW32bit) ;;
     mb*) sets+=(--set "training.micro_batch_tokens=${v#mb}") ;;
     ce*) envs+=("PHI3TUNE_CE_CHUNK=${v#ce}") ;;
     expand) envs+=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) ;;
