@@ -102,8 +102,7 @@ class Trainer:
         loader, eval_loader = loaders(data.train, data.eval, plan, spec.batch_size, spec.seed, self.pad_id,
                                       streaming=data.streaming)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # TrainSpec's hook (optim.py), with the optimizer the plan builds (a legacy name's unpaged twin, or as named)
-        optimizer = spec.model_copy(update={"optimizer": plan.optimizer}).create_optimizer(model, self.params, device)
+        optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         # inductor's options, for the whole run
         self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks)["options"]
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))

@@ -26,18 +26,6 @@ _NEEDS_METRIC = {"reduce_lr_on_plateau", "greedy"}
 _SET_BY_LOOP = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
 
 
-def state_placed(name: str, paged: bool) -> str:
-    """The optimizer a plan builds for ``name``: a legacy bitsandbytes name (the classic recipe's paged AdamW) is
-    the math, and where its state lives is the plan's to choose; ``paged=False`` gives its unpaged twin, the same
-    update with its state held by the caching allocator. A class name is taken as written.
-
-    Why (docs/performance.md, session 17): on an emulated 12 GiB card the paged state ran 9.8% slower than the same
-    state unpaged, at the same device peak, and paged runs there had single steps of 0.7-0.9 s."""
-    if not paged and name in LEGACY and LEGACY[name][0] == "bnb":
-        return LEGACY[name][2]
-    return name
-
-
 def _optimizers(module: Any) -> dict[str, type]:
     return {n: c for n in dir(module) if isinstance(c := getattr(module, n), type)
             and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}

@@ -33,7 +33,7 @@ from .memory import (
     symbolic_lengths_bytes,
     total_gib,
 )
-from .optim import optimizer_facts, state_placed
+from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 from .runspec import RunSpec
@@ -47,18 +47,16 @@ log = logging.getLogger("phi3tune")
 MODES: dict[str, dict[str, Any]] = {
     # the classic recipe's layout: right-padded batches, frozen non-quantized weights upcast to fp32 (PEFT)
     "balanced": {"padding_free": False, "upcast_frozen": True, "checkpointing": False, "compile": False,
-                 "micro_batch_tokens": None, "ce_chunk": CE_CHUNK, "paged_state": True},
+                 "micro_batch_tokens": None, "ce_chunk": CE_CHUNK},
     # examples laid end to end, fenced by position ids, re-cut into <= 4,096-token micro-batches of a few fixed
     # lengths; frozen weights in the compute dtype; FlexAttention document masks and compiled layers on CUDA
-    # and the optimizer's state unpaged (a legacy name's twin, optim.state_placed: paging slowed a full card's steps)
     "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
-              "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK, "paged_state": False},
+              "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
     # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks; on
     # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
     # 4,096, 3.90 GiB allocated against session 7's 4.02; its speed against the default not yet A/B'd on one machine)
     "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
-               "micro_batch_tokens": 2048, "ce_chunk": 512, "activation_budget": 0.3,  # LOW_ACTIVATION_BUDGET
-               "paged_state": True},
+               "micro_batch_tokens": 2048, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
@@ -115,7 +113,7 @@ class RunPlan:
     dynamic_lengths: bool  # compiled layers: one graph for every length (token_buckets: multiples of a granule)
     upcast_frozen: bool  # frozen non-quantized weights in fp32 (PEFT's prepare_model_for_kbit_training)
     ce_chunk: int  # tokens per output-head + cross-entropy chunk
-    optimizer: str  # what the run builds: a legacy name's unpaged twin where the mode keeps state unpaged
+    optimizer: str
     paged_optimizer: bool
     sequences_per_step: int
     peak_micro_batch_tokens: int  # the largest micro-batch, whose activations the predicted peak counts
@@ -256,8 +254,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         checkpoint_layers = shape.layers if checkpointing else 0
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
-    optimizer = state_placed(t.optimizer, bool(m["paged_state"]))
-    opt = optimizer_facts(optimizer, device.type)
+    opt = optimizer_facts(t.optimizer, device.type)
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
 
     def parts_of(symbolic: bool, chunk: int) -> dict[str, int]:  # symbolic-length graphs keep other activations
@@ -293,7 +290,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         micro_batch_tokens=budget, token_buckets=buckets, position_cap=d.max_seq_length, compile=compile_,
         checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, activation_budget=activation_budget,
         upcast_frozen=bool(m["upcast_frozen"]),
-        ce_chunk=chunk, optimizer=optimizer, paged_optimizer=opt.paged,
+        ce_chunk=chunk, optimizer=t.optimizer, paged_optimizer=opt.paged,
         sequences_per_step=t.sequences_per_step, peak_micro_batch_tokens=tokens, predicted_peak_gib=total_gib(parts),
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),

@@ -254,34 +254,6 @@ def test_paged_8bit_optimizer_is_planned_paged_with_2_bytes_of_state(tiny_model)
     assert not plan_for(ft.training(optimizer="AdamW8bit"), "cuda", free_gib=80).paged_optimizer
 
 
-def test_speed_plans_build_the_recipes_adamw_unpaged_and_a_named_class_as_named(tiny_model, tmp_path, monkeypatch):
-    """The classic recipe's paged AdamW is the math; on CUDA the speed plan keeps its state unpaged (bitsandbytes'
-    twin, the same update: paging slowed a full card's steps), counting the same bytes; balanced and memory keep it
-    paged. A bitsandbytes class name is built as written (negative control). The loop builds the plan's choice."""
-    from phi3tune.specs import TrainSpec
-
-    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4), optimizer="paged_adamw_32bit")
-    speed = plan_for(ft.training(optimize_for="speed"), "cuda", free_gib=80)
-    assert (speed.optimizer, speed.paged_optimizer) == ("AdamW32bit", False) and "paged" not in speed.describe()
-    for mode in ("balanced", "memory"):
-        kept = plan_for(ft.training(optimize_for=mode), "cuda", free_gib=80)
-        assert (kept.optimizer, kept.paged_optimizer) == ("paged_adamw_32bit", True), mode
-    named = plan_for(ft.training(optimize_for="speed", optimizer="PagedAdamW32bit"), "cuda", free_gib=80)
-    assert (named.optimizer, named.paged_optimizer) == ("PagedAdamW32bit", True)
-    assert named.memory["adapter_and_optimizer"] == speed.memory["adapter_and_optimizer"]
-    eight = plan_for(ft.training(optimize_for="speed", optimizer="paged_adamw_8bit"), "cuda", free_gib=80)
-    assert (eight.optimizer, eight.paged_optimizer) == ("AdamW8bit", False)
-
-    built: list[str] = []
-    create = TrainSpec.create_optimizer
-    monkeypatch.setattr(TrainSpec, "create_optimizer",
-                        lambda self, *a: built.append(self.optimizer) or create(self, *a))
-    for mode in ("speed", "balanced"):  # on the CPU: the plan's name reaches the hook
-        result = ft.training(optimize_for=mode, optimizer="paged_adamw_32bit", output_dir=str(tmp_path / mode)).run()
-        assert result.plan is not None and built[-1] == result.plan.optimizer
-    assert built == ["AdamW32bit", "paged_adamw_32bit"]
-
-
 def test_compiled_layers_get_room_for_every_graph_and_the_limit_comes_back(tiny_model):
     """All decoder layers share one dynamo cache: a graph per fixed length, for train and eval, twice where only some
     layers are checkpointed. A run raises the recompile limit to that many while it trains, and only then; the
