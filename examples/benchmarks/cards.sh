@@ -19,8 +19,8 @@
 #         training.micro_batch_tokens=2048)
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
-#   PagedAdamW32bit by class name: the recipe's math with its state in the caching allocator (speed plans' default
-#   since session 17) / in managed memory that pages out when the card fills (the default before)), mb1024 / mb2048
+#   PagedAdamW32bit by class name: the default's math with its state in the caching allocator / in managed memory that
+#   pages out when the card fills, as the default's), mb1024 / mb2048
 #   (training.micro_batch_tokens), ceN (N tokens per output-head chunk, PHI3TUNE_CE_CHUNK; the plan predicts with it),
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp
 #   (compiled layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), opaque
