@@ -119,13 +119,15 @@ peer() {  # label gib gc
     && cut -c1-400 "/tmp/peer_$label.jsonl"
 }
 
+declare -A seen=()  # a RUN named again (A/B pairs in ABBA order: runs on one machine differ ~10%) is labelled RUN#2, ...
 for r in "$@"; do
-  echo "=== $r $(date +%T)"
+  seen[$r]=$(( ${seen[$r]:-0} + 1 )); label=$r; [ "${seen[$r]}" -gt 1 ] && label="$r#${seen[$r]}"
+  echo "=== $label $(date +%T)"
   kind=${r%%@*}; rest=${r#*@}; gib=${rest%%+*}; variant=""; [ "$rest" != "$gib" ] && variant=${rest#*+}
   case "$kind" in
-    q|p) ours "$r" "$gib" "$variant" ;;
-    u) peer "$r" "$gib" false ;;
-    ug) peer "$r" "$gib" unsloth ;;
+    q|p) ours "$label" "$gib" "$variant" ;;
+    u) peer "$label" "$gib" false ;;
+    ug) peer "$label" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
     # shellcheck disable=SC2086
     deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py ${DEQ_WAYS:-} 2>&1 | grep '^{' \
