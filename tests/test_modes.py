@@ -36,7 +36,8 @@ def test_modes_give_the_same_first_step_as_balanced(tiny_model, tmp_path, mode):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
-def test_bench_reports_throughput_and_padding(tiny_model):
+def test_bench_reports_throughput_and_padding(tiny_model, monkeypatch):
+    from phi3tune import bench
     from phi3tune.bench import benchmark
 
     ft = tiny_tuner(tiny_model, "unused", rows_of_text(16), batch_size=4, grad_accum=1)
@@ -44,6 +45,10 @@ def test_bench_reports_throughput_and_padding(tiny_model):
     assert rep["steps"] == 3 and rep["real_tokens_per_s"] > 0 and len(rep["losses"]) == 3
     assert 0 < rep["padding_fraction"] < 1  # padded batches of uneven rows
     assert rep["frames_compiled"] == [0, 0, 0]  # eager layers: nothing compiled during a timed step
+    reads = iter(range(100, 200))  # control: a count that grows by one a read shows as one a step, not as the total
+    monkeypatch.setattr(bench, "_frames_compiled", lambda: next(reads))
+    assert benchmark(ft, steps=2, warmup=1)["frames_compiled"] == [1, 1]
+    monkeypatch.undo()
     flat = benchmark(ft.training(optimize_for="speed", micro_batch_tokens=64), steps=3, warmup=1)
     assert flat["mode"] == "speed" and flat["plan"].startswith("plan: speed")
     assert 0 <= flat["padding_fraction"] < rep["padding_fraction"]  # only the pads up to a fixed length remain

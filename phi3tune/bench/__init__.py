@@ -117,19 +117,20 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     # (a reserve that grows asks the driver for memory, which may first evict paged optimizer state)
     compiles: list[int] = []
     reserved: list[float] = []
-    last: list[float] = [time.perf_counter(), _frames_compiled()]
+    last_time, last_frames = time.perf_counter(), _frames_compiled()
 
     def on_step(event: dict[str, Any]) -> None:
+        nonlocal last_time, last_frames
         if cuda:
             torch.cuda.synchronize()
         now, frames = time.perf_counter(), _frames_compiled()
         if event["step"] > warmup:
-            times.append(now - last[0])
+            times.append(now - last_time)
             events.append(event)
-            compiles.append(int(frames - last[1]))
+            compiles.append(frames - last_frames)
             if cuda:
                 reserved.append(round(torch.cuda.memory_reserved() / GIB, 3))
-        last[:] = [now, frames]
+        last_time, last_frames = now, frames
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
