@@ -33,8 +33,12 @@ def main() -> None:
                                               torch.profiler.ProfilerActivity.CUDA], with_stack=True)
 
     wall = [0.0]
+    tokens = {"real": 0, "batch": 0}  # of the profiled steps: a per-token cost to compare packed and unpacked runs
 
     def on_step(event: dict) -> None:
+        if a.start < event["step"] <= a.start + a.steps:
+            tokens["real"] += event["real_tokens"]
+            tokens["batch"] += event["batch_tokens"]
         if event["step"] == a.start:
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             prof.start()
@@ -54,7 +58,8 @@ def main() -> None:
     kernels = sum(e.self_device_time_total for e in avg
                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
     head = (f"{a.steps} steps from step {a.start}: wall {wall[0]:.3f} s, GPU kernels {kernels:.3f} s "
-            f"({100 * kernels / max(wall[0], 1e-9):.0f}% busy)\n\n")
+            f"({100 * kernels / max(wall[0], 1e-9):.0f}% busy); {tokens['real']:,} real tokens of "
+            f"{tokens['batch']:,} laid out\n\n")
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
              + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
     table += "\n\n" + idle_report(prof.events())
