@@ -353,3 +353,29 @@ def optimizer_steps(loader: Any, start: Position, total_steps: int, grad_accum: 
             return
         pos = Position(pos.step, pos.epoch + 1, 0)
         yield pos, None
+
+
+class StepsAhead:
+    """``optimizer_steps`` that can be read one step ahead: ``fetch()`` lays out the next step's micro-batches
+    now. The loop calls it once a step's passes are queued on the device, so the host prepares the next step
+    while the device computes this one, not after the step's wait for it. Items come out in the same order."""
+
+    _END = object()
+
+    def __init__(self, steps: Iterator[tuple[Position, list[Batch] | None]]) -> None:
+        self.steps = steps
+        self.ahead: list[Any] = []
+
+    def fetch(self) -> None:
+        if not self.ahead:
+            self.ahead.append(next(self.steps, self._END))
+
+    def __iter__(self) -> StepsAhead:
+        return self
+
+    def __next__(self) -> tuple[Position, list[Batch] | None]:
+        self.fetch()
+        item = self.ahead.pop()
+        if item is self._END:
+            raise StopIteration
+        return item  # type: ignore[no-any-return]

@@ -16,16 +16,18 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import checkpoints as ckpt
 from . import distributed, flat_steps, lora_dropout, shards, tracking
 from ._isolation import frozen_heap
-from .batching import Batch, EpochSampler, MicroBatcher, Position, count_steps, loaders, optimizer_steps
+from .batching import Batch, EpochSampler, MicroBatcher, Position, StepsAhead, count_steps, loaders, optimizer_steps
 from .compiled_layers import graph_room, warm_up_positions
 from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
@@ -183,15 +185,16 @@ class Trainer:
         self.metrics.start(self.pos.step, self.total_steps)
         skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
         with nullcontext(stop) if stop is not None else StopFlag() as stop, frozen_heap():
-            for pos, micro in optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
-                                              skip):
+            steps = StepsAhead(optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
+                                               skip))
+            for pos, micro in steps:
                 self.pos = pos  # counts this step already: a checkpoint written while it is handled resumes after it
                 if micro is None:  # between epochs, before the next epoch's loader starts
                     if s.save_strategy == "epoch":
                         self.save_checkpoint()
                     continue
                 lr = self.scheduler.get_last_lr()[0]
-                result = self._train_step(micro)
+                result = self._train_step(micro, steps.fetch)
                 self.metrics.step_done(pos.step, result, lr)
                 if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:
                     epoch = pos.epoch + (pos.loader_batches / self.loader_len if self.loader_len else 0)
@@ -228,9 +231,11 @@ class Trainer:
         dev = self.accelerator.device
         return {k: v.to(dev, non_blocking=True) for k, v in b.items() if k != "num_real_tokens"}
 
-    def _train_step(self, micro: list[Batch]) -> StepResult:
-        """One optimizer step over the micro-batches of ``micro`` (``self.pos.step`` is its number)."""
-        acc = self.accelerator
+    def _train_step(self, micro: list[Batch], prepare_next: Callable[[], None]) -> StepResult:
+        """One optimizer step over the micro-batches of ``micro`` (``self.pos.step`` is its number). Once its
+        passes are queued, ``prepare_next`` lays out the next step's batches while the device runs them; then the
+        step waits for the device once, for the loss and the gradient norm together."""
+        acc, started = self.accelerator, time.perf_counter()
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
                                sum(int(b["num_real_tokens"]) for b in micro)])
         counts = distributed.sum_on_host(counts, self.host_group)  # trained and real tokens of the step, all ranks
@@ -249,12 +254,17 @@ class Trainer:
             loss_sum += part.detach().float()
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
-        loss = float(loss_sum) / n_tokens if n_tokens else None  # None: no token of the step has a label
+        norm = acc.clip_grad_norm_(self.params, self.spec.max_grad_norm or float("inf"))
+        queued = time.perf_counter()
+        prepare_next()
+        if isinstance(norm, DTensor):  # FSDP's norm of sharded gradients: the same value on every rank
+            norm = norm.full_tensor()
+        summed, grad_norm = torch.stack([loss_sum, norm.to(loss_sum)]).tolist()  # the step's one wait
+        waited = time.perf_counter()
+        loss = summed / n_tokens if n_tokens else None  # None: no token of the step has a label
         if loss is None:
             log.warning("step %d: no trained tokens (every label of its micro-batches is masked, e.g. answers cut "
                         "off by data.max_seq_length); no loss is logged for it", self.pos.step)
-        max_norm = self.spec.max_grad_norm or float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(loss or 0.0) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
             last = ckpt.list_checkpoints(self.output_dir)
             raise TrainingError(
@@ -266,7 +276,8 @@ class Trainer:
         if not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self._zero_grad()
-        return StepResult(loss, grad_norm, real, n_tokens, sum(int(b["input_ids"].numel()) for b in micro))
+        return StepResult(loss, grad_norm, real, n_tokens, sum(int(b["input_ids"].numel()) for b in micro),
+                          queue_s=queued - started, wait_s=waited - queued)
 
     def _zero_grad(self) -> None:
         """The optimizer's gradients and the model's: under FSDP a bitsandbytes optimizer holds views of the

@@ -36,6 +36,10 @@ class StepResult:
     real_tokens: int  # non-pad tokens
     trained_tokens: int  # tokens with a label
     batch_tokens: int  # tokens of the micro-batches as laid out, pads included
+    # host seconds: queuing the step's passes (forward, backward, clipping), then laying out the next step's
+    # batches and waiting for the device. A wait near zero means the host, not the device, set the step's pace
+    queue_s: float = 0.0
+    wait_s: float = 0.0
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Metrics:
         if self.callbacks:
             event = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,
                      "real_tokens": result.real_tokens, "trained_tokens": result.trained_tokens,
-                     "batch_tokens": result.batch_tokens}
+                     "batch_tokens": result.batch_tokens, "queue_s": result.queue_s, "wait_s": result.wait_s}
             for fn in self.callbacks:
                 fn(event)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import GUANACO_JSONL, adapter_tensors, needs_shared, tiny_tuner
+from helpers import GUANACO_JSONL, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
 
 from phi3tune import DataSpec, FineTuner, prepare_dataset
 from phi3tune.batching import Collator
@@ -123,3 +123,30 @@ def test_loss_falls_on_alpaca1k_guanaco(tiny_model_phi3_tok, tmp_path):
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 1.5, losses
     assert losses[-1] < min(losses[:2]), losses
+
+
+def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_path, monkeypatch):
+    """Each step's batches for the step after it are laid out before the step waits for the device (so the
+    host's layout overlaps the device's work), and training sees the same steps as reading them one by one."""
+    from phi3tune.batching import MicroBatcher, StepsAhead
+
+    done: list[int] = []
+    seen_at: list[int] = []  # per layout: steps finished when it was made
+    plain = MicroBatcher.__call__
+
+    def recording(self, batches):
+        seen_at.append(len(done))
+        return plain(self, batches)
+
+    monkeypatch.setattr(MicroBatcher, "__call__", recording)
+    rows = rows_of_text(24, seed=3)
+    tiny_tuner(tiny_model, tmp_path / "a", rows, max_steps=4).run(callbacks=[lambda e: done.append(e["step"])])
+    # step k+1 is laid out inside step k: none done at steps 1 and 2's layouts (read one by one: [0, 1, 2, 3])
+    assert seen_at == [0, 0, 1, 2]
+    items = [(i, [i]) for i in range(3)]
+    ahead = StepsAhead(iter(items))
+    ahead.fetch()
+    ahead.fetch()  # a second fetch before the item is taken reads nothing more
+    assert list(ahead) == items
+    ahead.fetch()  # past the end: harmless
+    assert list(ahead) == []

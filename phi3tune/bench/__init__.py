@@ -162,6 +162,8 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
         "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
         "step_s": [round(t, 4) for t in times],
         "frames_compiled": compiles,
+        # per step, host seconds queuing its passes / waiting for the device: a wait near zero, the host set the pace
+        "queue_s": [round(e["queue_s"], 4) for e in events], "wait_s": [round(e["wait_s"], 4) for e in events],
         "padding_fraction": round(1 - real / max(1, batch), 4) if gpus == 1 else None,
         "losses": [round(e["loss"], 4) for e in events],
         "total_s": round(time.perf_counter() - started, 1),

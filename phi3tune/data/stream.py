@@ -31,7 +31,7 @@ from .sources import load_stream
 from .tokenize import make_encoder
 
 WINDOW = 1000  # examples tokenized (and packed) together
-_KEEP = 8  # windows whose start positions are remembered: the loader reads at most a batch or two ahead
+_KEEP = 64  # windows whose start positions are remembered: the loop reads at most one optimizer step ahead
 
 
 class StreamRows(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
