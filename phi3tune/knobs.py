@@ -51,10 +51,10 @@ def compile_env() -> dict[str, str]:
     out = {}
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("mode", "cpp_wrapper", "opaque_4bit", "activation_budget", "dynamic_lengths", "lengths",
-                       "dequant", "masks"):
-            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of mode, cpp_wrapper, opaque_4bit, "
-                             "activation_budget, dynamic_lengths, lengths, dequant, masks")
+        keys = ("mode", "cpp_wrapper", "combo_kernels", "opaque_4bit", "activation_budget", "dynamic_lengths",
+                "lengths", "dequant", "masks")
+        if key not in keys:
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of {', '.join(keys)}")
         if key == "dequant" and value not in ("table", "select", "kernel"):
             raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table, select or kernel")
         if key == "masks" and value not in ("save", "recompute"):
@@ -77,7 +77,8 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
     ops as torch ops, the plan's ``activation_budget`` and, where the plan says ``recompute_masks``, the
     partitioner's ``RECOMPUTE_MASKS``; unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names
     otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++
-    wrapper around the kernels), ``opaque_4bit=1`` (bitsandbytes' ops left as Python calls), ``activation_budget=F``
+    wrapper around the kernels), ``combo_kernels=1`` (independent kernels launched as one), ``opaque_4bit=1``
+    (bitsandbytes' ops left as Python calls), ``activation_budget=F``
     (functorch's ``activation_memory_budget``: the partitioner recomputes in backward what keeps the saved
     activations under F of its default), ``dynamic_lengths=1`` / ``0`` (every multiple of a granule from one
     symbolic-length graph, or the fixed lengths, whatever the plan's own choice: shapes.symbolic_lengths_pay),
@@ -98,6 +99,8 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
             options["triton.cudagraphs"] = value == "reduce-overhead"
         elif key == "cpp_wrapper":
             options["cpp_wrapper"] = yes(value)
+        elif key == "combo_kernels":  # inductor's horizontal fusion: independent kernels share one launch
+            options["combo_kernels"] = yes(value)
         elif key == "opaque_4bit":
             opaque = yes(value)
         elif key == "activation_budget":
