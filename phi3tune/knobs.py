@@ -46,6 +46,13 @@ def dequantize_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
+def combo_wanted() -> bool | None:
+    """PHI3TUNE_COMPILE=combo_kernels=1 / 0 (benchmarks): combo kernels on any compiled plan / never; unset (None):
+    the plan decides (plan.with_combo_kernels)."""
+    asked = compile_env().get("combo_kernels", "")
+    return yes(asked) if asked else None
+
+
 def compile_env() -> dict[str, str]:
     """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
     out = {}
@@ -72,13 +79,15 @@ RECOMPUTE_MASKS = {"ban_recompute_reductions": False, "ban_recompute_used_far_ap
                    "ban_recompute_long_fusible_chains": False}
 
 
-def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = False) -> dict[str, Any]:
+def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = False,
+                     combo_kernels: bool = False) -> dict[str, Any]:
     """How the decoder layers compile (``compiled_layers.backend``): inductor's defaults with bitsandbytes' 4-bit
     ops as torch ops, the plan's ``activation_budget`` and, where the plan says ``recompute_masks``, the
     partitioner's ``RECOMPUTE_MASKS``; unless PHI3TUNE_COMPILE (benchmarks only, examples/benchmarks/cards.sh) names
     otherwise: ``mode=reduce-overhead`` (CUDA graphs: inductor's ``triton.cudagraphs``), ``cpp_wrapper=1`` (a C++
-    wrapper around the kernels), ``combo_kernels=1`` (independent kernels launched as one), ``opaque_4bit=1``
-    (bitsandbytes' ops left as Python calls), ``activation_budget=F``
+    wrapper around the kernels), ``combo_kernels=1`` / ``0`` (read by the plan: inductor's combo kernels,
+    independent kernels launched as one, on any compiled plan / none), ``opaque_4bit=1`` (bitsandbytes' ops left
+    as Python calls), ``activation_budget=F``
     (functorch's ``activation_memory_budget``: the partitioner recomputes in backward what keeps the saved
     activations under F of its default), ``dynamic_lengths=1`` / ``0`` (every multiple of a granule from one
     symbolic-length graph, or the fixed lengths, whatever the plan's own choice: shapes.symbolic_lengths_pay),
@@ -91,7 +100,7 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
     Measured (H200, torch 2.11, docs/performance.md sessions 7-8): neither CUDA graphs (each micro-batch a graph
     step, ``TokenLoss``) nor the C++ wrapper shortened a step at 4,096-8,192-token micro-batches (median 0.148 /
     0.158 s against 0.149 s); the wrapper doubled the warm-up's compile. No plan uses either."""
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"combo_kernels": True} if combo_kernels else {}  # the plan's (with_combo_kernels)
     opaque, budget, dequant = False, activation_budget, "table"
     partitioner = dict(RECOMPUTE_MASKS) if recompute_masks else {}
     for key, value in compile_env().items():
@@ -99,8 +108,6 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
             options["triton.cudagraphs"] = value == "reduce-overhead"
         elif key == "cpp_wrapper":
             options["cpp_wrapper"] = yes(value)
-        elif key == "combo_kernels":  # inductor's horizontal fusion: independent kernels share one launch
-            options["combo_kernels"] = yes(value)
         elif key == "opaque_4bit":
             opaque = yes(value)
         elif key == "activation_budget":

@@ -106,7 +106,8 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         # inductor's options, for the whole run
-        self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks)["options"]
+        self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks,
+                                                plan.combo_kernels)["options"]
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         longest = plan.position_cap if plan.varlen_bounds else None

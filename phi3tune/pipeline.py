@@ -265,7 +265,8 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
         make_recomputable(model, torch.device(plan.device))
         compile_layers(model.get_base_model().model.layers,  # 4-bit matmuls in the graph
-                       compile_settings(plan.activation_budget, plan.recompute_masks), dynamic=plan.dynamic_lengths)
+                       compile_settings(plan.activation_budget, plan.recompute_masks, plan.combo_kernels),
+                       dynamic=plan.dynamic_lengths)
     return model
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .knobs import compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
+from .knobs import combo_wanted, compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
 from .memory import (
     COMMUNICATION,
@@ -89,6 +89,11 @@ _MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose ac
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
 # 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
 _DEQUANTIZE_SAVES_MS, _MICRO_BATCH_MS, _TOKEN_MS = 16.0, 19.0, 0.0367
+# Combo kernels' extra at peak in hidden vectors a micro-batch token, the most measured (session 18, Phi-3-mini,
+# allocator peaks: +0.48 GiB on 12 GiB at 4,096 tokens and the 0.5 budget, 20.6 hiddens; +0.43 on 16 GiB at 4,864;
+# +0 on the H200): fused launches keep some buffers alive together
+COMBO_KERNELS_HIDDENS = 21
+_COMBO_COST = 0.96  # the same, 16 GiB quickstart, three same-machine pairs: +4.1% tokens/s on average
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,9 @@ class RunPlan:
     # (knobs.RECOMPUTE_MASKS). Only PHI3TUNE_COMPILE=masks=recompute (benchmarks) asks for it: on the H200 it
     # costs more time per GiB saved than a lower activation budget (session 10)
     recompute_masks: bool = False
+    # compiled layers' independent kernels launched together (inductor's combo kernels): fewer launches, so less
+    # host time a pass (with_combo_kernels)
+    combo_kernels: bool = False
 
     @property
     def requested(self) -> str:  # the old name of ``optimize_for``
@@ -179,6 +187,8 @@ class RunPlan:
         if self.dequantized_base:
             held = self.memory.get("dequantized_weights", 0) / GIB
             how.append(f"4-bit base dequantized once ({held:.{1 if held >= 1 else 2}f} GiB)")
+        if self.combo_kernels:
+            how.append("combo kernels")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
@@ -317,6 +327,23 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     return held if plan.mode == "speed" and plan.device.startswith("cuda") and fits else plan
 
 
+def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
+    """``plan`` with inductor's combo kernels in its compiled layers where measured to pay and where its predicted
+    peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits: a speed plan on CUDA for unpacked rows that
+    checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13% shorter; 16 GiB
+    quickstart +2.0% to +7.4% in three same-machine pairs (``_COMBO_COST``); the same losses. Packed rows and
+    checkpointed layers were not measured with them. PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
+    extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
+    held = replace(plan, combo_kernels=True, memory={**plan.memory, "combo_kernels": extra})
+    held = replace(held, predicted_peak_gib=total_gib(held.memory))
+    asked = combo_wanted()
+    if asked is not None:
+        return held if asked and plan.compile else plan
+    fits = free is None or held.predicted_peak_gib * GIB <= FIT_FRACTION * free
+    measured = plan.mode == "speed" and plan.device.startswith("cuda") and not plan.checkpointing and not packed
+    return held if plan.compile and measured and fits else plan
+
+
 def micro_batch_ms(tokens: int) -> float:
     """The fitted time of one full micro-batch of ``tokens`` (H200, the default budget, the base not dequantized)."""
     return _MICRO_BATCH_MS + _TOKEN_MS * tokens
@@ -334,7 +361,8 @@ def expected_cost(plan: RunPlan, layers: int, packed: bool = False) -> float:
     share = plan.checkpoint_layers / max(1, layers)
     low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
-    return per_size * low * held * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
+    combo = _COMBO_COST if plan.combo_kernels else 1.0
+    return per_size * low * held * combo * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
 
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
@@ -375,23 +403,23 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
     micro-batches and the fewest checkpointed layers that fit, each with the base dequantized once where that still
-    fits (``with_dequantized_base``), else memory), on the CPU the plain padded layout (no
-    compiler, no Flex kernels to gain from). ``free_bytes`` overrides the measured free memory (estimates for
-    another card); ``processes``: the run's ranks (FSDP divides what it shards); ``step_tokens``: the data's
-    longest step, once the data is known (``whole_step_tokens``)."""
+    fits (``with_dequantized_base``) and with combo kernels where those fit (``with_combo_kernels``), else memory),
+    on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
+    measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
+    ``step_tokens``: the data's longest step, once the data is known (``whole_step_tokens``)."""
     asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
-    if asked != "auto":
-        return with_dequantized_base(_candidate(run, shape, targets, device, asked, asked, free,
-                                                processes=processes), run, shape, free)
-    if device.type != "cuda":
-        return with_dequantized_base(_candidate(run, shape, targets, device, "balanced", asked, free,
-                                                processes=processes), run, shape, free)
+    packed = run.data.packing
+    if asked != "auto" or device.type != "cuda":
+        named = _candidate(run, shape, targets, device, asked if asked != "auto" else "balanced", asked, free,
+                           processes=processes)
+        return with_combo_kernels(with_dequantized_base(named, run, shape, free), shape, free, packed)
     fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
             if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
+    fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]
     if fits:
-        return min(fits, key=lambda p: expected_cost(p, shape.layers, run.data.packing))
+        return min(fits, key=lambda p: expected_cost(p, shape.layers, packed))
     memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
     assert free is not None
     if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:

@@ -496,3 +496,37 @@ def test_a_named_plan_that_would_not_fit_is_warned_about_before_any_weight_loads
     assert warned("balanced", 12)
     assert "training.optimize_for='balanced' predicts a peak of" in caplog.text and 'optimize_for="auto"' in caplog.text
     assert not warned("balanced", 80) and not warned("auto", 12)
+
+
+@needs_shared
+def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
+    """Inductor's combo kernels (fewer launches: session 18) go on a CUDA speed plan that checkpoints no layer,
+    only where its predicted peak plus their measured extra still fits 90% of the card, and that extra is in the
+    prediction; checkpointed, memory and CPU plans keep the plain kernels; the benchmark knob forces either way."""
+    from phi3tune.knobs import compile_settings
+    from phi3tune.plan import COMBO_KERNELS_HIDDENS
+
+    monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
+    ft = FineTuner(str(PHI3_DIR))
+    plans = {g: plan_for(ft, "cuda", free_gib=g) for g in (8, 12, 16, 20, 24, 40, 139)}
+    for g, p in plans.items():
+        assert p.predicted_peak_gib <= 0.9 * g
+        assert ("combo_kernels" in p.memory) == p.combo_kernels == ("combo kernels" in p.describe())
+        if p.combo_kernels:  # the extra, per token of the largest micro-batch, is in the prediction
+            assert p.mode == "speed" and not p.checkpointing
+            assert p.memory["combo_kernels"] == COMBO_KERNELS_HIDDENS * 3072 * 2 * p.peak_micro_batch_tokens
+    big = plans[139]
+    assert big.combo_kernels and big.memory["combo_kernels"] > 0.5 * 2**30  # ~1 GiB at 8,192 tokens
+    assert not plans[8].combo_kernels  # every layer checkpointed: not measured with combo kernels
+    # 12 GiB checkpoints no layer, but the extra would not fit 90% of the card: the room rule's negative control
+    assert not plans[12].checkpointing and not plans[12].combo_kernels
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=1")
+    forced = plan_for(ft, "cuda", free_gib=12)
+    assert forced.combo_kernels and forced.predicted_peak_gib > 0.9 * 12 > plans[12].predicted_peak_gib
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=0")
+    assert not plan_for(ft, "cuda", free_gib=139).combo_kernels
+    monkeypatch.delenv("PHI3TUNE_COMPILE")
+    assert not plan_for(ft.training(optimize_for="memory"), "cuda", free_gib=24).combo_kernels
+    assert not plan_for(ft, "cpu").combo_kernels
+    assert compile_settings(combo_kernels=True)["options"] == {"combo_kernels": True}
+    assert "combo_kernels" not in compile_settings()["options"]
