@@ -37,7 +37,8 @@ LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's
 
 def budget_tier(activation_budget: float) -> str:
     """Which measured budget a compiled layer's ``activation_budget`` falls under: "default" (1.0), "middle"
-    (from MIDDLE_ACTIVATION_BUDGET) or "low"; the one rule both the memory model here and plan.expected_cost read."""
+    (from MIDDLE_ACTIVATION_BUDGET) or "low"; the one rule both the memory model here and
+    step_cost.expected_cost read."""
     return "default" if activation_budget >= 1.0 else "middle" if activation_budget >= MIDDLE_ACTIVATION_BUDGET \
         else "low"
 

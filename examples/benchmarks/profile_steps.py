@@ -2,7 +2,8 @@
 
     python examples/benchmarks/profile_steps.py CONFIG.yaml [--set key=value ...] [--out FILE]
 
-Under torchrun each rank writes FILE.rank<N>. Two tables: by GPU time, then by CPU time (host-side cost).
+Under torchrun each rank writes FILE.rank<N>. Two tables: by GPU time, then by CPU time (host-side cost), and where
+the GPU waits. ``--light`` records GPU kernels only (the host near its own speed; no CPU table).
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out")
+    ap.add_argument("--light", action="store_true",
+                    help="GPU kernels only (no CPU ops, no stacks): the host runs near its own speed, so the idle "
+                         "report shows where the GPU waits in a normal step, placed by the kernels around each gap")
     a = ap.parse_args()
     ft = FineTuner.from_config(apply_overrides(read_config(a.config), a.overrides))
     ft.training(max_steps=a.start + a.steps, save_strategy="no", progress_bar=False, overwrite_output_dir=True,
                 output_dir="/tmp/phi3tune-profile")
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA], with_stack=True)
+    cpu, cuda = torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA
+    gpu = torch.cuda.is_available()
+    activities = ([cuda] if gpu else [cpu]) if a.light else [cpu, cuda]  # light on the CPU: a rehearsal
+    prof = torch.profiler.profile(activities=activities, with_stack=not a.light)
 
     wall = [0.0]
     tokens = {"real": 0, "batch": 0}  # of the profiled steps: a per-token cost to compare packed and unpacked runs
@@ -62,7 +68,7 @@ def main() -> None:
             f"{tokens['batch']:,} laid out\n\n")
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
              + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
-    table += "\n\n" + idle_report(prof.events())
+    table += "\n\n" + (gap_report(prof.events()) if a.light else idle_report(prof.events()))
     rank = os.environ.get("RANK")  # under torchrun: one file per rank
     if a.out:
         with open(a.out if rank is None else f"{a.out}.rank{rank}", "w") as f:
@@ -108,6 +114,30 @@ def idle_report(events: list, least_us: float = 50.0, rows: int = 25) -> str:
              "charged to the host op running when each ended:"]
     for (name, where), us in sorted(charged.items(), key=lambda kv: -sum(kv[1]))[:rows]:
         lines.append(f"{sum(us) / 1e3:9.2f} ms {len(us):5d} gaps  {name[:40]:40s}  {where[:110]}")
+    return "\n".join(lines) + "\n"
+
+
+def gap_report(events: list, least_us: float = 20.0, rows: int = 25) -> str:
+    """Where the GPU waits, with no CPU ops recorded: every gap of >= ``least_us`` between kernels, in the step's
+    order (its position as a share of the profiled time) and by the kernels before and after it."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    if not kernels:
+        return "GPU idle: no kernel recorded\n"
+    first, last = kernels[0][0], max(k[1] for k in kernels)
+    gaps, end, before = [], kernels[0][1], kernels[0][2]
+    for s, e, name in kernels[1:]:
+        if s - end >= least_us:
+            gaps.append((s - end, (end - first) / max(1e-9, last - first), before, name))
+        if e > end:
+            end, before = e, name
+    tenths = [sum(g[0] for g in gaps if int(10 * g[1]) == i) / 1e3 for i in range(10)]
+    lines = [f"GPU idle: {len(gaps)} gaps of >= {least_us:.0f} us, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all; "
+             "by tenth of the profiled time (ms): " + " ".join(f"{t:.1f}" for t in tenths), "largest:"]
+    for us, at, prev, nxt in sorted(gaps, reverse=True)[:rows]:
+        lines.append(f"{us / 1e3:8.2f} ms at {100 * at:5.1f}%  after {prev[:50]:50s}  before {nxt[:50]}")
     return "\n".join(lines) + "\n"
 
 

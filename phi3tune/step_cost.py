@@ -1,0 +1,76 @@
+"""What a plan's step is expected to cost: time per real token, fitted to the H200 measurements in
+docs/performance.md. ``resolve_plan`` takes, among the plans that fit, the one this says is fastest."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .memory import budget_tier
+
+
+class CostedPlan(Protocol):
+    """What the cost model reads of a plan (a ``plan.RunPlan``)."""
+
+    @property
+    def micro_batch_tokens(self) -> int | None: ...
+    @property
+    def checkpoint_layers(self) -> int: ...
+    @property
+    def activation_budget(self) -> float: ...
+    @property
+    def dequantized_base(self) -> bool: ...
+    @property
+    def combo_kernels(self) -> bool: ...
+
+# What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
+# 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
+# weights' dequantization), so a card that cannot hold 4,096-token activations keeps large micro-batches and
+# checkpoints layers rather than cut them. Session 2: 1,024 tokens x5.1. Session 4: 2,048 tokens x1.48 (unpacked);
+# 4,096 with 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers).
+# Session 7: a whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
+_BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
+# Packed rows fill every micro-batch, which then costs what the fit below says (~19 ms + ~36.7 µs a token): session
+# 11, a 16 GiB card, one machine, 4 of 2,048 at the default budget 0.376 s a step (the fit: 0.377), 2 of 4,096 at
+# the low budget 0.398 (the fit x1.18: 0.400). Unpacked rows (~3,100 tokens a step) part-fill them: 2,048 ran 0.193 s
+# against a whole step's 0.181 (low budget), and no faster with the base dequantized (0.197); the table is theirs
+_RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
+_RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
+# The compiler's activation budget (functorch's activation_memory_budget): compiled layers recompute cheap ops in
+# backward instead of saving them. Session 5, H200, quickstart at 4,096 tokens: without LoRA dropout, budget 0.3 kept
+# 9.25 GiB at peak against 17.69 (0.5: 9.47); with hashed LoRA dropout (lora_dropout.py; torch redraws nn.Dropout's
+# masks when it recomputes them), median step 0.174 s on a 12 GiB card against 0.147 s for the default budget on
+# the same GPU in the same call (+18%), where checkpointing every layer costs +42% (LOW_ACTIVATION_BUDGET: memory.py).
+_LOW_BUDGET_COST = 1.18
+# A middle budget: session 10, H200, quickstart (4,864 tokens, base dequantized), one machine: 8.6 GiB less at peak
+# for a median step 0.1548 s against 0.1391 (+11%); with the masks recomputed too (PHI3TUNE_COMPILE=masks=recompute)
+# 13.1 GiB less for +19%, the low budget's price a GiB, so the plan leaves the masks saved. Its backward holds the
+# default's matmuls (CPU: tests/test_compiled_layers.py), where 0.3 recomputes 4 more. Session 14, 16 GiB card, both
+# with symbolic lengths, one machine: 0.1582 against 0.1675 s a step (0.944; these costs: 1.11 / 1.18 = 0.941)
+_MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose activation model it changes)
+# The 4-bit base dequantized once (dequantized.py) saves a fixed time per micro-batch: session 9, H200, one machine,
+# median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
+# 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
+_DEQUANTIZE_SAVES_MS, _MICRO_BATCH_MS, _TOKEN_MS = 16.0, 19.0, 0.0367
+# Combo kernels (plan.with_combo_kernels): session 18, 16 GiB quickstart, three same-machine pairs, +4.1% tokens/s
+_COMBO_COST = 0.96
+
+
+def micro_batch_ms(tokens: int) -> float:
+    """The fitted time of one full micro-batch of ``tokens`` (H200, the default budget, the base not dequantized)."""
+    return _MICRO_BATCH_MS + _TOKEN_MS * tokens
+
+
+def expected_cost(plan: CostedPlan, layers: int, packed: bool = False) -> float:
+    """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
+    A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
+    rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
+    base dequantized once takes its measured ~16 ms off each micro-batch."""
+    budget = plan.micro_batch_tokens or 4096
+    size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
+    fitted = packed and size >= 2048
+    per_size = micro_batch_ms(size) / size / (micro_batch_ms(4096) / 4096) if fitted else _BUDGET_COST[size]
+    share = plan.checkpoint_layers / max(1, layers)
+    low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
+    held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
+    combo = _COMBO_COST if plan.combo_kernels else 1.0
+    return per_size * low * held * combo * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
