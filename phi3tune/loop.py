@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,39 +36,12 @@ from .loss import TokenLoss, loss_inputs, mean_loss
 from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
 from .specs import TrainSpec
+from .stop import StopFlag
 
 log = logging.getLogger("phi3tune")
 _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> accelerate's mixed_precision
 
-__all__ = ["EpochSampler", "StepResult", "Trainer"]
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag so the current step finishes and a checkpoint is saved (or, after the last step,
-    the final adapter); a second Ctrl-C aborts. A signal the process ignores (``nohup``, a background job) stays
-    ignored."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __enter__(self) -> StopFlag:
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(s) is not signal.SIG_IGN:
-                    self._old[s] = signal.signal(s, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = {}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+__all__ = ["EpochSampler", "StepResult", "StopFlag", "Trainer"]
 
 
 def _positioned(loader: Any, n: int) -> Any:
