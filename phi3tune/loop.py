@@ -31,7 +31,6 @@ from .compiled_layers import graph_room, warm_up_positions
 from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
 from .files import CONFIG_NAME
-from .knobs import compile_settings
 from .loss import TokenLoss, loss_inputs, mean_loss
 from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
@@ -78,8 +77,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = spec.create_optimizer(model, self.params, device)  # TrainSpec's hook: optim.py
         # inductor's options, for the whole run
-        self.compile_options = compile_settings(plan.activation_budget, plan.recompute_masks,
-                                                plan.combo_kernels)["options"]
+        self.compile_options = plan.compile_settings()["options"]
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         longest = plan.position_cap if plan.varlen_bounds else None

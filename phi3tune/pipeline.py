@@ -28,7 +28,6 @@ from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
 from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, write_config
 from .files import PLAN_NAME as PLAN_NAME
-from .knobs import compile_settings
 from .loop import Trainer
 from .lora_dropout import make_recomputable
 from .model import ModelInfo
@@ -265,8 +264,7 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
         make_recomputable(model, torch.device(plan.device))
         compile_layers(model.get_base_model().model.layers,  # 4-bit matmuls in the graph
-                       compile_settings(plan.activation_budget, plan.recompute_masks, plan.combo_kernels),
-                       dynamic=plan.dynamic_lengths)
+                       plan.compile_settings(), dynamic=plan.dynamic_lengths)
     return model
 
 

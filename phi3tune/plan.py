@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .knobs import combo_wanted, compile_env, ddp_settings, dequantize_wanted, offload_wanted, yes
+from .knobs import combo_wanted, compile_env, compile_settings, ddp_settings, dequantize_wanted, offload_wanted, yes
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
 from .memory import (
     COMMUNICATION,
@@ -133,6 +133,10 @@ class RunPlan:
     def varlen_bounds(self) -> bool:
         """Attention is varlen_attention's: every micro-batch carries its examples' cumulative lengths."""
         return self.attn_implementation == VARLEN
+
+    def compile_settings(self) -> dict[str, Any]:
+        """How its compiled layers compile (knobs.compile_settings of the plan's budget, masks, combo kernels)."""
+        return compile_settings(self.activation_budget, self.recompute_masks, self.combo_kernels)
 
     def length_words(self) -> str:
         """The micro-batch lengths in words: the fixed ones, or the symbolic graphs' granule and largest."""
@@ -288,13 +292,11 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
     if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
         return plan
-    parts = {**plan.memory, "dequantized_weights": dequantized_bytes(shape, plan.dtype.itemsize)}
-    held = replace(plan, dequantized_base=True, memory=parts, predicted_peak_gib=total_gib(parts))
+    held = _plus(plan, "dequantized_weights", dequantized_bytes(shape, plan.dtype.itemsize), dequantized_base=True)
     asked = dequantize_wanted()
     if asked is not None:
         return held if asked else plan
-    fits = free is None or held.predicted_peak_gib * GIB <= FIT_FRACTION * free
-    return held if plan.mode == "speed" and plan.device.startswith("cuda") and fits else plan
+    return held if plan.mode == "speed" and plan.device.startswith("cuda") and _fits(held, free) else plan
 
 
 def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
@@ -305,14 +307,23 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     rows and checkpointed layers were not measured with them. PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks)
     overrides."""
     extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
-    held = replace(plan, combo_kernels=True, memory={**plan.memory, "combo_kernels": extra})
-    held = replace(held, predicted_peak_gib=total_gib(held.memory))
+    held = _plus(plan, "combo_kernels", extra, combo_kernels=True)
     asked = combo_wanted()
     if asked is not None:
         return held if asked and plan.compile else plan
-    fits = free is None or held.predicted_peak_gib * GIB <= FIT_FRACTION * free
     measured = plan.mode == "speed" and plan.device.startswith("cuda") and not plan.checkpointing and not packed
-    return held if plan.compile and measured and fits else plan
+    return held if plan.compile and measured and _fits(held, free) else plan
+
+
+def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
+    """``plan`` with ``changes`` and ``nbytes`` more memory under ``part``, its predicted peak counting them."""
+    parts = {**plan.memory, part: nbytes}
+    return replace(plan, memory=parts, predicted_peak_gib=total_gib(parts), **changes)
+
+
+def _fits(plan: RunPlan, free: int | None) -> bool:
+    """The plan's predicted peak is within ``FIT_FRACTION`` of ``free`` (unknown free memory: anything fits)."""
+    return free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free
 
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
@@ -340,7 +351,7 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
             for k in range(shape.layers + 1):
                 plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
                                   low)
-                if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free:
+                if _fits(plan, free):
                     break
             out.append(plan)
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
@@ -365,14 +376,13 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
                            processes=processes)
         return with_combo_kernels(with_dequantized_base(named, run, shape, free), shape, free, packed)
     fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
-            if free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free]
+            if _fits(plan, free)]
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed))
     memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
-    assert free is not None
-    if memory.predicted_peak_gib * GIB > FIT_FRACTION * free:
+    if not _fits(memory, free):
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())
     return with_dequantized_base(memory, run, shape, free)
