@@ -147,6 +147,31 @@ class FlatSteps:
             s.flat.grad = s.grad
         self.reached.clear()
 
+    @torch.no_grad()
+    def step(self) -> None:
+        """The optimizer's update, queued without waiting for the device: bitsandbytes' ``step`` waits after each
+        tensor's update and again after a paged optimizer's (``sync_gpu``), which would stall a loop that reads its
+        numbers late (late_read.py). The updates run on the device's stream in order, like every other kernel, and
+        nothing on the host reads the state in between (a checkpoint's copy is ordered after them too). The first
+        step, and any step after the flat layout was given up, is bitsandbytes' own: it builds the state, and
+        torch's scheduler checks that ``optimizer.step()`` ran."""
+        opt = self.optimizer
+        if not self._checked_first:
+            opt.step()
+            return
+        self._check_grads(opt, (), {})
+        if not self.active:
+            opt.step()
+            return
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if not opt.state[p]:
+                    opt.init_state(group, p, gi, pi)
+                opt.prefetch_state(p)
+                opt.update_step(group, p, gi, pi)
+
     def _check_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Before each step: every gradient still a view of its flat buffer, and (first step) every member got
         a gradient; else step each parameter, as bitsandbytes does (module docstring)."""

@@ -53,6 +53,17 @@ def combo_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
+def read_late_wanted(cuda: bool, precision: str, sharded: bool) -> bool:
+    """Read each step's loss and gradient norm one step late (late_read.py)? PHI3TUNE_READ_LATE=1 / 0
+    (benchmarks, tests) asks for it on any device / never. Unset: not yet any plan's default (to be measured
+    against reading at once, examples/benchmarks/cards.sh ``late``). Never with fp16's loss scaler, whose skipped
+    steps are read off the device at each step, nor under FSDP, whose optimizer waits per shard anyway."""
+    asked = os.environ.get("PHI3TUNE_READ_LATE", "")
+    if precision == "fp16" or sharded:
+        return False
+    return yes(asked) if asked else False
+
+
 def compile_env() -> dict[str, str]:
     """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
     out = {}

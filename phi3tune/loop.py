@@ -24,13 +24,14 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from . import checkpoints as ckpt
-from . import distributed, flat_steps, lora_dropout, shards, tracking
+from . import distributed, flat_steps, late_read, lora_dropout, optim, shards, tracking
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, StepsAhead, count_steps, loaders, optimizer_steps
 from .compiled_layers import graph_room, warm_up_positions
 from .data import PreparedData
-from .errors import CheckpointError, Say, TrainingError, TrainingInterrupted, hint
+from .errors import CheckpointError, Say, TrainingInterrupted, hint
 from .files import CONFIG_NAME
+from .late_read import Pending
 from .loss import TokenLoss, loss_inputs, mean_loss
 from .metrics import Metrics, StepCallback, StepResult
 from .plan import RunPlan
@@ -89,6 +90,7 @@ class Trainer:
             shards.step_local_shards(self.optimizer)
         # else bitsandbytes steps each group's parameters as one flat buffer (flat_steps.py); None where it can't
         self.flat = None if self.sharded else flat_steps.step_flat(self.optimizer, self.loss_module)
+        self.read_late = plan.read_late and acc.scaler is None  # fp16's scaler reads its skipped steps at once
         self.dropout_key = lora_dropout.find_key(model)  # hashed LoRA dropout masks: keyed per micro-batch
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
@@ -158,27 +160,50 @@ class Trainer:
         with nullcontext(stop) if stop is not None else StopFlag() as stop, frozen_heap():
             steps = StepsAhead(optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
                                                skip))
+            pending: Pending | None = None  # read late: the step before this one, its numbers not read yet
             for pos, micro in steps:
                 self.pos = pos  # counts this step already: a checkpoint written while it is handled resumes after it
                 if micro is None:  # between epochs, before the next epoch's loader starts
+                    self._settle(pending)
+                    pending = None
                     if s.save_strategy == "epoch":
                         self.save_checkpoint()
                     continue
-                lr = self.scheduler.get_last_lr()[0]
-                result = self._train_step(micro, steps.fetch)
-                self.metrics.step_done(pos.step, result, lr)
-                if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:
-                    epoch = pos.epoch + (pos.loader_batches / self.loader_len if self.loader_len else 0)
-                    self.metrics.log_train(pos.step, epoch, lr, result.grad_norm)
+                queued = self._train_step(micro, steps.fetch)
+                self._settle(pending)
+                pending = queued
+                if self.read_late and not self._due(pos.step, stop):
+                    continue  # nothing of this step needs its numbers or its weights now: read them next step
+                self._settle(pending)
+                pending = None
                 if s.eval_steps and pos.step % s.eval_steps == 0 and pos.step != self.total_steps:
                     self.evaluate()
                 if s.save_strategy == "steps" and s.save_steps and pos.step % s.save_steps == 0:
                     self.save_checkpoint()
                 if stop.signal and pos.step < self.total_steps:  # after the last step: the final save instead
                     self._interrupted(stop.signal)
+            self._settle(pending)
             self.metrics.close_bar()
             final = self.evaluate() if self.eval_loader is not None else {}
         return self.metrics.finish(self.pos.step, final)
+
+    def _due(self, step: int, stop: StopFlag) -> bool:
+        """Something at this step needs its numbers or its weights: an eval, a checkpoint, a stop, the run's end."""
+        s = self.spec
+        return bool(step == self.total_steps or stop.signal or (s.eval_steps and step % s.eval_steps == 0)
+                    or (s.save_strategy == "steps" and s.save_steps and step % s.save_steps == 0))
+
+    def _settle(self, pending: Pending | None) -> None:
+        """Read a queued step's numbers (late_read.read: non-finite ones stop the run) and hand them on: the step's
+        callbacks and, when due, its log line."""
+        if pending is None:
+            return
+        result = late_read.read(pending, self.output_dir, self.plan.precision)
+        pos, s = pending.pos, self.spec
+        self.metrics.step_done(pos.step, result, pending.lr)
+        if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:
+            epoch = pos.epoch + (pos.loader_batches / self.loader_len if self.loader_len else 0)
+            self.metrics.log_train(pos.step, epoch, pending.lr, result.grad_norm)
 
     def _interrupted(self, signal_name: str) -> NoReturn:
         """Save (unless this step is saved already: decided the same way on every rank, save has barriers)."""
@@ -202,11 +227,13 @@ class Trainer:
         dev = self.accelerator.device
         return {k: v.to(dev, non_blocking=True) for k, v in b.items() if k != "num_real_tokens"}
 
-    def _train_step(self, micro: list[Batch], prepare_next: Callable[[], None]) -> StepResult:
-        """One optimizer step over the micro-batches of ``micro`` (``self.pos.step`` is its number). Once its
-        passes are queued, ``prepare_next`` lays out the next step's batches while the device runs them; then the
-        step waits for the device once, for the loss and the gradient norm together."""
+    def _train_step(self, micro: list[Batch], prepare_next: Callable[[], None]) -> Pending:
+        """One optimizer step over the micro-batches of ``micro`` (``self.pos`` is its position). Once its passes
+        are queued, ``prepare_next`` lays out the next step's batches while the device runs them. Read at once, the
+        step then waits for the device once, for the loss and the gradient norm together, and steps the optimizer
+        if both are finite; read late (late_read.py), it steps the optimizer first and leaves the numbers pending."""
         acc, started = self.accelerator, time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
         counts = torch.tensor([sum(int(b["trained_idx"].numel()) for b in micro),  # CPU tensors: no device sync
                                sum(int(b["num_real_tokens"]) for b in micro)])
         counts = distributed.sum_on_host(counts, self.host_group)  # trained and real tokens of the step, all ranks
@@ -226,29 +253,30 @@ class Trainer:
         if acc.num_processes > 1:
             loss_sum = acc.reduce(loss_sum, "sum")
         norm = acc.clip_grad_norm_(self.params, self.spec.max_grad_norm or float("inf"))
-        queued = time.perf_counter()
-        prepare_next()
         if isinstance(norm, DTensor):  # FSDP's norm of sharded gradients: the same value on every rank
             norm = norm.full_tensor()
-        summed, grad_norm = torch.stack([loss_sum, norm.to(loss_sum)]).tolist()  # the step's one wait
-        waited = time.perf_counter()
-        loss = summed / n_tokens if n_tokens else None  # None: no token of the step has a label
-        if loss is None:
-            log.warning("step %d: no trained tokens (every label of its micro-batches is masked, e.g. answers cut "
-                        "off by data.max_seq_length); no loss is logged for it", self.pos.step)
-        if not math.isfinite(loss or 0.0) or (not math.isfinite(grad_norm) and self.plan.precision != "fp16"):
-            last = ckpt.list_checkpoints(self.output_dir)
-            raise TrainingError(
-                f"step {self.pos.step}: non-finite {'gradient norm' if math.isfinite(loss or 0.0) else 'loss'} "
-                f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: "
-                f"{str(last[-1]) if last else 'none'}. Lower training.learning_rate or use precision=\"bf16\""
-            )
-        self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:
+        if self.read_late:
+            self._step_optimizer()
+        numbers, copied = late_read.hold(torch.stack([loss_sum, norm.to(loss_sum)]), self.read_late)
+        pending = Pending(self.pos, lr, numbers, copied, n_tokens, real,
+                          sum(int(b["input_ids"].numel()) for b in micro), queue_s=time.perf_counter() - started)
+        prepare_next()
+        if not self.read_late:
+            late_read.read(pending, self.output_dir, self.plan.precision)  # the step's one wait; raises if non-finite
+            self._step_optimizer()
+        pending.done = late_read.step_done_event(acc.device)
+        return pending
+
+    def _step_optimizer(self) -> None:
+        """The update, the schedule and zeroed gradients. Read late, the flat step's update never waits for the
+        device (FlatSteps.step); bitsandbytes' own step waits after each tensor."""
+        if self.read_late and self.flat is not None:
+            self.flat.step()
+        else:
+            self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:
             self.scheduler.step()
         self._zero_grad()
-        return StepResult(loss, grad_norm, real, n_tokens, sum(int(b["input_ids"].numel()) for b in micro),
-                          queue_s=queued - started, wait_s=waited - queued)
 
     def _zero_grad(self) -> None:
         """The optimizer's gradients and the model's: under FSDP a bitsandbytes optimizer holds views of the
@@ -334,29 +362,6 @@ class Trainer:
     def _trainable(self) -> list[tuple[str, Any]]:
         return [(n, p) for n, p in self.loss_module.named_parameters() if p.requires_grad]
 
-    def _follow_new_total(self, saved_total: int | None) -> None:
-        """A resume with another step count (max_steps / num_epochs changed): the schedule is the one for the new
-        total from the next step on (not the old schedule's last value), and the log says how the LR moves."""
-        if not saved_total or saved_total == self.total_steps:
-            return
-        import warnings
-
-        old = self.scheduler.get_last_lr()
-        if not isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # a plugin's schedule: say it only
-            log.warning("resume: the run is now %d steps, the checkpoint's was %d; the learning-rate schedule is "
-                        "recomputed for the new total", self.total_steps, saved_total)
-            return
-        with warnings.catch_warnings():  # get_lr() outside step(): the schedule's value at this step, wanted here
-            warnings.simplefilter("ignore")
-            new = self.scheduler.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, new):
-            group["lr"] = lr
-        self.scheduler._last_lr = list(new)
-        log.warning("resume: the run is now %d steps (training.max_steps / num_epochs), the checkpoint's was %d; "
-                    "the learning-rate schedule (warmup_ratio, lr_scheduler) is recomputed for %d steps, so the "
-                    "learning rate at step %d goes from %.3g (old schedule) to %.3g", self.total_steps, saved_total,
-                    self.total_steps, self.pos.step + 1, old[0], new[0])
-
     def _restore(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -379,7 +384,8 @@ class Trainer:
         self.pos = Position(state["step"], state["epoch"], state["micro_in_epoch"])
         if self.stream is not None and "stream" in state:
             self.stream.resume(state["stream"])
-        self._follow_new_total(state.get("total_steps"))
+        optim.follow_new_total(self.scheduler, self.optimizer, state.get("total_steps"), self.total_steps,
+                               self.pos.step + 1)
         self.metrics.restore(state)
         log.info("resumed from %s at step %d (epoch %d, loader batch %d)", path, self.pos.step, self.pos.epoch,
                  self.pos.loader_batches)

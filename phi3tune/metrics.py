@@ -40,6 +40,9 @@ class StepResult:
     # batches and waiting for the device. A wait near zero means the host, not the device, set the step's pace
     queue_s: float = 0.0
     wait_s: float = 0.0
+    # CUDA: an event recorded after the step's update (None elsewhere). ``a.elapsed_time(b)`` of two steps' events
+    # is the device's milliseconds between them, including any time it waited for the host, with no wait here
+    done_event: Any = None
 
 
 @dataclass
@@ -100,7 +103,8 @@ class Metrics:
         if self.callbacks:
             event = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,
                      "real_tokens": result.real_tokens, "trained_tokens": result.trained_tokens,
-                     "batch_tokens": result.batch_tokens, "queue_s": result.queue_s, "wait_s": result.wait_s}
+                     "batch_tokens": result.batch_tokens, "queue_s": result.queue_s, "wait_s": result.wait_s,
+                     "done_event": result.done_event}
             for fn in self.callbacks:
                 fn(event)
 

@@ -8,11 +8,13 @@ optimizer's and the schedule's own signatures, so a typo fails at once with the 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+log = logging.getLogger("phi3tune")
 # The classic recipe's names: bitsandbytes' paged AdamW (paging only exists on CUDA: the CPU gets the unpaged twin).
 LEGACY = {"adamw_torch": ("torch", "AdamW", "AdamW"),
           "paged_adamw_32bit": ("bnb", "PagedAdamW32bit", "AdamW32bit"),
@@ -169,3 +171,27 @@ def build_scheduler(name: str, optimizer: Any, warmup_steps: int, total_steps: i
     from transformers import get_scheduler
 
     return get_scheduler(name, optimizer, warmup_steps, total_steps, scheduler_specific_kwargs=dict(kwargs or {}))
+
+
+def follow_new_total(scheduler: Any, optimizer: Any, saved_total: int | None, total_steps: int, next_step: int) -> None:
+    """A resume with another step count (max_steps / num_epochs changed): the schedule is the one for the new
+    total from ``next_step`` on (not the old schedule's last value), and the log says how the LR moves."""
+    if not saved_total or saved_total == total_steps:
+        return
+    import warnings
+
+    old = scheduler.get_last_lr()
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # a plugin's schedule: say it only
+        log.warning("resume: the run is now %d steps, the checkpoint's was %d; the learning-rate schedule is "
+                    "recomputed for the new total", total_steps, saved_total)
+        return
+    with warnings.catch_warnings():  # get_lr() outside step(): the schedule's value at this step, wanted here
+        warnings.simplefilter("ignore")
+        new = scheduler.get_lr()
+    for group, lr in zip(optimizer.param_groups, new):
+        group["lr"] = lr
+    scheduler._last_lr = list(new)
+    log.warning("resume: the run is now %d steps (training.max_steps / num_epochs), the checkpoint's was %d; "
+                "the learning-rate schedule (warmup_ratio, lr_scheduler) is recomputed for %d steps, so the "
+                "learning rate at step %d goes from %.3g (old schedule) to %.3g", total_steps, saved_total,
+                total_steps, next_step, old[0], new[0])

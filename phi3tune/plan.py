@@ -17,7 +17,16 @@ from typing import Any
 
 import torch
 
-from .knobs import combo_wanted, compile_env, compile_settings, ddp_settings, dequantize_wanted, offload_wanted, yes
+from .knobs import (
+    combo_wanted,
+    compile_env,
+    compile_settings,
+    ddp_settings,
+    dequantize_wanted,
+    offload_wanted,
+    read_late_wanted,
+    yes,
+)
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
 from .memory import (
     COMMUNICATION,
@@ -115,10 +124,9 @@ class RunPlan:
     # compiled layers' independent kernels launched together (inductor's combo kernels): fewer launches, so less
     # host time a pass (with_combo_kernels)
     combo_kernels: bool = False
-
-    @property
-    def requested(self) -> str:  # the old name of ``optimize_for``
-        return self.optimize_for
+    # each step's loss and gradient norm read off the device one step late (late_read.py): the host queues the next
+    # step without waiting for this one; PHI3TUNE_READ_LATE=1 / 0 (benchmarks, tests, knobs.read_late_wanted)
+    read_late: bool = False
 
     @property
     def padding_free(self) -> bool:
@@ -163,6 +171,8 @@ class RunPlan:
             how.append(f"4-bit base dequantized once ({held:.{1 if held >= 1 else 2}f} GiB)")
         if self.combo_kernels:
             how.append("combo kernels")
+        if self.read_late:
+            how.append("each step's numbers read a step late")
         how.append(self.precision + (", frozen weights fp32" if self.upcast_frozen else ""))
         name = self.optimizer.removeprefix("paged_")
         how.append(f"paged {name.removeprefix('Paged')}" if self.paged_optimizer else name)
@@ -279,7 +289,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         device_memory_gib=round(free / GIB, 1) if free is not None else None, memory=parts, processes=processes,
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
         dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
-        ddp=ddp_settings() if processes > 1 and not sharded else {})
+        ddp=ddp_settings() if processes > 1 and not sharded else {},
+        read_late=read_late_wanted(cuda, precision, sharded))
 
 
 def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:

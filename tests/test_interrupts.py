@@ -124,7 +124,12 @@ def test_sigterm_to_a_training_process(reference, tiny_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- non-finite
-def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path):
+@pytest.mark.parametrize("late", ["0", "1"])
+def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path, monkeypatch,
+                                                                                late):
+    """Read late too (late_read.py: the non-finite step is found after its update), no checkpoint is written of a
+    step whose numbers were not read and finite."""
+    monkeypatch.setenv("PHI3TUNE_READ_LATE", late)
     out = tmp_path / "run"
     with pytest.raises(TrainingError) as err:
         resume_tuner(tiny_model, out, learning_rate=1e30, warmup_ratio=0.0, optimizer="adamw_torch").run()
@@ -136,6 +141,13 @@ def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert good == [f"checkpoint-{i}" for i in range(1, bad)]  # every step before the bad one, none after
     assert f"last good checkpoint: {out / f'checkpoint-{bad - 1}'}" in msg and "learning_rate" in msg
     assert not (out / ckpt.FINAL_DIR).exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    # checkpoints only every 3rd step: read late, steps in between are read a step later, and the error still
+    # names the first non-finite step, with no checkpoint of it or after it
+    sparse = resume_tuner(tiny_model, tmp_path / "sparse", learning_rate=1e30, warmup_ratio=0.0, save_steps=3,
+                          optimizer="adamw_torch")
+    with pytest.raises(TrainingError, match=rf"^step {bad}: non-finite {m.group(2)}"):
+        sparse.run()
+    assert all(int(p.name.split("-")[1]) < bad for p in ckpt.list_checkpoints(tmp_path / "sparse"))
 
 
 def test_non_finite_weights_stop_the_run_and_the_last_good_checkpoint_resumes(reference, tiny_model, tmp_path,

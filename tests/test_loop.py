@@ -125,11 +125,14 @@ def test_loss_falls_on_alpaca1k_guanaco(tiny_model_phi3_tok, tmp_path):
     assert losses[-1] < min(losses[:2]), losses
 
 
-def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("late", ["0", "1"])
+def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_path, monkeypatch, late):
     """Each step's batches for the step after it are laid out before the step waits for the device (so the
-    host's layout overlaps the device's work), and training sees the same steps as reading them one by one."""
+    host's layout overlaps the device's work), and training sees the same steps as reading them one by one.
+    Read late (late_read.py), a step's numbers reach the callbacks only once the next step is queued."""
     from phi3tune.batching import MicroBatcher, StepsAhead
 
+    monkeypatch.setenv("PHI3TUNE_READ_LATE", late)
     done: list[int] = []
     seen_at: list[int] = []  # per layout: steps finished when it was made
     plain = MicroBatcher.__call__
@@ -141,8 +144,10 @@ def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_pa
     monkeypatch.setattr(MicroBatcher, "__call__", recording)
     rows = rows_of_text(24, seed=3)
     tiny_tuner(tiny_model, tmp_path / "a", rows, max_steps=4).run(callbacks=[lambda e: done.append(e["step"])])
-    # step k+1 is laid out inside step k: none done at steps 1 and 2's layouts (read one by one: [0, 1, 2, 3])
-    assert seen_at == [0, 0, 1, 2]
+    # step k+1 is laid out inside step k: none done at steps 1 and 2's layouts (read one by one: [0, 1, 2, 3]);
+    # read late, step k's numbers come after step k+1 is queued and step k+2 laid out
+    assert seen_at == ([0, 0, 0, 1] if late == "1" else [0, 0, 1, 2])
+    assert done == [1, 2, 3, 4]
     items = [(i, [i]) for i in range(3)]
     ahead = StepsAhead(iter(items))
     ahead.fetch()
@@ -150,3 +155,32 @@ def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_pa
     assert list(ahead) == items
     ahead.fetch()  # past the end: harmless
     assert list(ahead) == []
+
+
+def test_numbers_read_a_step_late_train_exactly_the_same_run(tiny_model, tmp_path, monkeypatch):
+    """Reading each step's loss and gradient norm one step late (the optimizer steps first; bitsandbytes' flat
+    update queued without its waits) trains the same run: the same numbers, log lines, checkpoints and adapter,
+    bit for bit, with accumulation, dropout, an eval and checkpoints due in between (which read at once)."""
+    runs = {}
+    for late in ("0", "1"):
+        monkeypatch.setenv("PHI3TUNE_READ_LATE", late)
+        events: list[dict] = []
+        res = (tiny_tuner(tiny_model, tmp_path / late, rows_of_text(40, seed=5), batch_size=2, grad_accum=2,
+                          max_steps=7, logging_steps=2, eval_steps=5, save_strategy="steps", save_steps=3,
+                          optimizer="paged_adamw_32bit", warmup_ratio=0.2)
+               .adapter(dropout=0.1).data(eval_fraction=0.2).run(callbacks=[events.append]))
+        assert ("a step late" in res.plan.describe()) == (late == "1")
+        runs[late] = res, events
+    (now, now_events), (late, late_events) = runs["0"], runs["1"]
+    keep = ("step", "loss", "grad_norm", "lr", "real_tokens", "trained_tokens")
+    assert [{k: e[k] for k in keep} for e in late_events] == [{k: e[k] for k in keep} for e in now_events]
+    assert len({e["loss"] for e in now_events}) == 7  # seven different steps, not one repeated
+    strip = [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in now.history]
+    assert [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in late.history] == strip
+    assert any("eval_loss" in h for h in strip)
+    a, b = adapter_tensors(now), adapter_tensors(late)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for step in (3, 6):
+        saved = [(tmp_path / run / f"checkpoint-{step}" / "adapter_model.safetensors").read_bytes()
+                 for run in ("0", "1")]
+        assert saved[0] == saved[1]

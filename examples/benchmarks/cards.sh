@@ -25,7 +25,9 @@
 #   (training.micro_batch_tokens), ceN (N tokens per output-head chunk, PHI3TUNE_CE_CHUNK; the plan predicts with it),
 #   expand (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; every CUDA plan's default since session 5), ro / cpp
 #   (compiled layers with CUDA graphs / a C++ kernel wrapper: PHI3TUNE_COMPILE, knobs.compile_settings), combo
-#   (inductor's combo kernels: independent kernels of a layer share one launch, fewer launches for the host), opaque
+#   (inductor's combo kernels: independent kernels of a layer share one launch, fewer launches for the host), late /
+#   now (each step's loss and gradient norm read one step late, the host never waiting at a step's end / read at
+#   once: PHI3TUNE_READ_LATE=1 / 0, late_read.py), opaque
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
 #   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
 #   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel), noflat (the optimizer stepping each tensor,
@@ -71,6 +73,8 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     ro) compile+=(mode=reduce-overhead); envs+=(TORCH_LOGS=perf_hints) ;;  # perf_hints: why a graph is skipped
     cpp) compile+=(cpp_wrapper=1) ;;
     combo) compile+=(combo_kernels=1) ;;
+    late) envs+=(PHI3TUNE_READ_LATE=1) ;;
+    now) envs+=(PHI3TUNE_READ_LATE=0) ;;
     opaque) compile+=(opaque_4bit=1) ;;
     sel) compile+=(dequant=select) ;;
     kern) compile+=(dequant=kernel) ;;

@@ -1,6 +1,7 @@
 """Benchmark a run (real tokens/s, step time, peak device memory, MFU, padding) and estimate its memory.
 
-``benchmark`` times optimizer steps after a warm-up with the device synchronized, and reads peak memory from
+``benchmark`` times optimizer steps after a warm-up by the device's own events (no wait between steps, so the
+run keeps its pace), and reads peak memory from
 the *device* (used memory sampled in a thread), so paged optimizer state and allocator slack count, not only
 PyTorch's allocator peak. ``estimate_memory`` predicts the peak from the config alone, before any weights load.
 The command line is ``phi3tune bench`` (cli/train.py); ``python -m phi3tune.bench`` runs the same (``__main__.py``).
@@ -8,6 +9,7 @@ The command line is ``phi3tune bench`` (cli/train.py); ``python -m phi3tune.benc
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import threading
 import time
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from ..finetuner import FineTuner, execute
+from ..late_read import step_done_event
 from ..memory import GIB
 from ..plan import RunPlan
 from ..runspec import RunSpec
@@ -111,26 +114,27 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     run = ft.freeze().with_training(max_steps=warmup + steps, save_strategy="no", logging_steps=10**6,
                                     progress_bar=False, output_dir=out_dir, overwrite_output_dir=True)
     cuda = torch.cuda.is_available() and run.train.device != "cpu"
-    times: list[float] = []
     events: list[dict[str, Any]] = []
     # per timed step, to place a slow one: frames torch.compile built during it, and the allocator's reserve after it
     # (a reserve that grows asks the driver for memory, which may first evict paged optimizer state)
     compiles: list[int] = []
     reserved: list[float] = []
-    last_time, last_frames = time.perf_counter(), _frames_compiled()
+    ends: list[Any] = []  # per step from the last warm-up one: its end, the device's event (CUDA) or the host's clock
+    last_frames = _frames_compiled()
 
     def on_step(event: dict[str, Any]) -> None:
-        nonlocal last_time, last_frames
-        if cuda:
-            torch.cuda.synchronize()
-        now, frames = time.perf_counter(), _frames_compiled()
+        # no wait for the device here: a run's callbacks must not change its pace (the loop may read a step's
+        # numbers one step late, late_read.py); CUDA steps are timed by their events once the run is over
+        nonlocal last_frames
+        frames = _frames_compiled()
+        if event["step"] >= warmup:
+            ends.append(event["done_event"] if cuda else time.perf_counter())
         if event["step"] > warmup:
-            times.append(now - last_time)
             events.append(event)
             compiles.append(frames - last_frames)
             if cuda:
                 reserved.append(round(torch.cuda.memory_reserved() / GIB, 3))
-        last_time, last_frames = now, frames
+        last_frames = frames
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -138,12 +142,20 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     else:
         monitor = None
     started = time.perf_counter()
+    if warmup == 0:  # the first step is timed from here
+        ends.append(step_done_event(torch.device("cuda")) if cuda else started)
     if monitor is not None:
         with monitor:
             result = execute(run, callbacks=[on_step])
     else:
         result = execute(run, callbacks=[on_step])
     from accelerate import PartialState
+
+    if cuda:
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(ends)]
+    else:
+        times = [b - a for a, b in itertools.pairwise(ends)]
 
     gpus = PartialState().num_processes  # the run's processes (accelerate launch / torchrun), as accelerate sees them
     real = sum(e["real_tokens"] for e in events)
