@@ -72,7 +72,9 @@ def step_done_event(device: torch.device) -> Any:
 
 
 def read(p: Pending, output_dir: Path, precision: str) -> StepResult:
-    """The step's numbers (waiting for them if they are not there yet); a TrainingError if non-finite."""
+    """The step's numbers (waiting for them if they are not there yet); a TrainingError if non-finite. Read at
+    once, this is before the step's update and its ``done`` event: the loop adds that event when it hands the
+    result on."""
     if p.result is not None:
         return p.result
     started = time.perf_counter()
@@ -91,6 +93,5 @@ def read(p: Pending, output_dir: Path, precision: str) -> StepResult:
             f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: "
             f"{str(last[-1]) if last else 'none'}. Lower training.learning_rate or use precision=\"bf16\""
         )
-    p.result = StepResult(loss, grad_norm, p.real, p.trained, p.batch_tokens, queue_s=p.queue_s, wait_s=waited,
-                          done_event=p.done)
+    p.result = StepResult(loss, grad_norm, p.real, p.trained, p.batch_tokens, queue_s=p.queue_s, wait_s=waited)
     return p.result

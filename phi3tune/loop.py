@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -198,7 +199,7 @@ class Trainer:
         callbacks and, when due, its log line."""
         if pending is None:
             return
-        result = late_read.read(pending, self.output_dir, self.plan.precision)
+        result = replace(late_read.read(pending, self.output_dir, self.plan.precision), done_event=pending.done)
         pos, s = pending.pos, self.spec
         self.metrics.step_done(pos.step, result, pending.lr)
         if pos.step % s.logging_steps == 0 or pos.step == self.total_steps:

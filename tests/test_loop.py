@@ -130,10 +130,14 @@ def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_pa
     """Each step's batches for the step after it are laid out before the step waits for the device (so the
     host's layout overlaps the device's work), and training sees the same steps as reading them one by one.
     Read late (late_read.py), a step's numbers reach the callbacks only once the next step is queued."""
+    import phi3tune.late_read
     from phi3tune.batching import MicroBatcher, StepsAhead
 
     monkeypatch.setenv("PHI3TUNE_READ_LATE", late)
+    ends: list[object] = []  # what step_done_event gave each step (on CUDA an event; here a marker)
+    monkeypatch.setattr(phi3tune.late_read, "step_done_event", lambda device: ends.append(object()) or ends[-1])
     done: list[int] = []
+    events: list[dict] = []
     seen_at: list[int] = []  # per layout: steps finished when it was made
     plain = MicroBatcher.__call__
 
@@ -143,7 +147,9 @@ def test_next_step_is_laid_out_while_the_device_runs_this_one(tiny_model, tmp_pa
 
     monkeypatch.setattr(MicroBatcher, "__call__", recording)
     rows = rows_of_text(24, seed=3)
-    tiny_tuner(tiny_model, tmp_path / "a", rows, max_steps=4).run(callbacks=[lambda e: done.append(e["step"])])
+    tiny_tuner(tiny_model, tmp_path / "a", rows, max_steps=4).run(
+        callbacks=[lambda e: done.append(e["step"]), events.append])
+    assert [e["done_event"] for e in events] == ends and len(ends) == 4  # each step's own end, read at once or late
     # step k+1 is laid out inside step k: none done at steps 1 and 2's layouts (read one by one: [0, 1, 2, 3]);
     # read late, step k's numbers come after step k+1 is queued and step k+2 laid out
     assert seen_at == ([0, 0, 0, 1] if late == "1" else [0, 0, 1, 2])
