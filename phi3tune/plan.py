@@ -125,7 +125,7 @@ class RunPlan:
     # host time a pass (with_combo_kernels)
     combo_kernels: bool = False
     # each step's loss and gradient norm read off the device one step late (late_read.py): the host queues the next
-    # step without waiting for this one; PHI3TUNE_READ_LATE=1 / 0 (benchmarks, tests, knobs.read_late_wanted)
+    # step without waiting for this one. CUDA plans but fp16 and FSDP; PHI3TUNE_READ_LATE=1 / 0 (knobs.read_late_wanted)
     read_late: bool = False
 
     @property

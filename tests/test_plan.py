@@ -530,3 +530,22 @@ def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
     assert not plan_for(ft, "cpu").combo_kernels
     assert compile_settings(combo_kernels=True)["options"] == {"combo_kernels": True}
     assert "combo_kernels" not in compile_settings()["options"]
+
+
+def test_numbers_read_a_step_late_on_cuda_plans(monkeypatch):
+    """CUDA plans read each step's loss and gradient norm a step late (late_read.py; session 19's 16 GiB ABBA);
+    the CPU reads at once (its steps run as they are queued: nothing to gain), and so do fp16 (its loss scaler
+    reads each step's overflow) and FSDP (its optimizer waits per shard); the benchmark knob forces either way."""
+    from phi3tune.knobs import read_late_wanted
+
+    monkeypatch.delenv("PHI3TUNE_READ_LATE", raising=False)
+    ft = FineTuner(str(PHI3_DIR))
+    card = plan_for(ft, "cuda", free_gib=16)
+    assert card.read_late and "read a step late" in card.describe()
+    assert not plan_for(ft, "cpu").read_late
+    assert read_late_wanted(True, "bf16", sharded=False) and read_late_wanted(True, "fp32", sharded=False)
+    assert not read_late_wanted(True, "fp16", sharded=False) and not read_late_wanted(True, "bf16", sharded=True)
+    monkeypatch.setenv("PHI3TUNE_READ_LATE", "0")
+    assert not plan_for(ft, "cuda", free_gib=16).read_late
+    monkeypatch.setenv("PHI3TUNE_READ_LATE", "1")
+    assert plan_for(ft, "cpu").read_late
