@@ -46,16 +46,17 @@ def _build(cls: type, flat: bool, loraplus: bool = False, align: int = flat_step
 
 def _train(cls: type, flat: bool, loraplus: bool = False, align: int = flat_steps.ALIGN, steps: int = 3,
            unused: torch.nn.Parameter | None = None, drop_grads: bool = False,
-           configure: Any = None) -> tuple[torch.nn.Module, Any]:
+           configure: Any = None, queued: bool = False) -> tuple[torch.nn.Module, Any]:
     """``steps`` optimizer steps of 2 accumulated micro-batches each, gradients clipped, as the loop does;
-    ``drop_grads``: the model's gradients set to None after each step (e.g. by a user's callback)."""
+    ``drop_grads``: the model's gradients set to None after each step (e.g. by a user's callback); ``queued``:
+    stepped by ``FlatSteps.step`` (no waits for the device), as a loop reading its numbers late does."""
     model, opt, helper = _build(cls, flat, loraplus, align, unused, configure)
     torch.manual_seed(1)
     for _ in range(steps):
         for _ in range(2):
             model(torch.randn(8, 24)).pow(2).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        opt.step()
+        helper.step() if queued and helper is not None else opt.step()
         opt.zero_grad(set_to_none=True)
         if helper is not None:
             helper.zero_grads()
@@ -92,6 +93,28 @@ def test_flat_step_equals_per_parameter_step_bitwise(name, loraplus):
     if "8bit" in name:  # the biases (< min_8bit_size) kept their 32-bit state and their own update
         assert {v["__bnb_optimizer_quant_state__"]["state1"].dtype for v in got["state"].values()} == {
             torch.uint8, torch.float32}
+
+
+@pytest.mark.parametrize("name,loraplus", [("PagedAdamW32bit", False), ("AdamW8bit", True), ("Lion8bit", True)])
+def test_queued_flat_step_equals_bitsandbytes_step_without_its_waits(name, loraplus, monkeypatch):
+    """``FlatSteps.step`` (the loop reading its numbers late) gives bitsandbytes' result bit for bit, and waits for
+    the device only in the first step, which is bitsandbytes' own; ``optimizer.step()`` waits in every step."""
+    import bitsandbytes.optim.optimizer as bnb_impl
+
+    waits: list[int] = []
+    monkeypatch.setattr(bnb_impl, "sync_gpu", lambda t: waits.append(1))
+    cls = getattr(bnb_optim, name)
+    queued_model, helper = _train(cls, flat=True, loraplus=loraplus, queued=True)
+    queued_waits = len(waits)
+    ref_model, ref_opt = _train(cls, flat=False, loraplus=loraplus)
+    assert helper.active and queued_waits > 0
+    assert len(waits) - queued_waits >= 3 * queued_waits  # per parameter, every step: the waits the queue drops
+    for a, b in zip(queued_model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    _assert_same_state(helper.state_dict(), ref_opt.state_dict())
+    waits.clear()
+    _train(cls, flat=True, loraplus=loraplus)  # the flat step through optimizer.step(): waits in each of 3 steps
+    assert len(waits) == 3 * queued_waits
 
 
 @pytest.mark.parametrize("case", ["unused parameter", "gradients replaced"])
