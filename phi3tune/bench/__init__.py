@@ -116,7 +116,8 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     cuda = torch.cuda.is_available() and run.train.device != "cpu"
     events: list[dict[str, Any]] = []
     # per timed step, to place a slow one: frames torch.compile built during it, and the allocator's reserve after it
-    # (a reserve that grows asks the driver for memory, which may first evict paged optimizer state)
+    # (a reserve that grows asks the driver for memory, which may first evict paged optimizer state). Read late
+    # (late_read.py), a step's callback comes once the next step is queued: what that queuing built counts here too
     compiles: list[int] = []
     reserved: list[float] = []
     ends: list[Any] = []  # per step from the last warm-up one: its end, the device's event (CUDA) or the host's clock
