@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class Pending:
     batch_tokens: int
     queue_s: float
     done: Any = None  # torch.cuda.Event after the step's update (CUDA): the device's clock at the step's end
-    result: StepResult | None = field(default=None)
+    result: StepResult | None = None
 
 
 def hold(numbers: torch.Tensor, late: bool) -> tuple[torch.Tensor, Any]:

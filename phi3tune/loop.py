@@ -91,7 +91,6 @@ class Trainer:
             shards.step_local_shards(self.optimizer)
         # else bitsandbytes steps each group's parameters as one flat buffer (flat_steps.py); None where it can't
         self.flat = None if self.sharded else flat_steps.step_flat(self.optimizer, self.loss_module)
-        self.read_late = plan.read_late and acc.scaler is None  # fp16's scaler reads its skipped steps at once
         self.dropout_key = lora_dropout.find_key(model)  # hashed LoRA dropout masks: keyed per micro-batch
         # Batches stay on the CPU until a step is laid out and its tokens counted there: reading a count off the
         # GPU would stall the launch queue once per micro-batch. _to_device moves them (pinned, non-blocking).
@@ -173,13 +172,13 @@ class Trainer:
                 queued = self._train_step(micro, steps.fetch)
                 self._settle(pending)
                 pending = queued
-                if self.read_late and not self._due(pos.step, stop):
+                if self.plan.read_late and not self._due(pos.step, stop):
                     continue  # nothing of this step needs its numbers or its weights now: read them next step
                 self._settle(pending)
                 pending = None
-                if s.eval_steps and pos.step % s.eval_steps == 0 and pos.step != self.total_steps:
+                if self._eval_due(pos.step) and pos.step != self.total_steps:  # the last: the final eval instead
                     self.evaluate()
-                if s.save_strategy == "steps" and s.save_steps and pos.step % s.save_steps == 0:
+                if self._save_due(pos.step):
                     self.save_checkpoint()
                 if stop.signal and pos.step < self.total_steps:  # after the last step: the final save instead
                     self._interrupted(stop.signal)
@@ -190,9 +189,14 @@ class Trainer:
 
     def _due(self, step: int, stop: StopFlag) -> bool:
         """Something at this step needs its numbers or its weights: an eval, a checkpoint, a stop, the run's end."""
+        return step == self.total_steps or bool(stop.signal) or self._eval_due(step) or self._save_due(step)
+
+    def _eval_due(self, step: int) -> bool:
+        return bool(self.spec.eval_steps and step % self.spec.eval_steps == 0)
+
+    def _save_due(self, step: int) -> bool:
         s = self.spec
-        return bool(step == self.total_steps or stop.signal or (s.eval_steps and step % s.eval_steps == 0)
-                    or (s.save_strategy == "steps" and s.save_steps and step % s.save_steps == 0))
+        return bool(s.save_strategy == "steps" and s.save_steps and step % s.save_steps == 0)
 
     def _settle(self, pending: Pending | None) -> None:
         """Read a queued step's numbers (late_read.read: non-finite ones stop the run) and hand them on: the step's
@@ -256,13 +260,14 @@ class Trainer:
         norm = acc.clip_grad_norm_(self.params, self.spec.max_grad_norm or float("inf"))
         if isinstance(norm, DTensor):  # FSDP's norm of sharded gradients: the same value on every rank
             norm = norm.full_tensor()
-        if self.read_late:
+        late = self.plan.read_late
+        if late:
             self._step_optimizer()
-        numbers, copied = late_read.hold(torch.stack([loss_sum, norm.to(loss_sum)]), self.read_late)
+        numbers, copied = late_read.hold(torch.stack([loss_sum, norm.to(loss_sum)]), late)
         pending = Pending(self.pos, lr, numbers, copied, n_tokens, real,
                           sum(int(b["input_ids"].numel()) for b in micro), queue_s=time.perf_counter() - started)
         prepare_next()
-        if not self.read_late:
+        if not late:
             late_read.read(pending, self.output_dir, self.plan.precision)  # the step's one wait; raises if non-finite
             self._step_optimizer()
         pending.done = late_read.step_done_event(acc.device)
@@ -271,7 +276,7 @@ class Trainer:
     def _step_optimizer(self) -> None:
         """The update, the schedule and zeroed gradients. Read late, the flat step's update never waits for the
         device (FlatSteps.step); bitsandbytes' own step waits after each tensor."""
-        if self.read_late and self.flat is not None:
+        if self.plan.read_late and self.flat is not None:
             self.flat.step()
         else:
             self.optimizer.step()

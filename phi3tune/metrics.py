@@ -36,8 +36,9 @@ class StepResult:
     real_tokens: int  # non-pad tokens
     trained_tokens: int  # tokens with a label
     batch_tokens: int  # tokens of the micro-batches as laid out, pads included
-    # host seconds: queuing the step's passes (forward, backward, clipping), then laying out the next step's
-    # batches and waiting for the device. A wait near zero means the host, not the device, set the step's pace
+    # host seconds: queuing the step's passes (forward, backward, clipping), then waiting for the device to read
+    # its loss and gradient norm (read late: once the next step is queued). A wait near zero means the host, not the
+    # device, set the step's pace
     queue_s: float = 0.0
     wait_s: float = 0.0
     # CUDA: an event recorded after the step's update (None elsewhere). ``a.elapsed_time(b)`` of two steps' events
