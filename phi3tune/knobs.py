@@ -1,7 +1,8 @@
 """Benchmark knobs read from the environment: how compiled layers compile (PHI3TUNE_COMPILE), DDP's buckets
 (PHI3TUNE_DDP), host offloading of checkpointed inputs (PHI3TUNE_OFFLOAD, which overrides the memory plan's default
-decided here too), the 4-bit base dequantized once (PHI3TUNE_DEQUANTIZE). They exist to measure an option before a
-plan adopts it (examples/benchmarks/cards.sh); a user's run sets none of them, and without them each function
+decided here too) and of whole layers' activations (PHI3TUNE_OFFLOAD_LAYERS), the 4-bit base dequantized once
+(PHI3TUNE_DEQUANTIZE). They exist to measure an option before a plan adopts it (examples/benchmarks/cards.sh); a
+user's run sets none of them, and without them each function
 returns the plan's default."""
 
 from __future__ import annotations
@@ -39,16 +40,26 @@ def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharde
     return bool(every_layer_checkpointed and not sharded and (yes(asked) if asked else cuda and mode == "memory"))
 
 
+def offload_layers_wanted() -> int | None:
+    """PHI3TUNE_OFFLOAD_LAYERS (benchmarks, tests): ``N`` keeps the first N decoder layers' activations in host
+    memory (offload.py) on every speed plan that would checkpoint layers, and on any plan of the CPU or a named
+    mode that checkpoints none; ``0`` never; unset (None): the plan decides (plan_search._speed_candidates)."""
+    asked = os.environ.get("PHI3TUNE_OFFLOAD_LAYERS", "")
+    if asked and not asked.isdigit():
+        raise ValueError(f"PHI3TUNE_OFFLOAD_LAYERS={asked!r}: give a number of layers (0: never offload them)")
+    return int(asked) if asked else None
+
+
 def dequantize_wanted() -> bool | None:
     """PHI3TUNE_DEQUANTIZE (benchmarks, tests): ``1`` dequantizes the 4-bit base once on any plan that can
-    (plan.with_dequantized_base), on any device; ``0`` never; unset (None): the plan decides."""
+    (plan_search.with_dequantized_base), on any device; ``0`` never; unset (None): the plan decides."""
     asked = os.environ.get("PHI3TUNE_DEQUANTIZE", "")
     return yes(asked) if asked else None
 
 
 def combo_wanted() -> bool | None:
     """PHI3TUNE_COMPILE=combo_kernels=1 / 0 (benchmarks): combo kernels on any compiled plan / never; unset (None):
-    the plan decides (plan.with_combo_kernels)."""
+    the plan decides (plan_search.with_combo_kernels)."""
     asked = compile_env().get("combo_kernels", "")
     return yes(asked) if asked else None
 

@@ -35,6 +35,7 @@ from .files import CONFIG_NAME
 from .late_read import Pending
 from .loss import TokenLoss, loss_inputs, mean_loss
 from .metrics import Metrics, StepCallback, StepResult
+from .offload import offloader_for
 from .plan import RunPlan
 from .specs import TrainSpec
 from .stop import StopFlag
@@ -83,7 +84,7 @@ class Trainer:
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         longest = plan.position_cap if plan.varlen_bounds else None
-        loss = TokenLoss(model, plan.ce_chunk, graphs, offload=plan.offload_checkpoints, longest_example=longest)
+        loss = TokenLoss(model, plan.ce_chunk, graphs, offloader_for(plan, model), longest_example=longest)
         self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)

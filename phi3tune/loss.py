@@ -58,14 +58,14 @@ class TokenLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk: int = CE_CHUNK, cuda_graphs: bool = False,
-                 offload: bool = False, longest_example: int | None = None) -> None:
+                 offloader: Offloader | None = None, longest_example: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
         # varlen attention (varlen_attention.py): no example is longer than this (plan.position_cap); None: another
         self.longest_example = longest_example
-        # checkpointed layers' inputs held in host memory until backward (offload.py; plan.offload_checkpoints)
-        self.offloader = Offloader() if offload else None
+        # saved activations held in host memory until backward (offload.py: plan.offload_checkpoints, offload_layers)
+        self.offloader = offloader
         # compiled layers replayed as CUDA graphs (a benchmark knob, knobs.compile_settings): each micro-batch is a
         # new step of inductor's graph trees, whose outputs the last one's backward no longer needs
         self.cuda_graphs = cuda_graphs
@@ -79,7 +79,7 @@ class TokenLoss(nn.Module):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         lm = self._causal_lm()
-        with self.offloader.hooks() if self.offloader is not None else nullcontext():
+        with self.offloader.hooks(input_ids.numel()) if self.offloader is not None else nullcontext():
             hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                               **self._bounds(input_ids, position_ids, cu_seqlens)).last_hidden_state
         if trained_idx is None:

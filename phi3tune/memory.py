@@ -98,14 +98,16 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
                    dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
                    checkpoint_layers: int | None = None, activation_budget: float = 1.0,
-                   offload: bool = False, masks_recomputed: bool = False) -> dict[str, int]:
+                   offload: bool = False, masks_recomputed: bool = False,
+                   offload_layers: int = 0) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
     without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
-    ``offload``: the checkpointed inputs live in host memory."""
+    ``offload``: the checkpointed inputs live in host memory. ``offload_layers``: that many (uncheckpointed) layers'
+    activations live in host memory (offload.py), counted under ``host_offloaded``, not in the device total."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -130,6 +132,9 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     per_layer = whole_layer * kept * share  # a layer that keeps its activations
     recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
+    # the first ``moved`` layers' activations wait in host memory; backward brings them back a layer or two ahead,
+    # once the later layers' activations are gone, so the peak (backward's start) holds none of them
+    moved = min(offload_layers, shape.layers - k)
     # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time, and
     # keeps what the default budget keeps (session 9: the low budget took 0.12 GiB off that layer's peak at 4,096
     # tokens where the model would take 0.36). ``offload`` (offload.py; every layer checkpointed): the layers'
@@ -137,12 +142,12 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     if offload and k:
         activations = tokens * (2 * shape.hidden * act_bytes + recomputed)
     else:
-        kept_whole = (shape.layers - k) * per_layer + (recomputed if k else 0)
+        kept_whole = (shape.layers - k - moved) * per_layer + (recomputed if k else 0)
         activations = tokens * (k * shape.hidden * act_bytes + kept_whole)
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,
-            "lora_params": lora}
+            "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {})}
 
 
 def dequantized_bytes(shape: ModelShape, dtype_bytes: int) -> int:
@@ -173,4 +178,6 @@ def fixed_bytes(parts: dict[str, int]) -> int:
 
 
 def total_gib(parts: dict[str, int]) -> float:
-    return round(sum(v for k, v in parts.items() if k != "lora_params") / GIB, 3)
+    """The device peak of ``parts`` (the LoRA parameters are inside adapter_and_optimizer; host_offloaded is not on
+    the device)."""
+    return round(sum(v for k, v in parts.items() if k not in ("lora_params", "host_offloaded")) / GIB, 3)

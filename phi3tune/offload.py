@@ -1,52 +1,100 @@
-"""Checkpointed layers' inputs kept in pinned host memory, not on the GPU, until backward recomputes the layer.
+"""Saved activations kept in pinned host memory, not on the GPU, until backward needs them.
 
-With every decoder layer checkpointed (the memory plan) what stays on the GPU between forward and backward is each
-layer's input: 32 x tokens x hidden in bf16 for Phi-3-mini, 0.75 GiB for one 4,096-token example. Non-reentrant
-``torch.utils.checkpoint`` saves those inputs through the autograd saved-tensor hooks active at the layer call (its
-own hooks take over inside the layer), so ``Offloader.hooks()`` around the decoder stack sees exactly them (and the
-final norm's saved tensors). Each one is copied to pinned host memory on a side stream as soon as forward has made
-it, and its GPU memory is released once the copy is done; backward copies it back, one layer ahead of the one
-being recomputed, on the same side stream. The values are copies: the loss and gradients are bit for bit those
-of plain checkpointing (tests/test_offload.py). Torch's own ``save_on_cpu`` copies on the compute stream with no
-lookahead (torchtune's ``OffloadActivations`` has both, but torchtune is not among our dependencies).
+Two plans use it. The memory plan checkpoints every decoder layer, so what stays on the GPU between forward and
+backward is each layer's input: 32 x tokens x hidden in bf16 for Phi-3-mini, 0.75 GiB for one 4,096-token example.
+Non-reentrant ``torch.utils.checkpoint`` saves those inputs through the autograd saved-tensor hooks active at the
+layer call (its own hooks take over inside the layer), so ``Offloader.hooks()`` around the decoder stack sees
+exactly them (and the final norm's saved tensors). A speed plan that cannot hold every layer's activations
+(``RunPlan.offload_layers``) moves, instead of recomputing, the first layers' saved activations: backward needs them
+last, so their copies have the most time to go out and come back. The compiled layers save through the same hooks;
+``share`` of the bytes a forward saves are moved, those saved first (the first layers'), the model's own weights
+never (``static``).
+
+Each moved tensor is copied to pinned host memory on a side stream as soon as forward has made it, and its GPU
+memory is released once the copy is done. Backward copies entries back on the same side stream, ``lookahead``
+bytes ahead of the one it unpacks (at least one entry: the memory plan's one layer ahead); the first few tensors
+saved after the moved ones start that walk, so the last moved layer is on its way back before its backward. The
+values are copies: the loss and gradients are bit for bit those of the plan without it (tests/test_offload.py).
+Torch's own ``save_on_cpu`` copies on the compute stream with no lookahead (torchtune's ``OffloadActivations`` has
+both, but torchtune is not among our dependencies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
+LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
 
 
-@dataclass
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(eq=False)
 class _Held:
-    """One saved tensor in host memory: where it came from, the copy, and (once prefetched) its way back."""
+    """One saved tensor in host memory: where it came from, the copy, and (once fetched) its way back."""
 
     host: torch.Tensor
     device: torch.device
+    chain: _Chain
     copied: Any = None  # CUDA event: the device-to-host copy has finished
-    back: torch.Tensor | None = None  # prefetched device copy
+    back: torch.Tensor | None = None  # fetched device copy
     arrived: Any = None  # CUDA event: ``back`` is complete
     before: _Held | None = None  # the entry packed just before this one (backward needs it next)
+    ahead: bool = False  # fetched ahead of its unpack: counted in its chain's ``ahead`` bytes
     used: bool = False  # unpacked once already: no prefetch for it again
+
+
+@dataclass(eq=False)
+class _Lead:
+    """A tensor saved just after the moved ones, left on the device: its unpack starts their way back."""
+
+    tensor: torch.Tensor
+    chain: _Chain
+
+
+@dataclass(eq=False)
+class _Chain:
+    """One forward's moved entries, newest first through ``_Held.before``, and backward's walk back through them."""
+
+    limit: float  # bytes to move this forward
+    lookahead: float  # bytes to have on their way back ahead of backward (0: one entry at a time)
+    moved: int = 0
+    led: int = 0  # bytes of the tensors saved after the limit that carry a _Lead
+    last: _Held | None = None
+    cursor: _Held | None = None  # the next entry to fetch ahead
+    started: bool = False  # backward has begun the walk
+    ahead: int = 0  # bytes fetched ahead and not yet unpacked
+    saved: int = 0  # bytes this forward offered (moved or not): the next forward's share is of this
+    tokens: int = field(default=1)
+    flight: list[_Held] = field(default_factory=list)  # entries whose copy out may still run, oldest first
+    flying: int = 0  # their bytes
 
 
 class Offloader:
     """Saved-tensor hooks that move large saved tensors to (pinned) host memory and back.
 
-    ``min_bytes``: smaller CUDA tensors are saved as they are. On the CPU (tests) every saved tensor's "host copy"
-    is a clone in new memory, so the original is released just as on a GPU."""
+    ``min_bytes``: smaller CUDA tensors are saved as they are. ``share``: the share of the bytes a forward saves to
+    move, the first saved (1.0: all of them); a forward's saved bytes a token are learnt from the one before (the
+    first uses ``token_bytes``). ``lookahead``: layers' worth of bytes to bring back ahead of backward. ``static``:
+    tensors (the model's weights) never moved, whose storage a compiled layer saves too. On the CPU (tests) a moved
+    tensor's "host copy" is a clone in new memory, so the original is released just as on a GPU, at any size."""
 
-    def __init__(self, min_bytes: int = MIN_BYTES) -> None:
-        self.min_bytes = min_bytes
-        self._last: _Held | None = None  # during a forward: the latest entry (a chain back to the first)
+    def __init__(self, min_bytes: int = MIN_BYTES, share: float = 1.0, token_bytes: float = 0.0,
+                 lookahead: float = 0.0, static: Iterable[torch.Tensor] = ()) -> None:
+        self.min_bytes, self.share, self.token_bytes, self.lookahead = min_bytes, share, token_bytes, lookahead
+        self._static = {t.untyped_storage().data_ptr() for t in static}
+        self._chain: _Chain | None = None  # during a forward: its entries
         self._stream: Any = None
         self.packed = 0  # tensors moved by the last forward (tests, logs)
+        self.moved_bytes = 0  # and their bytes
         self._hooks = (self._pack, self._unpack)  # the same two objects every forward
 
     def _side(self, device: torch.device) -> Any:
@@ -55,20 +103,36 @@ class Offloader:
         return self._stream
 
     @contextmanager
-    def hooks(self) -> Iterator[None]:
-        """Offload what the code inside saves for backward (one forward: the lookahead follows its order)."""
-        self._last, self.packed = None, 0
+    def hooks(self, tokens: int = 1) -> Iterator[None]:
+        """Offload what the code inside saves for backward (one forward of ``tokens`` tokens: the lookahead
+        follows its order)."""
+        per_token = self.token_bytes * tokens
+        limit = math.inf if self.share >= 1.0 else self.share * per_token
+        chain = self._chain = _Chain(limit, self.lookahead * per_token, tokens=max(1, tokens))
+        self.packed = self.moved_bytes = 0
         try:
             with torch.autograd.graph.saved_tensors_hooks(*self._hooks):
                 yield
         finally:  # from now on only the autograd graph holds the entries, and frees each after its backward
-            self._last = None
+            self._chain = None
+            if chain.saved:
+                self.token_bytes = chain.saved / chain.tokens
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if t.layout != torch.strided or (t.device.type == "cuda" and t.numel() * t.element_size() < self.min_bytes):
+        chain = self._chain
+        cuda = t.device.type == "cuda"
+        if chain is None or t.layout != torch.strided or (cuda and _nbytes(t) < self.min_bytes) \
+                or t.untyped_storage().data_ptr() in self._static:
             return t
-        if t.device.type != "cuda":  # the CPU (tests): every saved tensor, so the mechanism shows at any size
-            held = _Held(t.detach().clone(), t.device)
+        n = _nbytes(t)
+        chain.saved += n
+        if chain.moved >= chain.limit:  # the rest stays; the first of it leads the way back
+            if chain.last is None or chain.led > chain.lookahead:
+                return t
+            chain.led += n
+            return _Lead(t, chain)
+        if not cuda:  # the CPU (tests): every saved tensor, so the mechanism shows at any size
+            held = _Held(t.detach().clone(), t.device, chain)
         else:
             side, now = self._side(t.device), torch.cuda.current_stream(t.device)
             host = torch.empty_like(t, device="cpu", pin_memory=True)
@@ -78,16 +142,38 @@ class Offloader:
                 copied = torch.cuda.Event()
                 copied.record(side)
             t.record_stream(side)  # its memory is not reused before the copy has read it
-            held = _Held(host, t.device, copied)
-        held.before, self._last = self._last, held
+            held = _Held(host, t.device, chain, copied)
+            self._throttle(chain, held, now)
+        held.before, chain.last = chain.last, held
+        chain.moved += n
         self.packed += 1
+        self.moved_bytes += n
         return held
 
+    def _throttle(self, chain: _Chain, held: _Held, now: Any) -> None:
+        """A forward that saves faster than the host link copies out would hold the tensors still waiting, past the
+        peak the plan counts: past ``lookahead`` bytes in flight (moved layers only), the compute stream waits for
+        the oldest copy (on the device: the host queues on)."""
+        if self.share >= 1.0:
+            return
+        chain.flight.append(held)
+        chain.flying += _nbytes(held.host)
+        while len(chain.flight) > 1 and chain.flying > chain.lookahead:
+            oldest = chain.flight.pop(0)
+            chain.flying -= _nbytes(oldest.host)
+            now.wait_event(oldest.copied)
+
     def _unpack(self, held: Any) -> torch.Tensor:
+        if isinstance(held, _Lead):
+            self._walk(held.chain)
+            return held.tensor
         if not isinstance(held, _Held):
             return held
         held.used = True
+        if held.ahead:
+            held.ahead, held.chain.ahead = False, held.chain.ahead - _nbytes(held.host)
         if held.device.type != "cuda":
+            self._walk(held.chain)
             return held.host
         now = torch.cuda.current_stream(held.device)
         if held.back is None:
@@ -95,17 +181,62 @@ class Offloader:
         back, held.back = held.back, None
         assert back is not None
         now.wait_event(held.arrived)
-        back.record_stream(now)
-        before = held.before  # backward runs the layers in reverse: the one packed before is next
-        if before is not None and before.back is None and not before.used:
-            self._fetch(before)
+        self._walk(held.chain)
         return back
 
+    def _walk(self, chain: _Chain) -> None:
+        """Fetch entries ahead of backward, newest first, until ``lookahead`` bytes (at least one entry) are on
+        their way back."""
+        if not chain.started:
+            chain.started, chain.cursor = True, chain.last
+        while chain.cursor is not None and (chain.ahead == 0 or chain.ahead < chain.lookahead):
+            held, chain.cursor = chain.cursor, chain.cursor.before
+            if held.used or held.ahead:
+                continue
+            if held.device.type == "cuda":
+                self._fetch(held)
+            held.ahead, chain.ahead = True, chain.ahead + _nbytes(held.host)
+
     def _fetch(self, held: _Held) -> None:
-        """Start the host-to-device copy of ``held`` on the side stream."""
-        side = self._side(held.device)
+        """Start the host-to-device copy of ``held`` on the side stream, into memory of the compute stream's pool
+        (a side-stream pool would keep its own blocks, which the compute stream cannot reuse: session 20, +1.5 GiB
+        reserved on a 12 GiB card)."""
+        side, now = self._side(held.device), torch.cuda.current_stream(held.device)
+        back = torch.empty_like(held.host, device=held.device)
+        side.wait_stream(now)  # the block may have been freed by compute-stream work still queued
         with torch.cuda.stream(side):
             side.wait_event(held.copied)
-            held.back = held.host.to(held.device, non_blocking=True)
+            back.copy_(held.host, non_blocking=True)
             held.arrived = torch.cuda.Event()
             held.arrived.record(side)
+        back.record_stream(side)  # dropped unused (no backward), it is still not reused before the copy is done
+        held.back = back
+
+
+class OffloadingPlan(Protocol):
+    """What ``offloader_for`` reads of a plan (a ``plan.RunPlan``)."""
+
+    @property
+    def offload_checkpoints(self) -> bool: ...
+    @property
+    def offload_layers(self) -> int: ...
+    @property
+    def memory(self) -> dict[str, int]: ...
+    @property
+    def peak_micro_batch_tokens(self) -> int: ...
+
+
+def offloader_for(plan: OffloadingPlan, model: Any) -> Offloader | None:
+    """The plan's offloader for ``model`` (the PEFT model), if it has one: every checkpointed input (the memory
+    plan), or the first ``plan.offload_layers`` decoder layers' activations, the bytes of the whole stack a token
+    first taken from the plan's memory model (``activations`` counts the layers it keeps), then measured."""
+    if plan.offload_checkpoints:
+        return Offloader()
+    if not plan.offload_layers:
+        return None
+    layers = len(model.get_base_model().model.layers)
+    kept = max(1, layers - plan.offload_layers)
+    stack = plan.memory.get("activations", 0) / max(1, plan.peak_micro_batch_tokens) * layers / kept
+    static = [*model.parameters(), *model.buffers()]
+    return Offloader(share=plan.offload_layers / layers, token_bytes=stack, lookahead=LOOKAHEAD_LAYERS / layers,
+                     static=static)

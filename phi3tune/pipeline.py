@@ -31,7 +31,8 @@ from .files import PLAN_NAME as PLAN_NAME
 from .loop import Trainer
 from .lora_dropout import make_recomputable
 from .model import ModelInfo
-from .plan import FIT_FRACTION, RunPlan, resolve_plan, whole_step_tokens
+from .plan import FIT_FRACTION, RunPlan
+from .plan_search import resolve_plan, whole_step_tokens
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
 from .runspec import RunSpec
 from .shards import check_optimizer_shardable
@@ -147,8 +148,8 @@ def check_run(run: RunSpec, resume: bool | str, overwrite: bool, config: dict[st
 def whole_steps_of_the_data(run: RunSpec, info: ModelInfo, targets: list[str], device: torch.device, plan: RunPlan,
                             train: Any, processes: int) -> RunPlan:
     """``auto``'s plan once the data is known: a whole-step micro-batch sized to the data's longest step
-    (plan.whole_step_tokens) predicts less memory than one sized to what a step could hold, so it may now fit this
-    card, or fit it with less padding. Chosen again among the same candidates; other plans stay as they are."""
+    (plan_search.whole_step_tokens) predicts less memory than one sized to what a step could hold, so it may now
+    fit this card, or fit it with less padding. Chosen again among the same candidates; other plans stay as they are."""
     t = run.train
     if plan.optimize_for != "auto" or plan.mode != "speed" or t.micro_batch_tokens:
         return plan

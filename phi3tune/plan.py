@@ -12,29 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .knobs import (
-    combo_wanted,
-    compile_env,
-    compile_settings,
-    ddp_settings,
-    dequantize_wanted,
-    offload_wanted,
-    read_late_wanted,
-    yes,
-)
+from .knobs import compile_env, compile_settings, ddp_settings, offload_wanted, read_late_wanted, yes
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
 from .memory import (
     COMMUNICATION,
     GIB,
-    LOW_ACTIVATION_BUDGET,
-    MIDDLE_ACTIVATION_BUDGET,
     ModelShape,
-    dequantized_bytes,
     estimate_parts,
     modelled_budget,
     per_rank_parts,
@@ -45,9 +33,8 @@ from .optim import optimizer_facts
 from .plugins import AdapterFacts, QuantFacts, facts
 from .precision import DTYPES, resolve_compute_dtype, resolve_precision
 from .runspec import RunSpec
-from .shapes import BUCKETS, LENGTH_GRANULE, attention_words, default_attention, granule_lengths, symbolic_lengths_pay
+from .shapes import BUCKETS, attention_words, default_attention, granule_lengths, symbolic_lengths_pay
 from .shapes import token_buckets as token_buckets
-from .step_cost import expected_cost
 from .varlen_attention import NAME as VARLEN
 
 log = logging.getLogger("phi3tune")
@@ -127,6 +114,10 @@ class RunPlan:
     # each step's loss and gradient norm read off the device one step late (late_read.py): the host queues the next
     # step without waiting for this one. CUDA plans but fp16 and FSDP; PHI3TUNE_READ_LATE=1 / 0 (knobs.read_late_wanted)
     read_late: bool = False
+    # the first this many decoder layers' saved activations wait for backward in pinned host memory instead of
+    # being recomputed (offload.py): a compiled speed plan on CUDA whose activations do not all fit
+    # (plan_search._speed_candidates); PHI3TUNE_OFFLOAD_LAYERS=N / 0 (benchmarks, tests) asks for N / none
+    offload_layers: int = 0
 
     @property
     def padding_free(self) -> bool:
@@ -166,6 +157,10 @@ class RunPlan:
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
                        + (", their inputs in host memory" if self.offload_checkpoints else ""))
+        if self.offload_layers:
+            moved = self.memory.get("host_offloaded", 0) / GIB
+            how.append(f"the first {self.offload_layers} layers' activations in host memory "
+                       f"({moved:.{1 if moved >= 1 else 2}f} GiB)")
         if self.dequantized_base:
             held = self.memory.get("dequantized_weights", 0) / GIB
             how.append(f"4-bit base dequantized once ({held:.{1 if held >= 1 else 2}f} GiB)")
@@ -217,9 +212,10 @@ def _allocator_unset() -> bool:
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1,
-               activation_budget: float = 1.0) -> RunPlan:
+               activation_budget: float = 1.0, offload_layers: int = 0) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
-    ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers'."""
+    ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers';
+    ``offload_layers``: that many (uncheckpointed) layers' activations in host memory."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -258,7 +254,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
             targets=set(targets), r=a.r, dropout=a.dropout, optimizer_state_bytes=opt.state_bytes,
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
             compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=checkpoint_layers,
-            activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks)
+            activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks,
+            offload_layers=0 if checkpointing else offload_layers)
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)} \
             if symbolic else parts
 
@@ -290,110 +287,5 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         sharded=sharded, shard_from_cpu=shard_from_cpu, expandable_segments=cuda and _allocator_unset(),
         dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
         ddp=ddp_settings() if processes > 1 and not sharded else {},
-        read_late=read_late_wanted(cuda, precision, sharded))
-
-
-def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:
-    """``plan`` with its 4-bit base dequantized once (dequantized.py) where that fits: a speed plan on CUDA whose
-    predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. ``auto`` weighs
-    each candidate so (``expected_cost``), so the weights may displace a larger micro-batch where that costs less
-    than the dequantization saves. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
-    under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides."""
-    q = facts(run.quant, QuantFacts) if run.quant is not None else None
-    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
-    if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
-        return plan
-    held = _plus(plan, "dequantized_weights", dequantized_bytes(shape, plan.dtype.itemsize), dequantized_base=True)
-    asked = dequantize_wanted()
-    if asked is not None:
-        return held if asked else plan
-    return held if plan.mode == "speed" and plan.device.startswith("cuda") and _fits(held, free) else plan
-
-
-def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
-    """``plan`` with inductor's combo kernels in its compiled layers where measured to pay and where its predicted
-    peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits: a speed plan on CUDA for unpacked rows that
-    checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13% shorter; 16 GiB
-    quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same losses. Packed
-    rows and checkpointed layers were not measured with them. PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks)
-    overrides."""
-    extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
-    held = _plus(plan, "combo_kernels", extra, combo_kernels=True)
-    asked = combo_wanted()
-    if asked is not None:
-        return held if asked and plan.compile else plan
-    measured = plan.mode == "speed" and plan.device.startswith("cuda") and not plan.checkpointing and not packed
-    return held if plan.compile and measured and _fits(held, free) else plan
-
-
-def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
-    """``plan`` with ``changes`` and ``nbytes`` more memory under ``part``, its predicted peak counting them."""
-    parts = {**plan.memory, part: nbytes}
-    return replace(plan, memory=parts, predicted_peak_gib=total_gib(parts), **changes)
-
-
-def _fits(plan: RunPlan, free: int | None) -> bool:
-    """The plan's predicted peak is within ``FIT_FRACTION`` of ``free`` (unknown free memory: anything fits)."""
-    return free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free
-
-
-def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
-    """A micro-batch that holds a whole optimizer step: what a step can hold (sequences_per_step x max_seq_length)
-    or, given ``step_tokens`` (the data's longest step: unpacked rows, batching.largest_step), that many tokens
-    rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's first epoch holds at most 4,842
-    tokens a step of the 8,192 it could: sized to that, the plan keeps ~1/3 less at peak (session 8: 23.7 GiB
-    against 37.1), and a longer step of a later epoch (4,961 in the second) makes two micro-batches."""
-    cap = run.train.sequences_per_step * run.data.max_seq_length
-    held = min(cap, -(-step_tokens // LENGTH_GRANULE) * LENGTH_GRANULE) if step_tokens else cap
-    return min(WHOLE_STEP_CAP, held)
-
-
-def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
-                      free: int | None, processes: int = 1, step_tokens: int | None = None) -> list[RunPlan]:
-    """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
-    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
-    one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
-    none fits)."""
-    whole = whole_step_tokens(run, step_tokens)
-    budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
-    out: list[RunPlan] = []
-    for budget in budgets:
-        for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
-            for k in range(shape.layers + 1):
-                plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
-                                  low)
-                if _fits(plan, free):
-                    break
-            out.append(plan)
-            if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
-                break
-    return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
-
-
-def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
-                 free_bytes: int | None = None, processes: int = 1, step_tokens: int | None = None) -> RunPlan:
-    """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
-    fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
-    micro-batches and the fewest checkpointed layers that fit, each with the base dequantized once where that still
-    fits (``with_dequantized_base``) and with combo kernels where those fit (``with_combo_kernels``), else memory),
-    on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
-    measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
-    ``step_tokens``: the data's longest step, once the data is known (``whole_step_tokens``)."""
-    asked = run.train.optimize_for
-    free = free_bytes if free_bytes is not None else _free_device_memory(device)
-    packed = run.data.packing
-    if asked != "auto" or device.type != "cuda":
-        named = _candidate(run, shape, targets, device, asked if asked != "auto" else "balanced", asked, free,
-                           processes=processes)
-        return with_combo_kernels(with_dequantized_base(named, run, shape, free), shape, free, packed)
-    fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
-            if _fits(plan, free)]
-    fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
-    fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]
-    if fits:
-        return min(fits, key=lambda p: expected_cost(p, shape.layers, packed))
-    memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
-    if not _fits(memory, free):
-        log.warning("%s — more than the free device memory; it may run out of memory. Lower "
-                    "data.max_seq_length or training.micro_batch_tokens", memory.describe())
-    return with_dequantized_base(memory, run, shape, free)
+        read_late=read_late_wanted(cuda, precision, sharded),
+        offload_layers=0 if checkpointing else min(offload_layers, shape.layers))

@@ -21,6 +21,8 @@ class CostedPlan(Protocol):
     def dequantized_base(self) -> bool: ...
     @property
     def combo_kernels(self) -> bool: ...
+    @property
+    def memory(self) -> dict[str, int]: ...
 
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
 # 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
@@ -51,8 +53,17 @@ _MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose ac
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
 # 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
 _DEQUANTIZE_SAVES_MS, _MICRO_BATCH_MS, _TOKEN_MS = 16.0, 19.0, 0.0367
-# Combo kernels (plan.with_combo_kernels): session 18, 16 GiB quickstart, three same-machine pairs, +4.1% tokens/s
+# Combo kernels (plan_search.with_combo_kernels): session 18, 16 GiB quickstart, three same-machine pairs, +4.1%
+# tokens/s
 _COMBO_COST = 0.96
+WHOLE_STEP = 8192  # plan.WHOLE_STEP_CAP: the largest micro-batch
+# Layers' activations in host memory (offload.py) instead of recomputed: each byte crosses the host link twice (out
+# in forward, back in backward) on a side stream beside the compute, so only what the compute cannot hide costs.
+# Session 20, 12 GiB quickstart, ABBA on one machine: the first 5 layers at 4,864 tokens (1.1 GiB a micro-batch)
+# against the 4,096 plan that checkpoints none, over the 25 steps both ran in one pass, 4.11 / 4.59 s against
+# 4.27 / 3.92 (~6% slower; whole runs 15,580 / 14,791 tokens/s against 17,268 / 18,964, with two ~0.6 s steps):
+# of a PCIe 5 link's ~40 GB/s time (60 ms against a 197 ms micro-batch) ~0.35 shows, more with the slow steps
+_HOST_LINK_BYTES_PER_MS, _OFFLOAD_EXPOSED = 40e6, 0.4
 
 
 def micro_batch_ms(tokens: int) -> float:
@@ -64,7 +75,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
-    base dequantized once takes its measured ~16 ms off each micro-batch."""
+    base dequantized once takes its measured ~16 ms off each micro-batch; activations in host memory cost
+    ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
@@ -73,4 +85,6 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False) -> float:
     low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
     combo = _COMBO_COST if plan.combo_kernels else 1.0
-    return per_size * low * held * combo * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL))
+    link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
+    moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP))
+    return per_size * low * held * combo * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL) + moved)

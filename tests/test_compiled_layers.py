@@ -364,7 +364,7 @@ def test_the_middle_activation_budget_recomputes_only_elementwise_work(tiny_mode
     the default's activation bytes, and its backward holds exactly the default's matmuls (the low budget recomputes
     some: the negative control). Its gradients are the eager layer's: tests/test_lora_dropout.py."""
     from phi3tune.knobs import compile_settings
-    from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
+    from phi3tune.memory import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 
     middle_settings = compile_settings(MIDDLE_ACTIVATION_BUDGET)
 

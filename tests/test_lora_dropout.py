@@ -9,8 +9,8 @@ import torch
 
 from phi3tune import compiled_layers as cl
 from phi3tune import lora_dropout as ld
+from phi3tune.memory import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 from phi3tune.model import attach_adapter, load_weights
-from phi3tune.plan import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
 from phi3tune.specs import AdapterSpec, QuantSpec
 
 

@@ -7,6 +7,7 @@ import gc
 import weakref
 from typing import Any
 
+import pytest
 import torch
 from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, tiny_tuner
 
@@ -71,7 +72,7 @@ def test_offloader_hooks_apply_only_inside_and_are_released(tmp_path):
     assert off.packed == 0
     with off.hooks():
         y = (x * x).sum()
-    assert off.packed == 2 and off._last is None
+    assert off.packed == 2 and off._chain is None
     y.backward()
     assert torch.equal(x.grad, 2 * x.detach() + 2 * x.detach())  # the first backward's grad, then this one's
 
@@ -93,6 +94,7 @@ def test_plan_offloads_for_the_memory_plan_on_cuda(monkeypatch):
     saved = (on.checkpoint_layers - 2) * 4096 * 3072 * 2 / 2**30  # bf16 inputs of 30 layers at 4,096 tokens
     assert abs((off.predicted_peak_gib - on.predicted_peak_gib) - saved) < 0.01
     monkeypatch.delenv("PHI3TUNE_OFFLOAD")
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD_LAYERS", "0")  # no layer's activations offloaded instead
     eight = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8)  # the speed plan checkpoints some layers
     assert eight.checkpoint_layers > 0 and not eight.offload_checkpoints
     monkeypatch.setenv("PHI3TUNE_OFFLOAD", "1")  # asked for: only ever with every layer checkpointed
@@ -126,3 +128,158 @@ def test_public_run_with_offload_trains_the_same_adapter(tiny_model, tmp_path, m
     assert runs["1"].losses == runs["0"].losses and len(runs["0"].losses) == 3
     a, b = adapter_tensors(runs["0"]), adapter_tensors(runs["1"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _plain_model(path: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+
+
+def _order_of(offloader: Offloader) -> list[tuple[str, torch.Tensor]]:
+    """Wrap ``offloader``'s pack hook: the list fills with ("moved" | "kept", tensor) in the order forward saves."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    pack = offloader._pack
+
+    def recording(t: torch.Tensor) -> Any:
+        out = pack(t)
+        seen.append(("kept" if out is t or not hasattr(out, "host") else "moved", t))
+        return out
+
+    offloader._hooks = (recording, offloader._unpack)
+    return seen
+
+
+def test_offloaded_layers_move_the_first_share_never_a_weight_and_the_step_is_unchanged(tmp_path):
+    """A speed plan's offloaded layers (no checkpointing): the offloader moves the first ``share`` of the bytes the
+    decoder stack saves, in the order saved, and never the storage of a weight; the loss and every gradient equal
+    the run without it bit for bit. Negative control: without ``static`` it moves weights too."""
+    model = _plain_model(write_tiny_phi3(tmp_path / "m", layers=4))
+    loss, grads, _, _ = _step(model, None)
+    weights = [*model.parameters(), *model.buffers()]
+    whole = Offloader(static=weights)  # everything: learns the stack's saved bytes a token
+    _step(model, whole)
+    ptrs = {w.untyped_storage().data_ptr() for w in weights}
+    careless = Offloader()
+    seen_careless = _order_of(careless)
+    _step(model, careless)
+    assert any(t.untyped_storage().data_ptr() in ptrs for kind, t in seen_careless if kind == "moved")
+
+    half = Offloader(share=0.5, token_bytes=whole.token_bytes, lookahead=0.1, static=weights)
+    seen = _order_of(half)
+    off_loss, off_grads, _, packed = _step(model, half)
+    kinds = [kind for kind, t in seen if t.untyped_storage().data_ptr() not in ptrs]  # weights: always kept
+    assert packed > 0 and "kept" in kinds
+    assert kinds == sorted(kinds, key=lambda k: k != "moved")  # the moved ones are the first saved
+    assert not any(t.untyped_storage().data_ptr() in ptrs for kind, t in seen if kind == "moved")
+    saved = sum(t.numel() * t.element_size() for _, t in seen if t.untyped_storage().data_ptr() not in ptrs)
+    largest = max(t.numel() * t.element_size() for _, t in seen)
+    assert 0.5 * saved <= half.moved_bytes <= 0.5 * saved + largest
+    assert torch.equal(loss, off_loss)
+    assert grads.keys() == off_grads.keys() and all(torch.equal(grads[n], off_grads[n]) for n in grads)
+
+
+def test_backward_brings_moved_tensors_back_ahead_led_by_the_first_kept_one():
+    """The walk back: the first tensor kept after the moved ones starts it, so the last moved tensor is already on
+    its way back when backward unpacks it, and never more than ``lookahead`` bytes (at least one entry) are ahead.
+    Negative control: moving everything leaves nothing to lead, so backward's first unpack finds it not ahead."""
+    def run(share: float, lookahead: float) -> list[tuple[bool, int]]:
+        off = Offloader(share=share, token_bytes=8 * 4 * 64, lookahead=lookahead)  # 8 saved tensors of 64 floats
+        at_unpack: list[tuple[bool, int]] = []  # (the entry was ahead, bytes ahead) at each moved one's unpack
+
+        def watching(held: Any) -> torch.Tensor:
+            if hasattr(held, "host"):
+                at_unpack.append((held.ahead, held.chain.ahead))
+            return off._unpack(held)
+
+        off._hooks = (off._pack, watching)  # the graph keeps the hooks it was built with
+        x = torch.randn(64, requires_grad=True)
+        with off.hooks(tokens=1):
+            y = x
+            for _ in range(8):
+                y = torch.sin(y)  # saves its input
+        y.sum().backward()
+        assert x.grad is not None and torch.allclose(x.grad, _sin_chain_grad(x.detach(), 8))
+        return at_unpack
+
+    half = run(0.5, lookahead=2 * 4 * 64 / (8 * 4 * 64))  # 4 moved, two tensors' bytes ahead
+    assert len(half) == 4 and half[0][0]  # the first moved one unpacked was already ahead
+    assert all(ahead <= 2 * 4 * 64 for _, ahead in half)
+    everything = run(1.0, lookahead=0.0)
+    assert len(everything) == 8 and not everything[0][0]  # no lead: the first comes back on demand
+    assert all(flag for flag, _ in everything[1:])  # then each one ahead of its unpack
+
+
+def _sin_chain_grad(x: torch.Tensor, n: int) -> torch.Tensor:
+    grad, y = torch.ones_like(x), x
+    values = []
+    for _ in range(n):
+        values.append(y)
+        y = torch.sin(y)
+    for v in reversed(values):
+        grad = grad * torch.cos(v)
+    return grad
+
+
+def test_public_run_with_offloaded_layers_trains_the_same_adapter(tiny_model, tmp_path, monkeypatch):
+    """Through FineTuner.run on the 4-bit tiny model: PHI3TUNE_OFFLOAD_LAYERS=1 (one of its two layers' activations in
+    host memory; on the CPU a clone) trains the adapter and losses of the run without it, bit for bit, moves
+    tensors in every step and never a weight, and its plan says so. Negative control: unset, nothing moves."""
+    rows = rows_of_text(8, seed=5)
+    runs: dict[str, Any] = {}
+    moved: dict[str, list[torch.Tensor]] = {"": [], "1": []}
+    real_pack = Offloader._pack
+
+    def recording(self: Offloader, t: torch.Tensor) -> Any:
+        out = real_pack(self, t)
+        if out is not t and hasattr(out, "host"):
+            moved[flag].append(t)
+        return out
+
+    monkeypatch.setattr(Offloader, "_pack", recording)
+    for flag in ("", "1"):
+        monkeypatch.setenv("PHI3TUNE_OFFLOAD_LAYERS", flag)
+        runs[flag] = tiny_tuner(tiny_model, tmp_path / (flag or "0"), rows, grad_accum=2, max_steps=3).run()
+    assert runs["1"].plan.offload_layers == 1 and runs[""].plan.offload_layers == 0
+    assert not moved[""] and len(moved["1"]) >= 3 * 2  # every micro-batch of the 3 steps moved some
+    weights = {p.untyped_storage().data_ptr() for p in runs["1"].model.parameters()}  # 4-bit base and adapter
+    assert len(weights) > 10 and not any(t.untyped_storage().data_ptr() in weights for t in moved["1"])
+    assert runs["1"].losses == runs[""].losses and len(runs[""].losses) == 3
+    a, b = adapter_tensors(runs[""]), adapter_tensors(runs["1"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_shared
+def test_plan_offloads_layers_where_checkpointing_would_cost_more(monkeypatch):
+    """A 12 GiB card: `auto` keeps a whole step's micro-batch and moves the first layers' activations to host
+    memory rather than recompute; the moved bytes count in ``host_offloaded``, outside the predicted peak, which
+    one more moved layer lowers by one layer's activations; a 16 GiB card, the CPU and FSDP move none. Negative
+    controls: PHI3TUNE_OFFLOAD_LAYERS=0 gives the plan without it, and a machine without the host memory for the
+    copies gets none."""
+    from phi3tune import plan_search
+    from phi3tune.bench import plan_for
+
+    monkeypatch.delenv("PHI3TUNE_OFFLOAD_LAYERS", raising=False)
+    quick = FineTuner(str(PHI3_DIR))
+    twelve = plan_for(quick, "cuda", free_gib=12, step_tokens=4842)  # the quickstart's longest step
+    assert twelve.offload_layers > 0 and twelve.checkpoint_layers == 0 and not twelve.checkpointing
+    assert "activations in host memory" in twelve.describe()
+    assert twelve.predicted_peak_gib <= 0.9 * 12 and twelve.memory["host_offloaded"] > 0
+    assert twelve.predicted_peak_gib * 2**30 == pytest.approx(
+        sum(v for k, v in twelve.memory.items() if k not in ("lora_params", "host_offloaded")), abs=2**21)
+    assert plan_for(quick, "cuda", free_gib=16, step_tokens=4842).offload_layers == 0
+    assert plan_for(quick, "cpu").offload_layers == 0
+    fsdp = FineTuner(str(PHI3_DIR)).training(distributed="fsdp")
+    assert all(plan_for(fsdp, "cuda", free_gib=g, processes=2).offload_layers == 0 for g in (8, 12))
+
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD_LAYERS", str(twelve.offload_layers + 1))
+    more = plan_for(quick, "cuda", free_gib=12, step_tokens=4842)
+    one_layer = more.memory["host_offloaded"] - twelve.memory["host_offloaded"]
+    assert one_layer > 0 and more.micro_batch_tokens == twelve.micro_batch_tokens
+    assert twelve.memory["activations"] - more.memory["activations"] == pytest.approx(one_layer, abs=64)
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD_LAYERS", "0")
+    without = plan_for(quick, "cuda", free_gib=12, step_tokens=4842)
+    assert without.offload_layers == 0 and without.micro_batch_tokens == 4096  # session 19's 12 GiB plan
+    monkeypatch.delenv("PHI3TUNE_OFFLOAD_LAYERS")
+    monkeypatch.setattr(plan_search, "_host_memory", lambda: 2 * 2**30)  # 2 GiB of RAM: no room for the copies
+    assert plan_for(quick, "cuda", free_gib=12, step_tokens=4842).offload_layers == 0

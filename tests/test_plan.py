@@ -90,7 +90,7 @@ def test_phi3_mini_plan_on_cards_of_every_size():
     (8,192 would need checkpointing there), both with the base dequantized once; smaller cards keep large micro-batches
     and checkpoint only as many layers as they must; each plan fits in 90% of the card; a bigger card never gets a
     plan expected to be slower; the line says what was chosen."""
-    from phi3tune.plan import expected_cost
+    from phi3tune.step_cost import expected_cost
 
     ft = FineTuner(str(PHI3_DIR))
     cards = (8, 12, 16, 24, 40, 80, 139)
@@ -394,7 +394,8 @@ def test_the_memory_plan_takes_the_low_activation_budget_on_cuda():
     """``optimize_for="memory"`` on CUDA compiles its layers to the compiler's low budget (session 9: 3.90 GiB
     allocated at max_seq_length 4,096 against 4.02); on the CPU (eager layers) there is no such budget; the speed
     plans keep the default where they fit."""
-    from phi3tune.plan import LOW_ACTIVATION_BUDGET, MODES
+    from phi3tune.memory import LOW_ACTIVATION_BUDGET
+    from phi3tune.plan import MODES
 
     def memory() -> FineTuner:
         return FineTuner(str(PHI3_DIR)).training(optimize_for="memory", batch_size=1).data(max_seq_length=4096,
@@ -434,8 +435,14 @@ def test_the_middle_activation_budget_sits_between_the_default_and_the_low_one()
     default's activations (H200: 8.7 GiB less at 4,864 tokens), for +11% a step where the low budget keeps ~1/3 for
     +18%; so a card whose whole step fits only under it takes it (22 GiB: no layer checkpointed), a card with room
     keeps the default (the negative control) and a smaller one the low budget."""
-    from phi3tune.memory import _MIDDLE_BUDGET, MIDDLE_ACTIVATION_BUDGET, ModelShape, estimate_parts
-    from phi3tune.plan import LOW_ACTIVATION_BUDGET, expected_cost
+    from phi3tune.memory import (
+        _MIDDLE_BUDGET,
+        LOW_ACTIVATION_BUDGET,
+        MIDDLE_ACTIVATION_BUDGET,
+        ModelShape,
+        estimate_parts,
+    )
+    from phi3tune.step_cost import expected_cost
 
     shape = ModelShape(hidden=3072, intermediate=8192, layers=32, vocab=32064, linears=(), other_params=0)
 
@@ -466,7 +473,8 @@ def test_packed_rows_take_full_2048_token_micro_batches_where_4096_would_need_re
     card, where 2,048's default activations do not fit, keeps 4,096 at the low budget: the negative controls.
     (FlexAttention's plans: under varlen attention the middle budget's symbolic lengths hold 4,096 on 12-22 GiB,
     tests/test_varlen_attention.py.)"""
-    from phi3tune.plan import LOW_ACTIVATION_BUDGET, expected_cost
+    from phi3tune.memory import LOW_ACTIVATION_BUDGET
+    from phi3tune.step_cost import expected_cost
 
     packed = FineTuner(str(PHI3_DIR)).data(packing=True)
     p12, p16, p24 = (plan_for(packed, "cuda", free_gib=g) for g in (12, 16, 24))

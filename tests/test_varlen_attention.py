@@ -188,8 +188,9 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
     from phi3tune.memory import SYMBOLIC_HIDDENS, modelled_budget
-    from phi3tune.plan import FIT_FRACTION, expected_cost
+    from phi3tune.plan import FIT_FRACTION
     from phi3tune.shapes import symbolic_lengths_pay
+    from phi3tune.step_cost import expected_cost
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)

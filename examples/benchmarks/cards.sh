@@ -38,7 +38,9 @@
 #   symbolic-length graph / the 4 fixed lengths, whatever auto takes: PHI3TUNE_COMPILE=dynamic_lengths=1 / 0), lenN (N
 #   fixed lengths fitted to the data, not 4), off / nooff (checkpointed layers' inputs in host memory, offload.py:
 #   PHI3TUNE_OFFLOAD=1 for any plan that checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all
-#   32 checkpointed; 0 never; the memory plan's default on CUDA is on), seq4096-nooff (seq4096 without it), seq4096-amb3
+#   32 checkpointed; 0 never; the memory plan's default on CUDA is on), offlN (the first N layers' activations in host
+#   memory instead of checkpointing, on every speed plan that would checkpoint: PHI3TUNE_OFFLOAD_LAYERS=N; offl0:
+#   never, the plans before session 20), nocombo (no combo kernels), seq4096-nooff (seq4096 without it), seq4096-amb3
 #   (seq4096 with the compiler's low activation budget: the recomputed layer keeps less), masks (the partitioner
 #   recomputes the hashed LoRA dropout masks in backward instead of saving them, and the plan predicts without them:
 #   PHI3TUNE_COMPILE=masks=recompute, knobs.RECOMPUTE_MASKS), deq0 / deq1 (the 4-bit base never / always dequantized
@@ -73,6 +75,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     ro) compile+=(mode=reduce-overhead); envs+=(TORCH_LOGS=perf_hints) ;;  # perf_hints: why a graph is skipped
     cpp) compile+=(cpp_wrapper=1) ;;
     combo) compile+=(combo_kernels=1) ;;
+    nocombo) compile+=(combo_kernels=0) ;;
     late) envs+=(PHI3TUNE_READ_LATE=1) ;;
     now) envs+=(PHI3TUNE_READ_LATE=0) ;;
     opaque) compile+=(opaque_4bit=1) ;;
@@ -91,6 +94,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     mem) sets+=(--set training.optimize_for=memory) ;;
     deq0) envs+=(PHI3TUNE_DEQUANTIZE=0) ;;
     deq1) envs+=(PHI3TUNE_DEQUANTIZE=1) ;;
+    offl*) envs+=("PHI3TUNE_OFFLOAD_LAYERS=${v#offl}") ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
     seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;

@@ -36,7 +36,7 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
     import os
 
     from ..model import preflight_model, resolve_target_modules
-    from ..plan import resolve_plan
+    from ..plan_search import resolve_plan
     from ..precision import resolve_device
 
     run = ft.freeze()

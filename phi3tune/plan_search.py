@@ -1,0 +1,170 @@
+"""Which plan ``optimize_for="auto"`` runs: of the speed plans that fit the free device memory, the one
+``step_cost.expected_cost`` says is fastest.
+
+plan.py builds one plan from its choices (``_candidate``); this module lists the choices worth building for a card
+(micro-batch budgets, activation budgets, the fewest layers checkpointed or offloaded that fit), adds what the room
+left allows (the base dequantized once, combo kernels), and keeps the cheapest. The named modes skip the search.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .knobs import combo_wanted, dequantize_wanted, offload_layers_wanted
+from .memory import GIB, LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET, ModelShape, dequantized_bytes, total_gib
+from .plan import COMBO_KERNELS_HIDDENS, FIT_FRACTION, WHOLE_STEP_CAP, RunPlan, _candidate, _free_device_memory
+from .plugins import QuantFacts, facts
+from .runspec import RunSpec
+from .shapes import LENGTH_GRANULE
+from .step_cost import expected_cost
+
+log = logging.getLogger("phi3tune")
+
+# Offloaded activations are pinned host memory: at most this share of the machine's, so the run leaves the rest
+HOST_SHARE = 0.25
+
+
+def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:
+    """``plan`` with its 4-bit base dequantized once (dequantized.py) where that fits: a speed plan on CUDA whose
+    predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. ``auto`` weighs
+    each candidate so (``expected_cost``), so the weights may displace a larger micro-batch where that costs less
+    than the dequantization saves. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
+    under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides."""
+    q = facts(run.quant, QuantFacts) if run.quant is not None else None
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
+    if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
+        return plan
+    held = _plus(plan, "dequantized_weights", dequantized_bytes(shape, plan.dtype.itemsize), dequantized_base=True)
+    asked = dequantize_wanted()
+    if asked is not None:
+        return held if asked else plan
+    return held if plan.mode == "speed" and plan.device.startswith("cuda") and _fits(held, free) else plan
+
+
+def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
+    """``plan`` with inductor's combo kernels in its compiled layers where measured to pay and where its predicted
+    peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits: a speed plan on CUDA for unpacked rows that
+    checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13% shorter; 16 GiB
+    quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same losses. Packed
+    rows and checkpointed layers were not measured with them. PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks)
+    overrides."""
+    extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
+    held = _plus(plan, "combo_kernels", extra, combo_kernels=True)
+    asked = combo_wanted()
+    if asked is not None:
+        return held if asked and plan.compile else plan
+    measured = plan.mode == "speed" and plan.device.startswith("cuda") and not plan.checkpointing and not packed
+    return held if plan.compile and measured and _fits(held, free) else plan
+
+
+def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
+    """``plan`` with ``changes`` and ``nbytes`` more memory under ``part``, its predicted peak counting them."""
+    parts = {**plan.memory, part: nbytes}
+    return replace(plan, memory=parts, predicted_peak_gib=total_gib(parts), **changes)
+
+
+def _fits(plan: RunPlan, free: int | None) -> bool:
+    """The plan's predicted peak is within ``FIT_FRACTION`` of ``free`` (unknown free memory: anything fits)."""
+    return free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free
+
+
+def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
+    """A micro-batch that holds a whole optimizer step: what a step can hold (sequences_per_step x max_seq_length)
+    or, given ``step_tokens`` (the data's longest step: unpacked rows, batching.largest_step), that many tokens
+    rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's first epoch holds at most 4,842
+    tokens a step of the 8,192 it could: sized to that, the plan keeps ~1/3 less at peak (session 8: 23.7 GiB
+    against 37.1), and a longer step of a later epoch (4,961 in the second) makes two micro-batches."""
+    cap = run.train.sequences_per_step * run.data.max_seq_length
+    held = min(cap, -(-step_tokens // LENGTH_GRANULE) * LENGTH_GRANULE) if step_tokens else cap
+    return min(WHOLE_STEP_CAP, held)
+
+
+def _host_memory() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _offload_room(plan: RunPlan) -> bool:
+    """A plan's offloaded activations take at most ``HOST_SHARE`` of this machine's memory (they are pinned)."""
+    host = _host_memory()
+    return host is None or plan.memory.get("host_offloaded", 0) <= HOST_SHARE * host
+
+
+def _can_offload(plan: RunPlan) -> bool:
+    """Layers' activations may wait in host memory (offload.py): compiled speed plans on CUDA, not under FSDP
+    (whose gathers the side stream would race)."""
+    return plan.mode == "speed" and plan.compile and plan.device.startswith("cuda") and not plan.sharded
+
+
+def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
+                      free: int | None, processes: int = 1, step_tokens: int | None = None) -> list[RunPlan]:
+    """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
+    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
+    one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
+    none fits) and, where that checkpoints any and host offloading can run (``_can_offload``), the one
+    that moves the fewest layers' activations to host memory instead (knobs.offload_layers_wanted: a benchmark's
+    fixed count)."""
+    whole = whole_step_tokens(run, step_tokens)
+    budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
+    forced = offload_layers_wanted()
+    out: list[RunPlan] = []
+    for budget in budgets:
+        for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
+            for k in range(shape.layers + 1):
+                plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
+                                  low)
+                if _fits(plan, free):
+                    break
+            moved = plan.checkpoint_layers > 0 and _can_offload(plan) and forced != 0
+            for m in ([forced] if forced else range(1, shape.layers + 1)) if moved else ():
+                offloaded = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0,
+                                       processes, low, offload_layers=m)
+                if forced or (_fits(offloaded, free) and _offload_room(offloaded)):
+                    out.append(offloaded)
+                    break
+            if not (forced and moved):
+                out.append(plan)
+            if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
+                break
+    return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
+
+
+def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
+                 free_bytes: int | None = None, processes: int = 1, step_tokens: int | None = None) -> RunPlan:
+    """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
+    fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
+    micro-batches and the fewest checkpointed or host-offloaded layers that fit, each with the base dequantized once
+    where that still fits (``with_dequantized_base``) and with combo kernels where those fit
+    (``with_combo_kernels``), else memory),
+    on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
+    measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
+    ``step_tokens``: the data's longest step, once the data is known (``whole_step_tokens``)."""
+    asked = run.train.optimize_for
+    free = free_bytes if free_bytes is not None else _free_device_memory(device)
+    packed = run.data.packing
+    if asked != "auto" or device.type != "cuda":
+        mode, forced = asked if asked != "auto" else "balanced", offload_layers_wanted()
+        named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes)
+        if forced and not named.checkpointing and not named.sharded:  # tests: offloading on any device
+            named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes,
+                               offload_layers=forced)
+        return with_combo_kernels(with_dequantized_base(named, run, shape, free), shape, free, packed)
+    fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
+            if _fits(plan, free)]
+    fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
+    fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]
+    if fits:
+        return min(fits, key=lambda p: expected_cost(p, shape.layers, packed))
+    memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
+    if not _fits(memory, free):
+        log.warning("%s — more than the free device memory; it may run out of memory. Lower "
+                    "data.max_seq_length or training.micro_batch_tokens", memory.describe())
+    return with_dequantized_base(memory, run, shape, free)
