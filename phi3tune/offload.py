@@ -22,6 +22,7 @@ both, but torchtune is not among our dependencies).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,14 +63,16 @@ class _Lead:
 
 @dataclass(eq=False)
 class _Chain:
-    """One forward's moved entries, newest first through ``_Held.before``, and backward's walk back through them."""
+    """One forward's moved entries, newest first through ``_Held.before``, and backward's walk back through them.
+    It points at entries only weakly (each entry points at it): the autograd graph alone keeps them, so each one's
+    host and device copies go as soon as its backward has run, not at the next cyclic garbage collection."""
 
     limit: float  # bytes to move this forward
     lookahead: float  # bytes to have on their way back ahead of backward (0: one entry at a time)
     moved: int = 0
     led: int = 0  # bytes of the tensors saved after the limit that carry a _Lead
-    last: _Held | None = None
-    cursor: _Held | None = None  # the next entry to fetch ahead
+    last: weakref.ref[_Held] | None = None
+    cursor: weakref.ref[_Held] | None = None  # the next entry to fetch ahead
     started: bool = False  # backward has begun the walk
     ahead: int = 0  # bytes fetched ahead and not yet unpacked
     saved: int = 0  # bytes this forward offered (moved or not): the next forward's share is of this
@@ -115,6 +118,7 @@ class Offloader:
                 yield
         finally:  # from now on only the autograd graph holds the entries, and frees each after its backward
             self._chain = None
+            chain.flight.clear()  # entries point at the chain: no strong way back to them
             if chain.saved:
                 self.token_bytes = chain.saved / chain.tokens
 
@@ -127,7 +131,7 @@ class Offloader:
         n = _nbytes(t)
         chain.saved += n
         if chain.moved >= chain.limit:  # the rest stays; the first of it leads the way back
-            if chain.last is None or chain.led > chain.lookahead:
+            if chain.last is None or chain.led > chain.lookahead:  # nothing moved yet, or led enough
                 return t
             chain.led += n
             return _Lead(t, chain)
@@ -144,7 +148,7 @@ class Offloader:
             t.record_stream(side)  # its memory is not reused before the copy has read it
             held = _Held(host, t.device, chain, copied)
             self._throttle(chain, held, now)
-        held.before, chain.last = chain.last, held
+        held.before, chain.last = chain.last() if chain.last is not None else None, weakref.ref(held)
         chain.moved += n
         self.packed += 1
         self.moved_bytes += n
@@ -189,8 +193,9 @@ class Offloader:
         their way back."""
         if not chain.started:
             chain.started, chain.cursor = True, chain.last
-        while chain.cursor is not None and (chain.ahead == 0 or chain.ahead < chain.lookahead):
-            held, chain.cursor = chain.cursor, chain.cursor.before
+        while (held := chain.cursor() if chain.cursor is not None else None) is not None and (
+                chain.ahead == 0 or chain.ahead < chain.lookahead):
+            chain.cursor = weakref.ref(held.before) if held.before is not None else None
             if held.used or held.ahead:
                 continue
             if held.device.type == "cuda":

@@ -9,7 +9,6 @@ left allows (the base dequantized once, combo kernels), and keeps the cheapest. 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from typing import Any
 
@@ -25,8 +24,11 @@ from .step_cost import expected_cost
 
 log = logging.getLogger("phi3tune")
 
-# Offloaded activations are pinned host memory: at most this share of the machine's, so the run leaves the rest
-HOST_SHARE = 0.25
+# Combo kernels' extra is measured, not modelled (plan.COMBO_KERNELS_HIDDENS, the most seen), and the plans it joins
+# predict above their device peaks, so it may take the card to COMBO_FIT_FRACTION of the free memory where that leaves
+# COMBO_MARGIN_GIB: session 20, 12 GiB quickstart, 4,096-token plan with them 10.91 GiB device peak (predicted
+# 11.16), +6% tokens/s in two same-machine pairs. On 8 GiB the margin binds (7.2 GiB, as FIT_FRACTION)
+COMBO_FIT_FRACTION, COMBO_MARGIN_GIB = 0.94, 0.75
 
 
 def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:
@@ -48,18 +50,20 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
 
 def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
     """``plan`` with inductor's combo kernels in its compiled layers where measured to pay and where its predicted
-    peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits: a speed plan on CUDA for unpacked rows that
-    checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13% shorter; 16 GiB
-    quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same losses. Packed
-    rows and checkpointed layers were not measured with them. PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks)
-    overrides."""
+    peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits (``COMBO_FIT_FRACTION``): a speed plan on CUDA for
+    unpacked rows that checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13%
+    shorter; 16 GiB quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same
+    losses; session 20, 12 GiB, +6%. Packed rows and checkpointed layers were not measured with them.
+    PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
     extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
     held = _plus(plan, "combo_kernels", extra, combo_kernels=True)
     asked = combo_wanted()
     if asked is not None:
         return held if asked and plan.compile else plan
     measured = plan.mode == "speed" and plan.device.startswith("cuda") and not plan.checkpointing and not packed
-    return held if plan.compile and measured and _fits(held, free) else plan
+    room = free is None or held.predicted_peak_gib * GIB <= min(COMBO_FIT_FRACTION * free,
+                                                                 free - COMBO_MARGIN_GIB * GIB)
+    return held if plan.compile and measured and (_fits(held, free) or room) else plan
 
 
 def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
@@ -84,20 +88,6 @@ def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
     return min(WHOLE_STEP_CAP, held)
 
 
-def _host_memory() -> int | None:
-    """Physical memory of this machine in bytes (None where the OS does not say)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _offload_room(plan: RunPlan) -> bool:
-    """A plan's offloaded activations take at most ``HOST_SHARE`` of this machine's memory (they are pinned)."""
-    host = _host_memory()
-    return host is None or plan.memory.get("host_offloaded", 0) <= HOST_SHARE * host
-
-
 def _can_offload(plan: RunPlan) -> bool:
     """Layers' activations may wait in host memory (offload.py): compiled speed plans on CUDA, not under FSDP
     (whose gathers the side stream would race)."""
@@ -109,9 +99,10 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
     (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
     one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
-    none fits) and, where that checkpoints any and host offloading can run (``_can_offload``), the one
-    that moves the fewest layers' activations to host memory instead (knobs.offload_layers_wanted: a benchmark's
-    fixed count)."""
+    none fits) and, where that checkpoints any, host offloading can run (``_can_offload``) and a benchmark asks
+    for it (knobs.offload_layers_wanted: a fixed count), the one that moves that many layers' activations to host
+    memory instead. Not yet a choice of ``auto``: session 20 measured it slower on a 12 GiB card and, at 22 layers
+    on an 8 GiB card, the run failed with an illegal memory access (docs/performance.md)."""
     whole = whole_step_tokens(run, step_tokens)
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     forced = offload_layers_wanted()
@@ -123,15 +114,9 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                                   low)
                 if _fits(plan, free):
                     break
-            moved = plan.checkpoint_layers > 0 and _can_offload(plan) and forced != 0
-            for m in ([forced] if forced else range(1, shape.layers + 1)) if moved else ():
-                offloaded = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0,
-                                       processes, low, offload_layers=m)
-                if forced or (_fits(offloaded, free) and _offload_room(offloaded)):
-                    out.append(offloaded)
-                    break
-            if not (forced and moved):
-                out.append(plan)
+            moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
+            out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0, processes,
+                                  low, offload_layers=forced or 0) if moved else plan)
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
     return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
@@ -160,7 +145,7 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
             if _fits(plan, free)]
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
-    fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]
+    fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed))
     memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)

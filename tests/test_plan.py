@@ -95,7 +95,8 @@ def test_phi3_mini_plan_on_cards_of_every_size():
     ft = FineTuner(str(PHI3_DIR))
     cards = (8, 12, 16, 24, 40, 80, 139)
     plans = {g: plan_for(ft, "cuda", free_gib=g) for g in cards}
-    assert all(p.predicted_peak_gib <= 0.9 * g for g, p in plans.items())
+    assert all(p.predicted_peak_gib <= 0.9 * g or (p.combo_kernels and p.predicted_peak_gib <= g - 0.75)
+               for g, p in plans.items())  # combo kernels' measured extra may use a little more of the card
     costs = [expected_cost(plans[g], 32) for g in cards]
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
     big, twelve, eight = plans[139], plans[12], plans[8]
@@ -509,28 +510,33 @@ def test_a_named_plan_that_would_not_fit_is_warned_about_before_any_weight_loads
 @needs_shared
 def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
     """Inductor's combo kernels (fewer launches: session 18) go on a CUDA speed plan that checkpoints no layer,
-    only where its predicted peak plus their measured extra still fits 90% of the card, and that extra is in the
+    only where its predicted peak plus their measured extra still fits 90% of the card, or the combo room
+    (``COMBO_FIT_FRACTION`` of it, leaving ``COMBO_MARGIN_GIB``: session 20's 12 GiB card), and that extra is in the
     prediction; checkpointed, memory and CPU plans keep the plain kernels; the benchmark knob forces either way."""
     from phi3tune.knobs import compile_settings
     from phi3tune.plan import COMBO_KERNELS_HIDDENS
+    from phi3tune.plan_search import COMBO_FIT_FRACTION, COMBO_MARGIN_GIB
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
     ft = FineTuner(str(PHI3_DIR))
-    plans = {g: plan_for(ft, "cuda", free_gib=g) for g in (8, 12, 16, 20, 24, 40, 139)}
+    plans = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=4842) for g in (8, 11, 12, 16, 20, 24, 40, 139)}
     for g, p in plans.items():
-        assert p.predicted_peak_gib <= 0.9 * g
+        room = min(COMBO_FIT_FRACTION * g, g - COMBO_MARGIN_GIB)
+        assert p.predicted_peak_gib <= (room if p.combo_kernels else 0.9 * g)
         assert ("combo_kernels" in p.memory) == p.combo_kernels == ("combo kernels" in p.describe())
         if p.combo_kernels:  # the extra, per token of the largest micro-batch, is in the prediction
             assert p.mode == "speed" and not p.checkpointing
             assert p.memory["combo_kernels"] == COMBO_KERNELS_HIDDENS * 3072 * 2 * p.peak_micro_batch_tokens
     big = plans[139]
-    assert big.combo_kernels and big.memory["combo_kernels"] > 0.5 * 2**30  # ~1 GiB at 8,192 tokens
-    assert not plans[8].combo_kernels  # every layer checkpointed: not measured with combo kernels
-    # 12 GiB checkpoints no layer, but the extra would not fit 90% of the card: the room rule's negative control
-    assert not plans[12].checkpointing and not plans[12].combo_kernels
+    assert big.combo_kernels and big.memory["combo_kernels"] > 0.4 * 2**30  # ~0.6 GiB at 4,864 tokens
+    assert not plans[8].combo_kernels  # layers checkpointed: not measured with combo kernels
+    # 12 GiB: the extra is past 90% of the card but within the combo room
+    assert plans[12].combo_kernels and plans[12].predicted_peak_gib > 0.9 * 12
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=0")  # the room rule's negative control: without them
+    plain = plan_for(ft, "cuda", free_gib=12, step_tokens=4842)
+    assert not plain.combo_kernels and plain.predicted_peak_gib <= 0.9 * 12
     monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=1")
-    forced = plan_for(ft, "cuda", free_gib=12)
-    assert forced.combo_kernels and forced.predicted_peak_gib > 0.9 * 12 > plans[12].predicted_peak_gib
+    assert plan_for(ft, "cuda", free_gib=8, step_tokens=4842).combo_kernels  # forced, even where not measured
     monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=0")
     assert not plan_for(ft, "cuda", free_gib=139).combo_kernels
     monkeypatch.delenv("PHI3TUNE_COMPILE")

@@ -205,19 +205,21 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     # as the GPU plans them (the data's longest step, varlen attention): a bigger card is never expected slower
     cards = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=4842) for g in (8, 12, 16, 20, 24, 32, 40, 139)}
     costs = [expected_cost(p, 32) for p in cards.values()]
-    assert costs == sorted(costs, reverse=True) and all(p.predicted_peak_gib <= FIT_FRACTION * g
-                                                        for g, p in cards.items())
+    assert costs == sorted(costs, reverse=True) and all(
+        p.predicted_peak_gib <= FIT_FRACTION * g or (p.combo_kernels and p.predicted_peak_gib <= g - 0.75)
+        for g, p in cards.items())  # combo kernels' measured extra may use a little more (plan_search)
     assert cards[24].dequantized_base and cards[24].activation_budget == 0.5 and cards[24].dynamic_lengths
     assert sixteen.memory["symbolic_lengths"] > 0 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
     # 12 GiB takes the middle budget with symbolic lengths too, at 4,096 tokens and 1,024-token output-head chunks
     assert (twelve.activation_budget, twelve.dynamic_lengths, twelve.micro_batch_tokens) == (0.5, True, 4096)
-    assert twelve.ce_chunk == 1024 and twelve.predicted_peak_gib <= FIT_FRACTION * 12 and sixteen.ce_chunk == 2048
+    plain = twelve.predicted_peak_gib - twelve.memory.get("combo_kernels", 0) / (1 << 30)  # before combo kernels
+    assert twelve.ce_chunk == 1024 and plain <= FIT_FRACTION * 12 and sixteen.ce_chunk == 2048
     wider = (2048 - 1024) * 32064 * 10 / (1 << 30)  # 2,048-token chunks' logits (bf16, fp32 loss and gradient)
-    assert twelve.predicted_peak_gib + wider > FIT_FRACTION * 12  # why 12 GiB takes the smaller chunks
+    assert plain + wider > FIT_FRACTION * 12  # why 12 GiB takes the smaller chunks
     # negative control: with the low budget's symbolic extra (what the plan took before session 15 measured the
     # middle budget's), it would not fit
     extra = twelve.memory["symbolic_lengths"] * (SYMBOLIC_HIDDENS["low"] / SYMBOLIC_HIDDENS["middle"] - 1)
-    assert twelve.predicted_peak_gib + extra / (1 << 30) > FIT_FRACTION * 12
+    assert plain + extra / (1 << 30) > FIT_FRACTION * 12
     middle = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
     assert middle.activation_budget == 0.5 and middle.dynamic_lengths
     assert (modelled_budget(0.5, True), modelled_budget(0.5, False), modelled_budget(1.0, True)) == (0.3, 0.5, 1.0)

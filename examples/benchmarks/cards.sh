@@ -76,6 +76,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     cpp) compile+=(cpp_wrapper=1) ;;
     combo) compile+=(combo_kernels=1) ;;
     nocombo) compile+=(combo_kernels=0) ;;
+    blocking) envs+=(CUDA_LAUNCH_BLOCKING=1) ;;  # each kernel waits: where a device fault really happens
     late) envs+=(PHI3TUNE_READ_LATE=1) ;;
     now) envs+=(PHI3TUNE_READ_LATE=0) ;;
     opaque) compile+=(opaque_4bit=1) ;;
