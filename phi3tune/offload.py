@@ -32,19 +32,66 @@ import torch
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
 LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
+# their host buffer: the plan's moved bytes at its longest micro-batch, with room for the modelled bytes' error and
+# for the tensor that crosses the share (past it, a moved tensor gets its own pinned memory)
+SLAB_MARGIN, SLAB_EXTRA = 1.25, 256 << 20
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _strides_back(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides ``t``'s copy gets back on the device: its own where its elements fill their span exactly (dense,
+    no overlap: compiled backward graphs expect the layout they saved), else contiguous ones."""
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    if t.numel() and all(st >= 0 for st in t.stride()) and span == t.numel():
+        return tuple(t.stride())
+    out, step = [], 1
+    for n in reversed(t.shape):
+        out.append(step)
+        step *= max(1, n)
+    return tuple(reversed(out))
+
+
+class _Slab:
+    """One host buffer that a forward's moved tensors take in turn, reused by the next forward once no entry of
+    the last one needs it. Pinning host memory is slow (the driver maps each page), and one pinned tensor per saved
+    tensor makes every new length pin new blocks: session 20's 8 GiB run with 22 layers moved had not finished its
+    compile warm-up (38 lengths) after 65 s."""
+
+    ALIGN = 512  # each slice starts here: any dtype's view of it is aligned
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.offset = 0
+        self.owner: weakref.ref[_Chain] | None = None  # the forward whose entries it holds
+
+    def take(self, chain: _Chain, t: torch.Tensor) -> torch.Tensor | None:
+        """A contiguous host tensor of ``t``'s shape and dtype in the slab, or None where it is full or the last
+        forward's entries still need it (copies on the one side stream keep their order, so a slice read back
+        before is never overwritten before that copy ran)."""
+        owner = self.owner() if self.owner is not None else None
+        if owner is not chain:
+            if owner is not None and owner.unused:
+                return None
+            self.owner, self.offset = weakref.ref(chain), 0
+        end = self.offset + _nbytes(t)
+        if end > self.buffer.numel():
+            return None
+        piece = self.buffer[self.offset:end]
+        self.offset = -(-end // self.ALIGN) * self.ALIGN
+        return piece.view(t.dtype).view(t.shape)
+
+
 @dataclass(eq=False)
 class _Held:
     """One saved tensor in host memory: where it came from, the copy, and (once fetched) its way back."""
 
-    host: torch.Tensor
+    host: torch.Tensor  # contiguous
     device: torch.device
     chain: _Chain
+    stride: tuple[int, ...]  # the saved tensor's strides, which the tensor backward gets must have
     copied: Any = None  # CUDA event: the device-to-host copy has finished
     back: torch.Tensor | None = None  # fetched device copy
     arrived: Any = None  # CUDA event: ``back`` is complete
@@ -79,6 +126,7 @@ class _Chain:
     tokens: int = field(default=1)
     flight: list[_Held] = field(default_factory=list)  # entries whose copy out may still run, oldest first
     flying: int = 0  # their bytes
+    unused: int = 0  # entries not unpacked yet (the slab is not reused before this is 0)
 
 
 class Offloader:
@@ -91,8 +139,10 @@ class Offloader:
     tensor's "host copy" is a clone in new memory, so the original is released just as on a GPU, at any size."""
 
     def __init__(self, min_bytes: int = MIN_BYTES, share: float = 1.0, token_bytes: float = 0.0,
-                 lookahead: float = 0.0, static: Iterable[torch.Tensor] = ()) -> None:
+                 lookahead: float = 0.0, static: Iterable[torch.Tensor] = (), slab_bytes: int = 0) -> None:
         self.min_bytes, self.share, self.token_bytes, self.lookahead = min_bytes, share, token_bytes, lookahead
+        self.slab_bytes = slab_bytes  # a host buffer this large, taken at the first move (0: a tensor each)
+        self._slab: _Slab | None = None
         self._static = {t.untyped_storage().data_ptr() for t in static}
         self._chain: _Chain | None = None  # during a forward: its entries
         self._stream: Any = None
@@ -135,21 +185,28 @@ class Offloader:
                 return t
             chain.led += n
             return _Lead(t, chain)
+        if self._slab is None and self.slab_bytes:
+            self._slab = _Slab(self.slab_bytes, pinned=cuda)
+        host = self._slab.take(chain, t) if self._slab is not None else None
+        if host is None:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+        stride = _strides_back(t)
         if not cuda:  # the CPU (tests): every saved tensor, so the mechanism shows at any size
-            held = _Held(t.detach().clone(), t.device, chain)
+            host.copy_(t.detach())
+            held = _Held(host, t.device, chain, stride)
         else:
             side, now = self._side(t.device), torch.cuda.current_stream(t.device)
-            host = torch.empty_like(t, device="cpu", pin_memory=True)
             side.wait_stream(now)  # ``t`` is complete
             with torch.cuda.stream(side):
                 host.copy_(t, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(side)
             t.record_stream(side)  # its memory is not reused before the copy has read it
-            held = _Held(host, t.device, chain, copied)
+            held = _Held(host, t.device, chain, stride, copied)
             self._throttle(chain, held, now)
         held.before, chain.last = chain.last() if chain.last is not None else None, weakref.ref(held)
         chain.moved += n
+        chain.unused += 1
         self.packed += 1
         self.moved_bytes += n
         return held
@@ -173,12 +230,13 @@ class Offloader:
             return held.tensor
         if not isinstance(held, _Held):
             return held
-        held.used = True
+        if not held.used:
+            held.used, held.chain.unused = True, held.chain.unused - 1
         if held.ahead:
             held.ahead, held.chain.ahead = False, held.chain.ahead - _nbytes(held.host)
         if held.device.type != "cuda":
             self._walk(held.chain)
-            return held.host
+            return torch.empty_strided(held.host.shape, held.stride, dtype=held.host.dtype).copy_(held.host)
         now = torch.cuda.current_stream(held.device)
         if held.back is None:
             self._fetch(held)
@@ -207,7 +265,7 @@ class Offloader:
         (a side-stream pool would keep its own blocks, which the compute stream cannot reuse: session 20, +1.5 GiB
         reserved on a 12 GiB card)."""
         side, now = self._side(held.device), torch.cuda.current_stream(held.device)
-        back = torch.empty_like(held.host, device=held.device)
+        back = torch.empty_strided(held.host.shape, held.stride, dtype=held.host.dtype, device=held.device)
         side.wait_stream(now)  # the block may have been freed by compute-stream work still queued
         with torch.cuda.stream(side):
             side.wait_event(held.copied)
@@ -243,5 +301,7 @@ def offloader_for(plan: OffloadingPlan, model: Any) -> Offloader | None:
     kept = max(1, layers - plan.offload_layers)
     stack = plan.memory.get("activations", 0) / max(1, plan.peak_micro_batch_tokens) * layers / kept
     static = [*model.parameters(), *model.buffers()]
-    return Offloader(share=plan.offload_layers / layers, token_bytes=stack, lookahead=LOOKAHEAD_LAYERS / layers,
-                     static=static)
+    share = plan.offload_layers / layers
+    slab = int(SLAB_MARGIN * share * stack * plan.peak_micro_batch_tokens) + SLAB_EXTRA  # the peak's moved bytes
+    return Offloader(share=share, token_bytes=stack, lookahead=LOOKAHEAD_LAYERS / layers, static=static,
+                     slab_bytes=slab)

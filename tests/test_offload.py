@@ -300,3 +300,67 @@ def test_moved_entries_go_with_their_backward_not_with_a_garbage_collection():
         assert all(ref() is None for ref in held)
     finally:
         gc.enable()
+
+
+def _sin_chain(off: Offloader, x: torch.Tensor, n: int = 8) -> torch.Tensor:
+    with off.hooks(tokens=1):
+        y = x
+        for _ in range(n):
+            y = torch.sin(y)  # saves its input
+    return y
+
+
+def test_one_slab_serves_each_forward_once_the_last_forward_is_done_with_it():
+    """With a slab, a forward's moved tensors sit in one host buffer, from its start again at the next forward once
+    every entry of the last was unpacked; a forward that starts while another's entries still wait gets its own
+    memory, so both backwards see their own values (the guard's negative control: overwritten, the first graph's
+    gradient would be computed from the second's inputs)."""
+    off = Offloader(share=0.5, token_bytes=8 * 4 * 64, slab_bytes=1 << 16)
+    hosts: list[torch.Tensor] = []
+    pack = off._pack
+
+    def recording(t: torch.Tensor) -> Any:
+        out = pack(t)
+        if hasattr(out, "host"):
+            hosts.append(out.host)
+        return out
+
+    off._hooks = (recording, off._unpack)
+
+    def in_slab(t: torch.Tensor) -> bool:
+        assert off._slab is not None
+        start = off._slab.buffer.data_ptr()
+        return start <= t.data_ptr() < start + off._slab.buffer.numel()
+
+    x = torch.randn(64, requires_grad=True)
+    _sin_chain(off, x).sum().backward()
+    first = [h.data_ptr() for h in hosts]
+    assert len(first) == 4 and all(in_slab(h) for h in hosts)
+    assert x.grad is not None and torch.allclose(x.grad, _sin_chain_grad(x.detach(), 8))
+    hosts.clear()
+    _sin_chain(off, x.detach().requires_grad_()).sum().backward()
+    assert [h.data_ptr() for h in hosts] == first  # the slab again, from its start
+
+    hosts.clear()
+    a, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    ya = _sin_chain(off, a)  # its entries wait for a backward
+    yb = _sin_chain(off, b)
+    assert all(in_slab(h) for h in hosts[:4]) and not any(in_slab(h) for h in hosts[4:])  # b's: their own
+    yb.sum().backward()
+    ya.sum().backward()
+    assert a.grad is not None and torch.allclose(a.grad, _sin_chain_grad(a.detach(), 8))
+    assert b.grad is not None and torch.allclose(b.grad, _sin_chain_grad(b.detach(), 8))
+
+
+def test_a_moved_tensor_comes_back_with_the_strides_it_was_saved_with():
+    """A dense tensor in any layout (here transposed) comes back with its own strides, which a compiled backward
+    expects; one with gaps (a slice of a wider tensor) or overlaps (an expanded one) comes back contiguous, its
+    values the same."""
+    off = Offloader()
+    cases = [(torch.randn(8, 16).t(), (1, 16)), (torch.randn(16, 24)[:, :8], (8, 1)),
+             (torch.randn(4, 1).expand(4, 6), (6, 1)), (torch.randn(2, 3, 4).permute(2, 0, 1), (1, 12, 4))]
+    for t, stride in cases:
+        with off.hooks():
+            held = off._pack(t)
+        back = off._unpack(held)
+        assert torch.equal(back, t) and back.stride() == stride
