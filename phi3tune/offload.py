@@ -10,11 +10,12 @@ last, so their copies have the most time to go out and come back. The compiled l
 ``share`` of the bytes a forward saves are moved, those saved first (the first layers'), the model's own weights
 never (``static``).
 
-Each moved tensor is copied to pinned host memory on a side stream as soon as forward has made it, and its GPU
-memory is released once the copy is done. Backward copies entries back on the same side stream, ``lookahead``
-bytes ahead of the one it unpacks (at least one entry: the memory plan's one layer ahead); the first few tensors
-saved after the moved ones start that walk, so the last moved layer is on its way back before its backward. The
-values are copies: the loss and gradients are bit for bit those of the plan without it (tests/test_offload.py).
+Each moved tensor is copied to pinned host memory (a slice of one slab a forward, where the plan sizes one) on a
+side stream as soon as forward has made it, and its GPU memory is released once the copy is done. Backward copies
+entries back on the same side stream, ``lookahead`` bytes ahead of the one it unpacks (at least one entry: the
+memory plan's one layer ahead); the first few tensors saved after the moved ones start that walk, so the last moved
+layer is on its way back before its backward. The values are copies: the loss and gradients are bit for bit those
+of the plan without it (tests/test_offload.py).
 Torch's own ``save_on_cpu`` copies on the compute stream with no lookahead (torchtune's ``OffloadActivations`` has
 both, but torchtune is not among our dependencies).
 """
@@ -135,8 +136,10 @@ class Offloader:
     ``min_bytes``: smaller CUDA tensors are saved as they are. ``share``: the share of the bytes a forward saves to
     move, the first saved (1.0: all of them); a forward's saved bytes a token are learnt from the one before (the
     first uses ``token_bytes``). ``lookahead``: layers' worth of bytes to bring back ahead of backward. ``static``:
-    tensors (the model's weights) never moved, whose storage a compiled layer saves too. On the CPU (tests) a moved
-    tensor's "host copy" is a clone in new memory, so the original is released just as on a GPU, at any size."""
+    tensors (the model's weights) never moved, whose storage a compiled layer saves too. ``slab_bytes``: one host
+    buffer of that size for each forward's moved tensors (``_Slab``), else pinned memory for each. On the CPU (tests)
+    a moved tensor's "host copy" is a copy in other memory, so the original is released just as on a GPU, at any
+    size."""
 
     def __init__(self, min_bytes: int = MIN_BYTES, share: float = 1.0, token_bytes: float = 0.0,
                  lookahead: float = 0.0, static: Iterable[torch.Tensor] = (), slab_bytes: int = 0) -> None:

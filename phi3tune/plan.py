@@ -115,8 +115,8 @@ class RunPlan:
     # step without waiting for this one. CUDA plans but fp16 and FSDP; PHI3TUNE_READ_LATE=1 / 0 (knobs.read_late_wanted)
     read_late: bool = False
     # the first this many decoder layers' saved activations wait for backward in pinned host memory instead of
-    # being recomputed (offload.py): a compiled speed plan on CUDA whose activations do not all fit
-    # (plan_search._speed_candidates); PHI3TUNE_OFFLOAD_LAYERS=N / 0 (benchmarks, tests) asks for N / none
+    # being recomputed (offload.py). Only PHI3TUNE_OFFLOAD_LAYERS=N (benchmarks, tests) asks for it, on a speed plan
+    # that would checkpoint layers (plan_search._speed_candidates): session 20 measured no gain yet
     offload_layers: int = 0
 
     @property
