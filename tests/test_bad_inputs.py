@@ -160,6 +160,9 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], FineTuner], type[Exception],
     "nothing-to-train": (lambda m, t, o: tiny_tuner(m, o, [{"instruction": "a" * 99, "output": "b"}])
                          .data(max_seq_length=16), DataFormatError, ["no example has a trained token",
                                                                       "max_seq_length"]),
+    # found by test_errors_property.py: "/" was walked file by file for its fingerprint, up to an unreadable entry
+    "eval-source-root-dir": (lambda m, t, o: tiny_tuner(m, o, TEXT).data(eval_source="/"),
+                             DataSourceError, ["data.eval_source", "'/'", "10,000 files", "give a data file"]),
     "eval-source-missing": (lambda m, t, o: tiny_tuner(m, o, TEXT).data(eval_source=str(t / "eval.jsonl")),
                             DataSourceError, ["data.eval_source", "{tmp}/eval.jsonl"]),
     "eval-fraction-of-one-row": (lambda m, t, o: tiny_tuner(m, o, TEXT).data(eval_fraction=0.5),

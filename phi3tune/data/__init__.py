@@ -83,7 +83,8 @@ def prepare_data(spec: DataSpec, tokenizer: Any, seed: int = 42) -> PreparedData
     split = ("split", spec.eval_fraction, seed)
     train_part, eval_part = ((*split, "train"), (*split, "test")) if spec.eval_fraction else ("all", "all")
     source_fp = source_fingerprint(spec.source, spec.split)
-    eval_fp = source_fingerprint(spec.eval_source, spec.split) if spec.eval_source is not None else None
+    eval_fp = source_fingerprint(spec.eval_source, spec.split, "data.eval_source") \
+        if spec.eval_source is not None else None
     wanted = [parts.entry(source_fp, train_part)]
     if spec.eval_fraction:
         wanted.append(parts.entry(source_fp, eval_part))

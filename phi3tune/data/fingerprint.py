@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +27,35 @@ def digest(*parts: Any) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-def file_fingerprint(path: Path) -> str:
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # datasets' save_to_disk
+MAX_DIR_FILES = 10_000  # a data directory with more files than this is refused (its fingerprint would walk them all)
+
+
+def file_fingerprint(path: Path, field: str = "data.source") -> str:
     """A local file or directory by what `make` looks at: each data file's resolved path, size and mtime.
-    No file is read, so a cached run decides in milliseconds that it may reuse its tokens."""
+    No file is read, so a cached run decides in milliseconds that it may reuse its tokens. A directory's walk skips
+    what it cannot read (e.g. /proc/1/cwd) and stops past ``MAX_DIR_FILES`` files with an error naming ``field``:
+    "/" as a source (found by tests/test_errors_property.py) would otherwise be walked for minutes."""
     path = path.expanduser().resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
-                                                 and not p.name.startswith("."))
-    return digest("file", [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    if path.is_file():
+        return digest("file", [(str(path), path.stat().st_size, path.stat().st_mtime_ns)])
+    seen: list[tuple[str, int, int]] = []
+    for root, _, names in os.walk(path):  # unreadable directories are skipped
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                st = (Path(root) / name).stat()
+            except OSError:  # unreadable, or a broken link: not data the loader could read either
+                continue
+            if stat.S_ISREG(st.st_mode):
+                seen.append((str(Path(root) / name), st.st_size, st.st_mtime_ns))
+            if len(seen) > MAX_DIR_FILES:
+                from ..errors import DataSourceError
+
+                raise DataSourceError(f"{field}: directory {str(path)!r} holds more than {MAX_DIR_FILES:,} files; "
+                                      "give a data file, or a directory of data files")
+    return digest("file", sorted(seen))
 
 
 def dataset_fingerprint(ds: Any) -> str:
@@ -40,7 +64,7 @@ def dataset_fingerprint(ds: Any) -> str:
     return digest("dataset", getattr(ds, "_fingerprint", None), len(ds) if hasattr(ds, "__len__") else None)
 
 
-def source_fingerprint(source: Any, split: str) -> str | None:
+def source_fingerprint(source: Any, split: str, field: str = "data.source") -> str | None:
     """The fingerprint of a source before it is loaded, where that is cheap: a local file or directory, a
     Dataset or DatasetDict, a list of dicts. None for a hub name (known only once loaded: ``dataset_fingerprint``)."""
     if isinstance(source, list):
@@ -55,7 +79,7 @@ def source_fingerprint(source: Any, split: str) -> str | None:
         return dataset_fingerprint(source)
     path = Path(str(source)).expanduser()
     if path.exists():
-        return digest(file_fingerprint(path), split)
+        return digest(file_fingerprint(path, field), split)
     return None
 
 

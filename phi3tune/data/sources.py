@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import DataFormatError, DataSourceError
 from ..files import looks_like_path
+from .fingerprint import SAVED_DATASET_FILES
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -64,9 +65,7 @@ def _load_file(path: Path, field: str) -> Any:
 def _load_dir(path: Path, split: str, field: str) -> Any:
     from datasets import load_dataset, load_from_disk
 
-    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (
-        path / "dataset_dict.json"
-    ).exists():
+    if any((path / name).exists() for name in SAVED_DATASET_FILES):
         ds = load_from_disk(str(path))
         return ds[split] if hasattr(ds, "keys") else ds
     files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in _FILE_BUILDERS]
@@ -190,7 +189,7 @@ def load_stream(source: Any, split: str = "train", field: str = "data.source") -
             _load_file(path, field)  # raises the same error a map-style run would
         return load_dataset(builder, data_files=str(path), split="train", streaming=True)
     if path.is_dir():
-        if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if any((path / name).exists() for name in SAVED_DATASET_FILES):
             return _load_dir(path, split, field).to_iterable_dataset()  # a save_to_disk dataset: one split of it
         return load_dataset(str(path), split=split, streaming=True)
     if looks_like_path(str(source), tuple(_FILE_BUILDERS)):

@@ -108,6 +108,7 @@ def prepare_stream(spec: Any, tokenizer: Any) -> PreparedData:
         evals = StreamRows(load_stream(spec.eval_source, spec.split, "data.eval_source"), encoder, spec.packing,
                            spec.max_seq_length)
     options = [spec.format, spec.text_field, spec.system_prompt, spec.train_on, spec.max_seq_length, spec.packing]
-    sources = [source_fingerprint(s, spec.split) or str(s) for s in (spec.source, spec.eval_source)]
+    sources = [source_fingerprint(s, spec.split, field) or str(s)
+               for s, field in ((spec.source, "data.source"), (spec.eval_source, "data.eval_source"))]
     return PreparedData(train, evals, DataSummary(fmt, train_on, 0, 0, 0, 0, 0), streaming=True,
                         fingerprint=digest("stream", LAYOUT_VERSION, sources, options))
