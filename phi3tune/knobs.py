@@ -76,15 +76,17 @@ def read_late_wanted(cuda: bool, precision: str, sharded: bool) -> bool:
     return yes(asked) if asked else cuda
 
 
+COMPILE_KEYS = ("mode", "cpp_wrapper", "combo_kernels", "opaque_4bit", "activation_budget", "dynamic_lengths",
+                "lengths", "dequant", "masks")  # PHI3TUNE_COMPILE's keys (compile_settings reads them)
+
+
 def compile_env() -> dict[str, str]:
-    """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says which keys exist)."""
+    """PHI3TUNE_COMPILE's ``key=value`` items (benchmarks only; compile_settings says what each key does)."""
     out = {}
     for item in filter(None, os.environ.get("PHI3TUNE_COMPILE", "").split(",")):
         key, _, value = item.partition("=")
-        keys = ("mode", "cpp_wrapper", "combo_kernels", "opaque_4bit", "activation_budget", "dynamic_lengths",
-                "lengths", "dequant", "masks")
-        if key not in keys:
-            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of {', '.join(keys)}")
+        if key not in COMPILE_KEYS:
+            raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of {', '.join(COMPILE_KEYS)}")
         if key == "dequant" and value not in ("table", "select", "kernel"):
             raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table, select or kernel")
         if key == "masks" and value not in ("save", "recompute"):

@@ -364,3 +364,4 @@ def test_a_moved_tensor_comes_back_with_the_strides_it_was_saved_with():
             held = off._pack(t)
         back = off._unpack(held)
         assert torch.equal(back, t) and back.stride() == stride
+

@@ -563,3 +563,20 @@ def test_numbers_read_a_step_late_on_cuda_plans(monkeypatch):
     assert not plan_for(ft, "cuda", free_gib=16).read_late
     monkeypatch.setenv("PHI3TUNE_READ_LATE", "1")
     assert plan_for(ft, "cpu").read_late
+
+
+def test_benchmark_knobs_refuse_what_they_do_not_know(monkeypatch):
+    """PHI3TUNE_OFFLOAD_LAYERS takes a count and PHI3TUNE_COMPILE its known keys; anything else fails with a message
+    naming the knob and what it takes (negative controls: a count and a known key pass)."""
+    from phi3tune.knobs import compile_env, offload_layers_wanted
+
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD_LAYERS", "some")
+    with pytest.raises(ValueError, match="PHI3TUNE_OFFLOAD_LAYERS='some': give a number of layers"):
+        offload_layers_wanted()
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD_LAYERS", "3")
+    assert offload_layers_wanted() == 3
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=1,bogus=2")
+    with pytest.raises(ValueError, match="'bogus' is not one of mode, cpp_wrapper"):
+        compile_env()
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=1")
+    assert compile_env() == {"combo_kernels": "1"}
