@@ -246,6 +246,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
+    moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
 
     def parts_of(symbolic: bool, chunk: int) -> dict[str, int]:  # symbolic-length graphs keep other activations
         kept_as = modelled_budget(activation_budget, symbolic)
@@ -255,7 +256,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
             compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=checkpoint_layers,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks,
-            offload_layers=0 if checkpointing else offload_layers)
+            offload_layers=moved)
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)} \
             if symbolic else parts
 
@@ -288,4 +289,4 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
         ddp=ddp_settings() if processes > 1 and not sharded else {},
         read_late=read_late_wanted(cuda, precision, sharded),
-        offload_layers=0 if checkpointing else min(offload_layers, shape.layers))
+        offload_layers=moved)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from .memory import budget_tier
+from .plan import WHOLE_STEP_CAP
 
 
 class CostedPlan(Protocol):
@@ -56,7 +57,6 @@ _DEQUANTIZE_SAVES_MS, _MICRO_BATCH_MS, _TOKEN_MS = 16.0, 19.0, 0.0367
 # Combo kernels (plan_search.with_combo_kernels): session 18, 16 GiB quickstart, three same-machine pairs, +4.1%
 # tokens/s
 _COMBO_COST = 0.96
-WHOLE_STEP = 8192  # plan.WHOLE_STEP_CAP: the largest micro-batch
 # Layers' activations in host memory (offload.py) instead of recomputed: each byte crosses the host link twice (out
 # in forward, back in backward) on a side stream beside the compute, so only what the compute cannot hide costs.
 # Session 20, 12 GiB quickstart, ABBA on one machine: the first 5 layers at 4,864 tokens (1.1 GiB a micro-batch)
@@ -86,5 +86,5 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False) -> float:
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
     combo = _COMBO_COST if plan.combo_kernels else 1.0
     link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
-    moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP))
+    moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))
     return per_size * low * held * combo * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL) + moved)

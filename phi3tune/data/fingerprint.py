@@ -15,6 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataSourceError
+
 # Bump when the prepared rows change for the same inputs (a new column, a masking fix): old cache entries are
 # then never read again.
 LAYOUT_VERSION = "phi3tune-data-2"
@@ -27,7 +29,6 @@ def digest(*parts: Any) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # datasets' save_to_disk
 MAX_DIR_FILES = 10_000  # a data directory with more files than this is refused (its fingerprint would walk them all)
 
 
@@ -51,8 +52,6 @@ def file_fingerprint(path: Path, field: str = "data.source") -> str:
             if stat.S_ISREG(st.st_mode):
                 seen.append((str(Path(root) / name), st.st_size, st.st_mtime_ns))
             if len(seen) > MAX_DIR_FILES:
-                from ..errors import DataSourceError
-
                 raise DataSourceError(f"{field}: directory {str(path)!r} holds more than {MAX_DIR_FILES:,} files; "
                                       "give a data file, or a directory of data files")
     return digest("file", sorted(seen))

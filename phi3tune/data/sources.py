@@ -8,9 +8,9 @@ from typing import Any
 
 from ..errors import DataFormatError, DataSourceError
 from ..files import looks_like_path
-from .fingerprint import SAVED_DATASET_FILES
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # datasets' save_to_disk marks
 
 
 def _find_bad_json(path: Path) -> str | None:
