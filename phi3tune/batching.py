@@ -193,12 +193,17 @@ def _one_document_rows(train: Any) -> bool:
     return columns is not None and "position_ids" not in columns
 
 
-def largest_step(train: Any, per_step: int, seed: int) -> int | None:
-    """The most tokens an optimizer step of one-document rows holds in the first epoch (None: other rows)."""
+def step_lengths(train: Any, per_step: int, seed: int) -> list[int] | None:
+    """The tokens of each optimizer step of one-document rows in the first epoch (None: other rows)."""
     if not _one_document_rows(train):
         return None
     order = list(EpochSampler(len(train), seed))
-    return max(micro_batch_lengths(row_lengths(train).tolist(), order, per_step, sys.maxsize), default=None)
+    return micro_batch_lengths(row_lengths(train).tolist(), order, per_step, sys.maxsize)
+
+
+def largest_step(train: Any, per_step: int, seed: int) -> int | None:
+    """The most tokens an optimizer step of one-document rows holds in the first epoch (None: other rows)."""
+    return max(step_lengths(train, per_step, seed) or (), default=None)
 
 
 def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> RunPlan:

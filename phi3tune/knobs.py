@@ -50,6 +50,13 @@ def offload_layers_wanted() -> int | None:
     return int(asked) if asked else None
 
 
+def checkpoints_by_length_wanted() -> bool:
+    """Checkpoint by micro-batch length (checkpoint_lengths.py) where a speed plan checkpoints layers? Yes, unless
+    PHI3TUNE_CKPT_BY_LENGTH=0 (benchmarks: every pass checkpoints the longest micro-batch's layers, as before)."""
+    asked = os.environ.get("PHI3TUNE_CKPT_BY_LENGTH", "")
+    return yes(asked) if asked else True
+
+
 def dequantize_wanted() -> bool | None:
     """PHI3TUNE_DEQUANTIZE (benchmarks, tests): ``1`` dequantizes the 4-bit base once on any plan that can
     (plan_search.with_dequantized_base), on any device; ``0`` never; unset (None): the plan decides."""

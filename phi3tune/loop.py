@@ -28,6 +28,7 @@ from . import checkpoints as ckpt
 from . import distributed, flat_steps, late_read, lora_dropout, optim, shards, tracking
 from ._isolation import frozen_heap
 from .batching import Batch, EpochSampler, MicroBatcher, Position, StepsAhead, count_steps, loaders, optimizer_steps
+from .checkpoint_lengths import length_checkpointing
 from .compiled_layers import graph_room, warm_up_positions
 from .data import PreparedData
 from .errors import CheckpointError, Say, TrainingInterrupted, hint
@@ -84,7 +85,8 @@ class Trainer:
         graphs = plan.compile and bool(self.compile_options.get("triton.cudagraphs"))
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         longest = plan.position_cap if plan.varlen_bounds else None
-        loss = TokenLoss(model, plan.ce_chunk, graphs, offloader_for(plan, model), longest_example=longest)
+        loss = TokenLoss(model, plan.ce_chunk, graphs, offloader_for(plan, model), longest_example=longest,
+                         checkpoints=length_checkpointing(plan, model))
         self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)

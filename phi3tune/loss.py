@@ -58,7 +58,8 @@ class TokenLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk: int = CE_CHUNK, cuda_graphs: bool = False,
-                 offloader: Offloader | None = None, longest_example: int | None = None) -> None:
+                 offloader: Offloader | None = None, longest_example: int | None = None,
+                 checkpoints: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
@@ -66,6 +67,8 @@ class TokenLoss(nn.Module):
         self.longest_example = longest_example
         # saved activations held in host memory until backward (offload.py: plan.offload_checkpoints, offload_layers)
         self.offloader = offloader
+        # checkpointing by micro-batch length (checkpoint_lengths.py): told each pass's length before it runs
+        self.checkpoints = checkpoints
         # compiled layers replayed as CUDA graphs (a benchmark knob, knobs.compile_settings): each micro-batch is a
         # new step of inductor's graph trees, whose outputs the last one's backward no longer needs
         self.cuda_graphs = cuda_graphs
@@ -79,6 +82,8 @@ class TokenLoss(nn.Module):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         lm = self._causal_lm()
+        if self.checkpoints is not None:
+            self.checkpoints(input_ids.shape[-1])
         with self.offloader.hooks(input_ids.numel()) if self.offloader is not None else nullcontext():
             hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                               **self._bounds(input_ids, position_ids, cu_seqlens)).last_hidden_state

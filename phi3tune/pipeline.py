@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import checkpoints as ckpt
-from .batching import fit_lengths_to_data, largest_step
+from .batching import fit_lengths_to_data, step_lengths
 from .compiled_layers import compile_layers
 from .data import PreparedData
 from .distributed import process_group_kwargs
@@ -149,17 +149,19 @@ def whole_steps_of_the_data(run: RunSpec, info: ModelInfo, targets: list[str], d
                             train: Any, processes: int) -> RunPlan:
     """``auto``'s plan once the data is known: a whole-step micro-batch sized to the data's longest step
     (plan_search.whole_step_tokens) predicts less memory than one sized to what a step could hold, so it may now
-    fit this card, or fit it with less padding. Chosen again among the same candidates; other plans stay as they are."""
+    fit this card, or fit it with less padding; and the steps' tokens say what checkpointing by length costs.
+    Chosen again among the same candidates; other plans stay as they are."""
     t = run.train
     if plan.optimize_for != "auto" or plan.mode != "speed" or t.micro_batch_tokens:
         return plan
-    largest = largest_step(train, t.sequences_per_step, t.seed)
+    steps = step_lengths(train, t.sequences_per_step, t.seed)
+    largest = max(steps or (), default=None)
     if largest is None or whole_step_tokens(run, largest) >= whole_step_tokens(run):
         return plan
     assert info.shape is not None
     log.info("data: a step holds at most %s tokens (first epoch), of the %s it could: whole-step micro-batches "
              "are sized to that", f"{largest:,}", f"{whole_step_tokens(run):,}")
-    return resolve_plan(run, info.shape, targets, device, processes=processes, step_tokens=largest)
+    return resolve_plan(run, info.shape, targets, device, processes=processes, step_tokens=largest, steps=steps)
 
 
 def inspect_model(run: RunSpec, device: torch.device) -> tuple[ModelInfo, list[str]]:

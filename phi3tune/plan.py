@@ -17,7 +17,16 @@ from typing import Any
 
 import torch
 
-from .knobs import compile_env, compile_settings, ddp_settings, offload_wanted, read_late_wanted, yes
+from .checkpoint_lengths import table
+from .knobs import (
+    checkpoints_by_length_wanted,
+    compile_env,
+    compile_settings,
+    ddp_settings,
+    offload_wanted,
+    read_late_wanted,
+    yes,
+)
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
 from .memory import (
     COMMUNICATION,
@@ -118,6 +127,10 @@ class RunPlan:
     # being recomputed (offload.py). Only PHI3TUNE_OFFLOAD_LAYERS=N (benchmarks, tests) asks for it, on a speed plan
     # that would checkpoint layers (plan_search._speed_candidates): session 20 measured no gain yet
     offload_layers: int = 0
+    # checkpointing by micro-batch length (checkpoint_lengths.py): ((up to N tokens, checkpoint the first K layers),
+    # ...), ascending; the last is the longest micro-batch's ``checkpoint_layers``. Empty: every pass checkpoints
+    # ``checkpoint_layers``. Speed plans that checkpoint, unless PHI3TUNE_CKPT_BY_LENGTH=0 (benchmarks)
+    checkpoint_lengths: tuple[tuple[int, int], ...] = ()
 
     @property
     def padding_free(self) -> bool:
@@ -156,7 +169,8 @@ class RunPlan:
             how.append("dropout masks recomputed")
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
-                       + (", their inputs in host memory" if self.offload_checkpoints else ""))
+                       + (", their inputs in host memory" if self.offload_checkpoints else "")
+                       + (f" (by length: {self._lengths_words()})" if self.checkpoint_lengths else ""))
         if self.offload_layers:
             moved = self.memory.get("host_offloaded", 0) / GIB
             how.append(f"the first {self.offload_layers} layers' activations in host memory "
@@ -181,6 +195,10 @@ class RunPlan:
         digits = 1 if self.predicted_peak_gib >= 1 else 2
         return f"plan: {chosen} — {', '.join(how)}; predicted peak {self.predicted_peak_gib:.{digits}f} GiB{fits}"
 
+    def _lengths_words(self) -> str:
+        """``checkpoint_lengths`` in words: how many layers each length range checkpoints."""
+        return ", ".join(f"{k} up to {n:,} tokens" for n, k in self.checkpoint_lengths)
+
     def _budget_words(self) -> str:
         """The micro-batch sizes the run really makes: an example longer than the budget gets its own."""
         budget, peak = self.micro_batch_tokens or 0, self.peak_micro_batch_tokens
@@ -192,6 +210,7 @@ class RunPlan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["token_buckets"] = list(self.token_buckets)
+        d["checkpoint_lengths"] = [list(e) for e in self.checkpoint_lengths]
         d["padding_free"] = self.padding_free
         d["requested"] = self.optimize_for  # the key plan files had before
         d["summary"] = self.describe()
@@ -212,10 +231,12 @@ def _allocator_unset() -> bool:
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1,
-               activation_budget: float = 1.0, offload_layers: int = 0) -> RunPlan:
+               activation_budget: float = 1.0, offload_layers: int = 0, by_length: bool = False) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
     ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers';
-    ``offload_layers``: that many (uncheckpointed) layers' activations in host memory."""
+    ``offload_layers``: that many (uncheckpointed) layers' activations in host memory; ``by_length``: shorter
+    micro-batches checkpoint fewer layers within the same predicted peak (checkpoint_lengths.py), where the plan
+    checkpoints some, not all by its mode, and keeps no checkpointed input in host memory."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -248,16 +269,16 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
 
-    def parts_of(symbolic: bool, chunk: int) -> dict[str, int]:  # symbolic-length graphs keep other activations
-        kept_as = modelled_budget(activation_budget, symbolic)
+    def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
+        kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations
         parts = estimate_parts(
             shape, bits=q.bits if q is not None else None, double_quant=q is not None and q.double_quant,
             targets=set(targets), r=a.r, dropout=a.dropout, optimizer_state_bytes=opt.state_bytes,
-            act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=tokens, checkpointing=checkpointing,
-            compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=checkpoint_layers,
+            act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=n, checkpointing=checkpointing,
+            compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=k,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks,
             offload_layers=moved)
-        return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, tokens, act_bytes, activation_budget)} \
+        return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, n, act_bytes, activation_budget)} \
             if symbolic else parts
 
     def over(parts: dict[str, int]) -> bool:  # the parts would not fit in FIT_FRACTION of the free memory
@@ -271,6 +292,12 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         fixed_parts = parts_of(False, chunk)  # where fixed lengths fit and the symbolic length does not: fixed
         if total_gib(fixed_parts) < total_gib(parts):
             dynamic, buckets, parts = False, fixed, fixed_parts
+    lengths: tuple[tuple[int, int], ...] = ()
+    if by_length and checkpoint_layers > 0 and not (m["checkpointing"] or t.gradient_checkpointing or offload) \
+            and len(buckets) > 1 and checkpoints_by_length_wanted():
+        peak = total_gib(parts)
+        lengths = table(granule_lengths(tokens), checkpoint_layers, peak,  # every length a fitted bucket may take
+                        lambda n, k: total_gib(parts_of(dynamic, chunk, n, k)))
     whole = parts["quantized_weights"] + parts["other_weights"] + parts["cuda_context"]
     shard_from_cpu = sharded and cuda and free is not None and whole > FIT_FRACTION * free
     parts = per_rank_parts(parts, shape, processes) if sharded else parts
@@ -289,4 +316,4 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
         ddp=ddp_settings() if processes > 1 and not sharded else {},
         read_late=read_late_wanted(cuda, precision, sharded),
-        offload_layers=moved)
+        offload_layers=moved, checkpoint_lengths=lengths)

@@ -60,7 +60,8 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     asked = combo_wanted()
     if asked is not None:
         return held if asked and plan.compile else plan
-    measured = plan.mode == "speed" and plan.device.startswith("cuda") and not plan.checkpointing and not packed
+    measured = plan.mode == "speed" and plan.device.startswith("cuda") and not packed \
+        and (not plan.checkpointing or bool(plan.checkpoint_lengths))
     room = free is None or held.predicted_peak_gib * GIB <= min(COMBO_FIT_FRACTION * free,
                                                                  free - COMBO_MARGIN_GIB * GIB)
     return held if plan.compile and measured and (_fits(held, free) or room) else plan
@@ -115,15 +116,39 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                 if _fits(plan, free):
                     break
             moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
-            out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0, processes,
-                                  low, offload_layers=forced or 0) if moved else plan)
+            if moved:
+                out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0, processes,
+                                      low, offload_layers=forced or 0))
+            elif plan.checkpoint_layers:  # shorter micro-batches checkpoint fewer layers (checkpoint_lengths.py)
+                out += _by_length(run, shape, targets, device, optimize_for, free, budget, plan.checkpoint_layers,
+                                  processes, low)
+            else:
+                out.append(plan)
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
     return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
 
 
+def _by_length(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
+               free: int | None, budget: int | None, layers: int, processes: int, low: float) -> list[RunPlan]:
+    """The plan that checkpoints ``layers`` for its longest micro-batch and fewer for shorter ones, and, where
+    combo kernels would not fit beside it, the one with the fewest more layers at which they do (with the room
+    they leave, the longest steps recompute a little more and every step launches fewer kernels)."""
+    def by(k: int) -> RunPlan:
+        return _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes, low,
+                          by_length=True)
+
+    plan = by(layers)
+    if with_combo_kernels(plan, shape, free, run.data.packing).combo_kernels or not plan.checkpoint_lengths:
+        return [plan]
+    roomy = next((p for p in map(by, range(layers + 1, shape.layers + 1))
+                  if with_combo_kernels(p, shape, free, run.data.packing).combo_kernels), None)
+    return [plan] if roomy is None else [plan, roomy]
+
+
 def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,
-                 free_bytes: int | None = None, processes: int = 1, step_tokens: int | None = None) -> RunPlan:
+                 free_bytes: int | None = None, processes: int = 1, step_tokens: int | None = None,
+                 steps: list[int] | None = None) -> RunPlan:
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
     micro-batches and the fewest checkpointed or host-offloaded layers that fit, each with the base dequantized once
@@ -131,7 +156,8 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     (``with_combo_kernels``), else memory),
     on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
     measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
-    ``step_tokens``: the data's longest step, once the data is known (``whole_step_tokens``)."""
+    ``step_tokens``: the data's longest step, once the data is known (``whole_step_tokens``); ``steps``: every
+    step's tokens then, which say what checkpointing by length costs (``expected_cost``)."""
     asked = run.train.optimize_for
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     packed = run.data.packing
@@ -147,7 +173,7 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
     if fits:
-        return min(fits, key=lambda p: expected_cost(p, shape.layers, packed))
+        return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))
     memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
     if not _fits(memory, free):
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "

@@ -3,8 +3,10 @@ docs/performance.md. ``resolve_plan`` takes, among the plans that fit, the one t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
+from .checkpoint_lengths import recomputed_share
 from .memory import budget_tier
 from .plan import WHOLE_STEP_CAP
 
@@ -24,6 +26,8 @@ class CostedPlan(Protocol):
     def combo_kernels(self) -> bool: ...
     @property
     def memory(self) -> dict[str, int]: ...
+    @property
+    def checkpoint_lengths(self) -> tuple[tuple[int, int], ...]: ...
 
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
 # 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
@@ -71,17 +75,21 @@ def micro_batch_ms(tokens: int) -> float:
     return _MICRO_BATCH_MS + _TOKEN_MS * tokens
 
 
-def expected_cost(plan: CostedPlan, layers: int, packed: bool = False) -> float:
+def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Sequence[int] | None = None) -> float:
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
     base dequantized once takes its measured ~16 ms off each micro-batch; activations in host memory cost
-    ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's."""
+    ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's. Recomputation costs in
+    proportion to the layers checkpointed: where they depend on the micro-batch's length (checkpoint_lengths.py),
+    token-weighted over ``steps`` (the data's steps' tokens, one micro-batch each), else the longest's count."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
     per_size = micro_batch_ms(size) / size / (micro_batch_ms(4096) / 4096) if fitted else _BUDGET_COST[size]
-    share = plan.checkpoint_layers / max(1, layers)
+    whole = bool(steps) and budget >= max(steps or (0,))  # each step one micro-batch
+    by_length = recomputed_share(plan.checkpoint_lengths, layers, steps or ()) if whole else None
+    share = plan.checkpoint_layers / max(1, layers) if by_length is None else by_length
     low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
     combo = _COMBO_COST if plan.combo_kernels else 1.0

@@ -509,10 +509,11 @@ def test_a_named_plan_that_would_not_fit_is_warned_about_before_any_weight_loads
 
 @needs_shared
 def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
-    """Inductor's combo kernels (fewer launches: session 18) go on a CUDA speed plan that checkpoints no layer,
-    only where its predicted peak plus their measured extra still fits 90% of the card, or the combo room
-    (``COMBO_FIT_FRACTION`` of it, leaving ``COMBO_MARGIN_GIB``: session 20's 12 GiB card), and that extra is in the
-    prediction; checkpointed, memory and CPU plans keep the plain kernels; the benchmark knob forces either way."""
+    """Inductor's combo kernels (fewer launches: session 18) go on a CUDA speed plan that checkpoints no layer or
+    checkpoints by micro-batch length (checkpoint_lengths.py), only where its predicted peak plus their measured
+    extra still fits 90% of the card, or the combo room (``COMBO_FIT_FRACTION`` of it, leaving
+    ``COMBO_MARGIN_GIB``: session 20's 12 GiB card), and that extra is in the prediction; plans that checkpoint the
+    same layers on every pass, memory and CPU plans keep the plain kernels; the benchmark knob forces either way."""
     from phi3tune.knobs import compile_settings
     from phi3tune.plan import COMBO_KERNELS_HIDDENS
     from phi3tune.plan_search import COMBO_FIT_FRACTION, COMBO_MARGIN_GIB
@@ -525,11 +526,15 @@ def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
         assert p.predicted_peak_gib <= (room if p.combo_kernels else 0.9 * g)
         assert ("combo_kernels" in p.memory) == p.combo_kernels == ("combo kernels" in p.describe())
         if p.combo_kernels:  # the extra, per token of the largest micro-batch, is in the prediction
-            assert p.mode == "speed" and not p.checkpointing
+            assert p.mode == "speed" and (not p.checkpointing or p.checkpoint_lengths)
             assert p.memory["combo_kernels"] == COMBO_KERNELS_HIDDENS * 3072 * 2 * p.peak_micro_batch_tokens
     big = plans[139]
     assert big.combo_kernels and big.memory["combo_kernels"] > 0.4 * 2**30  # ~0.6 GiB at 4,864 tokens
-    assert not plans[8].combo_kernels  # layers checkpointed: not measured with combo kernels
+    assert plans[8].combo_kernels and plans[8].checkpoint_lengths  # checkpointed by length
+    monkeypatch.setenv("PHI3TUNE_CKPT_BY_LENGTH", "0")  # every pass checkpoints the same: not measured with them
+    same = plan_for(ft, "cuda", free_gib=8, step_tokens=4842)
+    assert same.checkpointing and not same.checkpoint_lengths and not same.combo_kernels
+    monkeypatch.delenv("PHI3TUNE_CKPT_BY_LENGTH")
     # 12 GiB: the extra is past 90% of the card but within the combo room
     assert plans[12].combo_kernels and plans[12].predicted_peak_gib > 0.9 * 12
     monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=0")  # the room rule's negative control: without them

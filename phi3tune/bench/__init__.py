@@ -28,11 +28,13 @@ PEAK_TFLOPS = {"H200": 808.0, "H100": 760.0}
 
 
 def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = None,
-             processes: int | None = None, step_tokens: int | None = None) -> RunPlan:
+             processes: int | None = None, step_tokens: int | None = None,
+             steps: list[int] | None = None) -> RunPlan:
     """The RunPlan ``ft`` gets on ``device`` ("cuda" / "cpu"; default: this machine's), without loading weights.
     ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits);
     ``processes`` for that many ranks (default: as launched; under ``distributed="fsdp"`` the peak is per GPU);
-    ``step_tokens``: the data's longest step (a run learns it from the prepared unpacked rows)."""
+    ``step_tokens``: the data's longest step, ``steps`` each step's tokens (a run learns both from the prepared
+    unpacked rows: batching.step_lengths)."""
     import os
 
     from ..model import preflight_model, resolve_target_modules
@@ -46,7 +48,7 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
     dev = torch.device(device) if device else resolve_device("auto")  # a named device needs not be here
     n = processes if processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
     return resolve_plan(run, info.shape, targets, dev, None if free_gib is None else int(free_gib * GIB), n,
-                        step_tokens)
+                        step_tokens, steps)
 
 
 def estimate_memory(ft: FineTuner, device: str | None = None, free_gib: float | None = None,
