@@ -25,10 +25,12 @@ def table(lengths: Sequence[int], peak_layers: int, peak: float, peak_of: Callab
     """For each micro-batch length of ``lengths`` (ascending; the last is the plan's longest, which checkpoints
     ``peak_layers``), the fewest first layers whose predicted peak ``peak_of(tokens, layers)`` stays within
     ``peak``; only the lengths where that count changes are kept. The count is searched upward from 0: one
-    checkpointed layer can cost more than none (it is recomputed whole, where the others keep a budget's share)."""
+    checkpointed layer can cost more than none (it is recomputed whole, where the others keep a budget's share),
+    and from the last length's count: a longer micro-batch needs at least as many."""
     out: list[tuple[int, int]] = []
     for n in lengths[:-1]:
-        k = next((j for j in range(peak_layers) if peak_of(n, j) <= peak), peak_layers)
+        first = out[-1][1] if out else 0
+        k = next((j for j in range(first, peak_layers) if peak_of(n, j) <= peak), peak_layers)
         if out and out[-1][1] == k:
             out[-1] = (n, k)
         else:

@@ -55,16 +55,25 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     shorter; 16 GiB quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same
     losses; session 20, 12 GiB, +6%. Packed rows and checkpointed layers were not measured with them.
     PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
-    extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
-    held = _plus(plan, "combo_kernels", extra, combo_kernels=True)
+    held = _plus(plan, "combo_kernels", _combo_bytes(plan, shape), combo_kernels=True)
     asked = combo_wanted()
     if asked is not None:
         return held if asked and plan.compile else plan
     measured = plan.mode == "speed" and plan.device.startswith("cuda") and not packed \
         and (not plan.checkpointing or bool(plan.checkpoint_lengths))
-    room = free is None or held.predicted_peak_gib * GIB <= min(COMBO_FIT_FRACTION * free,
-                                                                 free - COMBO_MARGIN_GIB * GIB)
-    return held if plan.compile and measured and (_fits(held, free) or room) else plan
+    return held if plan.compile and measured and _combo_fits(plan, shape, free) else plan
+
+
+def _combo_bytes(plan: RunPlan, shape: ModelShape) -> int:
+    """Combo kernels' measured extra at the plan's longest micro-batch (``COMBO_KERNELS_HIDDENS``)."""
+    return COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
+
+
+def _combo_fits(plan: RunPlan, shape: ModelShape, free: int | None) -> bool:
+    """``plan`` with combo kernels' extra fits ``FIT_FRACTION`` of ``free`` or the combo room."""
+    held = _plus(plan, "combo_kernels", _combo_bytes(plan, shape))
+    return free is None or _fits(held, free) or held.predicted_peak_gib * GIB <= min(COMBO_FIT_FRACTION * free,
+                                                                                      free - COMBO_MARGIN_GIB * GIB)
 
 
 def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
@@ -134,16 +143,16 @@ def _by_length(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     """The plan that checkpoints ``layers`` for its longest micro-batch and fewer for shorter ones, and, where
     combo kernels would not fit beside it, the one with the fewest more layers at which they do (with the room
     they leave, the longest steps recompute a little more and every step launches fewer kernels)."""
-    def by(k: int) -> RunPlan:
+    def by(k: int, by_length: bool = True) -> RunPlan:
         return _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes, low,
-                          by_length=True)
+                          by_length=by_length)
 
     plan = by(layers)
     if with_combo_kernels(plan, shape, free, run.data.packing).combo_kernels or not plan.checkpoint_lengths:
         return [plan]
-    roomy = next((p for p in map(by, range(layers + 1, shape.layers + 1))
-                  if with_combo_kernels(p, shape, free, run.data.packing).combo_kernels), None)
-    return [plan] if roomy is None else [plan, roomy]
+    # the peak, and so the room, does not depend on the table: it is built for the count found
+    roomy = next((k for k in range(layers + 1, shape.layers + 1) if _combo_fits(by(k, False), shape, free)), None)
+    return [plan] if roomy is None else [plan, by(roomy)]
 
 
 def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device,

@@ -42,6 +42,11 @@ _BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budg
 # against a whole step's 0.181 (low budget), and no faster with the base dequantized (0.197); the table is theirs
 _RECOMPUTE_COST = 0.42  # all layers checkpointed: +42% per token
 _RECOMPUTE_FULL = 1.0  # linear in the share of layers checkpointed
+# Checkpointing by length (checkpoint_lengths.py) recomputes a few layers in some steps, where the host sets the
+# pace: it costs more per layer. Session 21, call C, one machine, both the default budget and combo kernels: 20 GiB
+# (10.96% of layer passes recomputed over the quickstart's steps) 5.047 s for 30 steps against 24 GiB's (1.16%)
+# 4.635 / 4.520: +10% for 9.8 points, ~1.0 a share. Never more than every layer checkpointed costs.
+_BY_LENGTH_RECOMPUTE = 1.0
 # The compiler's activation budget (functorch's activation_memory_budget): compiled layers recompute cheap ops in
 # backward instead of saving them. Session 5, H200, quickstart at 4,096 tokens: without LoRA dropout, budget 0.3 kept
 # 9.25 GiB at peak against 17.69 (0.5: 9.47); with hashed LoRA dropout (lora_dropout.py; torch redraws nn.Dropout's
@@ -82,17 +87,21 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     base dequantized once takes its measured ~16 ms off each micro-batch; activations in host memory cost
     ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's. Recomputation costs in
     proportion to the layers checkpointed: where they depend on the micro-batch's length (checkpoint_lengths.py),
-    token-weighted over ``steps`` (the data's steps' tokens, one micro-batch each), else the longest's count."""
+    ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps' tokens, one micro-batch
+    each), at most what checkpointing the longest's count on every pass costs."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
     per_size = micro_batch_ms(size) / size / (micro_batch_ms(4096) / 4096) if fitted else _BUDGET_COST[size]
     whole = bool(steps) and budget >= max(steps or (0,))  # each step one micro-batch
     by_length = recomputed_share(plan.checkpoint_lengths, layers, steps or ()) if whole else None
-    share = plan.checkpoint_layers / max(1, layers) if by_length is None else by_length
+    share = plan.checkpoint_layers / max(1, layers)
+    recompute = _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL)
+    if by_length is not None:
+        recompute = min(recompute, _BY_LENGTH_RECOMPUTE * by_length)
     low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
     held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
     combo = _COMBO_COST if plan.combo_kernels else 1.0
     link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
     moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))
-    return per_size * low * held * combo * (1 + _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL) + moved)
+    return per_size * low * held * combo * (1 + recompute + moved)

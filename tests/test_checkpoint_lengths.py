@@ -138,6 +138,19 @@ def test_auto_checkpoints_by_length_where_a_whole_step_needs_layers(monkeypatch)
     assert plan.predicted_peak_gib <= 12 * 0.94
     uniform = replace(plan, checkpoint_lengths=())
     assert expected_cost(plan, 32, False, steps) < expected_cost(uniform, 32, False, steps)
+    # priced per share recomputed, never above checkpointing the longest's layers on every pass (8 GiB: all)
+    eight = plan_for(ft, "cuda", free_gib=8, step_tokens=max(steps), steps=steps)
+    assert eight.checkpoint_lengths and expected_cost(eight, 32, False, steps) == pytest.approx(
+        expected_cost(replace(eight, checkpoint_lengths=()), 32, False, steps))
+    # 20 GiB: a tenth of the layer passes recomputed at the default budget measured slower (session 21) than the
+    # middle budget, which checkpoints nothing
+    twenty = plan_for(ft, "cuda", free_gib=20, step_tokens=max(steps), steps=steps)
+    assert not twenty.checkpointing and twenty.activation_budget == 0.5
+    from phi3tune import step_cost
+
+    monkeypatch.setattr(step_cost, "_BY_LENGTH_RECOMPUTE", step_cost._RECOMPUTE_COST)  # priced as full recompute
+    assert plan_for(ft, "cuda", free_gib=20, step_tokens=max(steps), steps=steps).checkpoint_lengths
+    monkeypatch.undo()
     monkeypatch.setenv("PHI3TUNE_CKPT_BY_LENGTH", "0")
     before = plan_for(ft, "cuda", free_gib=12, step_tokens=max(steps), steps=steps)
     assert before.micro_batch_tokens == 4096 and not before.checkpointing and not before.checkpoint_lengths
