@@ -293,8 +293,9 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         if total_gib(fixed_parts) < total_gib(parts):
             dynamic, buckets, parts = False, fixed, fixed_parts
     lengths: tuple[tuple[int, int], ...] = ()
+    # not under FSDP: ranks whose micro-batches differ in length would checkpoint different layers
     if by_length and checkpoint_layers > 0 and not (m["checkpointing"] or t.gradient_checkpointing or offload) \
-            and len(buckets) > 1 and checkpoints_by_length_wanted():
+            and not sharded and len(buckets) > 1 and checkpoints_by_length_wanted():
         peak = total_gib(parts)
         lengths = table(granule_lengths(tokens), checkpoint_layers, peak,  # every length a fitted bucket may take
                         lambda n, k: total_gib(parts_of(dynamic, chunk, n, k)))
