@@ -2,7 +2,7 @@
 decoder layers that keep *each* micro-batch within the same predicted peak, so a short one checkpoints fewer layers
 or none.
 
-Why: unpacked rows make micro-batches of very different lengths (the README quickstart's steps hold 1,900-4,842
+Why: unpacked rows make micro-batches of very different lengths (the README quickstart's steps hold 1,853-4,686
 tokens), and a card that holds a whole step only with some layers checkpointed used to checkpoint them on every
 step. Per length, only the steps that need it pay the recomputation. Which layers run checkpointed changes only
 where activations live, never the math: every plan trains the same tokens with the same loss
@@ -16,7 +16,10 @@ before the first step (``compiled_layers.graph_room`` counts them).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
 
 Table = tuple[tuple[int, int], ...]  # ((up to this many tokens, checkpoint this many first layers), ...) ascending
 
@@ -71,10 +74,9 @@ class LengthCheckpointing:
             self.current = k
 
 
-def length_checkpointing(plan: Any, model: Any) -> LengthCheckpointing | None:
+def length_checkpointing(plan: RunPlan, model: Any) -> LengthCheckpointing | None:
     """The run's per-length switch (``plan.checkpoint_lengths``), or None where every pass checkpoints the same."""
     if not (plan.checkpointing and plan.checkpoint_lengths):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return LengthCheckpointing(base.model.layers, tuple(map(tuple, plan.checkpoint_lengths)),
-                               plan.checkpoint_layers)
+    return LengthCheckpointing(base.model.layers, plan.checkpoint_lengths, plan.checkpoint_layers)

@@ -125,7 +125,7 @@ class RunPlan:
     read_late: bool = False
     # the first this many decoder layers' saved activations wait for backward in pinned host memory instead of
     # being recomputed (offload.py). Only PHI3TUNE_OFFLOAD_LAYERS=N (benchmarks, tests) asks for it, on a speed plan
-    # that would checkpoint layers (plan_search._speed_candidates): session 20 measured no gain yet
+    # that would checkpoint layers (plan_search._speed_candidates): sessions 20-21 measured no gain yet
     offload_layers: int = 0
     # checkpointing by micro-batch length (checkpoint_lengths.py): ((up to N tokens, checkpoint the first K layers),
     # ...), ascending; the last is the longest micro-batch's ``checkpoint_layers``. Empty: every pass checkpoints

@@ -53,7 +53,8 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits (``COMBO_FIT_FRACTION``): a speed plan on CUDA for
     unpacked rows that checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13%
     shorter; 16 GiB quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same
-    losses; session 20, 12 GiB, +6%. Packed rows and checkpointed layers were not measured with them.
+    losses; session 20, 12 GiB, +6%; session 21, with layers checkpointed by length (checkpoint_lengths.py) on 8,
+    12 and 24 GiB. Packed rows and layers checkpointed on every pass were not measured with them.
     PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
     held = _plus(plan, "combo_kernels", _combo_bytes(plan, shape), combo_kernels=True)
     asked = combo_wanted()
@@ -109,10 +110,12 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
     (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
     one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
-    none fits) and, where that checkpoints any, host offloading can run (``_can_offload``) and a benchmark asks
-    for it (knobs.offload_layers_wanted: a fixed count), the one that moves that many layers' activations to host
-    memory instead. Not yet a choice of ``auto``: session 20 measured it slower on a 12 GiB card and, at 22 layers
-    on an 8 GiB card, the run failed with an illegal memory access (docs/performance.md)."""
+    none fits), those layers for its longest micro-batch and fewer for shorter ones (``_by_length``); or, where it
+    checkpoints any, host offloading can run (``_can_offload``) and a benchmark asks for it
+    (knobs.offload_layers_wanted: a fixed count), the one that moves that many layers' activations to host memory
+    instead. Not yet a choice of ``auto``: session 20 measured it slower on a 12 GiB card; session 21 ran it on an
+    8 GiB card, steady steps faster than checkpointing but slower over 30 steps and near the card's edge
+    (docs/performance.md)."""
     whole = whole_step_tokens(run, step_tokens)
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     forced = offload_layers_wanted()

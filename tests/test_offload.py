@@ -251,7 +251,7 @@ def test_public_run_with_offloaded_layers_trains_the_same_adapter(tiny_model, tm
 
 @needs_shared
 def test_plan_offloads_layers_only_when_asked(monkeypatch):
-    """`auto` never offloads layers yet (session 20: slower on a 12 GiB card, a device fault at 22 layers on 8 GiB):
+    """`auto` never offloads layers yet (sessions 20-21: slower on 12 and 8 GiB cards over a run):
     a 6 GiB card checkpoints. Asked for N layers (PHI3TUNE_OFFLOAD_LAYERS), a plan that would checkpoint moves the
     first N layers' activations instead: they count in ``host_offloaded``, outside the predicted peak, which one
     more moved layer lowers by one layer's activations. A plan that checkpoints nothing, FSDP and (eager) layers
