@@ -16,10 +16,7 @@ before the first step (``compiled_layers.graph_room`` counts them).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .plan import RunPlan
+from typing import Any
 
 Table = tuple[tuple[int, int], ...]  # ((up to this many tokens, checkpoint this many first layers), ...) ascending
 
@@ -74,9 +71,10 @@ class LengthCheckpointing:
             self.current = k
 
 
-def length_checkpointing(plan: RunPlan, model: Any) -> LengthCheckpointing | None:
-    """The run's per-length switch (``plan.checkpoint_lengths``), or None where every pass checkpoints the same."""
-    if not (plan.checkpointing and plan.checkpoint_lengths):
+def length_checkpointing(lengths: Table, longest: int, model: Any) -> LengthCheckpointing | None:
+    """The run's per-length switch for a plan's ``checkpoint_lengths`` (``longest``: its ``checkpoint_layers``),
+    or None where every pass checkpoints the same (no table)."""
+    if not lengths:
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return LengthCheckpointing(base.model.layers, plan.checkpoint_lengths, plan.checkpoint_layers)
+    return LengthCheckpointing(base.model.layers, lengths, longest)

@@ -86,7 +86,7 @@ class Trainer:
         self.warm_up_rounds = 2 if graphs else 1  # CUDA graphs: a graph's first call runs, its second records
         longest = plan.position_cap if plan.varlen_bounds else None
         loss = TokenLoss(model, plan.ce_chunk, graphs, offloader_for(plan, model), longest_example=longest,
-                         checkpoints=length_checkpointing(plan, model))
+                         checkpoints=length_checkpointing(plan.checkpoint_lengths, plan.checkpoint_layers, model))
         self.loss_module, self.optimizer = acc.prepare(loss, optimizer)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.sharded = distributed.is_sharded(self.loss_module)
