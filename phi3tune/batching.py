@@ -201,11 +201,6 @@ def step_lengths(train: Any, per_step: int, seed: int) -> list[int] | None:
     return micro_batch_lengths(row_lengths(train).tolist(), order, per_step, sys.maxsize)
 
 
-def largest_step(train: Any, per_step: int, seed: int) -> int | None:
-    """The most tokens an optimizer step of one-document rows holds in the first epoch (None: other rows)."""
-    return max(step_lengths(train, per_step, seed) or (), default=None)
-
-
 def fit_lengths_to_data(plan: RunPlan, train: Any, per_step: int, seed: int) -> RunPlan:
     """``plan`` with fixed lengths fitted to the first epoch's micro-batches of one-document rows (unpacked data
     under a padding-free plan): the README quickstart's first epoch holds 14.5% pads at the evenly spaced lengths,

@@ -90,9 +90,9 @@ def _fits(plan: RunPlan, free: int | None) -> bool:
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
     """A micro-batch that holds a whole optimizer step: what a step can hold (sequences_per_step x max_seq_length)
-    or, given ``step_tokens`` (the data's longest step: unpacked rows, batching.largest_step), that many tokens
-    rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's first epoch holds at most 4,842
-    tokens a step of the 8,192 it could: sized to that, the plan keeps ~1/3 less at peak (session 8: 23.7 GiB
+    or, given ``step_tokens`` (the data's longest step: unpacked rows, the most of batching.step_lengths), that
+    many tokens rounded up to a granule; at most ``WHOLE_STEP_CAP``. The README quickstart's first epoch holds at
+    most 4,842 tokens a step of the 8,192 it could: sized to that, the plan keeps ~1/3 less at peak (session 8: 23.7 GiB
     against 37.1), and a longer step of a later epoch (4,961 in the second) makes two micro-batches."""
     cap = run.train.sequences_per_step * run.data.max_seq_length
     held = min(cap, -(-step_tokens // LENGTH_GRANULE) * LENGTH_GRANULE) if step_tokens else cap
