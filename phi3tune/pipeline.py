@@ -161,7 +161,7 @@ def whole_steps_of_the_data(run: RunSpec, info: ModelInfo, targets: list[str], d
     assert info.shape is not None
     log.info("data: a step holds at most %s tokens (first epoch), of the %s it could: whole-step micro-batches "
              "are sized to that", f"{largest:,}", f"{whole_step_tokens(run):,}")
-    return resolve_plan(run, info.shape, targets, device, processes=processes, step_tokens=largest, steps=steps)
+    return resolve_plan(run, info.shape, targets, device, processes=processes, steps=steps)
 
 
 def inspect_model(run: RunSpec, device: torch.device) -> tuple[ModelInfo, list[str]]:

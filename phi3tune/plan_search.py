@@ -168,9 +168,12 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     (``with_combo_kernels``), else memory),
     on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
     measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
-    ``step_tokens``: the data's longest step, once the data is known (``whole_step_tokens``); ``steps``: every
-    step's tokens then, which say what checkpointing by length costs (``expected_cost``)."""
+    ``steps``: every step's tokens, once the data is known, which size a whole step (``whole_step_tokens``) and
+    say what checkpointing by length costs (``expected_cost``); ``step_tokens``: the longest step alone (default:
+    the most of ``steps``)."""
     asked = run.train.optimize_for
+    if step_tokens is None and steps:
+        step_tokens = max(steps)
     free = free_bytes if free_bytes is not None else _free_device_memory(device)
     packed = run.data.packing
     if asked != "auto" or device.type != "cuda":

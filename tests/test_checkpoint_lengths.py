@@ -132,30 +132,30 @@ def test_auto_checkpoints_by_length_where_a_whole_step_needs_layers(monkeypatch)
     monkeypatch.delenv("PHI3TUNE_CKPT_BY_LENGTH", raising=False)
     steps = [3100] * 56 + [2000, 2500, 3500, 3900, 4158, 4499, 4686]
     ft = FineTuner(str(PHI3_DIR))
-    plan = plan_for(ft, "cuda", free_gib=12, step_tokens=max(steps), steps=steps)
+    plan = plan_for(ft, "cuda", free_gib=12, steps=steps)
     assert plan.micro_batch_tokens >= max(steps) and plan.checkpoint_layers > 0
     assert layers_for(plan.checkpoint_lengths, 3968, -1) == 0 and plan.checkpoint_lengths[-1][1] > 0
     assert plan.predicted_peak_gib <= 12 * 0.94
     uniform = replace(plan, checkpoint_lengths=())
     assert expected_cost(plan, 32, False, steps) < expected_cost(uniform, 32, False, steps)
     # priced per share recomputed, never above checkpointing the longest's layers on every pass (8 GiB: all)
-    eight = plan_for(ft, "cuda", free_gib=8, step_tokens=max(steps), steps=steps)
+    eight = plan_for(ft, "cuda", free_gib=8, steps=steps)
     assert eight.checkpoint_lengths and expected_cost(eight, 32, False, steps) == pytest.approx(
         expected_cost(replace(eight, checkpoint_lengths=()), 32, False, steps))
     # 20 GiB: a tenth of the layer passes recomputed at the default budget measured slower (session 21) than the
     # middle budget, which checkpoints nothing
-    twenty = plan_for(ft, "cuda", free_gib=20, step_tokens=max(steps), steps=steps)
+    twenty = plan_for(ft, "cuda", free_gib=20, steps=steps)
     assert not twenty.checkpointing and twenty.activation_budget == 0.5
     from phi3tune import step_cost
 
     monkeypatch.setattr(step_cost, "_BY_LENGTH_RECOMPUTE", step_cost._RECOMPUTE_COST)  # priced as full recompute
-    assert plan_for(ft, "cuda", free_gib=20, step_tokens=max(steps), steps=steps).checkpoint_lengths
+    assert plan_for(ft, "cuda", free_gib=20, steps=steps).checkpoint_lengths
     monkeypatch.undo()
     # FSDP: ranks whose micro-batches differ in length would checkpoint different layers; DDP's may
     fsdp = plan_for(FineTuner(str(PHI3_DIR)).training(distributed="fsdp"), "cuda", free_gib=8, processes=2,
-                    step_tokens=max(steps), steps=steps)
+                    steps=steps)
     assert fsdp.sharded and fsdp.checkpointing and not fsdp.checkpoint_lengths
-    assert plan_for(ft, "cuda", free_gib=8, processes=2, step_tokens=max(steps), steps=steps).checkpoint_lengths
+    assert plan_for(ft, "cuda", free_gib=8, processes=2, steps=steps).checkpoint_lengths
     monkeypatch.setenv("PHI3TUNE_CKPT_BY_LENGTH", "0")
-    before = plan_for(ft, "cuda", free_gib=12, step_tokens=max(steps), steps=steps)
+    before = plan_for(ft, "cuda", free_gib=12, steps=steps)
     assert before.micro_batch_tokens == 4096 and not before.checkpointing and not before.checkpoint_lengths

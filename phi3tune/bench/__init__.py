@@ -33,8 +33,8 @@ def plan_for(ft: FineTuner, device: str | None = None, free_gib: float | None = 
     """The RunPlan ``ft`` gets on ``device`` ("cuda" / "cpu"; default: this machine's), without loading weights.
     ``free_gib`` plans for a card with that much free memory (``optimize_for="auto"`` picks what fits);
     ``processes`` for that many ranks (default: as launched; under ``distributed="fsdp"`` the peak is per GPU);
-    ``step_tokens``: the data's longest step, ``steps`` each step's tokens (a run learns both from the prepared
-    unpacked rows: batching.step_lengths)."""
+    ``steps``: each step's tokens (a run learns them from the prepared unpacked rows: batching.step_lengths),
+    or ``step_tokens``: the longest step alone (default: the most of ``steps``)."""
     import os
 
     from ..model import preflight_model, resolve_target_modules
