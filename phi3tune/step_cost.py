@@ -73,6 +73,13 @@ _COMBO_COST = 0.96
 # 4.27 / 3.92 (~6% slower; whole runs 15,580 / 14,791 tokens/s against 17,268 / 18,964, with two ~0.6 s steps):
 # of a PCIe 5 link's ~40 GB/s time (60 ms against a 197 ms micro-batch) ~0.35 shows, more with the slow steps
 _HOST_LINK_BYTES_PER_MS, _OFFLOAD_EXPOSED = 40e6, 0.4
+# A pass never takes less than the host needs to queue it: session 18, H200, 87.9 ms a pass through the 32 compiled
+# layers (micro-batches of <= 512 tokens, where the device is not the bound; 76 ms with combo kernels, which packed
+# plans do not take). Session 22, call 3: packed rows on 24 GiB in 2,048-token micro-batches beside the dequantized
+# base (~78 ms of device work a pass by the fit) queued ~110 ms a pass on a slower host and ran 18,302 tokens/s,
+# against 22,364 for 16 GiB's 4,096-token plan on the same machine; the two had run alike on a fast host (22,675 /
+# 22,689, session 16). Packed rows only: the unpacked sizes' table above was measured with the host in it
+_HOST_PASS_MS = 88.0
 
 
 def micro_batch_ms(tokens: int) -> float:
@@ -85,7 +92,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
     base dequantized once takes its measured ~16 ms off each micro-batch; activations in host memory cost
-    ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's. Recomputation costs in
+    ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's; a full (packed) pass costs at
+    least the host's time to queue it (``_HOST_PASS_MS``). Recomputation costs in
     proportion to the layers checkpointed: where they depend on the micro-batch's length (checkpoint_lengths.py),
     ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps' tokens, one micro-batch
     each), at most what checkpointing the longest's count on every pass costs."""
@@ -104,4 +112,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     combo = _COMBO_COST if plan.combo_kernels else 1.0
     link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
     moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))
-    return per_size * low * held * combo * (1 + recompute + moved)
+    cost = per_size * low * held * combo * (1 + recompute + moved)
+    if fitted:  # the device's time for a full pass, or the host's where that is longer
+        floor = _HOST_PASS_MS / size / (micro_batch_ms(4096) / 4096) * combo
+        cost = max(cost, floor)
+    return cost

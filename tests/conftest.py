@@ -22,6 +22,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the 
     import torch
 
     torch.set_num_threads(1)
+    # and so do the processes a test starts (the notebook's kernel, the demo, the CLI): with a second thread each,
+    # beside the other workers, OpenMP's waiting threads took the notebook test from 21 s alone to 205 s
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
