@@ -152,8 +152,7 @@ def test_auto_checkpoints_by_length_where_a_whole_step_needs_layers(monkeypatch)
     assert plan_for(ft, "cuda", free_gib=20, steps=steps).checkpoint_lengths
     monkeypatch.undo()
     # FSDP: ranks whose micro-batches differ in length would checkpoint different layers; DDP's may
-    fsdp = plan_for(FineTuner(str(PHI3_DIR)).training(distributed="fsdp"), "cuda", free_gib=8, processes=2,
-                    steps=steps)
+    fsdp = plan_for(FineTuner(str(PHI3_DIR)).training(distributed="fsdp"), "cuda", free_gib=8, processes=2, steps=steps)
     assert fsdp.sharded and fsdp.checkpointing and not fsdp.checkpoint_lengths
     assert plan_for(ft, "cuda", free_gib=8, processes=2, steps=steps).checkpoint_lengths
     monkeypatch.setenv("PHI3TUNE_CKPT_BY_LENGTH", "0")
