@@ -303,7 +303,8 @@ class Trainer:
         p, acc = self.plan, self.accelerator
         if not (p.compile and p.padding_free and p.token_buckets):
             return
-        started, rng = time.perf_counter(), ckpt.rng_state()
+        started, rng = time.perf_counter(), ckpt.rng_state()  # said first: a cold compile takes ~40 s on a GPU
+        log.info("compiling layers for micro-batches of %s tokens (cached for later runs)", p.length_words())
         if self.sharded:
             ids = torch.full((1, p.token_buckets[0]), self.pad_id, dtype=torch.long, device=self.accelerator.device)
             distributed.hand_quant_state_eagerly(self.loss_module, ids)

@@ -277,19 +277,22 @@ def test_compiled_layers_get_room_for_every_graph_and_the_limit_comes_back(tiny_
         assert dynamo.recompile_limit == before and inductor.cpp_wrapper is wrapper
 
 
-def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path, traced_layers):
+def test_the_warm_up_builds_the_graphs_that_training_uses(tiny_model, tmp_path, traced_layers, caplog):
     """Compiled layers: every graph is built before the first step, so no step waits for the compiler. The warm-up
     micro-batches hold two documents, as real ones do (pads are a document of their own); with one document the
     attention mask took another path (SDPA with no mask) and training built graphs of its own (this test then
-    fails: a graph built at step 4)."""
+    fails: a graph built at step 4). The log says so before the wait (a cold compile takes ~40 s on a GPU)."""
     from torch._dynamo.utils import counters
 
     graphs: list[int] = []
     ft = tiny_tuner(tiny_model, tmp_path / "run", rows_of_text(24, seed=2), optimize_for="speed", compile=True,
                     micro_batch_tokens=128, batch_size=4, max_steps=6)
     ft.data(max_seq_length=128)  # fixed lengths up to the longest position: pads alone would be one document
-    ft.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+    with caplog.at_level(logging.INFO, logger="phi3tune"):
+        ft.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
     assert len(graphs) == 6 and graphs[-1] == graphs[0]
+    said = caplog.text
+    assert -1 < said.find("compiling layers for micro-batches of") < said.find("compiled layers for micro-batches of")
 
 
 def test_one_example_filling_a_length_exactly_is_padded_to_the_next_or_built_by_the_warm_up():
