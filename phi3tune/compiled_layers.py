@@ -178,15 +178,16 @@ def warm_up_positions(lengths: tuple[int, ...], position_cap: int) -> list[tuple
 def graph_room(plan: RunPlan, options: dict[str, Any] | None = None) -> contextlib.ExitStack:
     """The run's compile scope. Room in dynamo's cache for every graph the plan's compiled layers need: all decoder
     layers share one code object, so one cache: a graph per fixed length, for train and eval, and twice that where
-    only some layers are checkpointed. Past dynamo's recompile limit (8) a layer would silently run eager
-    (measured: 3.7x slower). And ``options`` (compile_settings' inductor patches) set for the whole run, not only
-    inside the backend: inductor compiles a layer's backward graph at its first backward call, after the backend
-    has returned, and reads e.g. ``cpp_wrapper`` then (without it the backward fails in code generation:
-    pytorch/pytorch#178845, session 3's error)."""
+    only some layers are checkpointed, or only some dequantized. Past dynamo's recompile limit (8) a layer would
+    silently run eager (measured: 3.7x slower). And ``options`` (compile_settings' inductor patches) set for the
+    whole run, not only inside the backend: inductor compiles a layer's backward graph at its first backward call,
+    after the backend has returned, and reads e.g. ``cpp_wrapper`` then (without it the backward fails in code
+    generation: pytorch/pytorch#178845, session 3's error)."""
     import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
 
-    need = 4 * len(warm_up_positions(plan.token_buckets, plan.position_cap)) + 4 if plan.compile else 0
+    kinds = 2 if plan.dequantized_layers else 1  # 4-bit and dequantized layers: a graph each
+    need = 4 * kinds * len(warm_up_positions(plan.token_buckets, plan.position_cap)) + 4 if plan.compile else 0
     scope = contextlib.ExitStack()
     scope.enter_context(dynamo.patch(recompile_limit=max(dynamo.recompile_limit, need)))
     if plan.compile and options:

@@ -64,6 +64,16 @@ def dequantize_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
+def dequantize_layers_wanted() -> int | None:
+    """PHI3TUNE_DEQUANTIZE_LAYERS=N (benchmarks, tests): only the first N decoder layers' 4-bit weights dequantized
+    once, the others left 4-bit, on any plan that can (plan_search.with_dequantized_base); unset (None): the plan
+    decides, all or none. Not an ``auto`` choice until measured: where the whole base does not fit, the first
+    layers' share of its saving for their share of the memory, but the two kinds of layer compile to two families
+    of graphs."""
+    asked = os.environ.get("PHI3TUNE_DEQUANTIZE_LAYERS", "")
+    return int(asked) if asked else None
+
+
 def combo_wanted() -> bool | None:
     """PHI3TUNE_COMPILE=combo_kernels=1 / 0 (benchmarks): combo kernels on any compiled plan / never; unset (None):
     the plan decides (plan_search.with_combo_kernels)."""

@@ -113,6 +113,9 @@ class RunPlan:
     # the frozen 4-bit base dequantized once, kept for the run in the compute dtype (dequantized.py): the speed
     # plans on CUDA, where it fits; PHI3TUNE_DEQUANTIZE=1 / 0 (benchmarks, tests) asks for it on any plan / never
     dequantized_base: bool = False
+    # only the first N decoder layers' 4-bit weights dequantized once (PHI3TUNE_DEQUANTIZE_LAYERS, benchmarks):
+    # where the whole base does not fit, some of its ~16 ms a micro-batch for N/L of its 6.8 GiB
+    dequantized_layers: int = 0
     # compiled layers: the partitioner may recompute the hashed LoRA dropout masks instead of saving them
     # (knobs.RECOMPUTE_MASKS). Only PHI3TUNE_COMPILE=masks=recompute (benchmarks) asks for it: on the H200 it
     # costs more time per GiB saved than a lower activation budget (session 10)
@@ -175,9 +178,10 @@ class RunPlan:
             moved = self.memory.get("host_offloaded", 0) / GIB
             how.append(f"the first {self.offload_layers} layers' activations in host memory "
                        f"({moved:.{1 if moved >= 1 else 2}f} GiB)")
-        if self.dequantized_base:
+        if self.dequantized_base or self.dequantized_layers:
             held = self.memory.get("dequantized_weights", 0) / GIB
-            how.append(f"4-bit base dequantized once ({held:.{1 if held >= 1 else 2}f} GiB)")
+            where = f" in the first {self.dequantized_layers} layers" if self.dequantized_layers else ""
+            how.append(f"4-bit base dequantized once{where} ({held:.{1 if held >= 1 else 2}f} GiB)")
         if self.combo_kernels:
             how.append("combo kernels")
         if self.read_late:

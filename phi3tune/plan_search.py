@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .knobs import combo_wanted, dequantize_wanted, offload_layers_wanted
+from .knobs import combo_wanted, dequantize_layers_wanted, dequantize_wanted, offload_layers_wanted
 from .memory import GIB, LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET, ModelShape, dequantized_bytes, total_gib
 from .plan import COMBO_KERNELS_HIDDENS, FIT_FRACTION, WHOLE_STEP_CAP, RunPlan, _candidate, _free_device_memory
 from .plugins import QuantFacts, facts
@@ -36,12 +36,17 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. ``auto`` weighs
     each candidate so (``expected_cost``), so the weights may displace a larger micro-batch where that costs less
     than the dequantization saves. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
-    under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides."""
+    under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides;
+    PHI3TUNE_DEQUANTIZE_LAYERS=N dequantizes only the first N decoder layers (``RunPlan.dequantized_layers``)."""
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
     if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
         return plan
     held = _plus(plan, "dequantized_weights", dequantized_bytes(shape, plan.dtype.itemsize), dequantized_base=True)
+    some = dequantize_layers_wanted()
+    if some is not None and 0 < some < shape.layers:  # a benchmark's count, on any plan that can
+        part = dequantized_bytes(shape, plan.dtype.itemsize) * some // shape.layers
+        return _plus(plan, "dequantized_weights", part, dequantized_layers=some)
     asked = dequantize_wanted()
     if asked is not None:
         return held if asked else plan

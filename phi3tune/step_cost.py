@@ -23,6 +23,8 @@ class CostedPlan(Protocol):
     @property
     def dequantized_base(self) -> bool: ...
     @property
+    def dequantized_layers(self) -> int: ...
+    @property
     def combo_kernels(self) -> bool: ...
     @property
     def memory(self) -> dict[str, int]: ...
@@ -91,7 +93,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
-    base dequantized once takes its measured ~16 ms off each micro-batch; activations in host memory cost
+    base dequantized once takes its measured ~16 ms off each micro-batch (its first N layers alone: N/L of it,
+    unmeasured); activations in host memory cost
     ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's; a full (packed) pass costs at
     least the host's time to queue it (``_HOST_PASS_MS``). Recomputation costs in
     proportion to the layers checkpointed: where they depend on the micro-batch's length (checkpoint_lengths.py),
@@ -108,7 +111,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     if by_length is not None:
         recompute = min(recompute, _BY_LENGTH_RECOMPUTE * by_length)
     low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
-    held = 1 - _DEQUANTIZE_SAVES_MS / micro_batch_ms(size) if plan.dequantized_base else 1.0
+    spared = 1.0 if plan.dequantized_base else plan.dequantized_layers / max(1, layers)  # its share of the saving
+    held = 1 - spared * _DEQUANTIZE_SAVES_MS / micro_batch_ms(size)
     combo = _COMBO_COST if plan.combo_kernels else 1.0
     link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
     moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))

@@ -147,3 +147,97 @@ def test_the_plan_dequantizes_the_base_only_where_it_fits(monkeypatch):
     on = plan_for(ft, "cuda", free_gib=139)
     assert on.micro_batch_tokens == off.micro_batch_tokens
     assert abs(on.predicted_peak_gib - off.predicted_peak_gib - 2 * weights / GIB) < 0.01
+
+
+def test_the_first_layers_alone_dequantized_train_the_same_adapter(tiny_model, tmp_path, monkeypatch):
+    """PHI3TUNE_DEQUANTIZE_LAYERS=1 on the 2-layer model: only the first decoder layer's 4 linear layers read
+    dequantized weights (counted), the second stays 4-bit, and the losses and adapter are the 4-bit run's bit for
+    bit; the plan holds half the dequantized bytes and says so, and the run returns its 4-bit layers. Negative
+    control: the nudged values change the losses."""
+    from bitsandbytes.nn import Linear4bit
+
+    rows = rows_of_text(8, seed=4)
+    seen: set[int] = set()
+    real_forward = DequantizedLinear.forward
+
+    def counting(self: DequantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        seen.add(id(self))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(DequantizedLinear, "forward", counting)
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE", "0")
+    runs = {}
+    for flag in ("none", "first", "nudged"):
+        if flag != "none":
+            monkeypatch.setenv("PHI3TUNE_DEQUANTIZE_LAYERS", "1")
+        if flag == "nudged":
+            _nudged(monkeypatch)
+        runs[flag] = tiny_tuner(tiny_model, tmp_path / flag, rows, grad_accum=2, max_steps=3).run()
+        if flag == "first":
+            assert len(seen) == 4  # qkv, o, gate_up, down of layer 0
+    first = runs["first"].plan
+    assert first.dequantized_layers == 1 and not first.dequantized_base and not runs["none"].plan.dequantized_layers
+    whole = sum(m.in_features * m.out_features for m in runs["none"].model.modules() if isinstance(m, Linear4bit))
+    whole *= first.dtype.itemsize  # the plan's compute dtype (fp32 on the CPU)
+    assert first.memory["dequantized_weights"] * 2 == whole and "dequantized_weights" not in runs["none"].plan.memory
+    assert "dequantized once in the first 1 layers" in first.describe()
+    assert runs["first"].losses == runs["none"].losses and len(runs["none"].losses) == 3
+    a, b = adapter_tensors(runs["none"]), adapter_tensors(runs["first"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["nudged"].losses != runs["none"].losses
+    base = runs["first"].model.get_base_model()
+    assert not any(isinstance(m, DequantizedLinear) for m in base.modules())
+    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 8
+
+
+def test_compiled_layers_of_both_kinds_are_built_in_the_warm_up(tiny_model, tmp_path, traced_layers, monkeypatch):
+    """Compiled layers with only the first dequantized: the two kinds of layer are two families of graphs, all
+    built before the first step (no step waits for the compiler), and the losses are the 4-bit run's. Negative
+    control: without it the warm-up builds fewer graphs."""
+    from torch._dynamo.utils import counters
+
+    def run(tag: str) -> tuple[list[float], list[int], int]:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        counters.clear()
+        graphs: list[int] = []
+        ft = tiny_tuner(tiny_model, tmp_path / tag, rows_of_text(24, seed=2), optimize_for="speed", compile=True,
+                        micro_batch_tokens=128, batch_size=4, max_steps=4)
+        ft.data(max_seq_length=128)
+        result = ft.run(callbacks=[lambda e: graphs.append(counters["stats"]["unique_graphs"])])
+        assert result.plan.dequantized_layers == (1 if tag == "first" else 0)
+        return result.losses, graphs, graphs[0]
+
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE", "0")
+    plain_losses, plain_graphs, plain_built = run("plain")
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE_LAYERS", "1")
+    losses, graphs, built = run("first")
+    assert graphs[-1] == graphs[0] and plain_graphs[-1] == plain_graphs[0]  # none built during training
+    assert built > plain_built
+    assert losses == pytest.approx(plain_losses, rel=1e-6)
+
+
+@needs_shared
+def test_the_plan_dequantizes_the_first_layers_only_when_asked(monkeypatch):
+    """Phi-3-mini on a 16 GiB card, where the whole base does not fit: PHI3TUNE_DEQUANTIZE_LAYERS=12 holds 12/32
+    of the dequantized weights and is costed 12/32 of the saving; without it, none (a benchmark's knob until
+    measured)."""
+    from dataclasses import replace
+
+    from phi3tune.bench import plan_for
+    from phi3tune.step_cost import expected_cost
+
+    monkeypatch.delenv("PHI3TUNE_DEQUANTIZE", raising=False)
+    monkeypatch.delenv("PHI3TUNE_DEQUANTIZE_LAYERS", raising=False)
+    plain = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=16)
+    assert not plain.dequantized_base and not plain.dequantized_layers
+    whole = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
+    assert whole.dequantized_base
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE_LAYERS", "12")
+    some = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=16)
+    assert some.dequantized_layers == 12 and not some.dequantized_base
+    assert some.memory["dequantized_weights"] == 12 * whole.memory["dequantized_weights"] // 32
+    full_cost, none_cost = expected_cost(replace(some, dequantized_layers=0, dequantized_base=True), 32), \
+        expected_cost(replace(some, dequantized_layers=0), 32)
+    assert expected_cost(some, 32) == pytest.approx(none_cost - (none_cost - full_cost) * 12 / 32)

@@ -47,7 +47,8 @@
 #   (seq4096 with the compiler's low activation budget: the recomputed layer keeps less), masks (the partitioner
 #   recomputes the hashed LoRA dropout masks in backward instead of saving them, and the plan predicts without them:
 #   PHI3TUNE_COMPILE=masks=recompute, knobs.RECOMPUTE_MASKS), deq0 / deq1 (the 4-bit base never / always dequantized
-#   once for the run, dequantized.py: PHI3TUNE_DEQUANTIZE; by default the plan dequantizes it where it fits), bal
+#   once for the run, dequantized.py: PHI3TUNE_DEQUANTIZE; by default the plan dequantizes it where it fits), deqlN
+#   (only the first N decoder layers dequantized once, the rest 4-bit: PHI3TUNE_DEQUANTIZE_LAYERS=N), bal
 #   (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference), vl / flex
 #   (attention: torch's varlen flash kernel, varlen_attention.py / FlexAttention's document mask), lt (matmuls through
 #   cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory),
@@ -101,6 +102,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     mem) sets+=(--set training.optimize_for=memory) ;;
     deq0) envs+=(PHI3TUNE_DEQUANTIZE=0) ;;
     deq1) envs+=(PHI3TUNE_DEQUANTIZE=1) ;;
+    deql*) envs+=("PHI3TUNE_DEQUANTIZE_LAYERS=${v#deql}") ;;
     offl*) envs+=("PHI3TUNE_OFFLOAD_LAYERS=${v#offl}") ;;
     nobylen) envs+=(PHI3TUNE_CKPT_BY_LENGTH=0) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
