@@ -1,9 +1,9 @@
 """Benchmark knobs read from the environment: how compiled layers compile (PHI3TUNE_COMPILE), DDP's buckets
 (PHI3TUNE_DDP), host offloading of checkpointed inputs (PHI3TUNE_OFFLOAD, which overrides the memory plan's default
 decided here too) and of whole layers' activations (PHI3TUNE_OFFLOAD_LAYERS), the 4-bit base dequantized once
-(PHI3TUNE_DEQUANTIZE). They exist to measure an option before a plan adopts it (examples/benchmarks/cards.sh); a
-user's run sets none of them, and without them each function
-returns the plan's default."""
+(PHI3TUNE_DEQUANTIZE, PHI3TUNE_DEQUANTIZE_LAYERS), the LoRA dropout hash's integer width (PHI3TUNE_DROPOUT_HASH).
+They exist to measure an option before a plan adopts it (examples/benchmarks/cards.sh); a user's run sets none of
+them, and without them each function returns the plan's default."""
 
 from __future__ import annotations
 
@@ -72,6 +72,12 @@ def dequantize_layers_wanted() -> int | None:
     of graphs."""
     asked = os.environ.get("PHI3TUNE_DEQUANTIZE_LAYERS", "")
     return int(asked) if asked else None
+
+
+def int64_dropout_hash_wanted() -> bool:
+    """PHI3TUNE_DROPOUT_HASH=int64 (benchmarks): the hashed LoRA dropout masks computed in int64 as before session
+    22, the same bits as the default int32 (lora_dropout.keep_mask), to time the two."""
+    return os.environ.get("PHI3TUNE_DROPOUT_HASH", "") == "int64"
 
 
 def combo_wanted() -> bool | None:

@@ -6,8 +6,9 @@ outside CUDA autocast) or its mask. Measured on the H200 (README
 quickstart, docs/performance.md, session 5) that was 2.9 GiB of the 20.6 GiB peak and 6% of the median step, and
 it rules out the partitioner's activation budget, which recomputes cheap ops instead of saving them: torch redraws
 a random mask when it recomputes it in backward (wrong gradients; tests/test_lora_dropout.py shows it). Here the
-mask is a hash of a per-micro-batch key, a per-module salt and the element's index, in integer torch ops that the
-compiler fuses into the kernels that read the input. Each element is still dropped with probability ``p``
+mask is a hash of a per-micro-batch key, a per-module salt and the element's index, in int32 torch ops (the bits
+of the uint32 hash; int64 before session 22, the same masks) that the compiler fuses into the kernels that read the
+input. Each element is still dropped with probability ``p``
 (resolution 2**-32), independently, and the kept ones scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does.
 
 The key is one int64 device tensor that every such module reads; the loop sets it before each micro-batch from
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .knobs import int64_dropout_hash_wanted
 
 _MASK = 0xFFFFFFFF
 
@@ -48,11 +51,36 @@ def micro_batch_key(seed: int, rank: int, step: int, micro: int) -> int:
     return int(key)
 
 
+def _signed32(v: int) -> int:
+    """The int32 whose bits are the uint32 ``v``."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def mix32_int32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` on int32 tensors holding the uint32 bits: the same bits out. A GPU has no 64-bit integer
+    multiply (each is several 32-bit ones), and the int64 version runs per element of every LoRA input, in
+    forward and wherever backward recomputes a mask; int32 multiplies wrap modulo 2**32, as the hash wants, and
+    masking an arithmetic shift's sign bits makes it the logical one."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _signed32(0x7FEB352D)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _signed32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
 def keep_mask(x: torch.Tensor, p: float, key: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
-    """Which elements of ``x`` survive: a hash of (key, salt, index) at or above ``p * 2**32``."""
-    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    mixed = mix32(mix32(key ^ salt) ^ mix32(index))
-    return mixed >= round(p * 2**32)
+    """Which elements of ``x`` survive: a hash of (key, salt, index) at or above ``p * 2**32`` (as uint32). In
+    int32 (:func:`mix32_int32`, the same bits) where the indices fit, else in int64."""
+    threshold = round(p * 2**32)
+    mixed_key = mix32(key ^ salt)  # one scalar
+    if x.numel() > 1 << 31 or int64_dropout_hash_wanted():
+        index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+        return mix32(mixed_key ^ mix32(index)) >= threshold
+    index32 = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape)
+    key32 = torch.where(mixed_key >= 1 << 31, mixed_key - (1 << 32), mixed_key).to(torch.int32)
+    mixed = mix32_int32(key32 ^ mix32_int32(index32))
+    # uint32 order in int32: both sides with the sign bit flipped
+    return (mixed ^ -(1 << 31)) >= _signed32(threshold ^ (1 << 31))
 
 
 class RecomputableDropout(nn.Module):

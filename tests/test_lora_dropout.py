@@ -45,6 +45,33 @@ def test_the_hash_is_computed_exactly_in_int64_and_keys_do_not_collide():
     assert len(keys) == 2 * 4 * 200 * 4
 
 
+def test_the_int32_hash_draws_the_int64_masks_bit_for_bit(monkeypatch):
+    """The masks are hashed in int32 (a GPU has no 64-bit integer multiply): the same bits as the int64 hash for
+    every key, salt and index, eager and compiled by inductor, so no mask changes. Negative control: a logical
+    shift left as torch's arithmetic one gives other bits for the values with the sign bit set."""
+    edge = torch.tensor([0, 1, 65535, 65536, 2**31 - 1, -1, -(2**31)], dtype=torch.int32)
+    ref = [ld.mix32(int(v) & 0xFFFFFFFF) for v in edge]  # Python ints: the reference
+    assert [int(v) & 0xFFFFFFFF for v in ld.mix32_int32(edge)] == ref
+    naive = edge ^ (edge >> 16)  # an arithmetic shift drags the sign bit in
+    assert [int(v) & 0xFFFFFFFF for v in naive] != [int(v) ^ (int(v) & 0xFFFFFFFF) >> 16 for v in edge]
+    x = torch.ones(37, 1001)
+
+    def masks() -> list[torch.Tensor]:
+        return [ld.keep_mask(x, p, torch.tensor(key, dtype=torch.int64), torch.tensor(salt, dtype=torch.int64))
+                for p in (0.1, 0.5) for key in (0, 7, 2**31, 12345) for salt in (1, ld.mix32(5), 2**32 - 2)]
+
+    monkeypatch.setenv("PHI3TUNE_DROPOUT_HASH", "int64")  # the hash before session 22
+    wide = masks()
+    monkeypatch.delenv("PHI3TUNE_DROPOUT_HASH")
+    narrow = masks()
+    assert all(torch.equal(a, b) for a, b in zip(narrow, wide, strict=True))
+    assert len({m.numpy().tobytes() for m in narrow}) == len(narrow)  # each (key ^ salt) and p its own mask
+    torch._dynamo.reset()
+    compiled = torch.compile(ld.keep_mask, backend="inductor")
+    key, salt = torch.tensor(2**32 - 1, dtype=torch.int64), torch.tensor(ld.mix32(5), dtype=torch.int64)
+    assert torch.equal(compiled(x, 0.1, key, salt), ld.keep_mask(x, 0.1, key, salt))
+
+
 def _lora_layer(model_dir, dropout_module: str):
     torch.manual_seed(0)
     base = load_weights(str(model_dir), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))

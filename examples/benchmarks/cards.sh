@@ -32,7 +32,8 @@
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
 #   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
 #   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel), noflat (the optimizer stepping each tensor,
-#   as before flat_steps.py), nodrop (adapter.dropout=0), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
+#   as before flat_steps.py), nodrop (adapter.dropout=0), hash64 (LoRA dropout's masks hashed in int64, the same bits,
+#   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
 #   instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed
 #   masks; ambfull: the default budget 1.0, e.g. seq4096+ambfull against the memory plan's 0.3), noexpand (the allocator
 #   without expandable segments, as before session 5), dyn / nodyn (every multiple of 128 tokens from one
@@ -96,6 +97,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     lt) envs+=(TORCH_BLAS_PREFER_CUBLASLT=1) ;;
     len*) compile+=("lengths=${v#len}") ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
+    hash64) envs+=(PHI3TUNE_DROPOUT_HASH=int64) ;;  # the masks hashed in int64 (the same bits), as before s22
     nodrop-amb*) sets+=(--set adapter.dropout=0); compile+=("activation_budget=0.${v#nodrop-amb}") ;;
     ambfull) compile+=(activation_budget=1.0) ;;  # the compiler's default budget, e.g. seq4096+ambfull
     amb*) compile+=("activation_budget=0.${v#amb}") ;;
