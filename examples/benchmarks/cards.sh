@@ -13,6 +13,8 @@
 #         (GIB ignored)
 #   deq   the compiled dequantization's ways against bitsandbytes' kernel, timed (dequant_kernels.py; GIB ignored;
 #         DEQ_WAYS="bitsandbytes table kernel ..." times only those)
+#   hash  LoRA dropout's masks hashed in int32 against int64: the same bits (eager, compiled) and each one's time
+#         (dropout_hash.py; GIB ignored)
 #   saved  what one compiled layer saves for backward at each budget, fixed / symbolic lengths (saved_tensors.py;
 #         GIB ignored; ~6 compiles: give it LIMIT=300)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
@@ -155,6 +157,7 @@ for r in "$@"; do
     # shellcheck disable=SC2086
     deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py ${DEQ_WAYS:-} 2>&1 | grep '^{' \
            | tee -a "$OUT/all.jsonl" ;;
+    hash) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dropout_hash.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
     saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 2>&1 | grep '^{' \
              | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
