@@ -213,3 +213,56 @@ def test_a_checkpointed_compiled_layer_recomputes_the_same_masks(tiny_model, tmp
     assert [h["grad_norm"] for h in got.history] == [h["grad_norm"] for h in ref.history]
     a, b = adapter_tensors(ref), adapter_tensors(got)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _mask_bytes_saved(model_dir, budget: float) -> int:
+    """The bool bytes a compiled tiny decoder layer with hashed LoRA dropout saves for backward (partitioned as the
+    plans partition it, no code generated)."""
+    import torch._dynamo
+
+    from phi3tune.knobs import compile_settings
+
+    torch._dynamo.reset()
+    inner = _lora_layer(model_dir, "hashed")
+    layer = torch.compile(inner.layers[0], backend=cl.backend(compile_settings(budget), generate=False),
+                          dynamic=False)
+    x = torch.randn(1, 64, inner.config.hidden_size, requires_grad=True)
+    pos = torch.arange(64)[None]
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() if t.dtype == torch.bool else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
+    (out[0] if isinstance(out, tuple) else out).float().square().sum().backward()
+    return sum(saved)
+
+
+def test_the_int32_hash_leaves_the_masks_saved_as_the_int64_one_did(tiny_model, monkeypatch):
+    """The partitioner keeps a mask saved (not hashed again in backward) because its comparison is a "reduction":
+    8 bytes in, 1 out (knobs.RECOMPUTE_MASKS). The int32 hash compares in int64, so a compiled layer saves the
+    masks it saved with the int64 hash, at the default and the middle budget. Negative control: compared in int32
+    (4 bytes in), the layer saves fewer of them."""
+    before = {}
+    monkeypatch.setenv("PHI3TUNE_DROPOUT_HASH", "int64")
+    for budget in (1.0, MIDDLE_ACTIVATION_BUDGET):
+        before[budget] = _mask_bytes_saved(tiny_model, budget)
+    monkeypatch.delenv("PHI3TUNE_DROPOUT_HASH")
+    for budget in (1.0, MIDDLE_ACTIVATION_BUDGET):
+        assert abs(_mask_bytes_saved(tiny_model, budget) - before[budget]) <= 8 and before[budget] > 1000
+    real = ld.keep_mask
+
+    def compared_in_int32(x, p, key, salt):
+        index32 = torch.arange(x.numel(), dtype=torch.int32).view(x.shape)
+        mixed_key = ld.mix32(key ^ salt)
+        key32 = torch.where(mixed_key >= 1 << 31, mixed_key - (1 << 32), mixed_key).to(torch.int32)
+        mixed = ld.mix32_int32(key32 ^ ld.mix32_int32(index32))
+        return (mixed ^ -(1 << 31)) >= ld._signed32(round(p * 2**32) ^ (1 << 31))
+
+    x = torch.ones(8, 100)
+    k, s = torch.tensor(7), torch.tensor(ld.mix32(3))
+    assert torch.equal(compared_in_int32(x, 0.1, k, s), real(x, 0.1, k, s))  # the same mask, another graph
+    monkeypatch.setattr(ld, "keep_mask", compared_in_int32)
+    assert _mask_bytes_saved(tiny_model, 1.0) < before[1.0] / 2
