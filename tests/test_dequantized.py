@@ -29,12 +29,25 @@ def _nudged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DequantizedLinear, "__init__", init)
 
 
+def _trained_alike_and_4bit_again(runs: dict[str, Any], plain: str, dequantized: str) -> None:
+    """The dequantized run trained the 4-bit run's 3 losses and adapter bit for bit, the nudged one did not, and the
+    model the dequantized run returns holds its 8 4-bit layers again."""
+    from bitsandbytes.nn import Linear4bit
+
+    assert runs[dequantized].losses == runs[plain].losses and len(runs[plain].losses) == 3
+    a, b = adapter_tensors(runs[plain]), adapter_tensors(runs[dequantized])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["nudged"].losses != runs[plain].losses
+    base = runs[dequantized].model.get_base_model()
+    assert not any(isinstance(m, DequantizedLinear) for m in base.modules())
+    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 8
+
+
 def test_public_run_with_the_base_dequantized_trains_the_same_adapter(tiny_model, tmp_path, monkeypatch):
     """Through FineTuner.run: the base dequantized once (asked for with PHI3TUNE_DEQUANTIZE=1, since the CPU plan
     does not take it) trains the losses and adapter of the 4-bit run bit for bit; its matmuls really read the
     dequantized weights, and the model it returns has its 4-bit layers back. Negative control: one weight value
     per layer 1/64 off changes the losses."""
-    from bitsandbytes.nn import Linear4bit
 
     rows = rows_of_text(8, seed=4)
     calls = {"n": 0}
@@ -56,13 +69,7 @@ def test_public_run_with_the_base_dequantized_trains_the_same_adapter(tiny_model
     assert runs["1"].plan.dequantized_base and not runs["0"].plan.dequantized_base
     assert "4-bit base dequantized once" in runs["1"].plan.describe()
     assert calls["n"] >= 2 * 3 * 2 * 8  # two runs x 3 steps x 2 micro-batches x 8 linear layers (2 decoder layers)
-    assert runs["1"].losses == runs["0"].losses and len(runs["0"].losses) == 3
-    a, b = adapter_tensors(runs["0"]), adapter_tensors(runs["1"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert runs["nudged"].losses != runs["0"].losses
-    base = runs["1"].model.get_base_model()
-    assert not any(isinstance(m, DequantizedLinear) for m in base.modules())
-    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 8
+    _trained_alike_and_4bit_again(runs, "0", "1")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])  # the GPU plans' compute dtype
@@ -181,13 +188,7 @@ def test_the_first_layers_alone_dequantized_train_the_same_adapter(tiny_model, t
     whole *= first.dtype.itemsize  # the plan's compute dtype (fp32 on the CPU)
     assert first.memory["dequantized_weights"] * 2 == whole and "dequantized_weights" not in runs["none"].plan.memory
     assert "dequantized once in the first 1 layers" in first.describe()
-    assert runs["first"].losses == runs["none"].losses and len(runs["none"].losses) == 3
-    a, b = adapter_tensors(runs["none"]), adapter_tensors(runs["first"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert runs["nudged"].losses != runs["none"].losses
-    base = runs["first"].model.get_base_model()
-    assert not any(isinstance(m, DequantizedLinear) for m in base.modules())
-    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 8
+    _trained_alike_and_4bit_again(runs, "none", "first")
 
 
 def test_compiled_layers_of_both_kinds_are_built_in_the_warm_up(tiny_model, tmp_path, traced_layers, monkeypatch):
