@@ -257,8 +257,9 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     apply_init(model, run.adapter, checked.info.source)
     if plan.dequantized_base:  # the frozen 4-bit weights dequantized once, where the card has room (dequantized.py)
         dequantize_base(model, plan.dtype)
-    for layer in model.get_base_model().model.layers[:plan.dequantized_layers]:  # or the first layers' alone
-        dequantize_base(layer, plan.dtype)
+    if plan.dequantized_layers:  # or the first layers' alone (a benchmark's knob)
+        for layer in model.get_base_model().model.layers[:plan.dequantized_layers]:
+            dequantize_base(layer, plan.dtype)
     if plan.checkpointing:  # the plan checkpoints only as many (first) layers as the memory needs
         for layer in model.get_base_model().model.layers[plan.checkpoint_layers:]:
             layer.gradient_checkpointing = False
