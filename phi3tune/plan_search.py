@@ -42,11 +42,11 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
     if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
         return plan
-    held = _plus(plan, "dequantized_weights", dequantized_bytes(shape, plan.dtype.itemsize), dequantized_base=True)
+    values = dequantized_bytes(shape, plan.dtype.itemsize)
     some = dequantize_layers_wanted()
     if some is not None and 0 < some < shape.layers:  # a benchmark's count, on any plan that can
-        part = dequantized_bytes(shape, plan.dtype.itemsize) * some // shape.layers
-        return _plus(plan, "dequantized_weights", part, dequantized_layers=some)
+        return _plus(plan, "dequantized_weights", values * some // shape.layers, dequantized_layers=some)
+    held = _plus(plan, "dequantized_weights", values, dequantized_base=True)
     asked = dequantize_wanted()
     if asked is not None:
         return held if asked else plan
@@ -61,23 +61,23 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     losses; session 20, 12 GiB, +6%; session 21, with layers checkpointed by length (checkpoint_lengths.py) on 8,
     12 and 24 GiB. Packed rows and layers checkpointed on every pass were not measured with them.
     PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
-    held = _plus(plan, "combo_kernels", _combo_bytes(plan, shape), combo_kernels=True)
+    held = _combo_held(plan, shape, combo_kernels=True)
     asked = combo_wanted()
     if asked is not None:
         return held if asked and plan.compile else plan
     measured = plan.mode == "speed" and plan.device.startswith("cuda") and not packed \
         and (not plan.checkpointing or bool(plan.checkpoint_lengths))
-    return held if plan.compile and measured and _combo_fits(plan, shape, free) else plan
+    return held if plan.compile and measured and _combo_fits(held, free) else plan
 
 
-def _combo_bytes(plan: RunPlan, shape: ModelShape) -> int:
-    """Combo kernels' measured extra at the plan's longest micro-batch (``COMBO_KERNELS_HIDDENS``)."""
-    return COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
+def _combo_held(plan: RunPlan, shape: ModelShape, **changes: Any) -> RunPlan:
+    """``plan`` predicting combo kernels' measured extra at its longest micro-batch (``COMBO_KERNELS_HIDDENS``)."""
+    extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
+    return _plus(plan, "combo_kernels", extra, **changes)
 
 
-def _combo_fits(plan: RunPlan, shape: ModelShape, free: int | None) -> bool:
-    """``plan`` with combo kernels' extra fits ``FIT_FRACTION`` of ``free`` or the combo room."""
-    held = _plus(plan, "combo_kernels", _combo_bytes(plan, shape))
+def _combo_fits(held: RunPlan, free: int | None) -> bool:
+    """``held`` (a plan with combo kernels' extra) fits ``FIT_FRACTION`` of ``free`` or the combo room."""
     return free is None or _fits(held, free) or held.predicted_peak_gib * GIB <= min(COMBO_FIT_FRACTION * free,
                                                                                       free - COMBO_MARGIN_GIB * GIB)
 
@@ -159,7 +159,8 @@ def _by_length(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     if with_combo_kernels(plan, shape, free, run.data.packing).combo_kernels or not plan.checkpoint_lengths:
         return [plan]
     # the peak, and so the room, does not depend on the table: it is built for the count found
-    roomy = next((k for k in range(layers + 1, shape.layers + 1) if _combo_fits(by(k, False), shape, free)), None)
+    more = range(layers + 1, shape.layers + 1)
+    roomy = next((k for k in more if _combo_fits(_combo_held(by(k, False), shape), free)), None)
     return [plan] if roomy is None else [plan, by(roomy)]
 
 
