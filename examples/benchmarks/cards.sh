@@ -20,7 +20,8 @@
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
 #         training.micro_batch_tokens=2048; prof@full+packed: with data.packing=true; prof@full+amb5: the layers
 #         compiled at the activation budget 0.5, as amb5;
-#         prof@16+light: GPU kernels only, the host near its own speed, and where the GPU waits in the step)
+#         prof@16+light: GPU kernels only, the host near its own speed, and where the GPU waits in the step;
+#         variants combine: prof@full+packed+light)
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
 #   PagedAdamW32bit by class name: the default's math with its state in the caching allocator / in managed memory that
@@ -162,12 +163,14 @@ for r in "$@"; do
              | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
-    prof) psets=(); penvs=(); case "$variant" in mb*) psets+=(--set "training.micro_batch_tokens=${variant#mb}") ;;
+    prof) psets=(); penvs=(); pvs=(); bad=""; IFS=+ read -r -a pvs <<< "$variant"  # e.g. prof@full+packed+light
+          for v in "${pvs[@]}"; do case "$v" in mb*) psets+=(--set "training.micro_batch_tokens=${v#mb}") ;;
             packed) psets+=(--set data.packing=true) ;;
             light) psets+=(--light) ;;
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
-            amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${variant#amb}") ;;
-            "") ;; *) echo "prof takes only +mbN, +packed, +light or +ambN, not +$variant"; continue ;; esac
+            amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
+            *) bad=$v ;; esac; done
+          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +light or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
