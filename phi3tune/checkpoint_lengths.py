@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .compiled_layers import set_checkpointing
+
 Table = tuple[tuple[int, int], ...]  # ((up to this many tokens, checkpoint this many first layers), ...) ascending
 
 
@@ -56,8 +58,9 @@ def recomputed_share(lengths: Table, layers: int, steps: Sequence[int]) -> float
 
 
 class LengthCheckpointing:
-    """Sets each decoder layer's ``gradient_checkpointing`` (transformers' GradientCheckpointingLayer, enabled when
-    the model loaded) for a pass of ``tokens``: the first ``layers_for`` of them on, the rest off."""
+    """Checkpoints the first ``layers_for`` decoder layers for a pass of ``tokens`` and not the rest
+    (``compiled_layers.set_checkpointing``: inside their compiled graphs, or transformers' ``gradient_checkpointing``
+    when the model loaded with it)."""
 
     def __init__(self, layers: Sequence[Any], lengths: Table, default: int) -> None:
         self.layers, self.lengths, self.default = list(layers), lengths, default
@@ -67,7 +70,7 @@ class LengthCheckpointing:
         k = layers_for(self.lengths, tokens, self.default)
         if k != self.current:
             for i, layer in enumerate(self.layers):
-                layer.gradient_checkpointing = i < k
+                set_checkpointing(layer, i < k)
             self.current = k
 
 

@@ -57,6 +57,14 @@ def checkpoints_by_length_wanted() -> bool:
     return yes(asked) if asked else True
 
 
+def recompute_in_graph_wanted() -> bool:
+    """Compiled layers that checkpoint recompute inside their own backward graph (compiled_layers.RecomputeSwitch)?
+    Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the
+    plans before session 23)."""
+    asked = os.environ.get("PHI3TUNE_RECOMPUTE_IN_GRAPH", "")
+    return yes(asked) if asked else True
+
+
 def dequantize_wanted() -> bool | None:
     """PHI3TUNE_DEQUANTIZE (benchmarks, tests): ``1`` dequantizes the 4-bit base once on any plan that can
     (plan_search.with_dequantized_base), on any device; ``0`` never; unset (None): the plan decides."""

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoints as ckpt
 from .batching import fit_lengths_to_data, step_lengths
-from .compiled_layers import compile_layers
+from .compiled_layers import compile_layers, set_checkpointing
 from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
@@ -250,8 +250,9 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
 
     plan = checked.plan
     where = torch.device("cpu" if plan.shard_from_cpu else plan.device)  # FSDP moves each rank's shards there
+    torch_checkpoints = plan.checkpointing and not plan.recompute_in_graph  # torch.utils.checkpoint's, not ours
     base = load_base_model(checked.info, run.quant, plan.dtype, where, run.trust_remote_code,
-                           plan.checkpointing, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
+                           torch_checkpoints, plan.attn_implementation, upcast_frozen=plan.upcast_frozen)
     set_seed(run.train.seed)  # the adapter's initialisation does not depend on what loading drew
     model: Any = attach_adapter(base, run.adapter, checked.targets)
     apply_init(model, run.adapter, checked.info.source)
@@ -260,8 +261,9 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     if plan.dequantized_layers:  # or the first layers' alone (a benchmark's knob)
         for layer in model.get_base_model().model.layers[:plan.dequantized_layers]:
             dequantize_base(layer, plan.dtype)
-    if plan.checkpointing:  # the plan checkpoints only as many (first) layers as the memory needs
-        for layer in model.get_base_model().model.layers[plan.checkpoint_layers:]:
+    layers = model.get_base_model().model.layers
+    if torch_checkpoints:  # the plan checkpoints only as many (first) layers as the memory needs
+        for layer in layers[plan.checkpoint_layers:]:
             layer.gradient_checkpointing = False
     if plan.compile:  # graphs for the plan's micro-batch lengths (the loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
@@ -269,8 +271,10 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         model.get_base_model().enable_input_require_grads()
         # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
         make_recomputable(model, torch.device(plan.device))
-        compile_layers(model.get_base_model().model.layers,  # 4-bit matmuls in the graph
-                       plan.compile_settings(), dynamic=plan.dynamic_lengths)
+        compile_layers(layers, plan.compile_settings(), dynamic=plan.dynamic_lengths,  # 4-bit matmuls in the graph
+                       recompute_in_graph=plan.recompute_in_graph)
+        for layer in layers[:plan.checkpoint_layers] if plan.recompute_in_graph else ():
+            set_checkpointing(layer, True)  # in their own graphs (compiled_layers.RecomputeSwitch)
     return model
 
 

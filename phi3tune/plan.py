@@ -25,6 +25,7 @@ from .knobs import (
     ddp_settings,
     offload_wanted,
     read_late_wanted,
+    recompute_in_graph_wanted,
     yes,
 )
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
@@ -134,6 +135,12 @@ class RunPlan:
     # ...), ascending; the last is the longest micro-batch's ``checkpoint_layers``. Empty: every pass checkpoints
     # ``checkpoint_layers``. Speed plans that checkpoint, unless PHI3TUNE_CKPT_BY_LENGTH=0 (benchmarks)
     checkpoint_lengths: tuple[tuple[int, int], ...] = ()
+    # compiled layers that checkpoint do so inside their own graphs: compiled a second time at activation budget 0,
+    # they keep only their inputs and recompute the rest in their backward graph, the same math as
+    # torch.utils.checkpoint without its extra forward call per layer on the host (compiled_layers.RecomputeSwitch).
+    # Compiled plans that checkpoint, but not with inputs in host memory nor under FSDP; PHI3TUNE_RECOMPUTE_IN_GRAPH=0
+    # (benchmarks) never
+    recompute_in_graph: bool = False
 
     @property
     def padding_free(self) -> bool:
@@ -172,6 +179,7 @@ class RunPlan:
             how.append("dropout masks recomputed")
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
+                       + (" inside their compiled graphs" if self.recompute_in_graph else "")
                        + (", their inputs in host memory" if self.offload_checkpoints else "")
                        + (f" (by length: {self._lengths_words()})" if self.checkpoint_lengths else ""))
         if self.offload_layers:
@@ -321,4 +329,5 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         dynamic_lengths=dynamic, offload_checkpoints=offload, recompute_masks=recompute_masks,
         ddp=ddp_settings() if processes > 1 and not sharded else {},
         read_late=read_late_wanted(cuda, precision, sharded),
-        offload_layers=moved, checkpoint_lengths=lengths)
+        offload_layers=moved, checkpoint_lengths=lengths,
+        recompute_in_graph=checkpointing and compile_ and not offload and not sharded and recompute_in_graph_wanted())

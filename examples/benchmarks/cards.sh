@@ -45,7 +45,8 @@
 #   PHI3TUNE_OFFLOAD=1 for any plan that checkpoints every layer, so `auto` may pick one, e.g. 8 GiB: 8,192 tokens, all
 #   32 checkpointed; 0 never; the memory plan's default on CUDA is on), offlN (the first N layers' activations in host
 #   memory instead of checkpointing, on every speed plan that would checkpoint: PHI3TUNE_OFFLOAD_LAYERS=N; offl0:
-#   never, the plans before session 20), nobylen (every pass checkpoints the longest micro-batch's layers, the
+#   never, the plans before session 20), tckpt (checkpointed layers by torch.utils.checkpoint around the compiled
+#   layer, as before session 23, not inside its graphs: PHI3TUNE_RECOMPUTE_IN_GRAPH=0), nobylen (every pass checkpoints the longest micro-batch's layers, the
 #   plans before session 21: PHI3TUNE_CKPT_BY_LENGTH=0; by default a speed plan that checkpoints does so by
 #   micro-batch length, checkpoint_lengths.py), nocombo (no combo kernels), seq4096-nooff (seq4096 without it), seq4096-amb3
 #   (seq4096 with the compiler's low activation budget: the recomputed layer keeps less), masks (the partitioner
@@ -110,6 +111,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     deql*) envs+=("PHI3TUNE_DEQUANTIZE_LAYERS=${v#deql}") ;;
     offl*) envs+=("PHI3TUNE_OFFLOAD_LAYERS=${v#offl}") ;;
     nobylen) envs+=(PHI3TUNE_CKPT_BY_LENGTH=0) ;;
+    tckpt) envs+=(PHI3TUNE_RECOMPUTE_IN_GRAPH=0) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
     seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;

@@ -1,0 +1,161 @@
+"""Checkpointing inside the compiled graph (compiled_layers.RecomputeSwitch): a compiled layer switched on keeps
+only its inputs for backward and recomputes the rest in its backward graph, with the gradients of the eager layer;
+a run that checkpoints that way trains what torch.utils.checkpoint's run trains."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, run_counting_graphs, tiny_tuner
+from test_lora_dropout import _lora_layer, _step
+
+from phi3tune import compiled_layers as cl
+from phi3tune import pipeline
+from phi3tune.checkpoint_lengths import LengthCheckpointing
+
+
+def _saved_per_token(inner: Any, layer: Any, n: int) -> tuple[list[torch.Tensor], int]:
+    for p in inner.parameters():
+        p.grad = None
+    return _step(inner, layer, n)
+
+
+def test_a_switched_layer_keeps_only_its_inputs_and_gets_the_eager_gradients(tiny_model, traced_layers):
+    """One tiny LoRA layer (hashed dropout 0.3), compiled as the plans compile it, plus its RecomputeSwitch. Off,
+    it saves what its budget keeps; on, only what a checkpoint keeps, its inputs: per token the hidden state and the
+    rotary tables (which every layer of a model shares), from 32 to 48 tokens. Both give the eager layer's
+    gradients (the masks recomputed in backward are the same). Without gradients (eval) the plain graphs run:
+    switching on builds no graph there. Negative control: the plain graphs save several times more per token."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    inner = _lora_layer(tiny_model, "hashed")
+    eager, _ = _step(inner, inner.layers[0])
+    layer = inner.layers[0]
+    cl.compile_layers([layer], {}, dynamic=False, recompute_in_graph=True)
+    switch = cl.RecomputeSwitch.of(layer)
+    assert switch is not None and not switch.on
+    hidden = inner.config.hidden_size
+
+    def per_token(on: bool) -> tuple[list[torch.Tensor], float]:
+        cl.set_checkpointing(layer, on)
+        _saved_per_token(inner, layer, 32)  # compile at this length
+        grads32, saved32 = _saved_per_token(inner, layer, 32)
+        _saved_per_token(inner, layer, 48)
+        _, saved48 = _saved_per_token(inner, layer, 48)
+        return grads32, (saved48 - saved32) / 16 / 4  # fp32 elements a token adds
+
+    plain_grads, plain_kept = per_token(False)
+    grads, kept = per_token(True)
+    rotary = 2 * hidden // inner.config.num_attention_heads  # cos and sin: inputs every layer shares in a model
+    assert kept == hidden + rotary  # the input's row and the rotary tables'; everything else is recomputed
+    assert plain_kept > 4 * hidden  # negative control: the plain graphs keep the layer's activations
+
+    def worst(got: list[torch.Tensor]) -> float:
+        return max(float((g - e).norm() / e.norm()) for g, e in zip(got, eager, strict=True))
+
+    assert worst(grads) < 1e-4 and worst(plain_grads) < 1e-4
+    built = counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # eval: the plain graphs, already built for 32 tokens
+        x = torch.randn(1, 32, hidden)
+        pos = torch.arange(32)[None]
+        layer(x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
+        cl.set_checkpointing(layer, False)
+        layer(x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
+    assert counters["stats"]["unique_graphs"] == built + 1  # one inference graph, shared by both settings
+
+
+def test_a_layer_without_the_switch_is_checkpointed_by_torch():
+    """set_checkpointing on a layer compiled without a switch (or not compiled) sets transformers' flag, which
+    LengthCheckpointing then flips per pass."""
+    layers = [torch.nn.Module() for _ in range(2)]
+    switch = LengthCheckpointing(layers, ((64, 0), (96, 1)), default=2)
+    switch(96)
+    assert [getattr(m, "gradient_checkpointing", None) for m in layers] == [True, False]
+
+
+def test_public_run_recomputing_in_graph_trains_what_torch_checkpoint_trains(tiny_model, tmp_path, monkeypatch,
+                                                                            traced_layers):
+    """Through FineTuner.run (compiled speed plan, symbolic lengths, LoRA dropout 0.1 with hashed masks), a plan that
+    checkpoints both layers for passes over 120 tokens and none below: inside the compiled graphs and by
+    torch.utils.checkpoint train the same losses and adapter; the in-graph run's passes switch its layers exactly
+    as the table says, its warm-up builds every graph both ways and its steps build none (the torch run's, with
+    dropout on, build two after the warm-up on this CPU). Negative control: the torch run's layers carry no
+    switch, and torch's checkpoint ran in it only."""
+    from transformers import modeling_utils
+
+    calls: list[int] = []
+    real_checkpoint = modeling_utils.checkpoint
+
+    def counting(function: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(int(args[0].shape[1]))
+        return real_checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting)
+    lengths = ((120, 0), (128, 2))
+    real_resolve = pipeline.resolve_plan
+
+    def by_length(*args: Any, **kwargs: Any) -> Any:  # a plan the search makes on a GPU, on this CPU
+        plan = real_resolve(*args, **kwargs)
+        return replace(plan, checkpointing=True, checkpoint_layers=2, checkpoint_lengths=lengths,
+                       recompute_in_graph=in_graph)
+
+    monkeypatch.setattr(pipeline, "resolve_plan", by_length)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
+    in_graph = True
+    seen: list[tuple[int, tuple[bool, ...]]] = []
+    real_switch = LengthCheckpointing.__call__
+
+    def spy(self: LengthCheckpointing, tokens: int) -> None:
+        real_switch(self, tokens)
+        switches = [cl.RecomputeSwitch.of(layer) for layer in self.layers]
+        seen.append((tokens, tuple(bool(s and s.on) for s in switches)))
+
+    monkeypatch.setattr(LengthCheckpointing, "__call__", spy)
+    rows = rows_of_text(36, seed=4)
+
+    def run(out: str) -> tuple[Any, list[int]]:
+        tuner = tiny_tuner(tiny_model, tmp_path / out, rows, optimize_for="speed", compile=True,
+                           micro_batch_tokens=128, batch_size=3, grad_accum=2, max_steps=3)
+        return run_counting_graphs(tuner)
+
+    graph, graphs = run("in_graph")
+    assert graph.plan.recompute_in_graph and "inside their compiled graphs" in graph.plan.describe()
+    assert not calls  # torch's checkpoint never ran
+    assert {on for _, on in seen} == {(False, False), (True, True)}  # both ways ran
+    assert all(on == (tokens > 120,) * 2 for tokens, on in seen)
+    assert graphs[0] == graphs[-1], graphs  # nothing compiled after the warm-up
+    seen.clear()
+    in_graph = False
+    torch_run, graphs = run("torch")
+    assert not torch_run.plan.recompute_in_graph and calls  # negative control: torch's checkpoint did the work
+    assert all(on == (False, False) for _, on in seen)
+    assert graph.losses == pytest.approx(torch_run.losses, rel=1e-5) and len(graph.losses) == 3
+    a, b = adapter_tensors(graph), adapter_tensors(torch_run)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+@needs_shared
+def test_compiled_plans_that_checkpoint_do_so_in_graph(monkeypatch):
+    """An 8 GiB card's quickstart checkpoints every layer's longest passes inside the compiled graphs; the memory
+    plan, whose checkpointed inputs wait in host memory (offload.py hooks torch's checkpoint), keeps torch's; a plan
+    that checkpoints nothing has nothing to switch. Negative control: PHI3TUNE_RECOMPUTE_IN_GRAPH=0 gives the same
+    plan with torch's checkpoint."""
+    from phi3tune import FineTuner
+    from phi3tune.bench import plan_for
+
+    monkeypatch.delenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", raising=False)
+    ft = FineTuner(str(PHI3_DIR))
+    small = plan_for(ft, "cuda", free_gib=8)
+    assert small.checkpoint_layers > 0 and small.recompute_in_graph
+    assert "layers inside their compiled graphs" in small.describe()
+    memory = plan_for(FineTuner(str(PHI3_DIR)).training(optimize_for="memory"), "cuda", free_gib=8)
+    assert memory.offload_checkpoints and not memory.recompute_in_graph
+    assert not plan_for(ft, "cuda", free_gib=80).recompute_in_graph
+    monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
+    off = plan_for(ft, "cuda", free_gib=8)
+    assert not off.recompute_in_graph and replace(off, recompute_in_graph=True) == small
