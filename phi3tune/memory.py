@@ -31,6 +31,11 @@ _MIDDLE_BUDGET = 0.60
 # ``balanced``, its largest micro-batches 4 x 512 tokens: 16.68 GiB allocated at peak where the fit said 14.26,
 # session 16), x1.27 on the CPU (tests/test_bench.py measures it)
 _UPCAST_ACTIVATIONS = 1.24
+# A layer recomputed inside its compiled backward graph (RunPlan.recompute_in_graph) holds more at once than
+# torch.utils.checkpoint's recomputation of it: 8 GiB card, 4,864-token micro-batches, every layer checkpointed,
+# 5.45 GiB allocated at peak against 5.27 (6.98 / 6.69 at the device), one machine, session 23; 0.18 GiB is 28%
+# of that layer's modelled activations
+_IN_GRAPH_RECOMPUTED = 1.28
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
 LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's (plan.py: why, and its cost)
 
@@ -99,7 +104,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
                    checkpoint_layers: int | None = None, activation_budget: float = 1.0,
                    offload: bool = False, masks_recomputed: bool = False,
-                   offload_layers: int = 0) -> dict[str, int]:
+                   offload_layers: int = 0, recompute_in_graph: bool = False) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
@@ -107,7 +112,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
     ``offload``: the checkpointed inputs live in host memory. ``offload_layers``: that many (uncheckpointed) layers'
-    activations live in host memory (offload.py), counted under ``host_offloaded``, not in the device total."""
+    activations live in host memory (offload.py), counted under ``host_offloaded``, not in the device total.
+    ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more."""
     quantized = other = lora = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -131,6 +137,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     share = {"default": 1.0, "middle": _MIDDLE_BUDGET, "low": _LOW_BUDGET}[tier]
     per_layer = whole_layer * kept * share  # a layer that keeps its activations
     recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
+    recomputed *= _IN_GRAPH_RECOMPUTED if recompute_in_graph else 1.0
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0
     # the first ``moved`` layers' activations wait in host memory; backward brings them back a layer or two ahead,
     # once the later layers' activations are gone, so the peak (backward's start) holds none of them

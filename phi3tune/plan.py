@@ -280,6 +280,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     opt = optimizer_facts(t.optimizer, device.type)
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
+    in_graph = checkpointing and compile_ and not offload and not sharded and recompute_in_graph_wanted()
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
         kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations
@@ -289,7 +290,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=n, checkpointing=checkpointing,
             compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=k,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks,
-            offload_layers=moved)
+            offload_layers=moved, recompute_in_graph=in_graph)
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, n, act_bytes, activation_budget)} \
             if symbolic else parts
 
@@ -330,4 +331,4 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         ddp=ddp_settings() if processes > 1 and not sharded else {},
         read_late=read_late_wanted(cuda, precision, sharded),
         offload_layers=moved, checkpoint_lengths=lengths,
-        recompute_in_graph=checkpointing and compile_ and not offload and not sharded and recompute_in_graph_wanted())
+        recompute_in_graph=in_graph)

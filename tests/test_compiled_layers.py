@@ -232,7 +232,8 @@ def test_symbolic_length_layers_take_every_length_from_a_few_graphs_and_train_as
     monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
 
     real_compile = pipeline.compile_layers
-    monkeypatch.setattr(pipeline, "compile_layers", lambda layers, settings, dynamic, **_: real_compile(layers, settings))
+    monkeypatch.setattr(pipeline, "compile_layers",
+                        lambda layers, settings, dynamic, **_: real_compile(layers, settings))
     _, static_graphs, static_lengths = run("static", budget=64, steps=1)  # 8 lengths: the warm-up compiles them
     assert static_graphs[0] >= len(static_lengths) == 8 > graphs[0]
 

@@ -143,8 +143,8 @@ def test_public_run_recomputing_in_graph_trains_what_torch_checkpoint_trains(tin
 def test_compiled_plans_that_checkpoint_do_so_in_graph(monkeypatch):
     """An 8 GiB card's quickstart checkpoints every layer's longest passes inside the compiled graphs; the memory
     plan, whose checkpointed inputs wait in host memory (offload.py hooks torch's checkpoint), keeps torch's; a plan
-    that checkpoints nothing has nothing to switch. Negative control: PHI3TUNE_RECOMPUTE_IN_GRAPH=0 gives the same
-    plan with torch's checkpoint."""
+    that checkpoints nothing has nothing to switch. Negative control: PHI3TUNE_RECOMPUTE_IN_GRAPH=0 checkpoints
+    by torch's checkpoint."""
     from phi3tune import FineTuner
     from phi3tune.bench import plan_for
 
@@ -158,4 +158,26 @@ def test_compiled_plans_that_checkpoint_do_so_in_graph(monkeypatch):
     assert not plan_for(ft, "cuda", free_gib=80).recompute_in_graph
     monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
     off = plan_for(ft, "cuda", free_gib=8)
-    assert not off.recompute_in_graph and replace(off, recompute_in_graph=True) == small
+    assert off.checkpoint_layers > 0 and not off.recompute_in_graph
+    assert "inside their compiled graphs" not in off.describe()
+
+
+def test_the_memory_model_counts_more_for_a_layer_recomputed_in_graph():
+    """A layer recomputed inside its compiled backward graph holds 1.28x torch checkpoint's recomputation
+    (measured, memory.py): the same plan's activations grow by that layer's 28% and by nothing else; without
+    checkpointing the flag changes nothing."""
+    from phi3tune.memory import ModelShape, estimate_parts
+
+    shape = ModelShape(hidden=64, intermediate=128, layers=4, vocab=100, other_params=0,
+                       linears=(("q", 64, 64),))
+    kw = dict(bits=4, double_quant=False, targets={"q"}, r=4, dropout=0.1, optimizer_state_bytes=8, act_bytes=2,
+              upcast_frozen=False, tokens=100, compiled=True, ce_chunk=50, cuda=True, checkpoint_layers=2)
+    torch_ckpt = estimate_parts(shape, checkpointing=True, **kw)
+    in_graph = estimate_parts(shape, checkpointing=True, recompute_in_graph=True, **kw)
+    flat = estimate_parts(shape, checkpointing=False, **kw)
+    grown = in_graph["activations"] - torch_ckpt["activations"]
+    recomputed = 2 * (14 * 64 + 5 * 128 + 95) * 0.85 * 100  # the recomputed layer's bytes (memory.py's model)
+    assert grown == pytest.approx(0.28 * recomputed, rel=1e-3)
+    others = [k for k in in_graph if k != "activations"]
+    assert [in_graph[k] for k in others] == [torch_ckpt[k] for k in others]
+    assert estimate_parts(shape, checkpointing=False, recompute_in_graph=True, **kw) == flat
