@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .compiled_layers import set_checkpointing
+from .recompute import set_checkpointing
 
 Table = tuple[tuple[int, int], ...]  # ((up to this many tokens, checkpoint this many first layers), ...) ascending
 
@@ -59,7 +59,7 @@ def recomputed_share(lengths: Table, layers: int, steps: Sequence[int]) -> float
 
 class LengthCheckpointing:
     """Checkpoints the first ``layers_for`` decoder layers for a pass of ``tokens`` and not the rest
-    (``compiled_layers.set_checkpointing``: inside their compiled graphs, or transformers' ``gradient_checkpointing``
+    (``recompute.set_checkpointing``: inside their compiled graphs, or transformers' ``gradient_checkpointing``
     when the model loaded with it)."""
 
     def __init__(self, layers: Sequence[Any], lengths: Table, default: int) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import dequant_kernel
 from .dequant_kernel import decode_4bit, nibbles, scale_blocks
+from .recompute import RecomputeSwitch
 
 if TYPE_CHECKING:
     from .plan import RunPlan
@@ -165,50 +166,6 @@ def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] |
         layer.compile(backend=compiler, dynamic=None if dynamic else False)
         if recomputing is not None:
             RecomputeSwitch.install(layer, recomputing, dynamic)
-
-
-class RecomputeSwitch:
-    """A compiled decoder layer's call, switchable between its plan's graphs and graphs that checkpoint it.
-
-    At activation budget 0 the partitioner saves only the graph's inputs (functorch's ``choose_saved_values_set``)
-    and recomputes everything else in the backward graph: what ``torch.utils.checkpoint`` does around a compiled
-    layer, with the same kernels' math (the hashed LoRA dropout masks are a function of the step's key:
-    lora_dropout.py), but without its second forward call per layer, whose host time bounds small cards' steps
-    (session 23: 8 GiB, 0.26 s of host time a step against ~0.16 s of GPU). Both are compiled from the module's own
-    call (``nn.Module.compile`` keeps its compiled call in ``_compiled_call_impl``); dynamo keeps their graphs
-    apart by backend. ``on``: this layer recomputes (``checkpoint_lengths`` sets it per pass); eval and other
-    passes without gradients take the plan's graphs, which they share with training."""
-
-    def __init__(self, plain: Callable[..., Any], recomputing: Callable[..., Any]) -> None:
-        self.plain, self.recomputing, self.on = plain, recomputing, False
-
-    @classmethod
-    def install(cls, layer: torch.nn.Module, compiler: Callable[..., Any], dynamic: bool) -> None:
-        plain = getattr(layer, "_compiled_call_impl", None)
-        if plain is None:  # a torch whose Module.compile keeps its call elsewhere: checkpointing is still right
-            raise RuntimeError("compiled_layers: nn.Module.compile left no _compiled_call_impl in this torch; run "
-                               "with PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (torch.utils.checkpoint around the layers)")
-        recomputing = torch.compile(layer._call_impl, backend=compiler, dynamic=None if dynamic else False)
-        layer._compiled_call_impl = cls(plain, recomputing)
-
-    @staticmethod
-    def of(layer: torch.nn.Module) -> RecomputeSwitch | None:
-        switch = getattr(layer, "_compiled_call_impl", None)
-        return switch if isinstance(switch, RecomputeSwitch) else None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = self.recomputing if self.on and torch.is_grad_enabled() else self.plain
-        return call(*args, **kwargs)
-
-
-def set_checkpointing(layer: torch.nn.Module, on: bool) -> None:
-    """Checkpoint ``layer`` (a transformers GradientCheckpointingLayer) or not: inside its compiled graph where it
-    has a ``RecomputeSwitch``, else by ``torch.utils.checkpoint`` (transformers' ``gradient_checkpointing``)."""
-    switch = RecomputeSwitch.of(layer)
-    if switch is not None:
-        switch.on = on
-    else:
-        setattr(layer, "gradient_checkpointing", on)  # noqa: B010  (nn.Module types its attributes as tensors)
 
 
 def warm_up_positions(lengths: tuple[int, ...], position_cap: int) -> list[tuple[int, torch.Tensor]]:

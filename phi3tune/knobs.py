@@ -58,7 +58,7 @@ def checkpoints_by_length_wanted() -> bool:
 
 
 def recompute_in_graph_wanted() -> bool:
-    """Compiled layers that checkpoint recompute inside their own backward graph (compiled_layers.RecomputeSwitch)?
+    """Compiled layers that checkpoint recompute inside their own backward graph (recompute.RecomputeSwitch)?
     Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the
     plans before session 23)."""
     asked = os.environ.get("PHI3TUNE_RECOMPUTE_IN_GRAPH", "")

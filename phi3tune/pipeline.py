@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoints as ckpt
 from .batching import fit_lengths_to_data, step_lengths
-from .compiled_layers import compile_layers, set_checkpointing
+from .compiled_layers import compile_layers
 from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
@@ -34,6 +34,7 @@ from .model import ModelInfo
 from .plan import FIT_FRACTION, RunPlan
 from .plan_search import resolve_plan, whole_step_tokens
 from .plugins import DataFacts, QuantFacts, QuantizationSpec, facts, spec_to_config
+from .recompute import set_checkpointing
 from .runspec import RunSpec
 from .shards import check_optimizer_shardable
 from .specs import QuantSpec, TrainSpec
@@ -274,7 +275,7 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         compile_layers(layers, plan.compile_settings(), dynamic=plan.dynamic_lengths,  # 4-bit matmuls in the graph
                        recompute_in_graph=plan.recompute_in_graph)
         for layer in layers[:plan.checkpoint_layers] if plan.recompute_in_graph else ():
-            set_checkpointing(layer, True)  # in their own graphs (compiled_layers.RecomputeSwitch)
+            set_checkpointing(layer, True)  # in their own graphs (recompute.RecomputeSwitch)
     return model
 
 

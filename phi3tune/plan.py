@@ -137,9 +137,9 @@ class RunPlan:
     checkpoint_lengths: tuple[tuple[int, int], ...] = ()
     # compiled layers that checkpoint do so inside their own graphs: compiled a second time at activation budget 0,
     # they keep only their inputs and recompute the rest in their backward graph, the same math as
-    # torch.utils.checkpoint without its extra forward call per layer on the host (compiled_layers.RecomputeSwitch).
-    # Compiled plans that checkpoint, but not with inputs in host memory nor under FSDP; PHI3TUNE_RECOMPUTE_IN_GRAPH=0
-    # (benchmarks) never
+    # torch.utils.checkpoint without its extra forward call per layer on the host (recompute.RecomputeSwitch).
+    # Compiled speed plans that checkpoint, but not with inputs in host memory nor under FSDP;
+    # PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks) never
     recompute_in_graph: bool = False
 
     @property
@@ -280,7 +280,9 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     opt = optimizer_facts(t.optimizer, device.type)
     offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
-    in_graph = checkpointing and compile_ and not offload and not sharded and recompute_in_graph_wanted()
+    # speed plans only: the memory plan's recomputed layer holds less under torch's checkpoint (memory.py)
+    in_graph = mode == "speed" and checkpointing and compile_ and not offload and not sharded \
+        and recompute_in_graph_wanted()
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
         kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations

@@ -1,4 +1,4 @@
-"""Checkpointing inside the compiled graph (compiled_layers.RecomputeSwitch): a compiled layer switched on keeps
+"""Checkpointing inside the compiled graph (recompute.RecomputeSwitch): a compiled layer switched on keeps
 only its inputs for backward and recomputes the rest in its backward graph, with the gradients of the eager layer;
 a run that checkpoints that way trains what torch.utils.checkpoint's run trains."""
 
@@ -15,6 +15,7 @@ from test_lora_dropout import _lora_layer, _step
 from phi3tune import compiled_layers as cl
 from phi3tune import pipeline
 from phi3tune.checkpoint_lengths import LengthCheckpointing
+from phi3tune.recompute import RecomputeSwitch, set_checkpointing
 
 
 def _saved_per_token(inner: Any, layer: Any, n: int) -> tuple[list[torch.Tensor], int]:
@@ -37,12 +38,12 @@ def test_a_switched_layer_keeps_only_its_inputs_and_gets_the_eager_gradients(tin
     eager, _ = _step(inner, inner.layers[0])
     layer = inner.layers[0]
     cl.compile_layers([layer], {}, dynamic=False, recompute_in_graph=True)
-    switch = cl.RecomputeSwitch.of(layer)
+    switch = RecomputeSwitch.of(layer)
     assert switch is not None and not switch.on
     hidden = inner.config.hidden_size
 
     def per_token(on: bool) -> tuple[list[torch.Tensor], float]:
-        cl.set_checkpointing(layer, on)
+        set_checkpointing(layer, on)
         _saved_per_token(inner, layer, 32)  # compile at this length
         grads32, saved32 = _saved_per_token(inner, layer, 32)
         _saved_per_token(inner, layer, 48)
@@ -64,7 +65,7 @@ def test_a_switched_layer_keeps_only_its_inputs_and_gets_the_eager_gradients(tin
         x = torch.randn(1, 32, hidden)
         pos = torch.arange(32)[None]
         layer(x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
-        cl.set_checkpointing(layer, False)
+        set_checkpointing(layer, False)
         layer(x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
     assert counters["stats"]["unique_graphs"] == built + 1  # one inference graph, shared by both settings
 
@@ -112,7 +113,7 @@ def test_public_run_recomputing_in_graph_trains_what_torch_checkpoint_trains(tin
 
     def spy(self: LengthCheckpointing, tokens: int) -> None:
         real_switch(self, tokens)
-        switches = [cl.RecomputeSwitch.of(layer) for layer in self.layers]
+        switches = [RecomputeSwitch.of(layer) for layer in self.layers]
         seen.append((tokens, tuple(bool(s and s.on) for s in switches)))
 
     monkeypatch.setattr(LengthCheckpointing, "__call__", spy)
