@@ -22,6 +22,9 @@
 #         compiled at the activation budget 0.5, as amb5;
 #         prof@16+light: GPU kernels only, the host near its own speed, and where the GPU waits in the step;
 #         variants combine: prof@full+packed+light)
+#   mem   what is alive at the allocator's peak of MEM_STEPS (4) steps of the quickstart on that card, summed by
+#         the frame that allocated it (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
+#         mem@full+seq4096: where the memory plan's 4.20 GiB go
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
 #   PagedAdamW32bit by class name: the default's math with its state in the caching allocator / in managed memory that
@@ -120,9 +123,19 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     vl) sets+=(--set attn_implementation=phi3tune_varlen) ;;
     flex) sets+=(--set attn_implementation=flex_attention) ;;
     seq4096) sets+=("${SEQ4096[@]}") ;;
+    packed) sets+=(--set data.packing=true) ;;  # mem@GIB+packed (p@ runs are packed already)
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
+  if [ "${label%%@*}" = mem ]; then  # what is alive at the allocator's peak, by allocating frame (memory_peak.py)
+    local out="$OUT/mem_$(echo "${label#mem@}" | tr '+#' '__').txt"
+    # shellcheck disable=SC2046
+    env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/memory_peak.py \
+      /tmp/base.yaml --steps "${MEM_STEPS:-4}" --out "$out" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
+      || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
+    head -32 "$out" 2>/dev/null | cut -c1-300
+    return
+  fi
   # shellcheck disable=SC2046
   env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") -m phi3tune.bench /tmp/base.yaml --steps "$STEPS" \
     --warmup "$WARM" --label "$label" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
@@ -153,7 +166,7 @@ for r in "$@"; do
   echo "=== $label $(date +%T)"
   kind=${r%%@*}; rest=${r#*@}; gib=${rest%%+*}; variant=""; [ "$rest" != "$gib" ] && variant=${rest#*+}
   case "$kind" in
-    q|p) ours "$label" "$gib" "$variant" ;;
+    q|p|mem) ours "$label" "$gib" "$variant" ;;
     u) peer "$label" "$gib" false ;;
     ug) peer "$label" "$gib" unsloth ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
