@@ -17,10 +17,10 @@ class RecomputeSwitch:
     and recomputes everything else in the backward graph: what ``torch.utils.checkpoint`` does around a compiled
     layer, with the same kernels' math (the hashed LoRA dropout masks are a function of the step's key:
     lora_dropout.py), but without its second forward call per layer, whose host time bounds small cards' steps
-    (session 23: +12.7% on an 8 GiB card). Both are compiled from the module's own
-    call (``nn.Module.compile`` keeps its compiled call in ``_compiled_call_impl``); dynamo keeps their graphs
-    apart by backend. ``on``: this layer recomputes (``checkpoint_lengths`` sets it per pass); eval and other
-    passes without gradients take the plan's graphs, which they share with training."""
+    (session 23: +12.7% on an 8 GiB card). Both are compiled from the module's own call (``nn.Module.compile``
+    keeps its compiled call in ``_compiled_call_impl``); dynamo keeps their graphs apart by backend. ``on``: this
+    layer recomputes (``checkpoint_lengths`` sets it per pass); eval and other passes without gradients take the
+    plan's graphs, which they share with training."""
 
     def __init__(self, plain: Callable[..., Any], recomputing: Callable[..., Any]) -> None:
         self.plain, self.recomputing, self.on = plain, recomputing, False
@@ -28,9 +28,9 @@ class RecomputeSwitch:
     @classmethod
     def install(cls, layer: torch.nn.Module, compiler: Callable[..., Any], dynamic: bool) -> None:
         plain = getattr(layer, "_compiled_call_impl", None)
-        if plain is None:  # a torch whose Module.compile keeps its call elsewhere: checkpointing is still right
-            raise RuntimeError("compiled_layers: nn.Module.compile left no _compiled_call_impl in this torch; run "
-                               "with PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (torch.utils.checkpoint around the layers)")
+        if plain is None:  # a torch whose Module.compile keeps its compiled call under another name
+            raise RuntimeError("recompute: nn.Module.compile left no _compiled_call_impl in this torch; run with "
+                               "PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (torch.utils.checkpoint around the compiled layers)")
         recomputing = torch.compile(layer._call_impl, backend=compiler, dynamic=None if dynamic else False)
         layer._compiled_call_impl = cls(plain, recomputing)
 
