@@ -168,6 +168,29 @@ def compile_layers(layers: Sequence[torch.nn.Module], settings: dict[str, Any] |
             RecomputeSwitch.install(layer, recomputing, dynamic)
 
 
+def symbolic_from_the_first_length(decoder: torch.nn.Module) -> None:
+    """Symbolic-length plans: make each family's first graph symbolic in the token dimension. Dynamo's automatic
+    dynamic shapes compile a static graph at the first length a layer meets and the symbolic one at the second, so
+    each graph family compiled twice; with every layer input that carries the token dimension marked dynamic, the
+    first compile is the symbolic one (a CPU run: 1 graph where it built 2, the same losses). Those inputs: the
+    embedding's output and the rotary tables (forward hooks on those eager modules), and the position ids (a
+    pre-hook on the decoder; the examples' bounds are marked in ``loss.TokenLoss``). ``maybe_mark_dynamic``: where
+    dynamo must specialize a length, it still may."""
+    def mark(tensors: Any) -> None:
+        for t in tensors if isinstance(tensors, tuple) else (tensors,):
+            if isinstance(t, torch.Tensor) and t.dim() > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+
+    def mark_positions(_module: torch.nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        mark(kwargs.get("position_ids"))
+
+    decoder.register_forward_pre_hook(mark_positions, with_kwargs=True)
+    for name in ("embed_tokens", "rotary_emb"):
+        module = getattr(decoder, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.register_forward_hook(lambda _module, _args, out: mark(out))
+
+
 def warm_up_positions(lengths: tuple[int, ...], position_cap: int) -> list[tuple[int, torch.Tensor]]:
     """The position ids of the compile warm-up's micro-batches: for each fixed length, two documents, as in real
     micro-batches (one would take another attention-mask path, and every real one would then compile during

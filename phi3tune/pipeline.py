@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoints as ckpt
 from .batching import fit_lengths_to_data, step_lengths
-from .compiled_layers import compile_layers
+from .compiled_layers import compile_layers, symbolic_from_the_first_length
 from .data import PreparedData
 from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
@@ -274,6 +274,8 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         make_recomputable(model, torch.device(plan.device))
         compile_layers(layers, plan.compile_settings(), dynamic=plan.dynamic_lengths,  # 4-bit matmuls in the graph
                        recompute_in_graph=plan.recompute_in_graph)
+        if plan.dynamic_lengths:  # each graph family compiled once, symbolic from the first length
+            symbolic_from_the_first_length(model.get_base_model().model)
         for layer in layers[:plan.checkpoint_layers] if plan.recompute_in_graph else ():
             set_checkpointing(layer, True)  # in their own graphs (recompute.RecomputeSwitch)
     return model

@@ -182,3 +182,38 @@ def test_the_memory_model_counts_more_for_a_layer_recomputed_in_graph():
     others = [k for k in in_graph if k != "activations"]
     assert [in_graph[k] for k in others] == [torch_ckpt[k] for k in others]
     assert estimate_parts(shape, checkpointing=False, recompute_in_graph=True, **kw) == flat
+
+
+def test_each_graph_family_compiles_once_symbolic_from_the_first_length(tiny_model, tmp_path, monkeypatch,
+                                                                        traced_layers):
+    """A symbolic-length plan (varlen attention, whose layers get no mask: the CUDA plans' inputs) that checkpoints
+    its layers in graph for the longer passes: its layers' inputs are marked dynamic in the token dimension
+    (compiled_layers.symbolic_from_the_first_length), so each of the two graph families compiles once, symbolic,
+    and the steps compile nothing more. Negative control: without the marks dynamo first builds a static graph
+    for the first length each family meets, more graphs for the same losses."""
+    lengths = ((120, 0), (128, 2))
+    real_resolve = pipeline.resolve_plan
+
+    def by_length(*args: Any, **kwargs: Any) -> Any:
+        plan = real_resolve(*args, **kwargs)
+        return replace(plan, checkpointing=True, checkpoint_layers=2, checkpoint_lengths=lengths,
+                       recompute_in_graph=True)
+
+    monkeypatch.setattr(pipeline, "resolve_plan", by_length)
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
+
+    def run(out: str) -> tuple[Any, list[int]]:
+        tuner = tiny_tuner(tiny_model, tmp_path / out, rows_of_text(36, seed=4), optimize_for="speed", compile=True,
+                           micro_batch_tokens=128, batch_size=3, grad_accum=2, max_steps=2).adapter(dropout=0.1)
+        tuner.attn_implementation = "phi3tune_varlen"
+        return run_counting_graphs(tuner)
+
+    marked, graphs = run("marked")
+    assert marked.plan.dynamic_lengths and marked.plan.attn_implementation == "phi3tune_varlen"
+    assert graphs[0] == graphs[-1] == 2, graphs  # one symbolic graph per family
+    monkeypatch.setattr(pipeline, "symbolic_from_the_first_length", lambda decoder: None)
+    plain, plain_graphs = run("plain")
+    # the plain family: a static graph at the first length, then the symbolic one; the recomputing family meets
+    # only 128 tokens here: one static graph
+    assert plain_graphs[0] == plain_graphs[-1] == 3, plain_graphs
+    assert marked.losses == pytest.approx(plain.losses, rel=1e-6) and len(marked.losses) == 2
