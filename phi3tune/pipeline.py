@@ -260,25 +260,27 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     if plan.dequantized_base:  # the frozen 4-bit weights dequantized once, where the card has room (dequantized.py)
         dequantize_base(model, plan.dtype)
     if plan.dequantized_layers:  # or the first layers' alone (a benchmark's knob)
-        for layer in model.get_base_model().model.layers[:plan.dequantized_layers]:
+        for layer in _decoder(model).layers[:plan.dequantized_layers]:
             dequantize_base(layer, plan.dtype)
-    layers = model.get_base_model().model.layers
-    if torch_checkpoints:  # the plan checkpoints only as many (first) layers as the memory needs
-        for layer in layers[plan.checkpoint_layers:]:
-            layer.gradient_checkpointing = False
     if plan.compile:  # graphs for the plan's micro-batch lengths (the loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)
         model.get_base_model().enable_input_require_grads()
         # hashed LoRA dropout masks: recomputed in backward, not saved (lora_dropout.py); the loop keys them
         make_recomputable(model, torch.device(plan.device))
-        compile_layers(layers, plan.compile_settings(), dynamic=plan.dynamic_lengths,  # 4-bit matmuls in the graph
-                       recompute_in_graph=plan.recompute_in_graph)
+        compile_layers(_decoder(model).layers, plan.compile_settings(), dynamic=plan.dynamic_lengths,  # 4-bit
+                       recompute_in_graph=plan.recompute_in_graph)  # matmuls in the graph
         if plan.dynamic_lengths:  # each graph family compiled once, symbolic from the first length
-            symbolic_from_the_first_length(model.get_base_model().model)
-        for layer in layers[:plan.checkpoint_layers] if plan.recompute_in_graph else ():
-            set_checkpointing(layer, True)  # in their own graphs (recompute.RecomputeSwitch)
+            symbolic_from_the_first_length(_decoder(model))
+    if plan.checkpointing:  # only as many (first) layers as the memory needs: in their own graphs, or by torch's
+        for i, layer in enumerate(_decoder(model).layers):
+            set_checkpointing(layer, i < plan.checkpoint_layers)
     return model
+
+
+def _decoder(model: Any) -> Any:
+    """The PEFT model's decoder (the transformers model's ``model``: its layers, embedding and rotary tables)."""
+    return model.get_base_model().model
 
 
 def write_adapter_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:

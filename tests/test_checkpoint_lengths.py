@@ -55,10 +55,11 @@ def test_the_switch_sets_each_layers_flag_for_the_pass():
     assert seen == [[False] * 4, [True, True, False, False], [False] * 4, [True] * 4]
 
 
-def _by_length(real: Any, lengths: tuple[tuple[int, int], ...]) -> Any:
+def _by_length(real: Any, lengths: tuple[tuple[int, int], ...], **changes: Any) -> Any:
     def resolve(*args: Any, **kwargs: Any) -> Any:  # a plan the search makes on a GPU, on this CPU
         plan = real(*args, **kwargs)
-        return replace(plan, checkpointing=True, checkpoint_layers=lengths[-1][1], checkpoint_lengths=lengths)
+        return replace(plan, checkpointing=True, checkpoint_layers=lengths[-1][1], checkpoint_lengths=lengths,
+                       **changes)
     return resolve
 
 

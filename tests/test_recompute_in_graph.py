@@ -4,12 +4,12 @@ a run that checkpoints that way trains what torch.utils.checkpoint's run trains.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, run_counting_graphs, tiny_tuner
+from test_checkpoint_lengths import _by_length
 from test_lora_dropout import _lora_layer, _step
 
 from phi3tune import compiled_layers as cl
@@ -99,15 +99,8 @@ def test_public_run_recomputing_in_graph_trains_what_torch_checkpoint_trains(tin
     monkeypatch.setattr(modeling_utils, "checkpoint", counting)
     lengths = ((120, 0), (128, 2))
     real_resolve = pipeline.resolve_plan
-
-    def by_length(*args: Any, **kwargs: Any) -> Any:  # a plan the search makes on a GPU, on this CPU
-        plan = real_resolve(*args, **kwargs)
-        return replace(plan, checkpointing=True, checkpoint_layers=2, checkpoint_lengths=lengths,
-                       recompute_in_graph=in_graph)
-
-    monkeypatch.setattr(pipeline, "resolve_plan", by_length)
+    monkeypatch.setattr(pipeline, "resolve_plan", _by_length(real_resolve, lengths, recompute_in_graph=True))
     monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
-    in_graph = True
     seen: list[tuple[int, tuple[bool, ...]]] = []
     real_switch = LengthCheckpointing.__call__
 
@@ -131,7 +124,7 @@ def test_public_run_recomputing_in_graph_trains_what_torch_checkpoint_trains(tin
     assert all(on == (tokens > 120,) * 2 for tokens, on in seen)
     assert graphs[0] == graphs[-1], graphs  # nothing compiled after the warm-up
     seen.clear()
-    in_graph = False
+    monkeypatch.setattr(pipeline, "resolve_plan", _by_length(real_resolve, lengths, recompute_in_graph=False))
     torch_run, graphs = run("torch")
     assert not torch_run.plan.recompute_in_graph and calls  # negative control: torch's checkpoint did the work
     assert all(on == (False, False) for _, on in seen)
@@ -192,14 +185,7 @@ def test_each_graph_family_compiles_once_symbolic_from_the_first_length(tiny_mod
     and the steps compile nothing more. Negative control: without the marks dynamo first builds a static graph
     for the first length each family meets, more graphs for the same losses."""
     lengths = ((120, 0), (128, 2))
-    real_resolve = pipeline.resolve_plan
-
-    def by_length(*args: Any, **kwargs: Any) -> Any:
-        plan = real_resolve(*args, **kwargs)
-        return replace(plan, checkpointing=True, checkpoint_layers=2, checkpoint_lengths=lengths,
-                       recompute_in_graph=True)
-
-    monkeypatch.setattr(pipeline, "resolve_plan", by_length)
+    monkeypatch.setattr(pipeline, "resolve_plan", _by_length(pipeline.resolve_plan, lengths, recompute_in_graph=True))
     monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
 
     def run(out: str) -> tuple[Any, list[int]]:
