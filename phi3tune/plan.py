@@ -269,8 +269,8 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
     attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
     asked = knobs.get("dynamic_lengths")
-    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(attn, d.packing,
-                                                                                          activation_budget)))
+    dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(
+        attn, d.packing, activation_budget, memory_plan=mode == "memory")))
     fixed, buckets = buckets, granule_lengths(buckets[-1]) if dynamic else buckets
     checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:

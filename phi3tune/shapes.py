@@ -43,7 +43,7 @@ def default_attention(device: torch.device, fenced: bool, dtype: torch.dtype) ->
     return "flex_attention" if importlib.util.find_spec("torch.nn.attention.flex_attention") else None
 
 
-def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float) -> bool:
+def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: float, memory_plan: bool = False) -> bool:
     """Compiled layers with a symbolic token dimension (each micro-batch padded to a multiple of 128, not to one of
     4 fixed lengths) where measured faster: unpacked rows (pads 11.1% -> 2.3% of the tokens computed) under varlen
     attention, at every activation budget. On the H200 (session 12): 0.129 against 0.137 s a mean step and 27
@@ -55,9 +55,11 @@ def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: floa
     fill their micro-batches anyway, so they take them only at the middle budget, for the memory: a 16 GiB card then
     holds 4,096-token micro-batches there, 21,716 tokens/s at 10.85 GiB on the device against 2,048 at the default
     budget's 20,561 at 14.09; on 12 GiB 21,566 against the low budget's 21,417 (session 15, one machine).
-    PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it."""
+    Never in the memory plan (``memory_plan``): there they were no faster and held 0.27 GiB more at the allocator's
+    peak (H200, seq 4096, batch 1 x 4: 4.20 GiB at 3,147 tokens/s against 3.93 at 3,106 with fixed lengths,
+    session 24), where memory is the point. PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it."""
     middle = budget_tier(activation_budget) == "middle"
-    return attn == varlen_attention.NAME and (not packed or middle)
+    return attn == varlen_attention.NAME and (not packed or middle) and not memory_plan
 
 
 def attention_words(attn: str | None) -> str:
