@@ -183,11 +183,18 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     """Phi-3-mini, the flash kernel taken as present. Unpacked rows get one symbolic-length graph (multiples of
     128) at the default budget, and at the middle one where its measured extra memory still fits (12 and 16 GiB:
     with the low budget's extra 12 GiB would not, the negative control); at the middle budget the symbolic graphs
-    are planned to keep what the low budget's do (measured), less than fixed lengths would (the other control).
+    are planned to keep what the low budget's do (measured), less than fixed lengths would (the other control), and
+    nothing more since each compiles its symbolic graph first.
     Packed rows keep their 4 fixed lengths but at the middle budget; FlexAttention always."""
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
-    from phi3tune.memory import SYMBOLIC_HIDDENS, modelled_budget
+    from phi3tune.memory import (
+        LOW_ACTIVATION_BUDGET,
+        SYMBOLIC_HIDDENS,
+        ModelShape,
+        modelled_budget,
+        symbolic_lengths_bytes,
+    )
     from phi3tune.plan import FIT_FRACTION
     from phi3tune.shapes import symbolic_lengths_pay
     from phi3tune.step_cost import expected_cost
@@ -209,17 +216,16 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
         p.predicted_peak_gib <= FIT_FRACTION * g or (p.combo_kernels and p.predicted_peak_gib <= g - 0.75)
         for g, p in cards.items())  # combo kernels' measured extra may use a little more (plan_search)
     assert cards[24].dequantized_base and cards[24].activation_budget == 0.5 and cards[24].dynamic_lengths
-    assert sixteen.memory["symbolic_lengths"] > 0 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
-    # 12 GiB takes the middle budget with symbolic lengths too, at 4,096 tokens and 1,024-token output-head chunks
+    # at the middle budget a symbolic graph compiled first keeps no more than fixed-length ones (session 24)
+    assert sixteen.memory["symbolic_lengths"] == 0 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
+    # 12 GiB takes the middle budget with symbolic lengths too, at 4,096 tokens
     assert (twelve.activation_budget, twelve.dynamic_lengths, twelve.micro_batch_tokens) == (0.5, True, 4096)
     plain = twelve.predicted_peak_gib - twelve.memory.get("combo_kernels", 0) / (1 << 30)  # before combo kernels
-    assert twelve.ce_chunk == 1024 and plain <= FIT_FRACTION * 12 and sixteen.ce_chunk == 2048
-    wider = (2048 - 1024) * 32064 * 10 / (1 << 30)  # 2,048-token chunks' logits (bf16, fp32 loss and gradient)
-    assert plain + wider > FIT_FRACTION * 12  # why 12 GiB takes the smaller chunks
-    # negative control: with the low budget's symbolic extra (what the plan took before session 15 measured the
-    # middle budget's), it would not fit
-    extra = twelve.memory["symbolic_lengths"] * (SYMBOLIC_HIDDENS["low"] / SYMBOLIC_HIDDENS["middle"] - 1)
-    assert plain + extra / (1 << 30) > FIT_FRACTION * 12
+    assert plain <= FIT_FRACTION * 12
+    # negative control: with the low budget's symbolic extra (measured: session 12) it would not fit
+    shape = ModelShape(hidden=3072, intermediate=8192, layers=32, vocab=32064, linears=(), other_params=0)
+    extra = symbolic_lengths_bytes(shape, twelve.micro_batch_tokens, 2, LOW_ACTIVATION_BUDGET)
+    assert SYMBOLIC_HIDDENS == {"low": 1.6} and plain + extra / (1 << 30) > FIT_FRACTION * 12
     middle = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
     assert middle.activation_budget == 0.5 and middle.dynamic_lengths
     assert (modelled_budget(0.5, True), modelled_budget(0.5, False), modelled_budget(1.0, True)) == (0.3, 0.5, 1.0)
