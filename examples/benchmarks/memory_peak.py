@@ -8,7 +8,8 @@ weights load. The history is then replayed to the moment the allocated bytes pea
 summed twice: by the first frame outside torch that allocated them (ours, a library's, or a compiled graph's
 generated code), and by the first frame of phi3tune. It asks where a plan's predicted peak and the measured one part
 (the memory plan at seq 4096: 4.20 GiB allocated where session 9 measured 3.90, session 23). On the CPU it only runs
-the steps (a rehearsal).
+the steps (a rehearsal). Known to fail on the GPU under the memory plan (session 24): with Python stacks recorded,
+torch.utils.checkpoint's recomputation raised a SystemError inside AOT autograd's compiled forward.
 """
 
 from __future__ import annotations
