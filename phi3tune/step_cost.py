@@ -82,6 +82,12 @@ _HOST_LINK_BYTES_PER_MS, _OFFLOAD_EXPOSED = 40e6, 0.4
 # against 22,364 for 16 GiB's 4,096-token plan on the same machine; the two had run alike on a fast host (22,675 /
 # 22,689, session 16). Packed rows only: the unpacked sizes' table above was measured with the host in it
 _HOST_PASS_MS = 88.0
+# Layers compiled to a lower activation budget recompute cheap ops in backward: more kernels for the host to queue a
+# pass. Session 24, call 3: packed rows on 8 GiB in 2,048-token micro-batches at the middle budget (symbolic lengths,
+# up to 8 layers recomputed in graph) queued 159 ms a pass (0.636 s a step of 4) and ran 12,654 tokens/s, where
+# call 1's 4,096-token plan at the default budget, 30 layers recomputed, ran 19,752. The low budget, which
+# recomputes more, is given the same floor (not measured).
+_HOST_PASS_MS_RECOMPUTING = 159.0
 
 
 def micro_batch_ms(tokens: int) -> float:
@@ -96,7 +102,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     base dequantized once takes its measured ~16 ms off each micro-batch (its first N layers alone: N/L of it,
     unmeasured); activations in host memory cost
     ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's; a full (packed) pass costs at
-    least the host's time to queue it (``_HOST_PASS_MS``). Recomputation costs in
+    least the host's time to queue it (``_HOST_PASS_MS``; below the default budget ``_HOST_PASS_MS_RECOMPUTING``).
+    Recomputation costs in
     proportion to the layers checkpointed: where they depend on the micro-batch's length (checkpoint_lengths.py),
     ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps' tokens, one micro-batch
     each), at most what checkpointing the longest's count on every pass costs."""
@@ -110,7 +117,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     recompute = _RECOMPUTE_COST * min(1.0, share / _RECOMPUTE_FULL)
     if by_length is not None:
         recompute = min(recompute, _BY_LENGTH_RECOMPUTE * by_length)
-    low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[budget_tier(plan.activation_budget)]
+    tier = budget_tier(plan.activation_budget)
+    low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[tier]
     spared = 1.0 if plan.dequantized_base else plan.dequantized_layers / max(1, layers)  # its share of the saving
     held = 1 - spared * _DEQUANTIZE_SAVES_MS / micro_batch_ms(size)
     combo = _COMBO_COST if plan.combo_kernels else 1.0
@@ -118,6 +126,7 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))
     cost = per_size * low * held * combo * (1 + recompute + moved)
     if fitted:  # the device's time for a full pass, or the host's where that is longer
-        floor = _HOST_PASS_MS / size / (micro_batch_ms(4096) / 4096) * combo
+        pass_ms = _HOST_PASS_MS if tier == "default" else _HOST_PASS_MS_RECOMPUTING
+        floor = pass_ms / size / (micro_batch_ms(4096) / 4096) * combo
         cost = max(cost, floor)
     return cost

@@ -522,6 +522,29 @@ def test_packed_rows_take_full_2048_token_micro_batches_where_4096_would_need_re
 
 
 @needs_shared
+def test_a_pass_below_the_default_budget_costs_the_host_more(monkeypatch):
+    """Layers compiled to a lower activation budget recompute cheap ops in backward, so the host queues more kernels a
+    pass: 159 ms, measured (session 24: packed 8 GiB in 2,048-token micro-batches at the middle budget ran 12,654
+    tokens/s against 19,752 for 4,096-token ones at the default budget with 30 layers recomputed). So packed rows on
+    8 GiB keep the 4,096-token plan. Negative control: at the default budget's floor (88 ms) for every budget, the
+    model would send them to 2,048 at the middle budget, as it did for that call."""
+    from phi3tune import step_cost, varlen_attention
+    from phi3tune.step_cost import expected_cost
+
+    monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
+    packed = FineTuner(str(PHI3_DIR)).data(packing=True)
+    eight = plan_for(packed, "cuda", free_gib=8)
+    assert (eight.micro_batch_tokens, eight.activation_budget, eight.recompute_in_graph) == (4096, 1.0, True)
+    monkeypatch.setattr(step_cost, "_HOST_PASS_MS_RECOMPUTING", step_cost._HOST_PASS_MS)
+    fooled = plan_for(packed, "cuda", free_gib=8)
+    assert (fooled.micro_batch_tokens, fooled.activation_budget) == (2048, 0.5)
+    monkeypatch.undo()
+    # measured: 0.6485 s against 0.4109 s a step; the model now ranks them that way, by more than half the gap
+    assert expected_cost(fooled, 32, True) / expected_cost(eight, 32, True) > 1 + 0.5 * (0.6485 / 0.4109 - 1)
+
+
+@needs_shared
 def test_a_named_plan_that_would_not_fit_is_warned_about_before_any_weight_loads(caplog):
     """Phi-3-mini with optimize_for="balanced" (padded, eager, ~18.0 GiB predicted) on a 12 GiB card: the run warns,
     naming the field and what fits; on an 80 GiB card it does not, nor does ``auto`` on the 12 GiB card (it takes
