@@ -85,7 +85,8 @@ _HOST_PASS_MS = 88.0
 # Layers compiled to a lower activation budget recompute cheap ops in backward: more kernels for the host to queue a
 # pass. Session 24, call 3: packed rows on 8 GiB in 2,048-token micro-batches at the middle budget (symbolic lengths,
 # up to 8 layers recomputed in graph) queued 159 ms a pass (0.636 s a step of 4) and ran 12,654 tokens/s, where
-# call 1's 4,096-token plan at the default budget, 30 layers recomputed, ran 19,752. The low budget, which
+# call 1's 4,096-token plan at the default budget, 30 layers recomputed, ran 19,752 (another machine; Unsloth's
+# fast path ran alike on session 24's machines: 15,309 / 14,975). The low budget, which
 # recomputes more, is given the same floor (not measured).
 _HOST_PASS_MS_RECOMPUTING = 159.0
 
@@ -103,10 +104,9 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     unmeasured); activations in host memory cost
     ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's; a full (packed) pass costs at
     least the host's time to queue it (``_HOST_PASS_MS``; below the default budget ``_HOST_PASS_MS_RECOMPUTING``).
-    Recomputation costs in
-    proportion to the layers checkpointed: where they depend on the micro-batch's length (checkpoint_lengths.py),
-    ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps' tokens, one micro-batch
-    each), at most what checkpointing the longest's count on every pass costs."""
+    Recomputation costs in proportion to the layers checkpointed: where they depend on the micro-batch's length
+    (checkpoint_lengths.py), ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps'
+    tokens, one micro-batch each), at most what checkpointing the longest's count on every pass costs."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
