@@ -103,3 +103,52 @@ def test_device_memory_is_sampled_on_this_ranks_gpu_from_its_thread(monkeypatch)
         while not any(name != threading.current_thread().name for _, name in asked):
             pass
     assert {device for device, _ in asked} == {1}
+
+
+def _peer_peak_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "peer_peak.py"
+    spec = importlib.util.spec_from_file_location("peer_peak", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_peers_lines_get_the_device_peak_sampled_as_ours(tmp_path, monkeypatch):
+    """examples/benchmarks/peer_peak.py runs a peer's recipe in-process and adds the device's peak, sampled as
+    ``phi3tune.bench`` samples ours (used memory minus the level before the run), to the lines the recipe appended;
+    an earlier line is left as it was, and the recipe's exit status is kept. Negative control: without CUDA it only
+    runs the recipe, whose line then has no device peak."""
+    import json
+    import sys
+
+    peer_peak = _peer_peak_module()
+    lines = tmp_path / "peer.jsonl"
+    lines.write_text('{"label": "earlier"}\n')
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("import json, sys, time\ntime.sleep(0.05)\n"
+                      "open(sys.argv[1], 'a').write(json.dumps({'label': sys.argv[2]}) + '\\n')\nsys.exit(3)\n")
+    gib, total = 1 << 30, 80 << 30
+    calls = []
+
+    def mem_get_info(device=None):  # 1 GiB used before the run, 3.5 GiB while it runs
+        calls.append(device)
+        return (total - (gib if len(calls) == 1 else 7 * gib // 2), total)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(sys, "argv", ["peer_peak.py", str(lines), str(recipe), str(lines), "u@16"])
+    with pytest.raises(SystemExit) as stop:
+        peer_peak.main()
+    assert stop.value.code == 3 and len(calls) > 2
+    earlier, ours = (json.loads(row) for row in lines.read_text().splitlines())
+    assert earlier == {"label": "earlier"} and ours == {"label": "u@16", "peak_device_gib": 2.5}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["peer_peak.py", str(lines), str(recipe), str(lines), "cpu"])
+    with pytest.raises(SystemExit):
+        peer_peak.main()
+    assert json.loads(lines.read_text().splitlines()[-1]) == {"label": "cpu"}

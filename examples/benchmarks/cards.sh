@@ -152,12 +152,18 @@ for l in sys.stdin:
 
 peer() {  # label gib gc
   local label=$1 gib=$2 gc=$3
+  # peer_peak.py: the device's peak added to the recipe's line, sampled as phi3tune.bench samples ours
+  # shellcheck disable=SC2046
   UNSLOTH_COMPILE_LOCATION=/tmp/ucc_$label timeout -k 15 "$PEER_LIMIT" python3 $(card_prefix "$gib") \
+    examples/benchmarks/peer_peak.py "/tmp/peer_$label.jsonl" \
     .devshared/bench/peers/unsloth_recipe.py --model /tmp/phi3 --data "$DATA" --steps "$STEPS" --warmup "$WARM" \
     --packing --gc "$gc" --label "$label" --out "/tmp/peer_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
     || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
   [ -f "/tmp/peer_$label.jsonl" ] && sed "s/^{/{\"card\": \"$gib\", /" "/tmp/peer_$label.jsonl" >> "$OUT/all.jsonl" \
-    && cut -c1-400 "/tmp/peer_$label.jsonl"
+    && python3 -c "import json,sys
+for l in open(sys.argv[1]):
+    d=json.loads(l); print({k: d.get(k) for k in ('label','real_tokens_per_s','peak_alloc_gib','peak_reserved_gib',
+      'peak_device_gib','median_step_s')})" "/tmp/peer_$label.jsonl"
 }
 
 declare -A seen=()  # a RUN named again (A/B pairs in ABBA order: runs on one machine differ ~10%) is labelled RUN#2, ...
