@@ -60,11 +60,12 @@ def budget_tier(activation_budget: float) -> str:
 SYMBOLIC_HIDDENS = {"low": 1.6}
 
 
-# Symbolic-length compiled layers at the middle budget keep what they keep at the low one, and a little more
-# (SYMBOLIC_HIDDENS): Phi-3-mini at 4,864 tokens, 10.53 GiB allocated at peak against 10.44 (16 GiB card, one call,
-# session 14), where the fixed-length middle-budget graphs kept 15.01 (20 GiB card, session 13). Why the partitioner
-# keeps less with a symbolic token dimension is not known (one layer compiled alone saves the same with either, on
-# the CPU and on the GPU: session 14, examples/benchmarks/saved_tensors.py); the plan follows the runs.
+# Symbolic-length compiled layers at the middle budget keep what they keep at the low one (and, until each compiled
+# its symbolic graph first, a little more: SYMBOLIC_HIDDENS above): Phi-3-mini at 4,864 tokens, 10.53 GiB
+# allocated at peak against 10.44 (16 GiB card, one call, session 14), where the fixed-length middle-budget graphs
+# kept 15.01 (20 GiB card, session 13). Why the partitioner keeps less with a symbolic token dimension is not known
+# (one layer compiled alone saves the same with either, on the CPU and on the GPU: session 14,
+# examples/benchmarks/saved_tensors.py); the plan follows the runs.
 def modelled_budget(activation_budget: float, symbolic: bool) -> float:
     """The activation budget whose measured activations a plan's compiled layers keep: their own, except
     symbolic-length graphs at the middle budget, which keep the low budget's (measured above)."""
