@@ -34,6 +34,7 @@ from .plugins import (
 )
 from .runspec import RunSpec
 from .specs import DEFAULT_MODEL, AdapterSpec, DataSpec, QuantSpec, TrainSpec
+from .streamed_base import unstream_base
 
 
 @dataclass
@@ -168,6 +169,7 @@ def execute(run: RunSpec, *, resume: bool | str = False, overwrite: bool | None 
     model.eval()
     make_plain(model)  # PEFT's own LoRA dropout again, as a model loaded for more training would have it
     restore_4bit(model)  # the 4-bit layers again, where the plan dequantized them for the run (dequantized.py)
+    unstream_base(model)  # and their weights on the device again, where it streamed them (streamed_base.py)
     if stop.signal:
         raise trainer.interrupted_after_training(stop.signal, adapter_dir)
     return RunResult(adapter_dir, checked.output_dir, trainer.history, metrics, config, model, checked.tokenizer,

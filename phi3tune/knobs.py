@@ -72,6 +72,13 @@ def dequantize_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
+def stream_base_wanted() -> bool:
+    """PHI3TUNE_STREAM_BASE=1 (benchmarks, tests): the 4-bit base's packed weights wait in pinned host memory and
+    come to the device a decoder layer at a time (streamed_base.py), on any plan of one process without a
+    dequantized base; unset or 0: never (not yet an ``auto`` choice: unmeasured on the GPU)."""
+    return yes(os.environ.get("PHI3TUNE_STREAM_BASE", "0"))
+
+
 def dequantize_layers_wanted() -> int | None:
     """PHI3TUNE_DEQUANTIZE_LAYERS=N (benchmarks, tests): only the first N decoder layers' 4-bit weights dequantized
     once, the others left 4-bit, on any plan that can (plan_search.with_dequantized_base); unset (None): the plan

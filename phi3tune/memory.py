@@ -108,7 +108,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
                    checkpointing: bool, compiled: bool, ce_chunk: int, cuda: bool,
                    checkpoint_layers: int | None = None, activation_budget: float = 1.0,
                    offload: bool = False, masks_recomputed: bool = False,
-                   offload_layers: int = 0, recompute_in_graph: bool = False) -> dict[str, int]:
+                   offload_layers: int = 0, recompute_in_graph: bool = False,
+                   streamed_base: bool = False) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
@@ -117,14 +118,17 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
     ``offload``: the checkpointed inputs live in host memory. ``offload_layers``: that many (uncheckpointed) layers'
     activations live in host memory (offload.py), counted under ``host_offloaded``, not in the device total.
-    ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more."""
-    quantized = other = lora = 0
+    ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more.
+    ``streamed_base``: the 4-bit weights' packed bytes live in host memory (``host_streamed``), two decoder layers'
+    worth on the device (streamed_base.py); their block scales stay."""
+    quantized = other = lora = packed = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
         if bits is None:
             other += n * act_bytes
         elif bits == 4:
             quantized += n // 2 + (n // 64) * (1 if double_quant else 4)
+            packed += n // 2
         else:
             quantized += n + fan_out * 4
         if name.rsplit(".", 1)[-1] in targets:
@@ -156,9 +160,13 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
         kept_whole = (shape.layers - k - moved) * per_layer + (recomputed if k else 0)
         activations = tokens * (k * shape.hidden * act_bytes + kept_whole)
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
+    streamed = {}
+    if streamed_base and packed:
+        quantized -= packed - packed * min(2, shape.layers) // max(1, shape.layers)
+        streamed = {"host_streamed": packed}
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,
-            "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {})}
+            "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {}), **streamed}
 
 
 def dequantized_bytes(shape: ModelShape, dtype_bytes: int) -> int:
@@ -182,6 +190,11 @@ def per_rank_parts(parts: dict[str, int], shape: ModelShape, processes: int) -> 
             "adapter_and_optimizer": int(adapter / n + 2 * adapter / layers)}
 
 
+# in ``parts`` but not summed into the device peak: the LoRA parameter count (its bytes are in
+# adapter_and_optimizer) and what waits in host memory
+NOT_ON_DEVICE = ("lora_params", "host_offloaded", "host_streamed")
+
+
 def fixed_bytes(parts: dict[str, int]) -> int:
     """What no smaller micro-batch reduces: weights, adapter with gradients and optimizer state, CUDA context."""
     return sum(parts.get(k, 0) for k in ("quantized_weights", "other_weights", "adapter_and_optimizer",
@@ -189,6 +202,6 @@ def fixed_bytes(parts: dict[str, int]) -> int:
 
 
 def total_gib(parts: dict[str, int]) -> float:
-    """The device peak of ``parts`` (the LoRA parameters are inside adapter_and_optimizer; host_offloaded is not on
-    the device)."""
-    return round(sum(v for k, v in parts.items() if k not in ("lora_params", "host_offloaded")) / GIB, 3)
+    """The device peak of ``parts`` (the LoRA parameters are inside adapter_and_optimizer; host_offloaded and
+    host_streamed are not on the device)."""
+    return round(sum(v for k, v in parts.items() if k not in NOT_ON_DEVICE) / GIB, 3)

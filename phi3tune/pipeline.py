@@ -248,6 +248,7 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     from .adapters import apply_init
     from .dequantized import dequantize_base
     from .model import attach_adapter, load_base_model
+    from .streamed_base import stream_base
 
     plan = checked.plan
     where = torch.device("cpu" if plan.shard_from_cpu else plan.device)  # FSDP moves each rank's shards there
@@ -275,6 +276,8 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     if plan.checkpointing:  # only as many (first) layers as the memory needs: in their own graphs, or by torch's
         for i, layer in enumerate(_decoder(model).layers):
             set_checkpointing(layer, i < plan.checkpoint_layers)
+    if plan.streamed_base:  # last: it wraps each layer's call as compiled and checkpointed above
+        stream_base(_decoder(model).layers, torch.device(plan.device))
     return model
 
 

@@ -26,6 +26,7 @@ from .knobs import (
     offload_wanted,
     read_late_wanted,
     recompute_in_graph_wanted,
+    stream_base_wanted,
     yes,
 )
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
@@ -141,6 +142,10 @@ class RunPlan:
     # Compiled speed plans that checkpoint, but not with inputs in host memory nor under FSDP;
     # PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks) never
     recompute_in_graph: bool = False
+    # the 4-bit base's packed weights in pinned host memory, two decoder layers' worth on the device, streamed in a
+    # layer ahead (streamed_base.py). Only PHI3TUNE_STREAM_BASE=1 (benchmarks, tests) asks for it: plans of one
+    # process with a 4-bit base, not dequantized
+    streamed_base: bool = False
 
     @property
     def padding_free(self) -> bool:
@@ -190,6 +195,9 @@ class RunPlan:
             held = self.memory.get("dequantized_weights", 0) / GIB
             where = f" in the first {self.dequantized_layers} layers" if self.dequantized_layers else ""
             how.append(f"4-bit base dequantized once{where} ({held:.{1 if held >= 1 else 2}f} GiB)")
+        if self.streamed_base:
+            held = self.memory.get("host_streamed", 0) / GIB
+            how.append(f"4-bit base streamed from host memory ({held:.{1 if held >= 1 else 2}f} GiB), a layer ahead")
         if self.combo_kernels:
             how.append("combo kernels")
         if self.read_late:
@@ -283,6 +291,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # speed plans only: the memory plan's recomputed layer holds less under torch's checkpoint (memory.py)
     in_graph = mode == "speed" and checkpointing and compile_ and not offload and not sharded \
         and recompute_in_graph_wanted()
+    streamed = stream_base_wanted() and q is not None and q.bits == 4 and processes == 1
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
         kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations
@@ -292,7 +301,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=n, checkpointing=checkpointing,
             compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=k,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks,
-            offload_layers=moved, recompute_in_graph=in_graph)
+            offload_layers=moved, recompute_in_graph=in_graph, streamed_base=streamed)
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, n, act_bytes, activation_budget)} \
             if symbolic else parts
 
@@ -333,4 +342,4 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         ddp=ddp_settings() if processes > 1 and not sharded else {},
         read_late=read_late_wanted(cuda, precision, sharded),
         offload_layers=moved, checkpoint_lengths=lengths,
-        recompute_in_graph=in_graph)
+        recompute_in_graph=in_graph, streamed_base=streamed)

@@ -36,11 +36,12 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     predicted peak, with the dequantized weights, is still within ``FIT_FRACTION`` of ``free``. ``auto`` weighs
     each candidate so (``expected_cost``), so the weights may displace a larger micro-batch where that costs less
     than the dequantization saves. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
-    under FSDP, which shards the 4-bit weights. PHI3TUNE_DEQUANTIZE (knobs.dequantize_wanted) overrides;
+    under FSDP, which shards the 4-bit weights, nor where the base streams from host memory. PHI3TUNE_DEQUANTIZE
+    (knobs.dequantize_wanted) overrides;
     PHI3TUNE_DEQUANTIZE_LAYERS=N dequantizes only the first N decoder layers (``RunPlan.dequantized_layers``)."""
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
-    if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype:
+    if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype or plan.streamed_base:
         return plan
     values = dequantized_bytes(shape, plan.dtype.itemsize)
     some = dequantize_layers_wanted()

@@ -37,6 +37,7 @@ class RecomputeSwitch:
     @staticmethod
     def of(layer: torch.nn.Module) -> RecomputeSwitch | None:
         switch = getattr(layer, "_compiled_call_impl", None)
+        switch = getattr(switch, "inner", switch)  # a call wrapped around it (streamed_base.StreamedCall)
         return switch if isinstance(switch, RecomputeSwitch) else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

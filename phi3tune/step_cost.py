@@ -106,7 +106,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     least the host's time to queue it (``_HOST_PASS_MS``; below the default budget ``_HOST_PASS_MS_RECOMPUTING``).
     Recomputation costs in proportion to the layers checkpointed: where they depend on the micro-batch's length
     (checkpoint_lengths.py), ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps'
-    tokens, one micro-batch each), at most what checkpointing the longest's count on every pass costs."""
+    tokens, one micro-batch each), at most what checkpointing the longest's count on every pass costs. A base
+    streamed from host memory crosses the host link twice a pass, behind the compute (a floor, not yet measured)."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
@@ -125,6 +126,9 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
     moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))
     cost = per_size * low * held * combo * (1 + recompute + moved)
+    streamed_ms = 2 * plan.memory.get("host_streamed", 0) / _HOST_LINK_BYTES_PER_MS  # forward's copies, backward's
+    if streamed_ms:  # a pass takes at least the host link's time for the base streamed in (streamed_base.py)
+        cost = max(cost, streamed_ms / size / (micro_batch_ms(4096) / 4096))
     if fitted:  # the device's time for a full pass, or the host's where that is longer
         pass_ms = _HOST_PASS_MS if tier == "default" else _HOST_PASS_MS_RECOMPUTING
         floor = pass_ms / size / (micro_batch_ms(4096) / 4096) * combo

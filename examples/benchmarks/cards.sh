@@ -60,7 +60,8 @@
 #   (optimize_for=balanced: the plain path, padded batches and eager layers, the losses' reference), vl / flex
 #   (attention: torch's varlen flash kernel, varlen_attention.py / FlexAttention's document mask), lt (matmuls through
 #   cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory),
-#   seq4096 (memory plan at max_seq_length 4096, batch 1 x 4)
+#   seq4096 (memory plan at max_seq_length 4096, batch 1 x 4), stream (the 4-bit base's packed bytes in pinned host
+#   memory, a decoder layer streamed in ahead of its use, two on the device: PHI3TUNE_STREAM_BASE=1, streamed_base.py)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -117,6 +118,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     tckpt) envs+=(PHI3TUNE_RECOMPUTE_IN_GRAPH=0) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
+    stream) envs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory (streamed_base.py)
     seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;
     seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0); sets+=("${SEQ4096[@]}") ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;

@@ -1,0 +1,153 @@
+"""The frozen 4-bit base in pinned host memory, two decoder layers' worth on the device at a time.
+
+On a small card the 4-bit base is most of what no micro-batch size reduces: Phi-3-mini's packed weights are 1.69
+GiB of a ~3 GiB fixed part (memory.py). They never change, and each decoder layer needs its own only while it runs
+(forward, then its backward: recomputation included). So each layer's packed bytes stay in pinned host memory, and
+two device slots take turns: layer i runs from slot i % 2 while the next one's bytes (layer i + 1 in forward,
+i - 1 in backward) are copied into the other slot on a side stream. The block scales (absmax, 1/8 of the bytes)
+stay on the device. A layer's weight *is* its slot (``Params4bit.data`` points there), so eager, compiled and
+recomputed code all read it unchanged; what this module adds is the order: a slot is refilled only after the
+compute stream has queued everything that reads it, and a layer starts only once its bytes have arrived.
+
+Triggers, all outside the compiled graphs: the layer's call (wrapped in ``_compiled_call_impl``, as
+recompute.RecomputeSwitch is, so compiled layers run no hook inside their graphs) and, for backward, a hook on the
+layer's output gradient, which runs before the layer's backward (and any recomputation of it) starts. The values
+are copies of the same bytes: losses and gradients are bit for bit those of the resident base
+(tests/test_streamed_base.py, with a negative control that skips the backward refill). ``unstream_base`` gives each
+layer its own device copy again when the run ends.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+SLOTS = 2  # the layer running and the one arriving
+
+
+def four_bit_weights(layer: nn.Module) -> list[torch.Tensor]:
+    """The packed weights of ``layer``'s bitsandbytes 4-bit linears, in module order."""
+    from bitsandbytes.nn import Linear4bit
+
+    return [m.weight for m in layer.modules() if isinstance(m, Linear4bit)]
+
+
+class StreamedBase:
+    """The host copies, the device slots and the copy order of one model's decoder layers (module docstring)."""
+
+    def __init__(self, layers: Sequence[nn.Module], device: torch.device) -> None:
+        self.weights = [four_bit_weights(layer) for layer in layers]
+        shapes = {tuple((tuple(w.shape), w.dtype) for w in ws) for ws in self.weights}
+        if len(shapes) != 1 or not self.weights[0]:
+            raise ValueError("streamed base: every decoder layer needs the same 4-bit weights (shapes and dtypes); "
+                             "run without PHI3TUNE_STREAM_BASE")
+        self.device = device
+        self.cuda = device.type == "cuda"
+        first = self.weights[0]
+        self.slots = [[torch.empty_like(w.data, device=device) for w in first] for _ in range(SLOTS)]
+        self.host = [[w.data.to("cpu", copy=True).pin_memory() if self.cuda else w.data.clone() for w in ws]
+                     for ws in self.weights]
+        self.resident = [-1] * SLOTS  # which layer each slot holds
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.ready = [torch.cuda.Event() if self.cuda else None for _ in range(SLOTS)]
+        for i, ws in enumerate(self.weights):  # each layer's weight is its slot from now on
+            for w, slot in zip(ws, self.slots[i % SLOTS]):
+                w.data = slot
+        for i in range(min(SLOTS, len(self.weights))):
+            self.fetch(i)
+        if self.cuda:  # the freed weights' blocks sit between live tensors (loading interleaved them with the block
+            torch.cuda.empty_cache()  # scales): cached there, they would hold their 1.6 GiB (Phi-3-mini) for nothing
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.host for t in ts)
+
+    def fetch(self, i: int) -> None:
+        """Start copying layer ``i``'s bytes into its slot, once the compute stream has queued every read of the
+        layer there before (a no-op where it is there, or past either end)."""
+        s = i % SLOTS
+        if not 0 <= i < len(self.host) or self.resident[s] == i:
+            return
+        if self.side is None:
+            for dst, src in zip(self.slots[s], self.host[i]):
+                dst.copy_(src)
+        else:
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side):
+                for dst, src in zip(self.slots[s], self.host[i]):
+                    dst.copy_(src, non_blocking=True)
+                event = self.ready[s]
+                assert event is not None
+                event.record(self.side)
+        self.resident[s] = i
+
+    def use(self, i: int) -> None:
+        """Layer ``i``'s bytes in its slot before the compute stream's next kernel reads them."""
+        self.fetch(i)
+        event = self.ready[i % SLOTS]
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def backward_reaches(self, i: int, _grad: torch.Tensor) -> None:
+        """Layer ``i``'s output gradient is ready: its backward is next, then layer i - 1's."""
+        self.use(i)
+        self.fetch(i - 1)
+
+    def restore(self) -> None:
+        """Every layer's weights on the device again, each its own tensor (the run is over). The activations' cached
+        blocks go back to the device first: on a card the run filled, the weights would otherwise not fit beside
+        them (session 25: a 5.5 GiB card's allocator freed its cache mid-run, once)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.side)  # type: ignore[arg-type]
+            torch.cuda.empty_cache()
+        for ws, hs in zip(self.weights, self.host):
+            for w, h in zip(ws, hs):
+                w.data = h.to(self.device, copy=True)
+
+
+class StreamedCall:
+    """A decoder layer's call with its bytes brought in first, the next layer's sent for, and, in training, the
+    backward's refill hooked to its output's gradient. ``inner``: the call it wraps (the compiled one, a
+    RecomputeSwitch, or the module's plain ``_call_impl``)."""
+
+    def __init__(self, streamer: StreamedBase, index: int, inner: Callable[..., Any], compiled: bool) -> None:
+        self.streamer, self.index, self.inner, self.compiled = streamer, index, inner, compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        s, i = self.streamer, self.index
+        in_backward = torch._C._current_graph_task_id() != -1  # torch.utils.checkpoint recomputing the layer
+        s.use(i)
+        s.fetch(i - 1 if in_backward else i + 1)
+        out = self.inner(*args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        if not in_backward and isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(functools.partial(s.backward_reaches, i))
+        return out
+
+
+def stream_base(layers: Sequence[nn.Module], device: torch.device) -> StreamedBase:
+    """Keep ``layers``' 4-bit weights in host memory and stream them in (module docstring). Call it last: after
+    the layers are compiled and their checkpointing is set."""
+    streamer = StreamedBase(layers, device)
+    for i, layer in enumerate(layers):
+        compiled = getattr(layer, "_compiled_call_impl", None)
+        inner = compiled if compiled is not None else layer._call_impl
+        layer._compiled_call_impl = StreamedCall(streamer, i, inner, compiled is not None)
+    return streamer
+
+
+def unstream_base(model: nn.Module) -> bool:
+    """Undo :func:`stream_base` in ``model`` (each layer its own device weights, its call as before); False where
+    it was never done."""
+    calls = [(m, call) for m in model.modules()
+             if isinstance(call := getattr(m, "_compiled_call_impl", None), StreamedCall)]
+    if not calls:
+        return False
+    calls[0][1].streamer.restore()
+    for layer, call in calls:
+        layer._compiled_call_impl = call.inner if call.compiled else None
+    return True

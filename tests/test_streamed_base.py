@@ -1,0 +1,153 @@
+"""The 4-bit base streamed from host memory a decoder layer at a time (phi3tune/streamed_base.py): two device slots
+shared by every layer, refilled in forward order and again in backward order, train the resident base's losses and
+adapter bit for bit, eager, checkpointed and compiled; the memory model counts two layers' packed bytes on the
+device; the run hands back a model whose layers own their weights again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import PHI3_DIR, adapter_tensors, needs_shared, rows_of_text, run_counting_graphs, tiny_tuner
+from test_checkpoint_lengths import _by_length
+
+from phi3tune import pipeline
+from phi3tune.streamed_base import StreamedBase, StreamedCall, four_bit_weights
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four decoder layers: two slots, so each slot is shared by two layers (with two, each would have its own)."""
+    from phi3tune.tiny import write_tiny_phi3
+
+    return write_tiny_phi3(tmp_path_factory.mktemp("tiny4") / "model", layers=4)
+
+
+def _skip_backward_refill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: backward no longer brings a layer's bytes back, so it reads whichever layer's the slot
+    held last."""
+    monkeypatch.setattr(StreamedBase, "backward_reaches", lambda self, i, grad: None)
+
+
+def _layers(result: Any) -> list[Any]:
+    return list(result.model.get_base_model().model.layers)
+
+
+def _same(a: Any, b: Any) -> bool:
+    x, y = adapter_tensors(a), adapter_tensors(b)
+    return a.losses == b.losses and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_public_run_streaming_the_base_trains_the_same_adapter(four_layers, tmp_path, monkeypatch, checkpointing):
+    """Through FineTuner.run (the CPU's eager plan; with torch.utils.checkpoint, whose recomputation reads the
+    slot after the output's gradient hook refilled it): the streamed run trains the resident run's 3 losses and
+    adapter bit for bit, its layers really run from the two shared slots, and the model it returns has every
+    layer's own weights back, equal to the resident run's. Negative control (without checkpointing, where
+    backward reads the bytes forward saved): no refill in backward changes the losses."""
+    rows = rows_of_text(8, seed=4)
+    calls = {"n": 0}
+    real_call = StreamedCall.__call__
+
+    def counting(self: StreamedCall, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        slots = {t.data_ptr() for slot in self.streamer.slots for t in slot}
+        assert {w.data_ptr() for w in self.streamer.weights[self.index]} <= slots  # this layer's weights: a slot
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamedCall, "__call__", counting)
+
+    def run(name: str, stream: str) -> Any:
+        monkeypatch.setenv("PHI3TUNE_STREAM_BASE", stream)
+        return tiny_tuner(four_layers, tmp_path / name, rows, grad_accum=2, max_steps=3,
+                          gradient_checkpointing=checkpointing).run()
+
+    resident = run("resident", "0")
+    assert calls["n"] == 0 and not resident.plan.streamed_base
+    streamed = run("streamed", "1")
+    assert streamed.plan.streamed_base and "4-bit base streamed from host memory" in streamed.plan.describe()
+    assert calls["n"] >= 3 * 2 * 4  # steps x micro-batches x layers (transformers recomputes forward, not the call)
+    assert _same(streamed, resident) and len(resident.losses) == 3
+    own = [[w for w in four_bit_weights(layer)] for layer in _layers(streamed)]
+    pointers = [w.data_ptr() for ws in own for w in ws]
+    assert len(set(pointers)) == len(pointers) == 16  # 4 layers x 4 linears, each its own storage again
+    assert not any(isinstance(getattr(m, "_compiled_call_impl", None), StreamedCall) for m in _layers(streamed))
+    for ws, rs in zip(own, [four_bit_weights(layer) for layer in _layers(resident)], strict=True):
+        assert all(torch.equal(w.data, r.data) for w, r in zip(ws, rs, strict=True))
+    if not checkpointing:
+        _skip_backward_refill(monkeypatch)
+        assert not _same(run("no_refill", "1"), resident)
+
+
+def test_public_run_streaming_into_compiled_layers_that_recompute_in_graph(four_layers, tmp_path, monkeypatch,
+                                                                          traced_layers):
+    """The small cards' GPU path on this CPU: compiled layers (symbolic lengths) that checkpoint inside their graphs
+    for passes over 120 tokens. Streamed, the run trains the resident run's losses and adapter (the compiled
+    backward reads the bytes its forward saved: the hook on the layer's output refills them first) and compiles no
+    more graphs. Negative control: no refill in backward changes the losses."""
+    lengths = ((120, 0), (128, 4))
+    monkeypatch.setattr(pipeline, "resolve_plan", _by_length(pipeline.resolve_plan, lengths, recompute_in_graph=True))
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
+
+    def run(name: str, stream: str) -> tuple[Any, list[int]]:
+        monkeypatch.setenv("PHI3TUNE_STREAM_BASE", stream)
+        return run_counting_graphs(tiny_tuner(four_layers, tmp_path / name, rows_of_text(36, seed=4),
+                                              optimize_for="speed", compile=True, micro_batch_tokens=128,
+                                              batch_size=3, grad_accum=2, max_steps=2))
+
+    resident, resident_graphs = run("resident", "0")
+    streamed, streamed_graphs = run("streamed", "1")
+    assert streamed.plan.streamed_base and streamed.plan.recompute_in_graph
+    assert streamed.losses == pytest.approx(resident.losses, rel=1e-6) and len(resident.losses) == 2
+    a, b = adapter_tensors(streamed), adapter_tensors(resident)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert streamed_graphs[-1] == resident_graphs[-1], (streamed_graphs, resident_graphs)
+    _skip_backward_refill(monkeypatch)
+    skipped, _ = run("no_refill", "1")
+    assert adapter_tensors(skipped)[next(iter(a))].shape  # it ran
+    assert not all(torch.allclose(adapter_tensors(skipped)[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_the_memory_model_keeps_two_layers_of_packed_bytes():
+    """Streamed, the device holds the block scales and two of four layers' packed bytes; the rest is in
+    host_streamed, outside the device total; nothing else changes."""
+    from phi3tune.memory import ModelShape, estimate_parts, total_gib
+
+    linears = tuple((f"layers.{i}.q", 64, 128) for i in range(4))
+    shape = ModelShape(hidden=64, intermediate=128, layers=4, vocab=100, other_params=0, linears=linears)
+    kw = dict(bits=4, double_quant=False, targets={"q"}, r=4, dropout=0.1, optimizer_state_bytes=8, act_bytes=2,
+              upcast_frozen=False, tokens=100, checkpointing=False, compiled=True, ce_chunk=50, cuda=True)
+    resident, streamed = estimate_parts(shape, **kw), estimate_parts(shape, streamed_base=True, **kw)
+    packed, scales = 4 * 64 * 128 // 2, 4 * 64 * 128 // 64 * 4
+    assert resident["quantized_weights"] == packed + scales
+    assert streamed["quantized_weights"] == packed // 2 + scales
+    assert streamed["host_streamed"] == packed and "host_streamed" not in resident
+    assert {k: v for k, v in streamed.items() if k not in ("quantized_weights", "host_streamed")} == \
+        {k: v for k, v in resident.items() if k != "quantized_weights"}
+    gib = 2**30
+    assert total_gib(streamed) == pytest.approx(total_gib(resident) - packed / 2 / gib, abs=2e-3)
+
+
+@needs_shared
+def test_a_streamed_base_frees_room_on_a_small_card(monkeypatch):
+    """Phi-3-mini's quickstart on an 8 GiB card: streamed, 1.6 GiB of the base leave the device (30 of 32 layers'
+    packed bytes), so the plan checkpoints fewer layers for the same micro-batches or takes larger ones; never
+    with the base dequantized. Negative control: unset, the knob changes nothing."""
+    from phi3tune import FineTuner
+    from phi3tune.bench import plan_for
+
+    monkeypatch.delenv("PHI3TUNE_STREAM_BASE", raising=False)
+    resident = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8)
+    monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "1")
+    streamed = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8)
+    assert streamed.streamed_base and not resident.streamed_base and not streamed.dequantized_base
+    moved = streamed.memory["host_streamed"] / 2**30
+    assert 1.55 < moved < 1.75  # Phi-3-mini's packed 4-bit bytes
+    gone = resident.memory["quantized_weights"] - streamed.memory["quantized_weights"]
+    assert gone == pytest.approx(streamed.memory["host_streamed"] * 30 / 32, rel=1e-3)
+    assert (streamed.peak_micro_batch_tokens, -streamed.checkpoint_layers) > \
+        (resident.peak_micro_batch_tokens, -resident.checkpoint_layers)
+    monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "0")
+    assert plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8) == resident
