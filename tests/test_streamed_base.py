@@ -81,6 +81,23 @@ def test_public_run_streaming_the_base_trains_the_same_adapter(four_layers, tmp_
         assert not _same(run("no_refill", "1"), resident)
 
 
+def test_the_memory_plan_streams_beside_its_inputs_in_host_memory(four_layers, tmp_path, monkeypatch):
+    """The memory plan (every layer checkpointed by torch, its inputs in host memory: offload.py, whose side stream
+    and saved-tensor hooks run beside the streamer's) trains the same 3 losses and adapter streamed as resident.
+    What a missing refill would change: the negative control above."""
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD", "1")  # the CUDA memory plan's choice, here on the CPU
+
+    def run(name: str, stream: str) -> Any:
+        monkeypatch.setenv("PHI3TUNE_STREAM_BASE", stream)
+        return tiny_tuner(four_layers, tmp_path / name, rows_of_text(8, seed=4), grad_accum=2, max_steps=3,
+                          optimize_for="memory").run()
+
+    resident, streamed = run("resident", "0"), run("streamed", "1")
+    assert resident.plan.offload_checkpoints and streamed.plan.offload_checkpoints
+    assert streamed.plan.streamed_base and not resident.plan.streamed_base
+    assert _same(streamed, resident) and len(resident.losses) == 3
+
+
 def test_public_run_streaming_into_compiled_layers_that_recompute_in_graph(four_layers, tmp_path, monkeypatch,
                                                                           traced_layers):
     """The small cards' GPU path on this CPU: compiled layers (symbolic lengths) that checkpoint inside their graphs
