@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 GIB = 2**30
+STREAMED_LAYERS = 2  # decoder layers whose packed 4-bit bytes a streamed base holds on the device (its slots)
 CUDA_CONTEXT = int(0.5 * GIB)
 # each GPU of a run with several processes: NCCL's buffers and its kernels, outside PyTorch's allocator. Measured on
 # 2x H200 (session 4, Phi-3-medium under FSDP on 8 GiB cards): ~1.0 GiB per GPU beyond the context
@@ -162,7 +163,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
     streamed = {}
     if streamed_base and packed:
-        quantized -= packed - packed * min(2, shape.layers) // max(1, shape.layers)
+        quantized -= packed - packed * min(STREAMED_LAYERS, shape.layers) // max(1, shape.layers)
         streamed = {"host_streamed": packed}
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,

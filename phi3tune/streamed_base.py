@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-SLOTS = 2  # the layer running and the one arriving
+from .memory import STREAMED_LAYERS
+
+SLOTS = STREAMED_LAYERS  # the layer running and the one arriving (memory.py counts them)
 
 
 def four_bit_weights(layer: nn.Module) -> list[torch.Tensor]:
@@ -42,13 +44,13 @@ class StreamedBase:
 
     def __init__(self, layers: Sequence[nn.Module], device: torch.device) -> None:
         self.weights = [four_bit_weights(layer) for layer in layers]
-        shapes = {tuple((tuple(w.shape), w.dtype) for w in ws) for ws in self.weights}
-        if len(shapes) != 1 or not self.weights[0]:
+        layouts = {tuple((tuple(w.shape), w.dtype) for w in ws) for ws in self.weights}
+        if len(layouts) != 1 or not self.weights[0]:
             raise ValueError("streamed base: every decoder layer needs the same 4-bit weights (shapes and dtypes); "
                              "run without PHI3TUNE_STREAM_BASE")
+        (layout,) = layouts
         self.device = device
         self.cuda = device.type == "cuda"
-        layout = [(tuple(w.data.shape), w.data.dtype) for w in self.weights[0]]
         self.host = [[w.data.to("cpu", copy=True).pin_memory() if self.cuda else w.data.clone() for w in ws]
                      for ws in self.weights]
         self._repack(device)
@@ -118,8 +120,8 @@ class StreamedBase:
         """Every layer's weights on the device again, each its own tensor (the run is over). The activations' cached
         blocks go back to the device first: on a card the run filled, the weights would otherwise not fit beside
         them (session 25: a 5.5 GiB card's allocator freed its cache mid-run, once)."""
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.side)  # type: ignore[arg-type]
+        if self.side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
             torch.cuda.empty_cache()
         for ws, hs in zip(self.weights, self.host):
             for w, h in zip(ws, hs):

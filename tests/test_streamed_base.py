@@ -70,7 +70,7 @@ def test_public_run_streaming_the_base_trains_the_same_adapter(four_layers, tmp_
     assert streamed.plan.streamed_base and "4-bit base streamed from host memory" in streamed.plan.describe()
     assert calls["n"] >= 3 * 2 * 4  # steps x micro-batches x layers (transformers recomputes forward, not the call)
     assert _same(streamed, resident) and len(resident.losses) == 3
-    own = [[w for w in four_bit_weights(layer)] for layer in _layers(streamed)]
+    own = [four_bit_weights(layer) for layer in _layers(streamed)]
     pointers = [w.data_ptr() for ws in own for w in ws]
     assert len(set(pointers)) == len(pointers) == 16  # 4 layers x 4 linears, each its own storage again
     assert not any(isinstance(getattr(m, "_compiled_call_impl", None), StreamedCall) for m in _layers(streamed))

@@ -76,6 +76,12 @@ SEQ4096=(--set training.optimize_for=memory --set data.max_seq_length=4096 --set
 
 card_prefix() { [ "$1" = full ] && echo "" || echo ".devshared/bench/as_card.py $1"; }
 
+summary() {  # FILE KEY...: those keys of each JSON line of FILE, one dict a line
+  python3 -c "import json,sys
+for l in open(sys.argv[1]):
+    if l.startswith('{'): d=json.loads(l); print({k: d.get(k) for k in sys.argv[2:]})" "$@"
+}
+
 ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
   local label=$1 gib=$2 sets=() envs=() compile=() v vs=()
   case "$1" in p@*) sets+=(--set data.packing=true) ;; esac
@@ -146,10 +152,8 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
   grep -h 'plan:\|as_card' "/tmp/log_$label.txt" | cut -c1-400
   grep -ih 'cudagraph' "/tmp/log_$label.txt" | sort | uniq -c | head -8 | cut -c1-300
   { echo "== $label"; grep -v '^{' "/tmp/log_$label.txt" | grep -iv 'it/s\]' | tail -25 | cut -c1-300; } >> "$OUT/logs.txt"
-  grep -h '^{' "/tmp/log_$label.txt" | python3 -c "import json,sys
-for l in sys.stdin:
-    d=json.loads(l); print({k: d.get(k) for k in ('label','real_tokens_per_s','peak_alloc_gib','peak_reserved_gib',
-      'peak_device_gib','predicted_peak_gib','alloc_retries','median_step_s')})"
+  summary "/tmp/log_$label.txt" label real_tokens_per_s peak_alloc_gib peak_reserved_gib peak_device_gib \
+    predicted_peak_gib alloc_retries median_step_s
 }
 
 peer() {  # label gib gc
@@ -162,10 +166,8 @@ peer() {  # label gib gc
     --packing --gc "$gc" --label "$label" --out "/tmp/peer_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
     || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
   [ -f "/tmp/peer_$label.jsonl" ] && sed "s/^{/{\"card\": \"$gib\", /" "/tmp/peer_$label.jsonl" >> "$OUT/all.jsonl" \
-    && python3 -c "import json,sys
-for l in open(sys.argv[1]):
-    d=json.loads(l); print({k: d.get(k) for k in ('label','real_tokens_per_s','peak_alloc_gib','peak_reserved_gib',
-      'peak_device_gib','median_step_s')})" "/tmp/peer_$label.jsonl"
+    && summary "/tmp/peer_$label.jsonl" label real_tokens_per_s peak_alloc_gib peak_reserved_gib peak_device_gib \
+      median_step_s
 }
 
 declare -A seen=()  # a RUN named again (A/B pairs in ABBA order: runs on one machine differ ~10%) is labelled RUN#2, ...
