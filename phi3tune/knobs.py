@@ -72,12 +72,12 @@ def dequantize_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
-def stream_base_wanted() -> bool:
-    """PHI3TUNE_STREAM_BASE=1 (benchmarks, tests): the 4-bit base's packed weights wait in pinned host memory and
-    come to the device a decoder layer at a time (streamed_base.py), on any plan of one process without a
-    dequantized base; unset or 0: never. Not yet an ``auto`` choice: session 25 ran it at the resident base's speed
-    on an 8 GiB card, but host-bound with the device full on 5 GiB ones (docs/performance.md)."""
-    return yes(os.environ.get("PHI3TUNE_STREAM_BASE", "0"))
+def stream_base_wanted() -> bool | None:
+    """PHI3TUNE_STREAM_BASE=1 / 0 (benchmarks, tests): the 4-bit base's packed weights wait in pinned host memory
+    and come to the device a decoder layer at a time (streamed_base.py) on any plan that can stream / never; unset
+    (None): ``auto`` weighs it (plan_search: where it pays more than its margin, step_cost._STREAMED_COST)."""
+    asked = os.environ.get("PHI3TUNE_STREAM_BASE", "")
+    return yes(asked) if asked else None
 
 
 def dequantize_layers_wanted() -> int | None:

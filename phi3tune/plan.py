@@ -26,7 +26,6 @@ from .knobs import (
     offload_wanted,
     read_late_wanted,
     recompute_in_graph_wanted,
-    stream_base_wanted,
     yes,
 )
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
@@ -143,8 +142,8 @@ class RunPlan:
     # PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks) never
     recompute_in_graph: bool = False
     # the 4-bit base's packed weights in pinned host memory, two decoder layers' worth on the device, streamed in a
-    # layer ahead (streamed_base.py). Only PHI3TUNE_STREAM_BASE=1 (benchmarks, tests) asks for it: plans of one
-    # process with a 4-bit base, not dequantized
+    # layer ahead (streamed_base.py): ``auto`` where it pays its margin (plan_search), PHI3TUNE_STREAM_BASE=1 on
+    # any plan of one process with a 4-bit base, not dequantized
     streamed_base: bool = False
 
     @property
@@ -248,15 +247,22 @@ def _allocator_unset() -> bool:
     return "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
 
 
+def can_stream(run: RunSpec, processes: int) -> bool:
+    """The base can stream from host memory (streamed_base.py): 4-bit, one process (FSDP shards it instead)."""
+    return run.quant is not None and facts(run.quant, QuantFacts).bits == 4 and processes == 1
+
+
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1,
-               activation_budget: float = 1.0, offload_layers: int = 0, by_length: bool = False) -> RunPlan:
+               activation_budget: float = 1.0, offload_layers: int = 0, by_length: bool = False,
+               streamed: bool = False) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
     ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers';
     ``offload_layers``: that many (uncheckpointed) layers' activations in host memory; ``by_length``: shorter
     micro-batches checkpoint fewer layers within the same predicted peak (checkpoint_lengths.py), where the plan
-    checkpoints some, not all by its mode, and keeps no checkpointed input in host memory."""
+    checkpoints some, not all by its mode, and keeps no checkpointed input in host memory; ``streamed``: the 4-bit
+    base streamed from host memory, where it can be (``can_stream``)."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -291,7 +297,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # speed plans only: the memory plan's recomputed layer holds less under torch's checkpoint (memory.py)
     in_graph = mode == "speed" and checkpointing and compile_ and not offload and not sharded \
         and recompute_in_graph_wanted()
-    streamed = stream_base_wanted() and q is not None and q.bits == 4 and processes == 1
+    streamed = streamed and can_stream(run, processes)
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
         kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations

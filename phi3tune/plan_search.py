@@ -8,15 +8,30 @@ left allows (the base dequantized once, combo kernels), and keeps the cheapest. 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .knobs import combo_wanted, dequantize_layers_wanted, dequantize_wanted, offload_layers_wanted
+from .knobs import (
+    combo_wanted,
+    dequantize_layers_wanted,
+    dequantize_wanted,
+    offload_layers_wanted,
+    stream_base_wanted,
+)
 from .memory import GIB, LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET, ModelShape, dequantized_bytes, total_gib
-from .plan import COMBO_KERNELS_HIDDENS, FIT_FRACTION, WHOLE_STEP_CAP, RunPlan, _candidate, _free_device_memory
+from .plan import (
+    COMBO_KERNELS_HIDDENS,
+    FIT_FRACTION,
+    WHOLE_STEP_CAP,
+    RunPlan,
+    _candidate,
+    _free_device_memory,
+    can_stream,
+)
 from .plugins import QuantFacts, facts
 from .runspec import RunSpec
 from .shapes import LENGTH_GRANULE
@@ -111,6 +126,16 @@ def _can_offload(plan: RunPlan) -> bool:
     return plan.mode == "speed" and plan.compile and plan.device.startswith("cuda") and not plan.sharded
 
 
+def _streams(run: RunSpec, device: torch.device, processes: int) -> tuple[bool, ...]:
+    """Whether the base streams from host memory (streamed_base.py), as the search weighs it: both ways on CUDA
+    where it can, PHI3TUNE_STREAM_BASE=1 / 0 (benchmarks, tests) only that way."""
+    able = can_stream(run, processes)
+    asked = stream_base_wanted()
+    if asked is not None:
+        return (asked and able,)
+    return (False, True) if able and device.type == "cuda" else (False,)
+
+
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
                       free: int | None, processes: int = 1, step_tokens: int | None = None) -> list[RunPlan]:
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
@@ -126,20 +151,20 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     forced = offload_layers_wanted()
     out: list[RunPlan] = []
-    for budget in budgets:
+    for streamed, budget in itertools.product(_streams(run, device, processes), budgets):
         for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
             for k in range(shape.layers + 1):
                 plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
-                                  low)
+                                  low, streamed=streamed)
                 if _fits(plan, free):
                     break
             moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
             if moved:
                 out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0, processes,
-                                      low, offload_layers=forced or 0))
+                                      low, offload_layers=forced or 0, streamed=streamed))
             elif plan.checkpoint_layers:  # shorter micro-batches checkpoint fewer layers (checkpoint_lengths.py)
                 out += _by_length(run, shape, targets, device, optimize_for, free, budget, plan.checkpoint_layers,
-                                  processes, low)
+                                  processes, low, streamed)
             else:
                 out.append(plan)
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
@@ -148,13 +173,14 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
 
 
 def _by_length(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
-               free: int | None, budget: int | None, layers: int, processes: int, low: float) -> list[RunPlan]:
+               free: int | None, budget: int | None, layers: int, processes: int, low: float,
+               streamed: bool = False) -> list[RunPlan]:
     """The plan that checkpoints ``layers`` for its longest micro-batch and fewer for shorter ones, and, where
     combo kernels would not fit beside it, the one with the fewest more layers at which they do (with the room
     they leave, the longest steps recompute a little more and every step launches fewer kernels)."""
     def by(k: int, by_length: bool = True) -> RunPlan:
         return _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes, low,
-                          by_length=by_length)
+                          by_length=by_length, streamed=streamed)
 
     plan = by(layers)
     if with_combo_kernels(plan, shape, free, run.data.packing).combo_kernels or not plan.checkpoint_lengths:
@@ -170,9 +196,10 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
                  steps: list[int] | None = None) -> RunPlan:
     """The plan for ``run`` on ``device``. ``optimize_for="auto"``: on CUDA the fastest plan whose predicted peak
     fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
-    micro-batches and the fewest checkpointed or host-offloaded layers that fit, each with the base dequantized once
-    where that still fits (``with_dequantized_base``) and with combo kernels where those fit
-    (``with_combo_kernels``), else memory),
+    micro-batches and the fewest checkpointed or host-offloaded layers that fit, the 4-bit base resident or streamed
+    from host memory (``_streams``), each with the base dequantized once where that still fits
+    (``with_dequantized_base``) and with combo kernels where those fit (``with_combo_kernels``), else memory, its
+    base streamed where it would not fit resident),
     on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
     measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
     ``steps``: every step's tokens, once the data is known, which size a whole step (``whole_step_tokens``) and
@@ -185,18 +212,23 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     packed = run.data.packing
     if asked != "auto" or device.type != "cuda":
         mode, forced = asked if asked != "auto" else "balanced", offload_layers_wanted()
-        named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes)
+        streamed = stream_base_wanted() is True  # a named mode streams only when asked
+        named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=streamed)
         if forced and not named.checkpointing and not named.sharded:  # tests: offloading on any device
             named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes,
-                               offload_layers=forced)
+                               offload_layers=forced, streamed=streamed)
         return with_combo_kernels(with_dequantized_base(named, run, shape, free), shape, free, packed)
     fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
             if _fits(plan, free)]
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
+    # the memory plan too, its base resident or streamed: on the smallest cards it beats 1,024-token micro-batches
+    lean = [_candidate(run, shape, targets, device, "memory", asked, free, processes=processes, streamed=streamed)
+            for streamed in _streams(run, device, processes)]
+    fits += [plan for plan in lean if _fits(plan, free)]
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))
-    memory = _candidate(run, shape, targets, device, "memory", asked, free, processes=processes)
+    memory = lean[-1]  # the least it can hold (streamed where it can)
     if not _fits(memory, free):
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())

@@ -89,6 +89,12 @@ _HOST_PASS_MS = 88.0
 # fast path ran alike on session 24's machines: 15,309 / 14,975). The low budget, which
 # recomputes more, is given the same floor (not measured).
 _HOST_PASS_MS_RECOMPUTING = 159.0
+# The 4-bit base streamed from host memory (streamed_base.py): session 26, call 1, packed rows on a 5 GiB card
+# (4,096-token micro-batches, 32 layers recomputed) ran 0.4235 s a step, what the model says of the same plan
+# resident (0.419 s from session 24's 8 GiB step); unpacked rows ran 0.2665 s against the 0.186 s it said, with the
+# device full (5.00 GiB). A streamed plan is taken only where it is predicted this much faster than the best resident
+# one: small cards, whose resident plans cut micro-batches or fall to the memory plan
+_STREAMED_COST = 1.10
 
 
 def micro_batch_ms(tokens: int) -> float:
@@ -107,7 +113,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     Recomputation costs in proportion to the layers checkpointed: where they depend on the micro-batch's length
     (checkpoint_lengths.py), ``_BY_LENGTH_RECOMPUTE`` of the share token-weighted over ``steps`` (the data's steps'
     tokens, one micro-batch each), at most what checkpointing the longest's count on every pass costs. A base
-    streamed from host memory crosses the host link twice a pass, behind the compute (a floor, not yet measured)."""
+    streamed from host memory crosses the host link twice a pass, behind the compute (a floor), and carries the
+    margin ``_STREAMED_COST``."""
     budget = plan.micro_batch_tokens or 4096
     size = 8192 if budget > 4096 else min(_BUDGET_COST, key=lambda b: abs(b - budget))
     fitted = packed and size >= 2048
@@ -128,7 +135,7 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     cost = per_size * low * held * combo * (1 + recompute + moved)
     streamed_ms = 2 * plan.memory.get("host_streamed", 0) / _HOST_LINK_BYTES_PER_MS  # forward's copies, backward's
     if streamed_ms:  # a pass takes at least the host link's time for the base streamed in (streamed_base.py)
-        cost = max(cost, streamed_ms / size / (micro_batch_ms(4096) / 4096))
+        cost = max(cost, streamed_ms / size / (micro_batch_ms(4096) / 4096)) * _STREAMED_COST
     if fitted:  # the device's time for a full pass, or the host's where that is longer
         pass_ms = _HOST_PASS_MS if tier == "default" else _HOST_PASS_MS_RECOMPUTING
         floor = pass_ms / size / (micro_batch_ms(4096) / 4096) * combo

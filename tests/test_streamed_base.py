@@ -168,3 +168,38 @@ def test_a_streamed_base_frees_room_on_a_small_card(monkeypatch):
         (resident.peak_micro_batch_tokens, -resident.checkpoint_layers)
     monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "0")
     assert plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=8) == resident
+
+
+@needs_shared
+def test_auto_streams_the_base_only_where_resident_plans_fall_short(monkeypatch):
+    """``auto`` weighs the base streamed against resident (plan_search._streams), at a margin
+    (step_cost._STREAMED_COST): Phi-3-mini's quickstart on a 5 GiB card, where no resident speed plan fits, runs
+    4,096-token micro-batches from a streamed base instead of the memory plan (session 26: 19,187 tokens/s packed);
+    on 8-16 GiB it stays resident, though streaming would free room there, because the gain the model sees is under
+    the margin. A 4 GiB card takes the memory plan (streamed, or it would not fit) over 1,024-token micro-batches.
+    Negative controls: PHI3TUNE_STREAM_BASE=0 gives the resident plans back; a named mode never streams unasked."""
+    from phi3tune import FineTuner
+    from phi3tune.bench import plan_for
+    from phi3tune.step_cost import _STREAMED_COST, expected_cost
+
+    def plan(gib: float, knob: str | None = None, **train: Any) -> Any:
+        if knob is None:
+            monkeypatch.delenv("PHI3TUNE_STREAM_BASE", raising=False)
+        else:
+            monkeypatch.setenv("PHI3TUNE_STREAM_BASE", knob)
+        return plan_for(FineTuner(str(PHI3_DIR)).training(**train), "cuda", free_gib=gib)
+
+    five, five_resident = plan(5), plan(5, "0")
+    assert five.streamed_base and five.mode == "speed" and five.peak_micro_batch_tokens >= 4096
+    assert five_resident.mode == "memory" and not five_resident.streamed_base
+    assert expected_cost(five, 32) < expected_cost(five_resident, 32)
+    for gib in (8, 12, 16):
+        auto, forced = plan(gib), plan(gib, "1")
+        assert not auto.streamed_base and auto == plan(gib, "0")
+        assert forced.streamed_base and expected_cost(forced, 32) >= expected_cost(auto, 32)
+    eight, eight_streamed = plan(8), plan(8, "1")  # it frees room there: a gain, but under the margin
+    assert expected_cost(eight_streamed, 32) / _STREAMED_COST < expected_cost(eight, 32)
+    four = plan(4)
+    assert (four.mode, four.streamed_base) == ("memory", True) and four.predicted_peak_gib <= 0.9 * 4
+    assert plan(4, "0").predicted_peak_gib > 4 * 0.9  # resident, nothing of the memory plan fits
+    assert not plan(5, optimize_for="speed").streamed_base and plan(5, "1", optimize_for="speed").streamed_base
