@@ -103,6 +103,18 @@ class ModelShape:
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size, linears,
                    total - sum(i * o for _, i, o in linears))
 
+    @property
+    def uniform_layers(self) -> bool:
+        """Every decoder layer (``layers.N.`` in a linear's name) has the same linears, in and out: what a streamed
+        base's shared slots need (streamed_base.py)."""
+        per_layer: dict[str, list[tuple[str, int, int]]] = {}
+        for name, fan_in, fan_out in self.linears:
+            _, sep, rest = name.partition("layers.")
+            index, _dot, inner = rest.partition(".")
+            if sep and index.isdigit():
+                per_layer.setdefault(index, []).append((inner, fan_in, fan_out))
+        return len({tuple(sorted(v)) for v in per_layer.values()}) == 1
+
 
 def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, targets: set[str], r: int,
                    dropout: float, optimizer_state_bytes: int, act_bytes: int, upcast_frozen: bool, tokens: int,

@@ -247,9 +247,11 @@ def _allocator_unset() -> bool:
     return "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
 
 
-def can_stream(run: RunSpec, processes: int) -> bool:
-    """The base can stream from host memory (streamed_base.py): 4-bit, one process (FSDP shards it instead)."""
-    return run.quant is not None and facts(run.quant, QuantFacts).bits == 4 and processes == 1
+def can_stream(run: RunSpec, shape: ModelShape, processes: int) -> bool:
+    """The base can stream from host memory (streamed_base.py): 4-bit, one process (FSDP shards it instead), every
+    decoder layer alike (they share the device slots)."""
+    four_bit = run.quant is not None and facts(run.quant, QuantFacts).bits == 4
+    return four_bit and processes == 1 and shape.uniform_layers
 
 
 def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, mode: str,
@@ -297,7 +299,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     # speed plans only: the memory plan's recomputed layer holds less under torch's checkpoint (memory.py)
     in_graph = mode == "speed" and checkpointing and compile_ and not offload and not sharded \
         and recompute_in_graph_wanted()
-    streamed = streamed and can_stream(run, processes)
+    streamed = streamed and can_stream(run, shape, processes)
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
         kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations

@@ -126,10 +126,10 @@ def _can_offload(plan: RunPlan) -> bool:
     return plan.mode == "speed" and plan.compile and plan.device.startswith("cuda") and not plan.sharded
 
 
-def _streams(run: RunSpec, device: torch.device, processes: int) -> tuple[bool, ...]:
+def _streams(run: RunSpec, shape: ModelShape, device: torch.device, processes: int) -> tuple[bool, ...]:
     """Whether the base streams from host memory (streamed_base.py), as the search weighs it: both ways on CUDA
     where it can, PHI3TUNE_STREAM_BASE=1 / 0 (benchmarks, tests) only that way."""
-    able = can_stream(run, processes)
+    able = can_stream(run, shape, processes)
     asked = stream_base_wanted()
     if asked is not None:
         return (asked and able,)
@@ -151,7 +151,7 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     forced = offload_layers_wanted()
     out: list[RunPlan] = []
-    for streamed, budget in itertools.product(_streams(run, device, processes), budgets):
+    for streamed, budget in itertools.product(_streams(run, shape, device, processes), budgets):
         for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
             for k in range(shape.layers + 1):
                 plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
@@ -224,7 +224,7 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
     # the memory plan too, its base resident or streamed: on the smallest cards it beats 1,024-token micro-batches
     lean = [_candidate(run, shape, targets, device, "memory", asked, free, processes=processes, streamed=streamed)
-            for streamed in _streams(run, device, processes)]
+            for streamed in _streams(run, shape, device, processes)]
     fits += [plan for plan in lean if _fits(plan, free)]
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))

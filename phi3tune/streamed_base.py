@@ -47,7 +47,7 @@ class StreamedBase:
         layouts = {tuple((tuple(w.shape), w.dtype) for w in ws) for ws in self.weights}
         if len(layouts) != 1 or not self.weights[0]:
             raise ValueError("streamed base: every decoder layer needs the same 4-bit weights (shapes and dtypes); "
-                             "run without PHI3TUNE_STREAM_BASE")
+                             "set PHI3TUNE_STREAM_BASE=0")
         (layout,) = layouts
         self.device = device
         self.cuda = device.type == "cuda"

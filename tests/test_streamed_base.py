@@ -203,3 +203,23 @@ def test_auto_streams_the_base_only_where_resident_plans_fall_short(monkeypatch)
     assert (four.mode, four.streamed_base) == ("memory", True) and four.predicted_peak_gib <= 0.9 * 4
     assert plan(4, "0").predicted_peak_gib > 4 * 0.9  # resident, nothing of the memory plan fits
     assert not plan(5, optimize_for="speed").streamed_base and plan(5, "1", optimize_for="speed").streamed_base
+
+
+def test_only_a_model_whose_decoder_layers_are_alike_can_stream():
+    """The layers share two device slots, so every layer needs the same 4-bit weights: a shape where one layer has
+    a linear more (or none is named as a decoder layer's) never streams, whatever the knob asks."""
+    from phi3tune import FineTuner
+    from phi3tune.memory import ModelShape
+    from phi3tune.plan import can_stream
+
+    def shape(*extra: tuple[str, int, int]) -> ModelShape:
+        linears = tuple((f"model.layers.{i}.{name}", 8, o) for i in range(3) for name, o in (("qkv", 24), ("o", 8)))
+        return ModelShape(hidden=8, intermediate=16, layers=3, vocab=10, linears=linears + extra, other_params=0)
+
+    run = FineTuner("any/model").freeze()  # the default: a 4-bit base
+    assert shape().uniform_layers and can_stream(run, shape(), processes=1)
+    assert not can_stream(run, shape(), processes=2)  # FSDP shards the base instead
+    assert not can_stream(FineTuner("any/model").quantize(False).freeze(), shape(), processes=1)  # no 4-bit base
+    odd = shape(("model.layers.1.extra", 8, 8))
+    assert not odd.uniform_layers and not can_stream(run, odd, processes=1)
+    assert not ModelShape(hidden=8, intermediate=16, layers=3, vocab=10, linears=(), other_params=0).uniform_layers

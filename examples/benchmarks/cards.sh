@@ -61,7 +61,8 @@
 #   (attention: torch's varlen flash kernel, varlen_attention.py / FlexAttention's document mask), lt (matmuls through
 #   cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory),
 #   seq4096 (memory plan at max_seq_length 4096, batch 1 x 4), stream (the 4-bit base's packed bytes in pinned host
-#   memory, a decoder layer streamed in ahead of its use, two on the device: PHI3TUNE_STREAM_BASE=1, streamed_base.py)
+#   memory, a decoder layer streamed in ahead of its use, two on the device: PHI3TUNE_STREAM_BASE=1, streamed_base.py;
+#   auto's choice on small cards since session 26), resident (the base never streamed: PHI3TUNE_STREAM_BASE=0)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -125,6 +126,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
     stream) envs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory (streamed_base.py)
+    resident) envs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device, wherever auto would stream it
     seq4096-amb3) compile+=(activation_budget=0.3); sets+=("${SEQ4096[@]}") ;;
     seq4096-nooff) envs+=(PHI3TUNE_OFFLOAD=0); sets+=("${SEQ4096[@]}") ;;
     bal) sets+=(--set training.optimize_for=balanced) ;;
@@ -193,11 +195,12 @@ for r in "$@"; do
             packed) psets+=(--set data.packing=true) ;;
             light) psets+=(--light) ;;
             stream) penvs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory
+            resident) penvs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device
             nopage) psets+=(--set training.optimizer=AdamW32bit) ;;  # the default's math, its state unpaged
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
             amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
             *) bad=$v ;; esac; done
-          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +light, +stream, +nopage or +ambN, not +$bad"; continue; }
+          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +light, +stream, +resident, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
