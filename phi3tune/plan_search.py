@@ -212,8 +212,11 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     packed = run.data.packing
     if asked != "auto" or device.type != "cuda":
         mode, forced = asked if asked != "auto" else "balanced", offload_layers_wanted()
-        streamed = stream_base_wanted() is True  # a named mode streams only when asked
+        streamed = stream_base_wanted() is True  # a named mode streams the base when asked
         named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=streamed)
+        # and the memory plan where it would not fit resident: holding little is what it was asked for
+        if mode == "memory" and not _fits(named, free) and True in _streams(run, shape, device, processes):
+            named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=True)
         if forced and not named.checkpointing and not named.sharded:  # tests: offloading on any device
             named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes,
                                offload_layers=forced, streamed=streamed)

@@ -177,7 +177,8 @@ def test_auto_streams_the_base_only_where_resident_plans_fall_short(monkeypatch)
     4,096-token micro-batches from a streamed base instead of the memory plan (session 26: 19,187 tokens/s packed);
     on 8-16 GiB it stays resident, though streaming would free room there, because the gain the model sees is under
     the margin. A 4 GiB card takes the memory plan (streamed, or it would not fit) over 1,024-token micro-batches.
-    Negative controls: PHI3TUNE_STREAM_BASE=0 gives the resident plans back; a named mode never streams unasked."""
+    Negative controls: PHI3TUNE_STREAM_BASE=0 gives the resident plans back; the speed mode, named, never streams
+    unasked; the memory mode only where it would not fit resident."""
     from phi3tune import FineTuner
     from phi3tune.bench import plan_for
     from phi3tune.step_cost import _STREAMED_COST, expected_cost
@@ -203,6 +204,11 @@ def test_auto_streams_the_base_only_where_resident_plans_fall_short(monkeypatch)
     assert (four.mode, four.streamed_base) == ("memory", True) and four.predicted_peak_gib <= 0.9 * 4
     assert plan(4, "0").predicted_peak_gib > 4 * 0.9  # resident, nothing of the memory plan fits
     assert not plan(5, optimize_for="speed").streamed_base and plan(5, "1", optimize_for="speed").streamed_base
+    # the memory plan, named, streams only where it would not fit resident
+    assert not plan(8, optimize_for="memory").streamed_base
+    small = plan(4, optimize_for="memory")
+    assert small.streamed_base and small.predicted_peak_gib <= 0.9 * 4
+    assert not plan(4, "0", optimize_for="memory").streamed_base
 
 
 def test_only_a_model_whose_decoder_layers_are_alike_can_stream():
