@@ -89,11 +89,13 @@ _HOST_PASS_MS = 88.0
 # fast path ran alike on session 24's machines: 15,309 / 14,975). The low budget, which
 # recomputes more, is given the same floor (not measured).
 _HOST_PASS_MS_RECOMPUTING = 159.0
-# The 4-bit base streamed from host memory (streamed_base.py): session 26, call 1, packed rows on a 5 GiB card
-# (4,096-token micro-batches, 32 layers recomputed) ran 0.4235 s a step, what the model says of the same plan
-# resident (0.419 s from session 24's 8 GiB step); unpacked rows ran 0.2665 s against the 0.186 s it said, with the
-# device full (5.00 GiB). A streamed plan is taken only where it is predicted this much faster than the best resident
-# one: small cards, whose resident plans cut micro-batches or fall to the memory plan
+# The 4-bit base streamed from host memory (streamed_base.py). Session 26: packed rows on a 5 GiB card (4,096-token
+# micro-batches, 32 layers recomputed) ran 0.4235 s a step, what the model says of the same plan resident (0.419 s,
+# from session 24's 8 GiB step); 6 GiB's unpacked plan 0.174 s where it says 0.176 (call 4). But call 3's machine ran
+# that plan at 0.241 s and the 8 GiB one streamed 7.3% slower than resident where the model said 2% faster; and on 5
+# GiB unpacked the device filled, so the paged optimizer state was read from host memory (0.267 s). So a streamed
+# plan is taken only where it is predicted this much faster than the best resident one: small cards, whose resident
+# plans cut micro-batches or fall to the memory plan
 _STREAMED_COST = 1.10
 
 
