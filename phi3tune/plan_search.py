@@ -226,9 +226,10 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
     # the memory plan too, its base resident or streamed: on the smallest cards it beats 1,024-token micro-batches
+    # (not where a benchmark asks for speed plans that offload layers: PHI3TUNE_OFFLOAD_LAYERS)
     lean = [_candidate(run, shape, targets, device, "memory", asked, free, processes=processes, streamed=streamed)
             for streamed in _streams(run, shape, device, processes)]
-    fits += [plan for plan in lean if _fits(plan, free)]
+    fits += [plan for plan in lean if _fits(plan, free)] if offload_layers_wanted() is None else []
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))
     memory = lean[-1]  # the least it can hold (streamed where it can)
