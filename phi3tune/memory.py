@@ -214,6 +214,12 @@ def fixed_bytes(parts: dict[str, int]) -> int:
                                           "cuda_context"))
 
 
+def load_bytes(parts: dict[str, int]) -> int:
+    """What the device holds while the model loads: every weight, a streamed base's too (bitsandbytes quantizes it
+    on the device; streamed_base.py moves it to host memory after), and the CUDA context."""
+    return sum(parts.get(k, 0) for k in ("quantized_weights", "host_streamed", "other_weights", "cuda_context"))
+
+
 def total_gib(parts: dict[str, int]) -> float:
     """The device peak of ``parts`` (the LoRA parameters are inside adapter_and_optimizer; host_offloaded and
     host_streamed are not on the device)."""

@@ -82,11 +82,11 @@ def check_fits(plan: RunPlan) -> None:
     """Refuse a run whose weights, adapter and optimizer state alone (no activation yet) exceed the free device
     memory: no micro-batch size can help, and loading would end in an out-of-memory error minutes later. Warn where
     a plan the user named (not ``auto``, which only takes what fits) predicts a peak past ``auto``'s margin."""
-    from .memory import GIB, fixed_bytes
+    from .memory import GIB, fixed_bytes, load_bytes
 
     if plan.device_memory_gib is None:
         return
-    need = fixed_bytes(plan.memory) / GIB
+    need = max(fixed_bytes(plan.memory), load_bytes(plan.memory)) / GIB  # a streamed base loads on the device first
     if need <= plan.device_memory_gib:
         if plan.optimize_for != "auto" and plan.predicted_peak_gib > FIT_FRACTION * plan.device_memory_gib:
             log.warning(

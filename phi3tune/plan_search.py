@@ -22,7 +22,15 @@ from .knobs import (
     offload_layers_wanted,
     stream_base_wanted,
 )
-from .memory import GIB, LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET, ModelShape, dequantized_bytes, total_gib
+from .memory import (
+    GIB,
+    LOW_ACTIVATION_BUDGET,
+    MIDDLE_ACTIVATION_BUDGET,
+    ModelShape,
+    dequantized_bytes,
+    load_bytes,
+    total_gib,
+)
 from .plan import (
     COMBO_KERNELS_HIDDENS,
     FIT_FRACTION,
@@ -105,8 +113,9 @@ def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
 
 
 def _fits(plan: RunPlan, free: int | None) -> bool:
-    """The plan's predicted peak is within ``FIT_FRACTION`` of ``free`` (unknown free memory: anything fits)."""
-    return free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free
+    """The plan's predicted peak, and what loading its model holds (a streamed base loads on the device first:
+    ``memory.load_bytes``), are within ``FIT_FRACTION`` of ``free`` (unknown free memory: anything fits)."""
+    return free is None or max(plan.predicted_peak_gib * GIB, load_bytes(plan.memory)) <= FIT_FRACTION * free
 
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
@@ -216,7 +225,8 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
         named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=streamed)
         # and the memory plan where it would not fit resident: holding little is what it was asked for
         if mode == "memory" and not _fits(named, free) and True in _streams(run, shape, device, processes):
-            named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=True)
+            held = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=True)
+            named = held if _fits(held, free) else named
         if forced and not named.checkpointing and not named.sharded:  # tests: offloading on any device
             named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes,
                                offload_layers=forced, streamed=streamed)
@@ -232,7 +242,8 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits += [plan for plan in lean if _fits(plan, free)] if offload_layers_wanted() is None else []
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))
-    memory = lean[-1]  # the least it can hold (streamed where it can)
+    # the least it can hold: streamed where the model still loads, else resident (pipeline.check_fits may refuse it)
+    memory = next((plan for plan in reversed(lean) if load_bytes(plan.memory) <= FIT_FRACTION * (free or 0)), lean[0])
     if not _fits(memory, free):
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())

@@ -229,3 +229,28 @@ def test_only_a_model_whose_decoder_layers_are_alike_can_stream():
     odd = shape(("model.layers.1.extra", 8, 8))
     assert not odd.uniform_layers and not can_stream(run, odd, processes=1)
     assert not ModelShape(hidden=8, intermediate=16, layers=3, vocab=10, linears=(), other_params=0).uniform_layers
+
+
+def test_a_base_streams_only_where_the_model_still_loads(monkeypatch):
+    """bitsandbytes quantizes the base on the device as it loads, and only then does it move to host memory, so a
+    streamed plan must hold the whole base while loading (memory.load_bytes). Phi-3-medium (14B) on an 8 GiB card
+    (7.5 GiB free): streamed, its peak would fit, but loading would not; so the memory plan stays resident and the
+    run is refused before weights load, and a streamed plan asked for by the knob is refused too. Negative control:
+    on a 10 GiB card the model loads, and the memory plan, which would not fit resident, streams."""
+    from test_fsdp import _medium
+
+    from phi3tune.bench import plan_for
+    from phi3tune.errors import ConfigError
+    from phi3tune.memory import GIB, fixed_bytes, load_bytes
+    from phi3tune.pipeline import check_fits
+
+    monkeypatch.delenv("PHI3TUNE_STREAM_BASE", raising=False)
+    assert not plan_for(_medium("auto"), "cuda", free_gib=7.5).streamed_base
+    roomy = plan_for(_medium("auto"), "cuda", free_gib=10)
+    assert roomy.streamed_base and roomy.mode == "memory"
+    check_fits(roomy)
+    monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "1")
+    forced = plan_for(_medium("auto"), "cuda", free_gib=7.5)
+    assert forced.streamed_base and fixed_bytes(forced.memory) < 7.5 * GIB < load_bytes(forced.memory)
+    with pytest.raises(ConfigError, match="GiB free"):
+        check_fits(forced)
