@@ -21,6 +21,7 @@ layer its own device copy again when the run ends.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from .memory import STREAMED_LAYERS
 
+log = logging.getLogger("phi3tune")
 SLOTS = STREAMED_LAYERS  # the layer running and the one arriving (memory.py counts them)
 
 
@@ -116,16 +118,25 @@ class StreamedBase:
         self.use(i)
         self.fetch(i - 1)
 
-    def restore(self) -> None:
-        """Every layer's weights on the device again, each its own tensor (the run is over). The activations' cached
-        blocks go back to the device first: on a card the run filled, the weights would otherwise not fit beside
-        them (session 25: a 5.5 GiB card's allocator freed its cache mid-run, once)."""
+    def restore(self) -> bool:
+        """Every layer's weights on the device again, each its own tensor (the run is over); False, with nothing
+        changed, where the device cannot hold them all. The activations' cached blocks go back to the device first:
+        on a card the run filled, the weights would otherwise not fit beside them (session 25: a 5.5 GiB card's
+        allocator freed its cache mid-run, once)."""
         if self.side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
             torch.cuda.empty_cache()
-        for ws, hs in zip(self.weights, self.host):
-            for w, h in zip(ws, hs):
-                w.data = h.to(self.device, copy=True)
+        try:
+            copies = self._device_copies()
+        except torch.OutOfMemoryError:
+            return False
+        for ws, cs in zip(self.weights, copies):
+            for w, c in zip(ws, cs):
+                w.data = c
+        return True
+
+    def _device_copies(self) -> list[list[torch.Tensor]]:
+        return [[h.to(self.device, copy=True) for h in hs] for hs in self.host]
 
 
 class StreamedCall:
@@ -161,12 +172,17 @@ def stream_base(layers: Sequence[nn.Module], device: torch.device) -> StreamedBa
 
 def unstream_base(model: nn.Module) -> bool:
     """Undo :func:`stream_base` in ``model`` (each layer its own device weights, its call as before); False where
-    it was never done."""
+    it was never done. Where the device cannot hold the whole base beside what the run left there, the model stays
+    streamed: it runs the same, a layer's bytes at a time (the adapter is saved before this)."""
     calls = [(m, call) for m in model.modules()
              if isinstance(call := getattr(m, "_compiled_call_impl", None), StreamedCall)]
     if not calls:
         return False
-    calls[0][1].streamer.restore()
+    if not calls[0][1].streamer.restore():
+        log.warning("the 4-bit base stays streamed from host memory: the device has no room for all of it beside "
+                    "what the run left there. The returned model runs the same, slower; load the saved adapter in a "
+                    "fresh process for fast generation")
+        return True
     for layer, call in calls:
         layer._compiled_call_impl = call.inner if call.compiled else None
     return True

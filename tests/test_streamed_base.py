@@ -254,3 +254,30 @@ def test_a_base_streams_only_where_the_model_still_loads(monkeypatch):
     assert forced.streamed_base and fixed_bytes(forced.memory) < 7.5 * GIB < load_bytes(forced.memory)
     with pytest.raises(ConfigError, match="GiB free"):
         check_fits(forced)
+
+
+def test_a_device_too_full_for_the_whole_base_leaves_the_model_streamed(four_layers, tmp_path, monkeypatch, caplog):
+    """The run is over and its adapter saved when the base comes back to the device; where it does not fit there
+    (the device copies run out of memory), the model stays streamed, with a warning: it still computes what the
+    resident model computes (the same logits), and nothing half-restored is left. Negative control: the weights are
+    the slots still."""
+    monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "1")
+
+    def no_room(self: StreamedBase) -> list[list[torch.Tensor]]:
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(StreamedBase, "_device_copies", no_room)
+    rows = rows_of_text(8, seed=5)
+    with caplog.at_level("WARNING", logger="phi3tune"):
+        kept = tiny_tuner(four_layers, tmp_path / "kept", rows, grad_accum=2, max_steps=2).run()
+    assert "stays streamed from host memory" in caplog.text
+    calls = [getattr(layer, "_compiled_call_impl", None) for layer in _layers(kept)]
+    assert all(isinstance(c, StreamedCall) for c in calls)
+    streamer = calls[0].streamer
+    slots = {t.data_ptr() for slot in streamer.slots for t in slot}
+    assert {w.data_ptr() for ws in streamer.weights for w in ws} <= slots  # none half-restored
+    monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "0")
+    resident = tiny_tuner(four_layers, tmp_path / "resident", rows, grad_accum=2, max_steps=2).run()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.equal(kept.model(input_ids=ids).logits, resident.model(input_ids=ids).logits)
