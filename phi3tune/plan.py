@@ -187,16 +187,14 @@ class RunPlan:
                        + (", their inputs in host memory" if self.offload_checkpoints else "")
                        + (f" (by length: {self._lengths_words()})" if self.checkpoint_lengths else ""))
         if self.offload_layers:
-            moved = self.memory.get("host_offloaded", 0) / GIB
             how.append(f"the first {self.offload_layers} layers' activations in host memory "
-                       f"({moved:.{1 if moved >= 1 else 2}f} GiB)")
+                       f"({_gib(self.memory.get('host_offloaded', 0) / GIB)})")
         if self.dequantized_base or self.dequantized_layers:
-            held = self.memory.get("dequantized_weights", 0) / GIB
             where = f" in the first {self.dequantized_layers} layers" if self.dequantized_layers else ""
-            how.append(f"4-bit base dequantized once{where} ({held:.{1 if held >= 1 else 2}f} GiB)")
+            how.append(f"4-bit base dequantized once{where} ({_gib(self.memory.get('dequantized_weights', 0) / GIB)})")
         if self.streamed_base:
-            held = self.memory.get("host_streamed", 0) / GIB
-            how.append(f"4-bit base streamed from host memory ({held:.{1 if held >= 1 else 2}f} GiB), a layer ahead")
+            how.append(f"4-bit base streamed from host memory ({_gib(self.memory.get('host_streamed', 0) / GIB)}), "
+                       "a layer ahead")
         if self.combo_kernels:
             how.append("combo kernels")
         if self.read_late:
@@ -211,8 +209,7 @@ class RunPlan:
             how.append("DDP " + " ".join(f"{k}={v}" for k, v in sorted(self.ddp.items())))
         fits = f" of {self.device_memory_gib:.1f} GiB free" if self.device_memory_gib is not None else ""
         chosen = f"{self.mode} (auto)" if self.optimize_for == "auto" else self.mode
-        digits = 1 if self.predicted_peak_gib >= 1 else 2
-        return f"plan: {chosen} — {', '.join(how)}; predicted peak {self.predicted_peak_gib:.{digits}f} GiB{fits}"
+        return f"plan: {chosen} — {', '.join(how)}; predicted peak {_gib(self.predicted_peak_gib)}{fits}"
 
     def _lengths_words(self) -> str:
         """``checkpoint_lengths`` in words: how many layers each length range checkpoints."""
@@ -234,6 +231,11 @@ class RunPlan:
         d["requested"] = self.optimize_for  # the key plan files had before
         d["summary"] = self.describe()
         return d
+
+
+def _gib(gib: float) -> str:
+    """A size in the plan's line: one decimal from 1 GiB up, two below."""
+    return f"{gib:.{1 if gib >= 1 else 2}f} GiB"
 
 
 def _free_device_memory(device: torch.device) -> int | None:

@@ -113,9 +113,15 @@ def _plus(plan: RunPlan, part: str, nbytes: int, **changes: Any) -> RunPlan:
 
 
 def _fits(plan: RunPlan, free: int | None) -> bool:
-    """The plan's predicted peak, and what loading its model holds (a streamed base loads on the device first:
-    ``memory.load_bytes``), are within ``FIT_FRACTION`` of ``free`` (unknown free memory: anything fits)."""
-    return free is None or max(plan.predicted_peak_gib * GIB, load_bytes(plan.memory)) <= FIT_FRACTION * free
+    """The plan's predicted peak, and what loading its model holds (``_loads``), are within ``FIT_FRACTION`` of
+    ``free`` (unknown free memory: anything fits)."""
+    return _loads(plan, free) and (free is None or plan.predicted_peak_gib * GIB <= FIT_FRACTION * free)
+
+
+def _loads(plan: RunPlan, free: int | None) -> bool:
+    """Loading the plan's model fits ``FIT_FRACTION`` of ``free``: a streamed base loads on the device first
+    (``memory.load_bytes``)."""
+    return free is None or load_bytes(plan.memory) <= FIT_FRACTION * free
 
 
 def whole_step_tokens(run: RunSpec, step_tokens: int | None = None) -> int:
@@ -243,7 +249,7 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))
     # the least it can hold: streamed where the model still loads, else resident (pipeline.check_fits may refuse it)
-    memory = next((plan for plan in reversed(lean) if load_bytes(plan.memory) <= FIT_FRACTION * (free or 0)), lean[0])
+    memory = next((plan for plan in reversed(lean) if _loads(plan, free)), lean[0])
     if not _fits(memory, free):
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())
