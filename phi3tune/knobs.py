@@ -30,14 +30,23 @@ def ddp_settings() -> dict[str, Any]:
     return out
 
 
+def offload_asked() -> bool | None:
+    """PHI3TUNE_OFFLOAD (benchmarks, tests): 1 / 0 holds checkpointed inputs in host memory (offload.py) on every
+    plan that checkpoints every layer / on none; unset (None): the plan decides (``offload_wanted``, and ``auto``
+    weighs it on its speed plans: plan_search._offloads)."""
+    asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
+    return yes(asked) if asked else None
+
+
 def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharded: bool) -> bool:
     """Offload checkpointed inputs (offload.py)? Only where every decoder layer is checkpointed: the hooks take
     whatever the decoder stack saves outside a checkpoint, which a layer that is not checkpointed fills with its
     whole activations. The memory plan's choice on CUDA (not under FSDP, whose gathers it would race);
     PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it on any plan that checkpoints every layer, on any device,
     0 never."""
-    asked = os.environ.get("PHI3TUNE_OFFLOAD", "")
-    return bool(every_layer_checkpointed and not sharded and (yes(asked) if asked else cuda and mode == "memory"))
+    asked = offload_asked()
+    default = cuda and mode == "memory"
+    return bool(every_layer_checkpointed and not sharded and (asked if asked is not None else default))
 
 
 def offload_layers_wanted() -> int | None:

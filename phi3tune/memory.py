@@ -129,8 +129,9 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
     without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
-    ``offload``: the checkpointed inputs live in host memory. ``offload_layers``: that many (uncheckpointed) layers'
-    activations live in host memory (offload.py), counted under ``host_offloaded``, not in the device total.
+    ``offload``: the checkpointed inputs live in host memory (``host_checkpoints``: their bytes).
+    ``offload_layers``: that many (uncheckpointed) layers' activations live in host memory (offload.py), counted
+    under ``host_offloaded``, not in the device total.
     ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more.
     ``streamed_base``: the 4-bit weights' packed bytes live in host memory (``host_streamed``), two decoder layers'
     worth on the device (streamed_base.py); their block scales stay."""
@@ -179,7 +180,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
         streamed = {"host_streamed": packed}
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,
-            "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {}), **streamed}
+            "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {}), **streamed,
+            **({"host_checkpoints": tokens * k * shape.hidden * act_bytes} if offload and k else {})}
 
 
 def dequantized_bytes(shape: ModelShape, dtype_bytes: int) -> int:
@@ -204,8 +206,9 @@ def per_rank_parts(parts: dict[str, int], shape: ModelShape, processes: int) -> 
 
 
 # in ``parts`` but not summed into the device peak: the LoRA parameter count (its bytes are in
-# adapter_and_optimizer) and what waits in host memory
-NOT_ON_DEVICE = ("lora_params", "host_offloaded", "host_streamed")
+# adapter_and_optimizer) and what waits in host memory (offloaded activations and checkpointed inputs, a micro-batch's
+# worth; a streamed base's packed weights)
+NOT_ON_DEVICE = ("lora_params", "host_offloaded", "host_streamed", "host_checkpoints")
 
 
 def fixed_bytes(parts: dict[str, int]) -> int:

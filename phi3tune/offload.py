@@ -292,18 +292,37 @@ class OffloadingPlan(Protocol):
     def peak_micro_batch_tokens(self) -> int: ...
 
 
+def frozen_tensors(model: Any) -> list[torch.Tensor]:
+    """``model``'s parameters and buffers and its 4-bit weights' quantization states (block scales, code tables):
+    a compiled layer saves them for backward as graph inputs (a layer checkpointed in graph saves little else), and
+    they stay on the device for the run, so moving them would only copy them (and a streamed base's slots, which
+    its weights are, would come back with another layer's bytes: streamed_base.py refills them)."""
+    out = [*model.parameters(), *model.buffers()]
+    states = [getattr(p, "quant_state", None) for p in model.parameters()]
+    while states:
+        state = states.pop()
+        for value in vars(state).values() if state is not None else ():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif hasattr(value, "absmax"):  # a double-quantized state's own state
+                states.append(value)
+    return out
+
+
 def offloader_for(plan: OffloadingPlan, model: Any) -> Offloader | None:
     """The plan's offloader for ``model`` (the PEFT model), if it has one: every checkpointed input (the memory
-    plan), or the first ``plan.offload_layers`` decoder layers' activations, the bytes of the whole stack a token
-    first taken from the plan's memory model (``activations`` counts the layers it keeps), then measured."""
+    plan's, whose layers torch.utils.checkpoint saves, and a speed plan's, whose in-graph checkpoints save their
+    inputs and the frozen tensors, ``frozen_tensors``, which stay), or the first ``plan.offload_layers`` decoder
+    layers' activations, the bytes of the whole stack a token first taken from the plan's memory model
+    (``activations`` counts the layers it keeps), then measured."""
     if plan.offload_checkpoints:
-        return Offloader()
+        return Offloader(static=frozen_tensors(model))
     if not plan.offload_layers:
         return None
     layers = len(model.get_base_model().model.layers)
     kept = max(1, layers - plan.offload_layers)
     stack = plan.memory.get("activations", 0) / max(1, plan.peak_micro_batch_tokens) * layers / kept
-    static = [*model.parameters(), *model.buffers()]
+    static = frozen_tensors(model)
     share = plan.offload_layers / layers
     slab = int(SLAB_MARGIN * share * stack * plan.peak_micro_batch_tokens) + SLAB_EXTRA  # the peak's moved bytes
     return Offloader(share=share, token_bytes=stack, lookahead=LOOKAHEAD_LAYERS / layers, static=static,

@@ -108,8 +108,9 @@ class RunPlan:
     # (examples/benchmarks/h200.sh): "bucket_cap_mb=100,gradient_as_bucket_view=1"
     ddp: dict[str, Any] = field(default_factory=dict)
     # checkpointed layers' inputs held in pinned host memory until backward (offload.py): the memory plan on one or
-    # more CUDA GPUs without FSDP; PHI3TUNE_OFFLOAD=1 / 0 (benchmarks) asks for it wherever every layer is
-    # checkpointed / never
+    # more CUDA GPUs without FSDP, and the speed plans that checkpoint every layer where ``auto`` finds it pays
+    # (plan_search._offloads); PHI3TUNE_OFFLOAD=1 / 0 (benchmarks) asks for it wherever every layer is checkpointed /
+    # never
     offload_checkpoints: bool = False
     # the frozen 4-bit base dequantized once, kept for the run in the compute dtype (dequantized.py): the speed
     # plans on CUDA, where it fits; PHI3TUNE_DEQUANTIZE=1 / 0 (benchmarks, tests) asks for it on any plan / never
@@ -184,7 +185,8 @@ class RunPlan:
         if self.checkpointing:
             how.append(f"activation checkpointing of {self.checkpoint_layers} layers"
                        + (" inside their compiled graphs" if self.recompute_in_graph else "")
-                       + (", their inputs in host memory" if self.offload_checkpoints else "")
+                       + (f", their inputs in host memory ({_gib(self.memory.get('host_checkpoints', 0) / GIB)} a "
+                          "micro-batch)" if self.offload_checkpoints else "")
                        + (f" (by length: {self._lengths_words()})" if self.checkpoint_lengths else ""))
         if self.offload_layers:
             how.append(f"the first {self.offload_layers} layers' activations in host memory "
@@ -260,13 +262,15 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
                optimize_for: str, free: int | None, budget_override: int | None = None,
                checkpoint_layers: int | None = None, processes: int = 1,
                activation_budget: float = 1.0, offload_layers: int = 0, by_length: bool = False,
-               streamed: bool = False) -> RunPlan:
+               streamed: bool = False, offload: bool | None = None) -> RunPlan:
     """The plan of ``mode``; ``checkpoint_layers`` checkpoints that many decoder layers (default: the mode's);
     ``processes``: the run's ranks (under FSDP the peak is per GPU); ``activation_budget``: compiled layers';
     ``offload_layers``: that many (uncheckpointed) layers' activations in host memory; ``by_length``: shorter
     micro-batches checkpoint fewer layers within the same predicted peak (checkpoint_lengths.py), where the plan
     checkpoints some, not all by its mode, and keeps no checkpointed input in host memory; ``streamed``: the 4-bit
-    base streamed from host memory, where it can be (``can_stream``)."""
+    base streamed from host memory, where it can be (``can_stream``); ``offload``: checkpointed inputs in host
+    memory where every layer is checkpointed, on CUDA and not under FSDP (None: the mode's default or the knob's,
+    ``offload_wanted``)."""
     t, d = run.train, run.data
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     a = facts(run.adapter, AdapterFacts)
@@ -296,11 +300,13 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)
-    offload = offload_wanted(mode, checkpointing and checkpoint_layers >= shape.layers, cuda, sharded)
+    every = checkpointing and checkpoint_layers >= shape.layers
+    offload = offload_wanted(mode, every, cuda, sharded) if offload is None else offload and every and cuda \
+        and not sharded
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
     # speed plans only: the memory plan's recomputed layer holds less under torch's checkpoint (memory.py)
-    in_graph = mode == "speed" and checkpointing and compile_ and not offload and not sharded \
-        and recompute_in_graph_wanted()
+    # (a speed plan's offloaded inputs are the ones its in-graph checkpoints save: offload.offloader_for)
+    in_graph = mode == "speed" and checkpointing and compile_ and not sharded and recompute_in_graph_wanted()
     streamed = streamed and can_stream(run, shape, processes)
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:

@@ -19,6 +19,7 @@ from .knobs import (
     combo_wanted,
     dequantize_layers_wanted,
     dequantize_wanted,
+    offload_asked,
     offload_layers_wanted,
     stream_base_wanted,
 )
@@ -141,6 +142,16 @@ def _can_offload(plan: RunPlan) -> bool:
     return plan.mode == "speed" and plan.compile and plan.device.startswith("cuda") and not plan.sharded
 
 
+def _offloads(plan: RunPlan, shape: ModelShape) -> bool:
+    """Whether the search also weighs ``plan`` with its checkpointed inputs in host memory (offload.py): a speed plan
+    that checkpoints every layer, where host offloading can run (``_can_offload``), unless PHI3TUNE_OFFLOAD or
+    PHI3TUNE_OFFLOAD_LAYERS (benchmarks) decides. The inputs cross the host link twice a pass (step_cost prices it),
+    so ``auto`` takes it where the plan without it does not fit or is slower: it holds ``hidden`` bytes a token and
+    layer less (0.75 GiB for Phi-3-mini at 4,096 tokens)."""
+    return plan.checkpoint_layers >= shape.layers and not plan.offload_checkpoints and _can_offload(plan) \
+        and offload_asked() is None and offload_layers_wanted() is None
+
+
 def _streams(run: RunSpec, shape: ModelShape, device: torch.device, processes: int) -> tuple[bool, ...]:
     """Whether the base streams from host memory (streamed_base.py), as the search weighs it: both ways on CUDA
     where it can, PHI3TUNE_STREAM_BASE=1 / 0 (benchmarks, tests) only that way."""
@@ -182,6 +193,9 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                                   processes, low, streamed)
             else:
                 out.append(plan)
+            if _offloads(plan, shape):  # every layer checkpointed: their inputs may wait in host memory
+                out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
+                                      processes, low, streamed=streamed, offload=True))
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
     return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized

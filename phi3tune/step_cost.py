@@ -74,6 +74,9 @@ _COMBO_COST = 0.96
 # against the 4,096 plan that checkpoints none, over the 25 steps both ran in one pass, 4.11 / 4.59 s against
 # 4.27 / 3.92 (~6% slower; whole runs 15,580 / 14,791 tokens/s against 17,268 / 18,964, with two ~0.6 s steps):
 # of a PCIe 5 link's ~40 GB/s time (60 ms against a 197 ms micro-batch) ~0.35 shows, more with the slow steps
+# Checkpointed inputs in host memory (offload.py, ``host_checkpoints``) are given the same exposure (not measured on a
+# speed plan; the memory plan ran no slower with them, session 7): so ``auto`` takes them only where the plan without
+# them does not fit or is slower
 _HOST_LINK_BYTES_PER_MS, _OFFLOAD_EXPOSED = 40e6, 0.4
 # A pass never takes less than the host needs to queue it: session 18, H200, 87.9 ms a pass through the 32 compiled
 # layers (micro-batches of <= 512 tokens, where the device is not the bound; 76 ms with combo kernels, which packed
@@ -109,7 +112,7 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
     base dequantized once takes its measured ~16 ms off each micro-batch (its first N layers alone: N/L of it,
-    unmeasured); activations in host memory cost
+    unmeasured); activations or checkpointed inputs in host memory cost
     ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's; a full (packed) pass costs at
     least the host's time to queue it (``_HOST_PASS_MS``; below the default budget ``_HOST_PASS_MS_RECOMPUTING``).
     Recomputation costs in proportion to the layers checkpointed: where they depend on the micro-batch's length
@@ -132,7 +135,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     spared = 1.0 if plan.dequantized_base else plan.dequantized_layers / max(1, layers)  # its share of the saving
     held = 1 - spared * _DEQUANTIZE_SAVES_MS / micro_batch_ms(size)
     combo = _COMBO_COST if plan.combo_kernels else 1.0
-    link_ms = 2 * plan.memory.get("host_offloaded", 0) / _HOST_LINK_BYTES_PER_MS
+    away = plan.memory.get("host_offloaded", 0) + plan.memory.get("host_checkpoints", 0)  # out and back, each
+    link_ms = 2 * away / _HOST_LINK_BYTES_PER_MS
     moved = _OFFLOAD_EXPOSED * link_ms / micro_batch_ms(min(budget, WHOLE_STEP_CAP))
     cost = per_size * low * held * combo * (1 + recompute + moved)
     streamed_ms = 2 * plan.memory.get("host_streamed", 0) / _HOST_LINK_BYTES_PER_MS  # forward's copies, backward's

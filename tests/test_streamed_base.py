@@ -5,6 +5,8 @@ device; the run hands back a model whose layers own their weights again."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,57 @@ def test_public_run_streaming_into_compiled_layers_that_recompute_in_graph(four_
     assert not all(torch.allclose(adapter_tensors(skipped)[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
 
 
+def test_in_graph_checkpoints_offloaded_beside_a_streamed_base_train_the_same_adapter(four_layers, tmp_path,
+                                                                                    monkeypatch, traced_layers):
+    """The smallest cards' GPU path on this CPU: compiled layers checkpointed inside their graphs, every layer on every
+    pass, their saved inputs in host memory (offload.py) and the base streamed. It trains the losses and adapter of
+    the resident run that keeps its inputs on the device, bit for bit, and compiles no more graphs. What moves is
+    each layer's input, never a frozen tensor: the weights (a streamed layer's weight is its slot), the block scales,
+    the LoRA weights, which every layer's graph saves too (negative control: they reach the hooks, and the static
+    rule keeps them)."""
+    from phi3tune import loop
+    from phi3tune.offload import Offloader, frozen_tensors
+
+    real = pipeline.resolve_plan
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
+    offered: list[tuple[bool, bool, tuple[int, ...]]] = []  # (moved, frozen, shape) of each tensor a forward saves
+    frozen: set[int] = set()  # the storages of the run's weights (a streamed layer's: its slot) and block scales
+    real_pack, real_offloader_for = Offloader._pack, loop.offloader_for
+
+    def offloader_for(plan: Any, model: Any) -> Any:
+        frozen.update(t.untyped_storage().data_ptr() for t in frozen_tensors(model))
+        return real_offloader_for(plan, model)
+
+    def pack(self: Offloader, t: torch.Tensor) -> Any:
+        out = real_pack(self, t)
+        offered.append((out is not t, t.untyped_storage().data_ptr() in frozen, tuple(t.shape)))
+        return out
+
+    monkeypatch.setattr(loop, "offloader_for", offloader_for)
+    monkeypatch.setattr(Offloader, "_pack", pack)
+
+    def run(name: str, stream: str, offload: bool) -> tuple[Any, list[int]]:
+        monkeypatch.setenv("PHI3TUNE_STREAM_BASE", stream)
+        monkeypatch.setattr(pipeline, "resolve_plan", lambda *a, **k: replace(
+            real(*a, **k), checkpointing=True, checkpoint_layers=4, recompute_in_graph=True,
+            offload_checkpoints=offload))
+        return run_counting_graphs(tiny_tuner(four_layers, tmp_path / name, rows_of_text(36, seed=4),
+                                              optimize_for="speed", compile=True, micro_batch_tokens=128,
+                                              batch_size=3, grad_accum=2, max_steps=2))
+
+    resident, resident_graphs = run("resident", "0", False)
+    assert not offered  # no offloader without the plan's word
+    streamed, streamed_graphs = run("streamed", "1", True)
+    assert streamed.plan.streamed_base and streamed.plan.offload_checkpoints and streamed.plan.recompute_in_graph
+    assert _same(streamed, resident) and len(resident.losses) == 2
+    assert streamed_graphs[-1] == resident_graphs[-1], (streamed_graphs, resident_graphs)
+    hidden = json.loads((four_layers / "config.json").read_text())["hidden_size"]
+    inputs = [shape for was_moved, _, shape in offered if was_moved and shape[-1] == hidden]
+    assert len(inputs) >= 4 * 4  # each layer's input, in each of the 4 passes of the 2 steps (and the warm-up's)
+    assert not any(was_moved and is_frozen for was_moved, is_frozen, _ in offered)
+    assert any(is_frozen for _, is_frozen, _ in offered)  # negative control: the graphs save frozen tensors too
+
+
 def test_the_memory_model_keeps_two_layers_of_packed_bytes():
     """Streamed, the device holds the block scales and two of four layers' packed bytes; the rest is in
     host_streamed, outside the device total; nothing else changes."""
@@ -176,9 +229,11 @@ def test_auto_streams_the_base_only_where_resident_plans_fall_short(monkeypatch)
     (step_cost._STREAMED_COST): Phi-3-mini's quickstart on a 5 GiB card, where no resident speed plan fits, runs
     4,096-token micro-batches from a streamed base instead of the memory plan (session 26: 19,187 tokens/s packed);
     on 8-16 GiB it stays resident, though streaming would free room there, because the gain the model sees is under
-    the margin. A 4 GiB card takes the memory plan (streamed, or it would not fit) over 1,024-token micro-batches.
-    Negative controls: PHI3TUNE_STREAM_BASE=0 gives the resident plans back; the speed mode, named, never streams
-    unasked; the memory mode only where it would not fit resident."""
+    the margin. A 4 GiB card takes 2,048-token micro-batches streamed, every layer checkpointed in graph with its
+    input in host memory (offload.py), over the memory plan (torch's checkpoints, the low activation budget).
+    Negative controls: PHI3TUNE_STREAM_BASE=0 gives the resident plans back; without the inputs in host memory
+    (PHI3TUNE_OFFLOAD=0) a 4 GiB card gets the memory plan, streamed; the speed mode, named, never streams unasked;
+    the memory mode only where it would not fit resident."""
     from phi3tune import FineTuner
     from phi3tune.bench import plan_for
     from phi3tune.step_cost import _STREAMED_COST, expected_cost
@@ -201,7 +256,12 @@ def test_auto_streams_the_base_only_where_resident_plans_fall_short(monkeypatch)
     eight, eight_streamed = plan(8), plan(8, "1")  # it frees room there: a gain, but under the margin
     assert expected_cost(eight_streamed, 32) / _STREAMED_COST < expected_cost(eight, 32)
     four = plan(4)
-    assert (four.mode, four.streamed_base) == ("memory", True) and four.predicted_peak_gib <= 0.9 * 4
+    assert (four.mode, four.streamed_base, four.offload_checkpoints) == ("speed", True, True)
+    assert four.peak_micro_batch_tokens == 2048 and four.predicted_peak_gib <= 0.9 * 4
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD", "0")
+    four_kept = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=4)
+    assert (four_kept.mode, four_kept.streamed_base, four_kept.offload_checkpoints) == ("memory", True, False)
+    monkeypatch.delenv("PHI3TUNE_OFFLOAD")
     assert plan(4, "0").predicted_peak_gib > 4 * 0.9  # resident, nothing of the memory plan fits
     assert not plan(5, optimize_for="speed").streamed_base and plan(5, "1", optimize_for="speed").streamed_base
     # the memory plan, named, streams only where it would not fit resident
