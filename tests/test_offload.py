@@ -369,3 +369,35 @@ def test_a_moved_tensor_comes_back_with_the_strides_it_was_saved_with():
         back = off._unpack(held)
         assert torch.equal(back, t) and back.stride() == stride
 
+
+
+@needs_shared
+def test_inputs_in_host_memory_trade_the_host_link_for_device_memory(monkeypatch):
+    """The 5 GiB quickstart's plan (4,096-token micro-batches, base streamed, every layer checkpointed in graph) with
+    its checkpointed inputs in host memory: the same plan (micro-batches, layers, kernels) predicting 30 layers'
+    bf16 inputs less at its peak (two stay: the one coming back and the one in use), and costing the exposed share
+    of the host link's time for them, out and back. Negative control: with no exposure the two cost the same."""
+    from phi3tune import step_cost
+    from phi3tune.bench import plan_for
+    from phi3tune.plan import MODES
+
+    monkeypatch.setitem(MODES["speed"], "ce_chunk", 1024)  # the kept plan's (it needs the smaller chunk), for both
+
+    def plan(offload: str) -> Any:
+        monkeypatch.setenv("PHI3TUNE_OFFLOAD", offload)
+        return plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4096), "cuda", free_gib=5)
+
+    kept, away = plan("0"), plan("1")
+    assert away.offload_checkpoints and not kept.offload_checkpoints and away.streamed_base and kept.streamed_base
+    assert (away.checkpoint_layers, away.peak_micro_batch_tokens, away.recompute_in_graph, away.ce_chunk) == \
+        (kept.checkpoint_layers, kept.peak_micro_batch_tokens, kept.recompute_in_graph, kept.ce_chunk) == \
+        (32, 4096, True, 1024)
+    inputs = 4096 * 3072 * 2  # one layer's bf16 input
+    assert away.memory["host_checkpoints"] == 32 * inputs and "host_checkpoints" not in kept.memory
+    assert (kept.predicted_peak_gib - away.predicted_peak_gib) * 2**30 == pytest.approx(30 * inputs, rel=2e-3)
+    link = 2 * 32 * inputs / step_cost._HOST_LINK_BYTES_PER_MS
+    extra = step_cost._OFFLOAD_EXPOSED * link / step_cost.micro_batch_ms(4096)
+    cost_kept, cost_away = step_cost.expected_cost(kept, 32), step_cost.expected_cost(away, 32)
+    assert cost_away / cost_kept == pytest.approx(1 + extra / (1 + step_cost._RECOMPUTE_COST), rel=1e-6)
+    monkeypatch.setattr(step_cost, "_OFFLOAD_EXPOSED", 0.0)
+    assert step_cost.expected_cost(away, 32) == step_cost.expected_cost(kept, 32)
