@@ -62,7 +62,9 @@
 #   cuBLASLt, not torch's default cuBLAS: the host pays ~31 µs per aten::mm, profiled), mem (optimize_for=memory),
 #   seq4096 (memory plan at max_seq_length 4096, batch 1 x 4), stream (the 4-bit base's packed bytes in pinned host
 #   memory, a decoder layer streamed in ahead of its use, two on the device: PHI3TUNE_STREAM_BASE=1, streamed_base.py;
-#   auto's choice on small cards since session 26), resident (the base never streamed: PHI3TUNE_STREAM_BASE=0)
+#   auto's choice on small cards since session 26), resident (the base never streamed: PHI3TUNE_STREAM_BASE=0), ckall
+#   (every layer checkpointed on every pass: training.gradient_checkpointing=true; with off, e.g.
+#   q@8+stream+off+ckall+mb4096+ce512: the least a speed plan holds, its inputs in host memory beside a streamed base)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -124,6 +126,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     nobylen) envs+=(PHI3TUNE_CKPT_BY_LENGTH=0) ;;
     tckpt) envs+=(PHI3TUNE_RECOMPUTE_IN_GRAPH=0) ;;
     off) envs+=(PHI3TUNE_OFFLOAD=1) ;;
+    ckall) sets+=(--set training.gradient_checkpointing=true) ;;  # every layer checkpointed on every pass
     nooff) envs+=(PHI3TUNE_OFFLOAD=0) ;;
     stream) envs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory (streamed_base.py)
     resident) envs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device, wherever auto would stream it
