@@ -62,7 +62,7 @@ MODES: dict[str, dict[str, Any]] = {
     # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
     # 4,096, 3.90 GiB allocated against session 7's 4.02; its speed against the default not yet A/B'd on one machine)
     "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
-               "micro_batch_tokens": 2048, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
+               "micro_batch_tokens": 4096, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
 }
 FIT_FRACTION = 0.9  # "auto" takes a plan whose predicted peak is at most this share of the free device memory
 WHOLE_STEP_CAP = 8192  # the longest micro-batch measured: a whole step is tried as one micro-batch up to this size
@@ -304,9 +304,11 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     offload = offload_wanted(mode, every, cuda, sharded) if offload is None else offload and every and cuda \
         and not sharded
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
-    # speed plans only: the memory plan's recomputed layer holds less under torch's checkpoint (memory.py)
-    # (a speed plan's offloaded inputs are the ones its in-graph checkpoints save: offload.offloader_for)
-    in_graph = mode == "speed" and checkpointing and compile_ and not sharded and recompute_in_graph_wanted()
+    # (the offloaded inputs are then the ones the in-graph checkpoints save: offload.offloader_for)
+    in_graph = mode in ("speed", "memory") and checkpointing and compile_ and not sharded \
+        and recompute_in_graph_wanted()
+    if in_graph and mode == "memory":  # every layer recomputes in its graph: the plan's own graphs serve eval alone
+        activation_budget = 1.0
     streamed = streamed and can_stream(run, shape, processes)
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:

@@ -147,7 +147,11 @@ def _offloads(plan: RunPlan, shape: ModelShape) -> bool:
     that checkpoints every layer, where host offloading can run (``_can_offload``), unless PHI3TUNE_OFFLOAD or
     PHI3TUNE_OFFLOAD_LAYERS (benchmarks) decides. The inputs cross the host link twice a pass (step_cost prices it),
     so ``auto`` takes it where the plan without it does not fit or is slower: it holds ``hidden`` bytes a token and
-    layer less (0.75 GiB for Phi-3-mini at 4,096 tokens)."""
+    layer less (0.75 GiB for Phi-3-mini at 4,096 tokens). Beside a streamed base it is taken whenever every layer is
+    checkpointed: session 27, 5 GiB card, a whole step (4,864 tokens) so ran 14,686 tokens/s at 4.96 GiB at the
+    device, where 4,096-token micro-batches keeping their inputs had filled the device (5.00 GiB, predicted 4.44),
+    the paged optimizer state then read from host memory: 11,659 (session 26). Those plans' device peaks run
+    0.6-1.1 GiB above their predictions (docs/performance.md, session 27)."""
     return plan.checkpoint_layers >= shape.layers and not plan.offload_checkpoints and _can_offload(plan) \
         and offload_asked() is None and offload_layers_wanted() is None
 
@@ -185,7 +189,11 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                 if _fits(plan, free):
                     break
             moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
-            if moved:
+            away = _offloads(plan, shape)  # every layer checkpointed: their inputs may wait in host memory
+            if away and plan.streamed_base:  # beside a streamed base they do (measured: ``_offloads``)
+                out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
+                                      processes, low, streamed=streamed, offload=True))
+            elif moved:
                 out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0, processes,
                                       low, offload_layers=forced or 0, streamed=streamed))
             elif plan.checkpoint_layers:  # shorter micro-batches checkpoint fewer layers (checkpoint_lengths.py)
@@ -193,7 +201,7 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                                   processes, low, streamed)
             else:
                 out.append(plan)
-            if _offloads(plan, shape):  # every layer checkpointed: their inputs may wait in host memory
+            if away and not plan.streamed_base:
                 out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
                                       processes, low, streamed=streamed, offload=True))
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
@@ -241,12 +249,14 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     packed = run.data.packing
     if asked != "auto" or device.type != "cuda":
         mode, forced = asked if asked != "auto" else "balanced", offload_layers_wanted()
-        streamed = stream_base_wanted() is True  # a named mode streams the base when asked
+        # a named mode streams the base when asked; the memory plan wherever it can (holding little is what it was
+        # asked for: 1.6 GiB of Phi-3-mini's 4-bit base wait in host memory)
+        asked_stream = stream_base_wanted()
+        streamed = asked_stream if asked_stream is not None else mode == "memory" and True in _streams(
+            run, shape, device, processes)
         named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=streamed)
-        # and the memory plan where it would not fit resident: holding little is what it was asked for
-        if mode == "memory" and not _fits(named, free) and True in _streams(run, shape, device, processes):
-            held = _candidate(run, shape, targets, device, mode, asked, free, processes=processes, streamed=True)
-            named = held if _fits(held, free) else named
+        if streamed and asked_stream is None and not _loads(named, free):  # the base must fit while it loads
+            named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes)
         if forced and not named.checkpointing and not named.sharded:  # tests: offloading on any device
             named = _candidate(run, shape, targets, device, mode, asked, free, processes=processes,
                                offload_layers=forced, streamed=streamed)
@@ -257,13 +267,15 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
     # the memory plan too, its base resident or streamed: on the smallest cards it beats 1,024-token micro-batches
     # (not where a benchmark asks for speed plans that offload layers: PHI3TUNE_OFFLOAD_LAYERS)
-    lean = [_candidate(run, shape, targets, device, "memory", asked, free, processes=processes, streamed=streamed)
-            for streamed in _streams(run, shape, device, processes)]
+    lean = [_candidate(run, shape, targets, device, "memory", asked, free, budget, processes=processes,
+                       streamed=streamed)
+            for budget, streamed in itertools.product((None, 2048, 1024), _streams(run, shape, device, processes))]
     fits += [plan for plan in lean if _fits(plan, free)] if offload_layers_wanted() is None else []
     if fits:
         return min(fits, key=lambda p: expected_cost(p, shape.layers, packed, steps))
-    # the least it can hold: streamed where the model still loads, else resident (pipeline.check_fits may refuse it)
-    memory = next((plan for plan in reversed(lean) if _loads(plan, free)), lean[0])
+    # the least it can hold: the smallest micro-batches, streamed where the model still loads, else resident
+    # (pipeline.check_fits may refuse it)
+    memory = min((plan for plan in lean if _loads(plan, free)), key=lambda p: p.predicted_peak_gib, default=lean[0])
     if not _fits(memory, free):
         log.warning("%s — more than the free device memory; it may run out of memory. Lower "
                     "data.max_seq_length or training.micro_batch_tokens", memory.describe())

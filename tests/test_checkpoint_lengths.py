@@ -155,7 +155,8 @@ def test_auto_checkpoints_by_length_where_a_whole_step_needs_layers(monkeypatch)
     # FSDP: ranks whose micro-batches differ in length would checkpoint different layers; DDP's may
     fsdp = plan_for(FineTuner(str(PHI3_DIR)).training(distributed="fsdp"), "cuda", free_gib=8, processes=2, steps=steps)
     assert fsdp.sharded and fsdp.checkpointing and not fsdp.checkpoint_lengths
-    assert plan_for(ft, "cuda", free_gib=8, processes=2, steps=steps).checkpoint_lengths
+    # (on 8 GiB, NCCL's buffers leave DDP whole steps only with every checkpointed input in host memory)
+    assert plan_for(ft, "cuda", free_gib=9, processes=2, steps=steps).checkpoint_lengths
     monkeypatch.setenv("PHI3TUNE_CKPT_BY_LENGTH", "0")
     before = plan_for(ft, "cuda", free_gib=12, steps=steps)
     assert before.micro_batch_tokens == 4096 and not before.checkpointing and not before.checkpoint_lengths

@@ -394,10 +394,12 @@ def test_with_masks_recomputed_the_plan_predicts_less_and_says_so(monkeypatch):
 
 
 @needs_shared
-def test_the_memory_plan_takes_the_low_activation_budget_on_cuda():
-    """``optimize_for="memory"`` on CUDA compiles its layers to the compiler's low budget (session 9: 3.90 GiB
-    allocated at max_seq_length 4,096 against 4.02); on the CPU (eager layers) there is no such budget; the speed
-    plans keep the default where they fit."""
+def test_the_memory_plan_takes_the_low_activation_budget_only_with_torch_checkpoints(monkeypatch):
+    """``optimize_for="memory"`` on CUDA checkpoints every layer inside its compiled graphs, whose recomputing graphs
+    keep only their inputs: the plan's own graphs then serve eval alone, at the default budget. With torch's
+    checkpoint around the compiled layers (PHI3TUNE_RECOMPUTE_IN_GRAPH=0) the recomputed layer keeps its
+    activations to the compiler's low budget (session 9: 3.90 GiB allocated at max_seq_length 4,096 against 4.02).
+    On the CPU (eager layers) there is no such budget; the speed plans keep the default where they fit."""
     from phi3tune.memory import LOW_ACTIVATION_BUDGET
     from phi3tune.plan import MODES
 
@@ -407,8 +409,12 @@ def test_the_memory_plan_takes_the_low_activation_budget_on_cuda():
 
     assert MODES["memory"]["activation_budget"] == LOW_ACTIVATION_BUDGET
     cuda, cpu = plan_for(memory(), "cuda", free_gib=139), plan_for(memory(), "cpu")
-    assert cuda.activation_budget == LOW_ACTIVATION_BUDGET and cpu.activation_budget == 1.0
-    assert "activations recomputed to a 0.3 budget" in cuda.describe()
+    assert cuda.recompute_in_graph and cuda.activation_budget == 1.0 and cpu.activation_budget == 1.0
+    monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
+    torch_ckpt = plan_for(memory(), "cuda", free_gib=139)
+    assert not torch_ckpt.recompute_in_graph and torch_ckpt.activation_budget == LOW_ACTIVATION_BUDGET
+    assert "activations recomputed to a 0.3 budget" in torch_ckpt.describe()
+    monkeypatch.delenv("PHI3TUNE_RECOMPUTE_IN_GRAPH")
     assert plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139).activation_budget == 1.0
 
 

@@ -135,10 +135,10 @@ def test_public_run_recomputing_in_graph_trains_what_torch_checkpoint_trains(tin
 
 @needs_shared
 def test_compiled_plans_that_checkpoint_do_so_in_graph(monkeypatch):
-    """An 8 GiB card's quickstart checkpoints every layer's longest passes inside the compiled graphs; the memory
-    plan, whose checkpointed inputs wait in host memory (offload.py hooks torch's checkpoint), keeps torch's; a plan
+    """An 8 GiB card's quickstart checkpoints every layer's longest passes inside the compiled graphs, and so does
+    the memory plan, whose checkpointed inputs (what those graphs save) wait in host memory (offload.py); a plan
     that checkpoints nothing has nothing to switch. Negative control: PHI3TUNE_RECOMPUTE_IN_GRAPH=0 checkpoints
-    by torch's checkpoint."""
+    by torch's checkpoint, the memory plan's too."""
     from phi3tune import FineTuner
     from phi3tune.bench import plan_for
 
@@ -148,11 +148,13 @@ def test_compiled_plans_that_checkpoint_do_so_in_graph(monkeypatch):
     assert small.checkpoint_layers > 0 and small.recompute_in_graph
     assert "layers inside their compiled graphs" in small.describe()
     memory = plan_for(FineTuner(str(PHI3_DIR)).training(optimize_for="memory"), "cuda", free_gib=8)
-    assert memory.offload_checkpoints and not memory.recompute_in_graph
+    assert memory.offload_checkpoints and memory.recompute_in_graph
     assert not plan_for(ft, "cuda", free_gib=80).recompute_in_graph
     monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
     off = plan_for(ft, "cuda", free_gib=8)
     assert off.checkpoint_layers > 0 and not off.recompute_in_graph
+    torch_memory = plan_for(FineTuner(str(PHI3_DIR)).training(optimize_for="memory"), "cuda", free_gib=8)
+    assert torch_memory.offload_checkpoints and not torch_memory.recompute_in_graph
     assert "inside their compiled graphs" not in off.describe()
 
 
