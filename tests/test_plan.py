@@ -422,8 +422,9 @@ def test_the_memory_plan_takes_the_low_activation_budget_only_with_torch_checkpo
 def test_the_memory_plan_keeps_fixed_lengths(monkeypatch):
     """The memory plan compiles its layers for fixed lengths, even unpacked under varlen attention where the speed
     plans take one symbolic length: there symbolic lengths held 0.27 GiB more at the allocator's peak for no speed
-    (H200, seq 4096: 4.20 against 3.93 GiB, session 24). Negative control: the knob still gets them, and the plan
-    then counts their extra."""
+    (H200, seq 4096: 4.20 against 3.93 GiB, session 24, torch's checkpoints at the low budget). Negative control:
+    the knob still gets them, and the plan then counts that extra where it was measured (torch's checkpoints:
+    PHI3TUNE_RECOMPUTE_IN_GRAPH=0; in graph the plan's own graphs serve eval alone)."""
     from phi3tune import varlen_attention
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
@@ -437,6 +438,9 @@ def test_the_memory_plan_keeps_fixed_lengths(monkeypatch):
     assert not memory.dynamic_lengths and speed.dynamic_lengths and "symbolic_lengths" not in memory.memory
     assert len(memory.token_buckets) == 4 and "a multiple of 128" not in memory.describe()
     monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
+    asked = plan_for(seq4096(), "cuda", free_gib=139)
+    assert asked.dynamic_lengths and asked.recompute_in_graph
+    monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
     asked = plan_for(seq4096(), "cuda", free_gib=139)
     assert asked.dynamic_lengths and asked.memory["symbolic_lengths"] > 0
 
