@@ -200,7 +200,7 @@ class TrainSpec(_Spec):
         "loss is the same in every mode (docs/performance.md)")
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="speed/memory plans: re-cut each step's examples into micro-batches of at most "
-        "this many tokens (default: speed 4096, memory 2048; optimize_for='auto' picks a whole step (<= 8192) / "
+        "this many tokens (default: speed and memory 4096; optimize_for='auto' picks a whole step (<= 8192) / "
         "4096 / 2048 / 1024 to fit the card; same examples and loss per step; trades memory for speed)")
     compile: bool | None = Field(None, description="torch.compile each decoder layer; None = on for the speed "
                                  "and memory plans on CUDA, off otherwise")
