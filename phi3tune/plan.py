@@ -58,9 +58,11 @@ MODES: dict[str, dict[str, Any]] = {
     # lengths; frozen weights in the compute dtype; FlexAttention document masks and compiled layers on CUDA
     "speed": {"padding_free": True, "upcast_frozen": False, "checkpointing": False, "compile": True,
               "micro_batch_tokens": 4096, "ce_chunk": CE_CHUNK},
-    # speed's layout with activation checkpointing, 2,048-token micro-batches and 512-token output-head chunks; on
-    # CUDA the recomputed layer keeps its activations to the compiler's low budget (session 9: at max_seq_length
-    # 4,096, 3.90 GiB allocated against session 7's 4.02; its speed against the default not yet A/B'd on one machine)
+    # speed's layout with every layer checkpointed, 4,096-token micro-batches and 512-token output-head chunks; on
+    # CUDA in their compiled graphs, the inputs in host memory, the base streamed where it can (plan_search; session
+    # 27: 3.19 GiB allocated, 14,033 tokens/s on an 8 GiB card). The low budget applies under torch's checkpoint
+    # (PHI3TUNE_RECOMPUTE_IN_GRAPH=0), whose recomputed layer it shrinks (session 9: at max_seq_length 4,096, 3.90
+    # GiB allocated against session 7's 4.02)
     "memory": {"padding_free": True, "upcast_frozen": False, "checkpointing": True, "compile": True,
                "micro_batch_tokens": 4096, "ce_chunk": 512, "activation_budget": 0.3},  # LOW_ACTIVATION_BUDGET
 }

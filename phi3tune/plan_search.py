@@ -171,8 +171,9 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
     (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
     one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
-    none fits), those layers for its longest micro-batch and fewer for shorter ones (``_by_length``); or, where it
-    checkpoints any, host offloading can run (``_can_offload``) and a benchmark asks for it
+    none fits), those layers for its longest micro-batch and fewer for shorter ones (``_by_length``); where it
+    checkpoints every layer, the same with their inputs in host memory too (``_offloads``: instead, where the base
+    streams); or, where it checkpoints any, host offloading can run (``_can_offload``) and a benchmark asks for it
     (knobs.offload_layers_wanted: a fixed count), the one that moves that many layers' activations to host memory
     instead. Not yet a choice of ``auto``: session 20 measured it slower on a 12 GiB card; session 21 ran it on an
     8 GiB card, steady steps faster than checkpointing but slower over 30 steps and near the card's edge
