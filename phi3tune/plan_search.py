@@ -151,7 +151,7 @@ def _offloads(plan: RunPlan, shape: ModelShape) -> bool:
     checkpointed: session 27, 5 GiB card, a whole step (4,864 tokens) so ran 14,686 tokens/s at 4.96 GiB at the
     device, where 4,096-token micro-batches keeping their inputs had filled the device (5.00 GiB, predicted 4.44),
     the paged optimizer state then read from host memory: 11,659 (session 26). Those plans' device peaks run
-    0.6-1.1 GiB above their predictions (docs/performance.md, session 27)."""
+    0.6-1.1 GiB above their parts, which ``memory.STREAMED_OFFLOAD_EXTRA`` counts."""
     return plan.checkpoint_layers >= shape.layers and not plan.offload_checkpoints and _can_offload(plan) \
         and offload_asked() is None and offload_layers_wanted() is None
 
