@@ -292,11 +292,16 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     recompute_masks = bool(compile_ and cuda and knobs.get("masks") == "recompute")
     layout = "padding_free" if padding_free else "packed" if d.packing else "padded"  # the one place it is chosen
     attn = run.attn_implementation or default_attention(device, layout != "padded", dtype)
+    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
+    # (the offloaded inputs are then the ones the in-graph checkpoints save: offload.offloader_for)
+    in_graph = mode in ("speed", "memory") and checkpointing and compile_ and not sharded \
+        and recompute_in_graph_wanted()
+    if in_graph and mode == "memory":  # every layer recomputes in its graph: the plan's own graphs serve eval alone
+        activation_budget = 1.0
     asked = knobs.get("dynamic_lengths")
     dynamic = bool(compile_ and buckets and (yes(asked) if asked else symbolic_lengths_pay(
-        attn, d.packing, activation_budget, memory_plan=mode == "memory")))
+        attn, d.packing, activation_budget, memory_plan=mode == "memory" and not in_graph)))
     fixed, buckets = buckets, granule_lengths(buckets[-1]) if dynamic else buckets
-    checkpointing = bool(m["checkpointing"] or t.gradient_checkpointing or checkpoint_layers)
     if checkpoint_layers is None or m["checkpointing"] or t.gradient_checkpointing:
         checkpoint_layers = shape.layers if checkpointing else 0
     tokens = buckets[-1] if buckets else t.batch_size * d.max_seq_length
@@ -306,11 +311,6 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     offload = offload_wanted(mode, every, cuda, sharded) if offload is None else offload and every and cuda \
         and not sharded
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
-    # (the offloaded inputs are then the ones the in-graph checkpoints save: offload.offloader_for)
-    in_graph = mode in ("speed", "memory") and checkpointing and compile_ and not sharded \
-        and recompute_in_graph_wanted()
-    if in_graph and mode == "memory":  # every layer recomputes in its graph: the plan's own graphs serve eval alone
-        activation_budget = 1.0
     streamed = streamed and can_stream(run, shape, processes)
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:

@@ -55,9 +55,12 @@ def symbolic_lengths_pay(attn: str | None, packed: bool, activation_budget: floa
     fill their micro-batches anyway, so they take them only at the middle budget, for the memory: a 16 GiB card then
     holds 4,096-token micro-batches there, 21,716 tokens/s at 10.85 GiB on the device against 2,048 at the default
     budget's 20,561 at 14.09; on 12 GiB 21,566 against the low budget's 21,417 (session 15, one machine).
-    Never in the memory plan (``memory_plan``): there they were no faster and held 0.27 GiB more at the allocator's
-    peak (H200, seq 4096, batch 1 x 4: 4.20 GiB at 3,147 tokens/s against 3.93 at 3,106 with fixed lengths,
-    session 24), where memory is the point. PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it."""
+    Never in the memory plan under torch's checkpoint (``memory_plan``): there they were no faster and held 0.27 GiB
+    more at the allocator's peak (H200, seq 4096, batch 1 x 4: 4.20 GiB at 3,147 tokens/s against 3.93 at 3,106
+    with fixed lengths, session 24), where memory is the point. Its layers checkpointed in their graphs take them as
+    the speed plans do: session 27, an 8 GiB card, the memory plan's settings with symbolic lengths held 4.58 GiB at
+    the device and padded 2.6% of the tokens, with 4 fixed lengths 4.62 and 9.8%.
+    PHI3TUNE_COMPILE=dynamic_lengths=0/1 overrides it."""
     middle = budget_tier(activation_budget) == "middle"
     return attn == varlen_attention.NAME and (not packed or middle) and not memory_plan
 

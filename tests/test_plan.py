@@ -419,12 +419,13 @@ def test_the_memory_plan_takes_the_low_activation_budget_only_with_torch_checkpo
 
 
 @needs_shared
-def test_the_memory_plan_keeps_fixed_lengths(monkeypatch):
-    """The memory plan compiles its layers for fixed lengths, even unpacked under varlen attention where the speed
-    plans take one symbolic length: there symbolic lengths held 0.27 GiB more at the allocator's peak for no speed
-    (H200, seq 4096: 4.20 against 3.93 GiB, session 24, torch's checkpoints at the low budget). Negative control:
-    the knob still gets them, and the plan then counts that extra where it was measured (torch's checkpoints:
-    PHI3TUNE_RECOMPUTE_IN_GRAPH=0; in graph the plan's own graphs serve eval alone)."""
+def test_the_memory_plan_keeps_fixed_lengths_only_under_torch_checkpoints(monkeypatch):
+    """The memory plan under torch's checkpoint (PHI3TUNE_RECOMPUTE_IN_GRAPH=0) compiles its layers for fixed lengths,
+    even unpacked under varlen attention where the speed plans take one symbolic length: there symbolic lengths
+    held 0.27 GiB more at the allocator's peak for no speed (H200, seq 4096: 4.20 against 3.93 GiB, session 24,
+    the low budget). Its layers checkpointed in their graphs (the default) take the symbolic length as the speed
+    plans do (session 27: no more at the device, a quarter of the padding). Negative control: the knob gets them
+    under torch's checkpoint too, and the plan then counts their extra."""
     from phi3tune import varlen_attention
 
     monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
@@ -433,14 +434,15 @@ def test_the_memory_plan_keeps_fixed_lengths(monkeypatch):
     def seq4096() -> FineTuner:
         return FineTuner(str(PHI3_DIR)).training(optimize_for="memory", batch_size=1).data(max_seq_length=4096)
 
-    memory, speed = plan_for(seq4096(), "cuda", free_gib=139), plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
-    assert memory.attn_implementation == speed.attn_implementation == varlen_attention.NAME
-    assert not memory.dynamic_lengths and speed.dynamic_lengths and "symbolic_lengths" not in memory.memory
+    in_graph = plan_for(seq4096(), "cuda", free_gib=139)
+    speed = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
+    assert in_graph.attn_implementation == speed.attn_implementation == varlen_attention.NAME
+    assert in_graph.recompute_in_graph and in_graph.dynamic_lengths and speed.dynamic_lengths
+    monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
+    memory = plan_for(seq4096(), "cuda", free_gib=139)
+    assert not memory.recompute_in_graph and not memory.dynamic_lengths and "symbolic_lengths" not in memory.memory
     assert len(memory.token_buckets) == 4 and "a multiple of 128" not in memory.describe()
     monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=1")
-    asked = plan_for(seq4096(), "cuda", free_gib=139)
-    assert asked.dynamic_lengths and asked.recompute_in_graph
-    monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
     asked = plan_for(seq4096(), "cuda", free_gib=139)
     assert asked.dynamic_lengths and asked.memory["symbolic_lengths"] > 0
 
