@@ -312,6 +312,8 @@ def test_a_base_streams_only_where_the_model_still_loads(monkeypatch):
     monkeypatch.setenv("PHI3TUNE_STREAM_BASE", "1")
     forced = plan_for(_medium("auto"), "cuda", free_gib=7.5)
     assert forced.streamed_base and fixed_bytes(forced.memory) < 7.5 * GIB < load_bytes(forced.memory)
+    weights = sum(forced.memory[k] for k in ("quantized_weights", "host_streamed", "other_weights", "cuda_context"))
+    assert load_bytes(forced.memory) == weights + 4 * forced.memory["lora_params"]  # the adapter attaches first
     with pytest.raises(ConfigError, match="GiB free"):
         check_fits(forced)
 
