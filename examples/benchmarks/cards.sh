@@ -23,8 +23,9 @@
 #         prof@16+light: GPU kernels only, the host near its own speed, and where the GPU waits in the step;
 #         +stream / +nopage as for q; variants combine: prof@full+packed+light, prof@5+stream+packed+light)
 #   mem   what is alive at the allocator's peak of MEM_STEPS (4) steps of the quickstart on that card, summed by
-#         the frame that allocated it (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
-#         mem@full+seq4096: where the memory plan's 4.20 GiB go
+#         the frame that allocated it, for the whole run and for the steps after the first alone (with their
+#         reserved and inactive-split peaks) (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
+#         mem@5: where a streamed plan's reservation goes once the model has loaded
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
 #   PagedAdamW32bit by class name: the default's math with its state in the caching allocator / in managed memory that

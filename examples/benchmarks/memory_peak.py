@@ -6,7 +6,9 @@
 The config runs for a few steps through ``FineTuner.run`` with CUDA's allocation history recorded from before the
 weights load. The history is then replayed to the moment the allocated bytes peak, and the blocks alive then are
 summed twice: by the first frame outside torch that allocated them (ours, a library's, or a compiled graph's
-generated code), and by the first frame of phi3tune. It asks where a plan's predicted peak and the measured one part
+generated code), and by the first frame of phi3tune; then again for the steps after the first alone (the model's
+loading, whose peak was every streamed run's in session 27, left out), with the allocator's reserved and inactive
+split peaks over those steps. It asks where a plan's predicted peak and the measured one part
 (the memory plan at seq 4096: 4.20 GiB allocated where session 9 measured 3.90, session 23). On the CPU it only runs
 the steps (a rehearsal). Known to fail on the GPU under the memory plan (session 24): with Python stacks recorded,
 torch.utils.checkpoint's recomputation raised a SystemError inside AOT autograd's compiled forward.
@@ -27,11 +29,11 @@ from phi3tune.cli import apply_overrides, parse_assignment, read_config
 GIB = 2**30
 
 
-def alive_at_peak(trace: list[dict[str, Any]]) -> tuple[int, int, list[dict[str, Any]]]:
+def alive_at_peak(trace: list[dict[str, Any]], start: int = 0) -> tuple[int, int, list[dict[str, Any]]]:
     """Replay an allocator trace (``torch.cuda.memory._snapshot()``'s device trace): the most bytes allocated at
-    once, the event where that was reached, and the allocations alive then. A block counts from its ``alloc`` to
-    its free (``free_requested``, else ``free_completed``); a free of a block allocated before the trace began is
-    ignored, so the replayed peak misses those bytes (the report says by how much)."""
+    once from event ``start`` on, the event where that was reached, and the allocations alive then. A block counts
+    from its ``alloc`` to its free (``free_requested``, else ``free_completed``); a free of a block allocated before
+    the trace began is ignored, so the replayed peak misses those bytes (the report says by how much)."""
     def replay(stop: int | None) -> tuple[int, int, dict[int, dict[str, Any]]]:
         live: dict[int, dict[str, Any]] = {}
         total = peak = 0
@@ -43,7 +45,7 @@ def alive_at_peak(trace: list[dict[str, Any]]) -> tuple[int, int, list[dict[str,
                 total += event["size"]
             elif action in ("free_requested", "free_completed") and addr in live:
                 total -= live.pop(addr)["size"]
-            if total > peak:
+            if total > peak and i >= start:
                 peak, at = total, i
         return peak, at, live
 
@@ -63,10 +65,10 @@ def _frame(event: dict[str, Any], inside: str | None) -> str:
     return "(no such frame)"
 
 
-def report(trace: list[dict[str, Any]], reported_peak: int, top: int = 20) -> str:
-    peak, at, live = alive_at_peak(trace)
-    lines = [f"allocator peak, replayed: {peak / GIB:.3f} GiB at event {at:,} of {len(trace):,}; "
-             f"torch.cuda.max_memory_allocated: {reported_peak / GIB:.3f} GiB "
+def report(trace: list[dict[str, Any]], reported_peak: int, top: int = 20, start: int = 0, what: str = "") -> str:
+    peak, at, live = alive_at_peak(trace, start)
+    lines = [f"allocator peak{what}, replayed: {peak / GIB:.3f} GiB at event {at:,} of {len(trace):,}; "
+             f"torch.cuda.max_memory_allocated{what}: {reported_peak / GIB:.3f} GiB "
              f"({(reported_peak - peak) / GIB:.3f} GiB not in the trace)", ""]
     for title, inside in (("by the first frame outside torch", None), ("by the first frame of phi3tune", "/phi3tune/")):
         sums: collections.Counter[str] = collections.Counter()
@@ -99,13 +101,28 @@ def main() -> None:
         ft.run()
         text = "memory_peak: no CUDA device; the steps ran, nothing was recorded (a rehearsal)\n"
     else:
+        device = torch.cuda.current_device()
+        after: dict[str, int] = {}
+
+        def first_step(_event: Any) -> None:  # from here on the training steps alone, not the model's loading
+            if not after:
+                after["event"] = len(torch.cuda.memory._snapshot()["device_traces"][device])
+                after["whole"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+
         torch.cuda.memory._record_memory_history(max_entries=a.max_entries, stacks="python")
-        result = ft.run()
+        result = ft.run(callbacks=[first_step])
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
+        stats = torch.cuda.memory_stats()
         plan = result.plan.describe() if result.plan is not None else "(no plan)"
-        text = plan + "\n" + report(snapshot["device_traces"][torch.cuda.current_device()],
-                                    torch.cuda.max_memory_allocated())
+        trace = snapshot["device_traces"][device]
+        steps = (f"after the first step: allocated peak {stats['allocated_bytes.all.peak'] / GIB:.3f} GiB, reserved "
+                 f"peak {stats['reserved_bytes.all.peak'] / GIB:.3f}, inactive split peak "
+                 f"{stats['inactive_split_bytes.all.peak'] / GIB:.3f}, allocator retries {stats['num_alloc_retries']}")
+        text = "\n".join([plan, steps, report(trace, max(after.get("whole", 0), torch.cuda.max_memory_allocated())),
+                          report(trace, torch.cuda.max_memory_allocated(), start=after.get("event", 0),
+                                 what=" after the first step")])
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
