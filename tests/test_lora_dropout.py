@@ -197,6 +197,9 @@ def test_a_checkpointed_compiled_layer_recomputes_the_same_masks(tiny_model, tmp
     from phi3tune import pipeline
 
     def run(out, checkpoint: bool):
+        import torch._dynamo
+
+        torch._dynamo.reset()  # each run compiles its own graphs: none left by an earlier test of this process
         real = pipeline.resolve_plan
 
         def plan(*a, **k):
