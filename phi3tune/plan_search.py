@@ -190,10 +190,11 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                 if _fits(plan, free):
                     break
             moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
-            away = _offloads(plan, shape)  # every layer checkpointed: their inputs may wait in host memory
-            if away and plan.streamed_base:  # beside a streamed base they do (measured: ``_offloads``)
-                out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
-                                      processes, low, streamed=streamed, offload=True))
+            # every layer checkpointed: their inputs may wait in host memory (beside a streamed base they do)
+            away = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
+                              processes, low, streamed=streamed, offload=True) if _offloads(plan, shape) else None
+            if away is not None and plan.streamed_base:
+                out.append(away)
             elif moved:
                 out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, 0, processes,
                                       low, offload_layers=forced or 0, streamed=streamed))
@@ -202,9 +203,8 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
                                   processes, low, streamed)
             else:
                 out.append(plan)
-            if away and not plan.streamed_base:
-                out.append(_candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
-                                      processes, low, streamed=streamed, offload=True))
+            if away is not None and not plan.streamed_base:
+                out.append(away)
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
     return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
@@ -236,8 +236,9 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits the free memory, by ``expected_cost`` (speed with whole-step (up to 8,192), 4,096-, 2,048- or 1,024-token
     micro-batches and the fewest checkpointed or host-offloaded layers that fit, the 4-bit base resident or streamed
     from host memory (``_streams``), each with the base dequantized once where that still fits
-    (``with_dequantized_base``) and with combo kernels where those fit (``with_combo_kernels``), else memory, its
-    base streamed where it would not fit resident),
+    (``with_dequantized_base``) and with combo kernels where those fit (``with_combo_kernels``), or the memory plan
+    at 4,096-, 2,048- or 1,024-token micro-batches, its base resident or streamed, where that is cheaper or alone
+    fits),
     on the CPU the plain padded layout (no compiler, no Flex kernels to gain from). ``free_bytes`` overrides the
     measured free memory (estimates for another card); ``processes``: the run's ranks (FSDP divides what it shards);
     ``steps``: every step's tokens, once the data is known, which size a whole step (``whole_step_tokens``) and

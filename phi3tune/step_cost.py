@@ -76,7 +76,7 @@ _COMBO_COST = 0.96
 # of a PCIe 5 link's ~40 GB/s time (60 ms against a 197 ms micro-batch) ~0.35 shows, more with the slow steps
 # Checkpointed inputs in host memory (offload.py, ``host_checkpoints``) are given the same exposure (not measured on a
 # speed plan; the memory plan ran no slower with them, session 7): so ``auto`` takes them only where the plan without
-# them does not fit or is slower
+# them does not fit or is slower, except beside a streamed base, which takes them always (plan_search._offloads)
 _HOST_LINK_BYTES_PER_MS, _OFFLOAD_EXPOSED = 40e6, 0.4
 # A pass never takes less than the host needs to queue it: session 18, H200, 87.9 ms a pass through the 32 compiled
 # layers (micro-batches of <= 512 tokens, where the device is not the bound; 76 ms with combo kernels, which packed
