@@ -87,7 +87,7 @@ for l in open(sys.argv[1]):
 }
 
 ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
-  local label=$1 gib=$2 sets=() envs=() compile=() v vs=()
+  local label=$1 gib=$2 sets=() envs=() compile=() mp=() v vs=()
   case "$1" in p@*) sets+=(--set data.packing=true) ;; esac
   IFS=+ read -r -a vs <<< "$3"
   for v in "${vs[@]}"; do case "$v" in
@@ -138,6 +138,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     flex) sets+=(--set attn_implementation=flex_attention) ;;
     seq4096) sets+=("${SEQ4096[@]}") ;;
     packed) sets+=(--set data.packing=true) ;;  # mem@GIB+packed (p@ runs are packed already)
+    nostacks) mp+=(--stacks none) ;;  # mem@...: no stack traces (recording Python stacks fails under the memory plan)
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
@@ -145,7 +146,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     local out="$OUT/mem_$(echo "${label#mem@}" | tr '+#' '__').txt"
     # shellcheck disable=SC2046
     env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/memory_peak.py \
-      /tmp/base.yaml --steps "${MEM_STEPS:-4}" --out "$out" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
+      /tmp/base.yaml --steps "${MEM_STEPS:-4}" --out "$out" "${mp[@]}" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
       || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
     head -32 "$out" 2>/dev/null | cut -c1-300
     return

@@ -65,7 +65,10 @@ def _frame(event: dict[str, Any], inside: str | None) -> str:
     return "(no such frame)"
 
 
-def report(trace: list[dict[str, Any]], reported_peak: int, top: int = 20, start: int = 0, what: str = "") -> str:
+def report(trace: list[dict[str, Any]], reported_peak: int, top: int = 20, start: int = 0, what: str = "",
+           marks: tuple[int, ...] = ()) -> str:
+    """The replayed peak from event ``start`` on, what is alive then by frame and by size, and (``marks``: the trace's
+    length at each step callback) after which step each alive block was allocated."""
     peak, at, live = alive_at_peak(trace, start)
     lines = [f"allocator peak{what}, replayed: {peak / GIB:.3f} GiB at event {at:,} of {len(trace):,}; "
              f"torch.cuda.max_memory_allocated{what}: {reported_peak / GIB:.3f} GiB "
@@ -83,6 +86,14 @@ def report(trace: list[dict[str, Any]], reported_peak: int, top: int = 20, start
     sizes = collections.Counter(event["size"] for event in live)
     lines.append("the largest block sizes alive: MiB x count")
     lines += [f"  {size / 2**20:10.1f} x {n}" for size, n in sorted(sizes.items(), reverse=True)[:top]]
+    if marks:  # which step's callback each alive block follows (callbacks come a step late where the loop reads late)
+        index = {id(e): i for i, e in enumerate(trace)}
+        spans: collections.Counter[int] = collections.Counter()
+        for event in live:
+            spans[sum(1 for m in marks if m <= index.get(id(event), 0))] += event["size"]
+        lines.append("alive at the peak, by the step callbacks before their allocation: callbacks, GiB "
+                     f"(the peak's event follows {sum(1 for m in marks if m <= at)})")
+        lines += [f"  {n:3d} {size / GIB:8.3f}" for n, size in sorted(spans.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +104,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-entries", type=int, default=5_000_000)
     ap.add_argument("--out")
+    # none: no stack traces (sizes, order and step marks only): on the GPU, recording Python stacks made
+    # torch.utils.checkpoint's recomputation raise a SystemError under the memory plan (sessions 24 and 28)
+    ap.add_argument("--stacks", choices=("python", "none"), default="python")
     a = ap.parse_args()
     ft = FineTuner.from_config(apply_overrides(read_config(a.config), a.overrides))
     ft.training(max_steps=a.steps, save_strategy="no", progress_bar=False, overwrite_output_dir=True,
@@ -103,14 +117,19 @@ def main() -> None:
     else:
         device = torch.cuda.current_device()
         after: dict[str, int] = {}
+        marks: list[int] = []  # the trace's length at each step callback
 
         def first_step(_event: Any) -> None:  # from here on the training steps alone, not the model's loading
+            marks.append(len(torch.cuda.memory._snapshot()["device_traces"][device]))
             if not after:
-                after["event"] = len(torch.cuda.memory._snapshot()["device_traces"][device])
+                after["event"] = marks[-1]
                 after["whole"] = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
 
-        torch.cuda.memory._record_memory_history(max_entries=a.max_entries, stacks="python")
+        if a.stacks == "none":
+            torch.cuda.memory._record_memory_history(max_entries=a.max_entries, context=None)
+        else:
+            torch.cuda.memory._record_memory_history(max_entries=a.max_entries, stacks="python")
         result = ft.run(callbacks=[first_step])
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -120,9 +139,10 @@ def main() -> None:
         steps = (f"after the first step: allocated peak {stats['allocated_bytes.all.peak'] / GIB:.3f} GiB, reserved "
                  f"peak {stats['reserved_bytes.all.peak'] / GIB:.3f}, inactive split peak "
                  f"{stats['inactive_split_bytes.all.peak'] / GIB:.3f}, allocator retries {stats['num_alloc_retries']}")
-        text = "\n".join([plan, steps, report(trace, max(after.get("whole", 0), torch.cuda.max_memory_allocated())),
+        text = "\n".join([plan, steps, report(trace, max(after.get("whole", 0), torch.cuda.max_memory_allocated()),
+                                              marks=tuple(marks)),
                           report(trace, torch.cuda.max_memory_allocated(), start=after.get("event", 0),
-                                 what=" after the first step")])
+                                 what=" after the first step", marks=tuple(marks))])
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)

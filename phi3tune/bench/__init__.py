@@ -72,13 +72,20 @@ class _DeviceMemory:
         self.device = torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(self.device)
         self.base = total - free
+        self.since_mark: int | None = None  # the peak since ``mark()`` (the timed steps'), None before it
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             free, total = torch.cuda.mem_get_info(self.device)
             self.peak = max(self.peak, total - free)
+            if self.since_mark is not None:
+                self.since_mark = max(self.since_mark, total - free)
             time.sleep(self.interval)
+
+    def mark(self) -> None:
+        """Start a second peak from now (the first sample after this call counts)."""
+        self.since_mark = 0
 
     def __enter__(self) -> _DeviceMemory:
         self._thread.start()
@@ -91,6 +98,10 @@ class _DeviceMemory:
     @property
     def peak_gib(self) -> float:
         return (self.peak - self.base) / GIB
+
+    @property
+    def peak_since_mark_gib(self) -> float | None:
+        return None if self.since_mark is None else (self.since_mark - self.base) / GIB
 
 
 def _useful_flops_per_token(run: RunSpec) -> float:
@@ -124,12 +135,19 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     reserved: list[float] = []
     ends: list[Any] = []  # per step from the last warm-up one: its end, the device's event (CUDA) or the host's clock
     last_frames = _frames_compiled()
+    # the whole run's allocator peaks up to the warm-up's end; from there the allocator's peaks are the timed steps'
+    # own (a streamed base's load, session 27, and the first step's compile peak before them)
+    before_steps: dict[str, int] = {}
 
     def on_step(event: dict[str, Any]) -> None:
         # no wait for the device here: a run's callbacks must not change its pace (the loop may read a step's
         # numbers one step late, late_read.py); CUDA steps are timed by their events once the run is over
         nonlocal last_frames
         frames = _frames_compiled()
+        if event["step"] == warmup and cuda:
+            before_steps.update(alloc=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
+            monitor.mark()
         if event["step"] >= warmup:
             ends.append(event["done_event"] if cuda else time.perf_counter())
         if event["step"] > warmup:
@@ -188,9 +206,15 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     if cuda:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        alloc, reserve = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
         report.update(device=name, peak_device_gib=round(monitor.peak_gib, 3),
-                      peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3), reserved_gib=reserved)
+                      peak_alloc_gib=round(max(alloc, before_steps.get("alloc", 0)) / GIB, 3),
+                      peak_reserved_gib=round(max(reserve, before_steps.get("reserved", 0)) / GIB, 3),
+                      reserved_gib=reserved)
+        if before_steps:  # the timed steps' own peaks, the load's and the warm-up's left out
+            since = monitor.peak_since_mark_gib
+            report.update(steps_peak_alloc_gib=round(alloc / GIB, 3), steps_peak_reserved_gib=round(reserve / GIB, 3),
+                          steps_peak_device_gib=None if since is None else round(since, 3))
         stats = torch.cuda.memory_stats()  # allocator retries: a plan too close to the card's size frees and re-asks
         report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0))
         if peak:
