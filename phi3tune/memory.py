@@ -37,12 +37,18 @@ _UPCAST_ACTIVATIONS = 1.24
 # 5.45 GiB allocated at peak against 5.27 (6.98 / 6.69 at the device), one machine, session 23; 0.18 GiB is 28%
 # of that layer's modelled activations
 _IN_GRAPH_RECOMPUTED = 1.28
-# A base streamed beside checkpointed inputs in host memory holds more at the device than its parts say, by about
-# the same whatever the micro-batch: session 27, call 2, Phi-3-mini on 4-8 GiB cards, device peaks 0.62 / 1.00 /
-# 0.78 / 1.12 GiB above the parts (2,048 / 4,096 / 4,864 / packed 4,096 tokens), the allocator's reservation 0.98-1.32
-# GiB above the modelled allocation. Not yet explained (the allocator's peak, 3.185 GiB in each, came while the model
-# loaded); counted, so that a plan of that kind is not put on a card it would fill
-STREAMED_OFFLOAD_EXTRA = int(0.9 * GIB)
+# Checkpointed inputs in host memory (offload.py) hold more at the device than the parts say, growing with the inputs
+# moved a micro-batch. Device peak above the parts without this, Phi-3-mini, streamed base (sessions 27-28): 0.62 GiB
+# at 2,048 tokens (0.375 GiB moved), 1.00-1.12 at 4,096 (0.75 moved; 7 runs), 0.78 at 4,864, 1.88-1.98 at 8,192 (1.5
+# moved); the base resident, packed 4,096 tokens on 6 GiB: 0.68. Counted as OFFLOAD_EXTRA x the moved bytes (0.9 GiB
+# at 4,096 tokens, session 27's constant there): within 0.2 GiB of each of those runs, over the rest. Where
+# it comes from (session 28, call 3's trace): the allocator *reserved* 0.37-1.40 GiB above its allocated peak, the
+# gap growing with the moved inputs, because each moved input's block was freed under ``record_stream`` and so
+# could be reused only once every copy queued on the side stream by then had run, which, with the host a step
+# ahead, held nearly all of them. offload.py no longer frees that way (after that call; not yet measured): measure,
+# then lower these. The streamed runs' allocated peak, 3.185 GiB, is the base coming back to the device at the run's
+# end (unstream_base); their steps stay under it at 4,096 tokens
+OFFLOAD_EXTRA = 1.2
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
 LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's (plan.py: why, and its cost)
 
@@ -135,13 +141,13 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
     without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS).
-    ``offload``: the checkpointed inputs live in host memory (``host_checkpoints``: their bytes).
+    ``offload``: the checkpointed inputs live in host memory (``host_checkpoints``: their bytes), with the measured
+    ``OFFLOAD_EXTRA`` at the device.
     ``offload_layers``: that many (uncheckpointed) layers' activations live in host memory (offload.py), counted
     under ``host_offloaded``, not in the device total.
     ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more.
     ``streamed_base``: the 4-bit weights' packed bytes live in host memory (``host_streamed``), two decoder layers'
-    worth on the device (streamed_base.py); their block scales stay; beside checkpointed inputs in host memory, with
-    the measured ``STREAMED_OFFLOAD_EXTRA``."""
+    worth on the device (streamed_base.py); their block scales stay."""
     quantized = other = lora = packed = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -189,7 +195,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,
             "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {}), **streamed,
             **({"host_checkpoints": tokens * k * shape.hidden * act_bytes} if offload and k else {}),
-            **({"streamed_extra": STREAMED_OFFLOAD_EXTRA} if streamed and offload and k and cuda else {})}
+            **({"offload_extra": int(OFFLOAD_EXTRA * tokens * k * shape.hidden * act_bytes)} if offload and k and cuda
+               else {})}
 
 
 def dequantized_bytes(shape: ModelShape, dtype_bytes: int) -> int:
@@ -228,8 +235,10 @@ def fixed_bytes(parts: dict[str, int]) -> int:
 def load_bytes(parts: dict[str, int]) -> int:
     """What the device holds while the model loads: every weight, a streamed base's too (bitsandbytes quantizes it
     on the device; streamed_base.py moves it to host memory after), the fp32 LoRA weights (attached before the base
-    streams: pipeline.build_model) and the CUDA context. Session 27: Phi-3-mini's load peaked at 3.185 GiB allocated
-    in every streamed run, 2.65 of it these (the rest not yet explained)."""
+    streams: pipeline.build_model) and the CUDA context. Every streamed Phi-3-mini run peaked at 3.185 GiB allocated;
+    session 28's trace placed that peak at the run's end, where the base comes back to the device (unstream_base)
+    beside 1.50 GiB that stays (LoRA weights and gradients, embedding and head, block scales, the slots): the load
+    stays at or under it. That restore is skipped, with a warning, where it would not fit."""
     held = ("quantized_weights", "host_streamed", "other_weights", "cuda_context")
     return sum(parts.get(k, 0) for k in held) + 4 * parts.get("lora_params", 0)
 

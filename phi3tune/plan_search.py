@@ -150,8 +150,8 @@ def _offloads(plan: RunPlan, shape: ModelShape) -> bool:
     layer less (0.75 GiB for Phi-3-mini at 4,096 tokens). Beside a streamed base it is taken whenever every layer is
     checkpointed: session 27, 5 GiB card, a whole step (4,864 tokens) so ran 14,686 tokens/s at 4.96 GiB at the
     device, where 4,096-token micro-batches keeping their inputs had filled the device (5.00 GiB, predicted 4.44),
-    the paged optimizer state then read from host memory: 11,659 (session 26). Those plans' device peaks run
-    0.6-1.1 GiB above their parts, which ``memory.STREAMED_OFFLOAD_EXTRA`` counts."""
+    the paged optimizer state then read from host memory: 11,659 (session 26). Plans that move their inputs run
+    0.6-1.1 GiB above their parts at the device, which ``memory.OFFLOAD_EXTRA`` counts (and why)."""
     return plan.checkpoint_layers >= shape.layers and not plan.offload_checkpoints and _can_offload(plan) \
         and offload_asked() is None and offload_layers_wanted() is None
 
