@@ -21,7 +21,7 @@
 #         training.micro_batch_tokens=2048; prof@full+packed: with data.packing=true; prof@full+amb5: the layers
 #         compiled at the activation budget 0.5, as amb5;
 #         prof@16+light: GPU kernels only, the host near its own speed, and where the GPU waits in the step;
-#         +stream / +nopage as for q; variants combine: prof@full+packed+light, prof@5+stream+packed+light)
+#         +stream / +nopage / +mem as for q; variants combine: prof@full+packed+light, prof@8+mem+packed+light)
 #   mem   what is alive at the allocator's peak of MEM_STEPS (4) steps of the quickstart on that card, summed by
 #         the frame that allocated it, for the whole run and for the steps after the first alone (with their
 #         reserved and inactive-split peaks) (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
@@ -198,6 +198,7 @@ for r in "$@"; do
     prof) psets=(); penvs=(); pvs=(); bad=""; IFS=+ read -r -a pvs <<< "$variant"  # e.g. prof@full+packed+light
           for v in "${pvs[@]}"; do case "$v" in mb*) psets+=(--set "training.micro_batch_tokens=${v#mb}") ;;
             packed) psets+=(--set data.packing=true) ;;
+            mem) psets+=(--set training.optimize_for=memory) ;;  # the memory plan, e.g. prof@8+mem+packed
             light) psets+=(--light) ;;
             stream) penvs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory
             resident) penvs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device
@@ -205,7 +206,7 @@ for r in "$@"; do
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
             amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
             *) bad=$v ;; esac; done
-          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +light, +stream, +resident, +nopage or +ambN, not +$bad"; continue; }
+          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
