@@ -135,9 +135,11 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
     reserved: list[float] = []
     ends: list[Any] = []  # per step from the last warm-up one: its end, the device's event (CUDA) or the host's clock
     last_frames = _frames_compiled()
-    # the whole run's allocator peaks up to the warm-up's end; from there the allocator's peaks are the timed steps'
-    # own (a streamed base's load, session 27, and the first step's compile peak before them)
+    # the whole run's allocator peaks up to the warm-up's end; from there to the last step's callback, the timed
+    # steps' own (without the load, the first step's compiles, and a streamed base's return to the device at the
+    # run's end, which session 28 found to be the streamed runs' allocator peak)
     before_steps: dict[str, int] = {}
+    steps_peaks: dict[str, float | None] = {}
 
     def on_step(event: dict[str, Any]) -> None:
         # no wait for the device here: a run's callbacks must not change its pace (the loop may read a step's
@@ -155,6 +157,8 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
             compiles.append(frames - last_frames)
             if cuda:
                 reserved.append(round(torch.cuda.memory_reserved() / GIB, 3))
+                steps_peaks.update(alloc=torch.cuda.max_memory_allocated() / GIB,
+                                   reserved=torch.cuda.max_memory_reserved() / GIB, device=monitor.peak_since_mark_gib)
         last_frames = frames
 
     if cuda:
@@ -211,10 +215,8 @@ def benchmark(ft: FineTuner, steps: int = 20, warmup: int = 5, label: str | None
                       peak_alloc_gib=round(max(alloc, before_steps.get("alloc", 0)) / GIB, 3),
                       peak_reserved_gib=round(max(reserve, before_steps.get("reserved", 0)) / GIB, 3),
                       reserved_gib=reserved)
-        if before_steps:  # the timed steps' own peaks, the load's and the warm-up's left out
-            since = monitor.peak_since_mark_gib
-            report.update(steps_peak_alloc_gib=round(alloc / GIB, 3), steps_peak_reserved_gib=round(reserve / GIB, 3),
-                          steps_peak_device_gib=None if since is None else round(since, 3))
+        if steps_peaks:  # the timed steps' own peaks, as of the last step's callback
+            report.update({f"steps_peak_{k}_gib": None if v is None else round(v, 3) for k, v in steps_peaks.items()})
         stats = torch.cuda.memory_stats()  # allocator retries: a plan too close to the card's size frees and re-asks
         report.update(alloc_retries=stats.get("num_alloc_retries", 0), ooms=stats.get("num_ooms", 0))
         if peak:
