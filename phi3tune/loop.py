@@ -47,11 +47,6 @@ _MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # RunPlan.precision -> 
 __all__ = ["EpochSampler", "StepResult", "StopFlag", "Trainer"]
 
 
-def _positioned(loader: Any, n: int) -> Any:
-    """A resumed stream needs no skipping: ``StreamRows.resume`` put it at the checkpoint's row already."""
-    return loader
-
-
 class Trainer:
     """Trains an already-built PEFT model on prepared data, as the plan says. Ready to ``fit()`` once built."""
 
@@ -159,7 +154,8 @@ class Trainer:
             self.evaluate()
             ckpt.set_rng_state(rng)
         self.metrics.start(self.pos.step, self.total_steps)
-        skip = self.accelerator.skip_first_batches if self.stream is None else _positioned
+        # a resumed stream needs no skipping: ``StreamRows.resume`` put it at the checkpoint's row already
+        skip = self.accelerator.skip_first_batches if self.stream is None else lambda loader, n: loader
         with nullcontext(stop) if stop is not None else StopFlag() as stop, frozen_heap():
             steps = StepsAhead(optimizer_steps(self.loader, self.pos, self.total_steps, s.grad_accum, self.batcher,
                                                skip))
