@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from . import varlen_attention
+from . import knobs, varlen_attention
 from .data.formats import IGNORE, fence
 from .data.prepared import row_lengths
 from .loss import trained_positions
@@ -284,11 +284,15 @@ class MicroBatcher:
     pad_id: int
     largest_count: Callable[[int], int] = _own_count
     bounds: bool = False  # each micro-batch's examples' cumulative lengths too (varlen_attention.py)
+    # CUDA: the micro-batches' tensors in pinned host memory. The loader pins its batches, but the layout here makes
+    # new tensors, and a non-blocking copy from pageable memory waits for the device (the stream's earlier work): each
+    # micro-batch's copy would then drain the device's queue, and the host never gets ahead of it
+    pin: bool = False
 
     @classmethod
     def of(cls, plan: RunPlan, pad_id: int, largest_count: Callable[[int], int] = _own_count) -> MicroBatcher:
         return cls(plan.layout, plan.micro_batch_tokens, plan.token_buckets, plan.position_cap, pad_id,  # type: ignore[arg-type]
-                   largest_count, plan.varlen_bounds)
+                   largest_count, plan.varlen_bounds, pin=plan.device.startswith("cuda") and knobs.pin_batches_wanted())
 
     def __call__(self, loader_batches: list[Batch]) -> list[Batch]:
         """One step's (or one eval batch's) micro-batches; each gets ``trained_idx``, computed here on the CPU."""
@@ -296,7 +300,10 @@ class MicroBatcher:
         if self.layout == "padding_free" and self.budget:
             micro = [pad_to_bucket(b, self.buckets, self.pad_id, self.position_cap)
                      for b in resplit_flat(micro, self.budget)]
-        return equal_count([self.annotated(b) for b in micro], self.largest_count(len(micro)))
+        laid = [self.annotated(b) for b in micro]
+        if self.pin:  # the host count stays a host tensor (never copied)
+            laid = [{k: v if k == "num_real_tokens" else v.pin_memory() for k, v in b.items()} for b in laid]
+        return equal_count(laid, self.largest_count(len(micro)))
 
     def annotated(self, batch: Batch) -> Batch:
         """``batch`` with what the loss reads off it, computed on the CPU: the trained positions and, under varlen

@@ -66,6 +66,13 @@ def checkpoints_by_length_wanted() -> bool:
     return yes(asked) if asked else True
 
 
+def pin_batches_wanted() -> bool:
+    """A CUDA run's micro-batches in pinned host memory (batching.MicroBatcher)? Yes, unless PHI3TUNE_PIN_BATCHES=0
+    (benchmarks: pageable micro-batches, whose copies wait for the device, as before session 28)."""
+    asked = os.environ.get("PHI3TUNE_PIN_BATCHES", "")
+    return yes(asked) if asked else True
+
+
 def recompute_in_graph_wanted() -> bool:
     """Compiled layers that checkpoint recompute inside their own backward graph (recompute.RecomputeSwitch)?
     Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the

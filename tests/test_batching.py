@@ -136,6 +136,48 @@ def test_fsdp_equal_counts_add_micro_batches_that_train_nothing():
     assert equal_count(a, len(a)) is not a and len(equal_count(a, len(a))) == len(a)  # the largest rank adds none
 
 
+def test_cuda_micro_batches_are_pinned_for_their_non_blocking_copy(monkeypatch):
+    """A CUDA plan's micro-batches (made here, not by the loader, which pins its own) are in pinned memory, every
+    tensor the loop copies: a non-blocking copy from pageable memory would wait for the device. The same values;
+    the host-only token count stays as it is. Negative control: a CPU plan's batcher pins nothing. (No CUDA here:
+    ``pin_memory`` is replaced by a marked copy.)"""
+    pinned: set[int] = set()
+
+    def fake_pin(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        pinned.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    rows = _rows(12)
+
+    def steps(pin: bool) -> list[list[dict[str, torch.Tensor]]]:
+        batcher = MicroBatcher("padding_free", 8, (8, 16), 64, PAD, bounds=True, pin=pin)
+        return [m for _, m in _stream(_Loader(rows, 3, True), Position(), 3, 2, batcher) if m is not None]
+
+    plain, pinned_steps = steps(False), steps(True)
+    assert not any(id(v) in pinned for m in plain for b in m for v in b.values())
+    assert len(plain) == len(pinned_steps) == 3
+    for a, b in zip(itertools.chain(*plain), itertools.chain(*pinned_steps), strict=True):
+        assert a.keys() == b.keys() and {"input_ids", "labels", "position_ids", "trained_idx", "cu_seqlens"} <= set(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all((id(v) in pinned) == (k != "num_real_tokens") for k, v in b.items())
+
+
+def test_a_cuda_plan_pins_its_micro_batches_and_a_cpu_plan_does_not(tiny_model, monkeypatch):
+    from helpers import rows_of_text, tiny_tuner
+
+    from phi3tune.bench import plan_for
+
+    ft = tiny_tuner(tiny_model, "unused", rows_of_text(4))
+    monkeypatch.delenv("PHI3TUNE_PIN_BATCHES", raising=False)
+    cuda = plan_for(ft, "cuda", free_gib=80)
+    assert MicroBatcher.of(cuda, PAD).pin
+    assert not MicroBatcher.of(plan_for(ft, "cpu"), PAD).pin
+    monkeypatch.setenv("PHI3TUNE_PIN_BATCHES", "0")  # the benchmarks' way back
+    assert not MicroBatcher.of(cuda, PAD).pin
+
+
 # ----------------------------------------------------------------------------- fixed lengths fitted to the data
 def _padded_total(lengths: list[int], buckets: tuple[int, ...]) -> int:
     return sum(next((b for b in buckets if b >= n), n) for n in lengths)
