@@ -285,8 +285,9 @@ class MicroBatcher:
     largest_count: Callable[[int], int] = _own_count
     bounds: bool = False  # each micro-batch's examples' cumulative lengths too (varlen_attention.py)
     # CUDA: the micro-batches' tensors in pinned host memory. The loader pins its batches, but the layout here makes
-    # new tensors, and a non-blocking copy from pageable memory waits for the device (the stream's earlier work): each
-    # micro-batch's copy would then drain the device's queue, and the host never gets ahead of it
+    # new tensors, and a non-blocking copy from pageable memory is not asynchronous (CUDA stages it through pinned
+    # memory and may synchronize with the stream first): each micro-batch's copy may drain the device's queue, and
+    # the host would not get ahead of it (session 28: the sign of it in every late-read run, docs/performance.md)
     pin: bool = False
 
     @classmethod

@@ -66,7 +66,7 @@
 #   auto's choice on small cards since session 26), resident (the base never streamed: PHI3TUNE_STREAM_BASE=0), ckall
 #   (every layer checkpointed on every pass: training.gradient_checkpointing=true; with off, e.g.
 #   q@8+stream+off+ckall+mb4096+ce512: the least a speed plan holds, its inputs in host memory beside a streamed base),
-#   nopin (micro-batches left in pageable host memory, whose copies wait for the device: PHI3TUNE_PIN_BATCHES=0, as
+#   nopin (micro-batches left in pageable host memory, whose copies may wait for the device: PHI3TUNE_PIN_BATCHES=0, as
 #   before session 28), nostacks (mem@ runs: memory_peak.py without stack traces, which fail under the memory plan)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -141,7 +141,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     seq4096) sets+=("${SEQ4096[@]}") ;;
     packed) sets+=(--set data.packing=true) ;;  # mem@GIB+packed (p@ runs are packed already)
     nostacks) mp+=(--stacks none) ;;
-    nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies wait for the device (before s28)  # mem@...: no stack traces (recording Python stacks fails under the memory plan)
+    nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies may wait for the device (< s28)  # mem@...: no stack traces (recording Python stacks fails under the memory plan)
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
