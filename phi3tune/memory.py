@@ -46,7 +46,7 @@ _IN_GRAPH_RECOMPUTED = 1.28
 # gap growing with the moved inputs, because each moved input's block was freed under ``record_stream`` and so
 # could be reused only once every copy queued on the side stream by then had run, which, with the host a step
 # ahead, held nearly all of them. offload.py no longer frees that way (after that call; not yet measured): measure,
-# then lower these. The streamed runs' allocated peak, 3.185 GiB, is the base coming back to the device at the run's
+# then lower it. The streamed runs' allocated peak, 3.185 GiB, is the base coming back to the device at the run's
 # end (unstream_base); their steps stay under it at 4,096 tokens
 OFFLOAD_EXTRA = 1.2
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
@@ -191,12 +191,12 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     if streamed_base and packed:
         quantized -= packed - packed * min(STREAMED_LAYERS, shape.layers) // max(1, shape.layers)
         streamed = {"host_streamed": packed}
+    inputs = tokens * k * shape.hidden * act_bytes if offload and k else 0  # checkpointed inputs in host memory
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,
             "activations": int(activations), "logits_chunk": logits, "cuda_context": CUDA_CONTEXT if cuda else 0,
             "lora_params": lora, **({"host_offloaded": int(tokens * moved * per_layer)} if moved else {}), **streamed,
-            **({"host_checkpoints": tokens * k * shape.hidden * act_bytes} if offload and k else {}),
-            **({"offload_extra": int(OFFLOAD_EXTRA * tokens * k * shape.hidden * act_bytes)} if offload and k and cuda
-               else {})}
+            **({"host_checkpoints": inputs} if inputs else {}),
+            **({"offload_extra": int(OFFLOAD_EXTRA * inputs)} if inputs and cuda else {})}
 
 
 def dequantized_bytes(shape: ModelShape, dtype_bytes: int) -> int:
