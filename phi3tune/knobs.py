@@ -96,6 +96,15 @@ def stream_base_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
+def stream_resident_wanted() -> int | None:
+    """PHI3TUNE_STREAM_RESIDENT=N (benchmarks, tests): a streamed base keeps N decoder layers' packed bytes on the
+    device, spread evenly, and streams the rest (streamed_base.resident_layers); unset (None): the plan decides."""
+    asked = os.environ.get("PHI3TUNE_STREAM_RESIDENT", "")
+    if asked and not asked.isdigit():
+        raise ValueError(f"PHI3TUNE_STREAM_RESIDENT={asked!r}: give a number of decoder layers (0: stream them all)")
+    return int(asked) if asked else None
+
+
 def dequantize_layers_wanted() -> int | None:
     """PHI3TUNE_DEQUANTIZE_LAYERS=N (benchmarks, tests): only the first N decoder layers' 4-bit weights dequantized
     once, the others left 4-bit, on any plan that can (plan_search.with_dequantized_base); unset (None): the plan

@@ -134,7 +134,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
                    checkpoint_layers: int | None = None, activation_budget: float = 1.0,
                    offload: bool = False, masks_recomputed: bool = False,
                    offload_layers: int = 0, recompute_in_graph: bool = False,
-                   streamed_base: bool = False) -> dict[str, int]:
+                   streamed_base: bool = False, resident_layers: int = 0) -> dict[str, int]:
     """Bytes per component of the peak: weights, adapter + grads + optimizer state, activations, one CE chunk.
     ``optimizer_state_bytes`` per trainable parameter: ``optim.optimizer_facts``. ``checkpoint_layers``: how many
     decoder layers are checkpointed (default: all when ``checkpointing``). Compiled layers under a low
@@ -147,7 +147,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     under ``host_offloaded``, not in the device total.
     ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more.
     ``streamed_base``: the 4-bit weights' packed bytes live in host memory (``host_streamed``), two decoder layers'
-    worth on the device (streamed_base.py); their block scales stay."""
+    worth on the device (streamed_base.py) and ``resident_layers`` layers' own; their block scales stay."""
     quantized = other = lora = packed = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
@@ -189,7 +189,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     logits = min(tokens, ce_chunk) * shape.vocab * (act_bytes + 4 + 4)
     streamed = {}
     if streamed_base and packed:
-        quantized -= packed - packed * min(STREAMED_LAYERS, shape.layers) // max(1, shape.layers)
+        on_device = min(STREAMED_LAYERS + max(0, resident_layers), shape.layers)
+        quantized -= packed - packed * on_device // max(1, shape.layers)
         streamed = {"host_streamed": packed}
     inputs = tokens * k * shape.hidden * act_bytes if offload and k else 0  # checkpointed inputs in host memory
     return {"quantized_weights": quantized, "other_weights": other, "adapter_and_optimizer": adapter,

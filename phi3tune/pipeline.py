@@ -277,7 +277,7 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
         for i, layer in enumerate(_decoder(model).layers):
             set_checkpointing(layer, i < plan.checkpoint_layers)
     if plan.streamed_base:  # last: it wraps each layer's call as compiled and checkpointed above
-        stream_base(_decoder(model).layers, torch.device(plan.device))
+        stream_base(_decoder(model).layers, torch.device(plan.device), plan.resident_layers)
     return model
 
 

@@ -26,6 +26,7 @@ from .knobs import (
     offload_wanted,
     read_late_wanted,
     recompute_in_graph_wanted,
+    stream_resident_wanted,
     yes,
 )
 from .loss import CE_CHUNK, TIGHT_CE_CHUNK
@@ -148,6 +149,9 @@ class RunPlan:
     # layer ahead (streamed_base.py): ``auto`` where it pays its margin (plan_search), PHI3TUNE_STREAM_BASE=1 on
     # any plan of one process with a 4-bit base, not dequantized
     streamed_base: bool = False
+    # of a streamed base, this many decoder layers keep their packed bytes on the device, spread evenly
+    # (streamed_base.resident_layers): only PHI3TUNE_STREAM_RESIDENT=N asks for it (benchmarks), until measured
+    resident_layers: int = 0
 
     @property
     def padding_free(self) -> bool:
@@ -198,7 +202,7 @@ class RunPlan:
             how.append(f"4-bit base dequantized once{where} ({_gib(self.memory.get('dequantized_weights', 0) / GIB)})")
         if self.streamed_base:
             how.append(f"4-bit base streamed from host memory ({_gib(self.memory.get('host_streamed', 0) / GIB)}), "
-                       "a layer ahead")
+                       "a layer ahead" + (f", {self.resident_layers} layers resident" if self.resident_layers else ""))
         if self.combo_kernels:
             how.append("combo kernels")
         if self.read_late:
@@ -312,6 +316,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         and not sharded
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
     streamed = streamed and can_stream(run, shape, processes)
+    resident = min(stream_resident_wanted() or 0, shape.layers) if streamed else 0
 
     def parts_of(symbolic: bool, chunk: int, n: int = tokens, k: int = checkpoint_layers) -> dict[str, int]:
         kept_as = modelled_budget(activation_budget, symbolic)  # symbolic-length graphs keep other activations
@@ -321,7 +326,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
             act_bytes=act_bytes, upcast_frozen=bool(m["upcast_frozen"]), tokens=n, checkpointing=checkpointing,
             compiled=compile_ and cuda, ce_chunk=chunk, cuda=cuda, checkpoint_layers=k,
             activation_budget=kept_as, offload=offload, masks_recomputed=recompute_masks,
-            offload_layers=moved, recompute_in_graph=in_graph, streamed_base=streamed)
+            offload_layers=moved, recompute_in_graph=in_graph, streamed_base=streamed, resident_layers=resident)
         return {**parts, "symbolic_lengths": symbolic_lengths_bytes(shape, n, act_bytes, activation_budget)} \
             if symbolic else parts
 
@@ -362,4 +367,4 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
         ddp=ddp_settings() if processes > 1 and not sharded else {},
         read_late=read_late_wanted(cuda, precision, sharded),
         offload_layers=moved, checkpoint_lengths=lengths,
-        recompute_in_graph=in_graph, streamed_base=streamed)
+        recompute_in_graph=in_graph, streamed_base=streamed, resident_layers=resident)

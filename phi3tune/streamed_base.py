@@ -6,8 +6,10 @@ GiB of a ~3 GiB fixed part (memory.py). They never change, and each decoder laye
 two device slots take turns: layer i runs from slot i % 2 while the next one's bytes (layer i + 1 in forward,
 i - 1 in backward) are copied into the other slot on a side stream. The block scales (absmax, 1/8 of the bytes)
 stay on the device, after one trip to host memory that lets the region the weights leave come free whole
-(``StreamedBase._repack``). A layer's weight *is* its slot (``Params4bit.data`` points there), so eager, compiled and
-recomputed code all read it unchanged; what this module adds is the order: a slot is refilled only after the
+(``StreamedBase._repack``). A plan may keep some layers' bytes on the device (``resident``, spread evenly): the
+streamed layers then take the slots in turn, and each one's copy overlaps the resident layers before it too. A
+layer's weight *is* its slot (``Params4bit.data`` points there), so eager, compiled and recomputed code all read it
+unchanged; what this module adds is the order: a slot is refilled only after the
 compute stream has queued everything that reads it, and a layer starts only once its bytes have arrived.
 
 Triggers, all outside the compiled graphs: the layer's call (wrapped in ``_compiled_call_impl``, as
@@ -44,7 +46,7 @@ def four_bit_weights(layer: nn.Module) -> list[torch.Tensor]:
 class StreamedBase:
     """The host copies, the device slots and the copy order of one model's decoder layers (module docstring)."""
 
-    def __init__(self, layers: Sequence[nn.Module], device: torch.device) -> None:
+    def __init__(self, layers: Sequence[nn.Module], device: torch.device, resident: int = 0) -> None:
         self.weights = [four_bit_weights(layer) for layer in layers]
         layouts = {tuple((tuple(w.shape), w.dtype) for w in ws) for ws in self.weights}
         if len(layouts) != 1 or not self.weights[0]:
@@ -53,8 +55,11 @@ class StreamedBase:
         (layout,) = layouts
         self.device = device
         self.cuda = device.type == "cuda"
-        self.host = [[w.data.to("cpu", copy=True).pin_memory() if self.cuda else w.data.clone() for w in ws]
-                     for ws in self.weights]
+        kept = resident_layers(len(self.weights), resident)
+        self.streamed = [i for i in range(len(self.weights)) if i not in kept]
+        self.slot_of = {i: n % SLOTS for n, i in enumerate(self.streamed)}
+        self.host = {i: [w.data.to("cpu", copy=True).pin_memory() if self.cuda and i not in kept else
+                         w.data.to("cpu", copy=True) for w in self.weights[i]] for i in range(len(self.weights))}
         self._repack(device)
         self.slots = [[torch.empty(size, dtype=dtype, device=device) for size, dtype in layout]
                       for _ in range(SLOTS)]
@@ -63,11 +68,15 @@ class StreamedBase:
         self.resident = [-1] * SLOTS  # which layer each slot holds
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.ready = [torch.cuda.Event() if self.cuda else None for _ in range(SLOTS)]
-        for i, ws in enumerate(self.weights):  # each layer's weight is its slot from now on
-            for w, slot in zip(ws, self.slots[i % SLOTS]):
-                w.data = slot
-        for i in range(min(SLOTS, len(self.weights))):
+        for i, ws in enumerate(self.weights):  # a streamed layer's weight is its slot from now on
+            own = [h.to(device, copy=True) for h in self.host.pop(i)] if i in kept else None
+            for j, w in enumerate(ws):
+                w.data = own[j] if own is not None else self.slots[self.slot_of[i]][j]
+        for i in self.streamed[:SLOTS]:
             self.fetch(i)
+        # the streamed layer after / before each layer, which a layer's call or backward sends for next
+        self.after = [next((j for j in self.streamed if j > i), -1) for i in range(len(self.weights))]
+        self.before = [next((j for j in reversed(self.streamed) if j < i), -1) for i in range(len(self.weights))]
 
     def _states(self) -> list[Any]:
         """The 4-bit weights' quantization states (block scales, code table; bitsandbytes' QuantState)."""
@@ -90,8 +99,8 @@ class StreamedBase:
     def fetch(self, i: int) -> None:
         """Start copying layer ``i``'s bytes into its slot, once the compute stream has queued every read of the
         layer there before (a no-op where it is there, or past either end)."""
-        s = i % SLOTS
-        if not 0 <= i < len(self.host) or self.resident[s] == i:
+        s = self.slot_of.get(i)
+        if s is None or self.resident[s] == i:  # resident, or past either end (-1)
             return
         if self.side is None:
             for dst, src in zip(self.slots[s], self.host[i]):
@@ -108,15 +117,18 @@ class StreamedBase:
 
     def use(self, i: int) -> None:
         """Layer ``i``'s bytes in its slot before the compute stream's next kernel reads them."""
+        s = self.slot_of.get(i)
+        if s is None:  # a resident layer
+            return
         self.fetch(i)
-        event = self.ready[i % SLOTS]
+        event = self.ready[s]
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def backward_reaches(self, i: int, _grad: torch.Tensor) -> None:
         """Layer ``i``'s output gradient is ready: its backward is next, then layer i - 1's."""
         self.use(i)
-        self.fetch(i - 1)
+        self.fetch(self.before[i])
 
     def restore(self) -> bool:
         """Every layer's weights on the device again, each its own tensor (the run is over); False, with nothing
@@ -130,13 +142,13 @@ class StreamedBase:
             copies = self._device_copies()
         except torch.OutOfMemoryError:
             return False
-        for ws, cs in zip(self.weights, copies):
-            for w, c in zip(ws, cs):
+        for i, cs in copies.items():
+            for w, c in zip(self.weights[i], cs):
                 w.data = c
         return True
 
-    def _device_copies(self) -> list[list[torch.Tensor]]:
-        return [[h.to(self.device, copy=True) for h in hs] for hs in self.host]
+    def _device_copies(self) -> dict[int, list[torch.Tensor]]:
+        return {i: [h.to(self.device, copy=True) for h in hs] for i, hs in self.host.items()}
 
 
 class StreamedCall:
@@ -151,7 +163,7 @@ class StreamedCall:
         s, i = self.streamer, self.index
         in_backward = torch._C._current_graph_task_id() != -1  # torch.utils.checkpoint recomputing the layer
         s.use(i)
-        s.fetch(i - 1 if in_backward else i + 1)
+        s.fetch(s.before[i] if in_backward else s.after[i])
         out = self.inner(*args, **kwargs)
         first = out[0] if isinstance(out, tuple) else out
         if not in_backward and isinstance(first, torch.Tensor) and first.requires_grad:
@@ -159,10 +171,18 @@ class StreamedCall:
         return out
 
 
-def stream_base(layers: Sequence[nn.Module], device: torch.device) -> StreamedBase:
-    """Keep ``layers``' 4-bit weights in host memory and stream them in (module docstring). Call it last: after
-    the layers are compiled and their checkpointing is set."""
-    streamer = StreamedBase(layers, device)
+def resident_layers(layers: int, resident: int) -> set[int]:
+    """Which of ``layers`` decoder layers keep their own device weights when ``resident`` of them do: spread
+    evenly, so each streamed layer's copy has the layers before it to overlap with, not only one."""
+    resident = max(0, min(resident, layers))
+    return {(n * layers) // resident for n in range(resident)} if resident else set()
+
+
+def stream_base(layers: Sequence[nn.Module], device: torch.device, resident: int = 0) -> StreamedBase:
+    """Keep ``layers``' 4-bit weights in host memory and stream them in (module docstring), but for ``resident``
+    layers that keep theirs on the device. Call it last: after the layers are compiled and their checkpointing is
+    set."""
+    streamer = StreamedBase(layers, device, resident)
     for i, layer in enumerate(layers):
         compiled = getattr(layer, "_compiled_call_impl", None)
         inner = compiled if compiled is not None else layer._call_impl

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,54 @@ def test_public_run_streaming_the_base_trains_the_same_adapter(four_layers, tmp_
     if not checkpointing:
         _skip_backward_refill(monkeypatch)
         assert not _same(run("no_refill", "1"), resident)
+
+
+def test_resident_layers_are_spread_evenly():
+    """A streamed base that keeps some layers on the device spreads them (each streamed layer's copy then overlaps
+    the resident layers before it): 12 of 32 leave no three streamed layers between two resident ones; none and
+    more than all are the edges."""
+    from phi3tune.streamed_base import resident_layers
+
+    kept = sorted(resident_layers(32, 12))
+    assert len(kept) == 12 and kept[0] == 0 and max(b - a for a, b in pairwise(kept)) <= 3
+    assert resident_layers(4, 0) == set() and resident_layers(4, 9) == {0, 1, 2, 3}
+
+
+def test_a_base_streamed_around_resident_layers_trains_the_same_adapter(four_layers, tmp_path, monkeypatch):
+    """PHI3TUNE_STREAM_RESIDENT=1 of four layers: layer 0 keeps its own device weights, layers 1-3 share the two
+    slots in turn (1 and 3 the same one). The run trains the resident base's losses and adapter bit for bit, the
+    plan counts the resident layer's bytes on the device, and the kept layer never runs from a slot. Negative
+    control: without the backward refill the streamed layers read the wrong bytes."""
+    rows = rows_of_text(8, seed=4)
+    seen: dict[int, bool] = {}
+    real_call = StreamedCall.__call__
+
+    def recording(self: StreamedCall, *args: Any, **kwargs: Any) -> Any:
+        slots = {t.data_ptr() for slot in self.streamer.slots for t in slot}
+        seen[self.index] = {w.data_ptr() for w in self.streamer.weights[self.index]} <= slots
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamedCall, "__call__", recording)
+
+    def run(name: str, stream: str) -> Any:
+        monkeypatch.setenv("PHI3TUNE_STREAM_BASE", stream)
+        return tiny_tuner(four_layers, tmp_path / name, rows, grad_accum=2, max_steps=3).run()
+
+    monkeypatch.setenv("PHI3TUNE_STREAM_RESIDENT", "1")
+    resident = run("resident", "0")
+    assert resident.plan.resident_layers == 0  # nothing streams, so none is "resident" in that sense
+    streamed = run("streamed", "1")
+    assert streamed.plan.resident_layers == 1 and "1 layers resident" in streamed.plan.describe()
+    assert seen == {0: False, 1: True, 2: True, 3: True}
+    assert _same(streamed, resident) and len(resident.losses) == 3
+    monkeypatch.setenv("PHI3TUNE_STREAM_RESIDENT", "0")
+    all_streamed = run("all_streamed", "1")
+    host = all_streamed.plan.memory["host_streamed"]
+    gone = all_streamed.plan.memory["quantized_weights"] - streamed.plan.memory["quantized_weights"]
+    assert gone == -host // 4  # one layer's packed bytes more on the device
+    monkeypatch.setenv("PHI3TUNE_STREAM_RESIDENT", "1")
+    _skip_backward_refill(monkeypatch)
+    assert not _same(run("no_refill", "1"), resident)
 
 
 def test_the_memory_plan_streams_beside_its_inputs_in_host_memory(four_layers, tmp_path, monkeypatch):

@@ -67,7 +67,9 @@
 #   (every layer checkpointed on every pass: training.gradient_checkpointing=true; with off, e.g.
 #   q@8+stream+off+ckall+mb4096+ce512: the least a speed plan holds, its inputs in host memory beside a streamed base),
 #   nopin (micro-batches left in pageable host memory, whose copies may wait for the device: PHI3TUNE_PIN_BATCHES=0, as
-#   before session 28), nostacks (mem@ runs: memory_peak.py without stack traces, which fail under the memory plan)
+#   before session 28), nostacks (mem@ runs: memory_peak.py without stack traces, which fail under the memory plan),
+#   resN (a streamed base keeps N decoder layers' packed bytes on the device, spread evenly, and streams the rest:
+#   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -141,7 +143,8 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     seq4096) sets+=("${SEQ4096[@]}") ;;
     packed) sets+=(--set data.packing=true) ;;  # mem@GIB+packed (p@ runs are packed already)
     nostacks) mp+=(--stacks none) ;;
-    nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies may wait for the device (< s28)  # mem@...: no stack traces (recording Python stacks fails under the memory plan)
+    nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies may wait for the device (< s28)
+    res*) envs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
@@ -205,11 +208,12 @@ for r in "$@"; do
             light) psets+=(--light) ;;
             stream) penvs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory
             resident) penvs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device
+            res*) penvs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
             nopage) psets+=(--set training.optimizer=AdamW32bit) ;;  # the default's math, its state unpaged
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
             amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
             *) bad=$v ;; esac; done
-          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +nopage or +ambN, not +$bad"; continue; }
+          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
           head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
