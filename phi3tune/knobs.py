@@ -73,6 +73,13 @@ def pin_batches_wanted() -> bool:
     return yes(asked) if asked else True
 
 
+def record_stream_wanted() -> bool:
+    """PHI3TUNE_OFFLOAD_RELEASE=record_stream (benchmarks): offload.py frees each moved tensor under
+    ``record_stream`` on its copy's stream, as before session 28, instead of holding it until the next one is saved
+    and making the compute stream wait for its copy (the default), to time the two."""
+    return os.environ.get("PHI3TUNE_OFFLOAD_RELEASE", "") == "record_stream"
+
+
 def recompute_in_graph_wanted() -> bool:
     """Compiled layers that checkpoint recompute inside their own backward graph (recompute.RecomputeSwitch)?
     Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .knobs import record_stream_wanted
+
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
 LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
 # their host buffer: the plan's moved bytes at its longest micro-batch, with room for the modelled bytes' error and
@@ -159,6 +161,7 @@ class Offloader:
         self.packed = 0  # tensors moved by the last forward (tests, logs)
         self.moved_bytes = 0  # and their bytes
         self._hooks = (self._pack, self._unpack)  # the same two objects every forward
+        self.record_stream = record_stream_wanted()  # benchmarks: the release before session 28 (knobs.py)
 
     def _side(self, device: torch.device) -> Any:
         if self._stream is None:
@@ -212,8 +215,10 @@ class Offloader:
                 host.copy_(t, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(side)
-            held = _Held(host, t.device, chain, stride, copied, source=t)  # released by _throttle / the forward's end
-            chain.stream = now
+            if self.record_stream:  # as before session 28: the allocator holds the block until the side stream ran
+                t.record_stream(side)
+            held = _Held(host, t.device, chain, stride, copied, source=None if self.record_stream else t)
+            chain.stream = now  # a held source is released by _throttle / the forward's end
             self._throttle(chain, held)
         held.before, chain.last = chain.last() if chain.last is not None else None, weakref.ref(held)
         chain.moved += n

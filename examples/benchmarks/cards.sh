@@ -69,7 +69,8 @@
 #   nopin (micro-batches left in pageable host memory, whose copies may wait for the device: PHI3TUNE_PIN_BATCHES=0, as
 #   before session 28), nostacks (mem@ runs: memory_peak.py without stack traces, which fail under the memory plan),
 #   resN (a streamed base keeps N decoder layers' packed bytes on the device, spread evenly, and streams the rest:
-#   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too)
+#   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too), rec (moved inputs freed under
+#   record_stream on the copy's stream, as before session 28: PHI3TUNE_OFFLOAD_RELEASE=record_stream)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -145,6 +146,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     nostacks) mp+=(--stacks none) ;;
     nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies may wait for the device (< s28)
     res*) envs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
+    rec) envs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;  # moved inputs freed under record_stream (< s28)
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
@@ -215,7 +217,8 @@ for r in "$@"; do
             *) bad=$v ;; esac; done
           [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
-            "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || tail -c 2000 /tmp/log_prof.txt
+            "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || { tail -c 2000 /tmp/log_prof.txt
+            { echo "== $label"; tail -c 6000 /tmp/log_prof.txt; } >> "$OUT/failures.txt"; }
           head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
     *) echo "unknown run $r" ;;
   esac
