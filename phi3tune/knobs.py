@@ -80,6 +80,15 @@ def record_stream_wanted() -> bool:
     return os.environ.get("PHI3TUNE_OFFLOAD_RELEASE", "") == "record_stream"
 
 
+def held_saves_wanted() -> int | None:
+    """PHI3TUNE_HELD_SAVES=N (benchmarks): offload.py's compute stream waits for a moved input's copy N saves
+    later instead of ``offload.HELD_SAVES``; unset (None): that."""
+    asked = os.environ.get("PHI3TUNE_HELD_SAVES", "")
+    if asked and not (asked.isdigit() and int(asked) >= 1):
+        raise ValueError(f"PHI3TUNE_HELD_SAVES={asked!r}: give a number of saves, 1 or more")
+    return int(asked) if asked else None
+
+
 def recompute_in_graph_wanted() -> bool:
     """Compiled layers that checkpoint recompute inside their own backward graph (recompute.RecomputeSwitch)?
     Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the

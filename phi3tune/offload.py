@@ -12,8 +12,8 @@ never (``static``).
 
 Each moved tensor is copied to pinned host memory (a slice of one slab a forward, where the plan sizes one) on a
 side stream as soon as forward has made it, and its GPU memory is released once the copy is done: the offloader
-holds the tensor until the next one is saved, then makes the compute stream wait for its copy and lets it go, so
-the block returns to the compute stream's pool at once. (``record_stream`` would also keep it safe, but the
+holds the tensor until ``HELD_SAVES`` more are saved, then makes the compute stream wait for its copy and lets it
+go, so the block returns to the compute stream's pool at once. (``record_stream`` would also keep it safe, but the
 allocator then reuses the block only once everything queued on the side stream by its free has run; with the host
 a step ahead, that is every later layer's copy, and the pool grew instead: session 28, 0.4-1.4 GiB reserved above
 the allocated peak.) Backward copies
@@ -36,10 +36,15 @@ from typing import Any, Protocol
 
 import torch
 
-from .knobs import record_stream_wanted
+from .knobs import held_saves_wanted, record_stream_wanted
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
 LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
+# checkpointed inputs (every saved tensor moves): the compute stream waits for a copy out only this many saves later.
+# One later (session 28) made it wait for the layer before's copy just as that layer ended: 0.517 s a step where
+# record_stream took 0.485 (session 29, 8 GiB card, packed, the same call): that copy had likely not yet run (queued
+# behind the streamed base's next layer on the host link)
+HELD_SAVES = 3
 # their host buffer: the plan's moved bytes at its longest micro-batch, with room for the modelled bytes' error and
 # for the tensor that crosses the share (past it, a moved tensor gets its own pinned memory)
 SLAB_MARGIN, SLAB_EXTRA = 1.25, 256 << 20
@@ -162,6 +167,7 @@ class Offloader:
         self.moved_bytes = 0  # and their bytes
         self._hooks = (self._pack, self._unpack)  # the same two objects every forward
         self.record_stream = record_stream_wanted()  # benchmarks: the release before session 28 (knobs.py)
+        self.held_saves = held_saves_wanted() or HELD_SAVES
 
     def _side(self, device: torch.device) -> Any:
         if self._stream is None:
@@ -230,12 +236,13 @@ class Offloader:
     def _throttle(self, chain: _Chain, held: _Held) -> None:
         """Let go of the device tensors whose copy out has been queued before ``held``'s: the compute stream waits
         for each one's copy (on the device: the host queues on), so the block it frees is safe to reuse at once.
-        All but the newest where every saved tensor moves (checkpointed inputs: one layer's copy has a whole layer's
-        compute to finish); where only the first layers move, past ``lookahead`` bytes in flight, so that a forward
-        that saves faster than the host link copies out holds no more than the plan counts."""
+        All but the newest ``HELD_SAVES`` where every saved tensor moves (checkpointed inputs: each copy has that many
+        layers' compute to finish); where only the first layers move, past ``lookahead`` bytes in flight, so that a
+        forward that saves faster than the host link copies out holds no more than the plan counts."""
         chain.flight.append(held)
         chain.flying += _nbytes(held.host)
-        while len(chain.flight) > 1 and (self.share >= 1.0 or chain.flying > chain.lookahead):
+        while len(chain.flight) > (self.held_saves if self.share >= 1.0 else 1) and (
+                self.share >= 1.0 or chain.flying > chain.lookahead):
             self._release(chain)
 
     @staticmethod

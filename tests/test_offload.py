@@ -215,9 +215,10 @@ def test_backward_brings_moved_tensors_back_ahead_led_by_the_first_kept_one():
 def test_a_moved_device_tensor_is_let_go_only_after_the_compute_stream_waits_for_its_copy():
     """CUDA's order, with stand-in events and stream: each moved tensor stays held until the compute stream has been
     told to wait for its copy out, then is let go (its block is then safe to reuse at once, no ``record_stream``).
-    Every saved tensor moving, all but the newest go at each save and the last at the forward's end; the first
-    layers moving, only past ``lookahead`` bytes in flight (negative control: under it, every one stays held)."""
-    from phi3tune.offload import _Chain, _Held
+    Every saved tensor moving, all but the newest ``HELD_SAVES`` go at each save (each copy has that many layers'
+    compute to finish first) and the rest at the forward's end, in order; the first layers moving, only past
+    ``lookahead`` bytes in flight (negative control: under it, every one stays held)."""
+    from phi3tune.offload import HELD_SAVES, _Chain, _Held
 
     class Stream:
         def __init__(self) -> None:
@@ -243,12 +244,13 @@ def test_a_moved_device_tensor_is_let_go_only_after_the_compute_stream_waits_for
     stream = Stream()
     every = Offloader(share=1.0)
     chain = _Chain(limit=float("inf"), lookahead=0.0)
-    helds = save(every, chain, 3)
-    assert [h.source is None for h in helds] == [True, True, False]  # only the newest still held
+    helds = save(every, chain, HELD_SAVES + 2)
+    assert [h.source is None for h in helds] == [True, True] + [False] * HELD_SAVES  # the newest still held
     assert [e.held for e, _ in stream.waited] == helds[:2] and all(still for _, still in stream.waited)
     while chain.flight:  # the forward's end (Offloader.hooks)
         Offloader._release(chain)
-    assert helds[2].source is None and stream.waited[-1][0].held is helds[2] and chain.flying == 0
+    assert all(h.source is None for h in helds) and [e.held for e, _ in stream.waited] == helds
+    assert chain.flying == 0
 
     stream = Stream()
     first = Offloader(share=0.5)

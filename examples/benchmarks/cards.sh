@@ -70,7 +70,8 @@
 #   before session 28), nostacks (mem@ runs: memory_peak.py without stack traces, which fail under the memory plan),
 #   resN (a streamed base keeps N decoder layers' packed bytes on the device, spread evenly, and streams the rest:
 #   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too), rec (moved inputs freed under
-#   record_stream on the copy's stream, as before session 28: PHI3TUNE_OFFLOAD_RELEASE=record_stream)
+#   record_stream on the copy's stream, as before session 28: PHI3TUNE_OFFLOAD_RELEASE=record_stream), heldN (the
+#   compute stream waits for a moved input's copy N saves later, not offload.HELD_SAVES: PHI3TUNE_HELD_SAVES=N)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -147,6 +148,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies may wait for the device (< s28)
     res*) envs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
     rec) envs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;  # moved inputs freed under record_stream (< s28)
+    held*) envs+=("PHI3TUNE_HELD_SAVES=${v#held}") ;;  # the compute stream waits for a moved input's copy N saves on
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
@@ -215,11 +217,12 @@ for r in "$@"; do
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
             amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
             *) bad=$v ;; esac; done
+          pout="$OUT/profile_${gib}_$(echo "$variant" | tr '+' '_').txt"  # "+" in a name does not come back
           [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
-            "${psets[@]}" --out "$OUT/profile_$gib$variant.txt" > "/tmp/log_prof.txt" 2>&1 || { tail -c 2000 /tmp/log_prof.txt
+            "${psets[@]}" --out "$pout" > "/tmp/log_prof.txt" 2>&1 || { tail -c 2000 /tmp/log_prof.txt
             { echo "== $label"; tail -c 6000 /tmp/log_prof.txt; } >> "$OUT/failures.txt"; }
-          head -40 "$OUT/profile_$gib$variant.txt" 2>/dev/null ;;
+          head -12 "$pout" 2>/dev/null | cut -c1-220; grep -A24 '^GPU idle' "$pout" 2>/dev/null | cut -c1-200 ;;
     *) echo "unknown run $r" ;;
   esac
 done

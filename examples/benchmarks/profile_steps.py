@@ -119,16 +119,20 @@ def idle_report(events: list, least_us: float = 50.0, rows: int = 25) -> str:
 
 def gap_report(events: list, least_us: float = 20.0, rows: int = 25) -> str:
     """Where the GPU waits, with no CPU ops recorded: every gap of >= ``least_us`` between kernels, in the step's
-    order (its position as a share of the profiled time) and by the kernels before and after it."""
+    order (its position as a share of the profiled time) and by the kernels before and after it. Then the same on
+    the compute stream alone (the stream with the most kernel time): there a gap that a copy on another stream
+    fills is the compute waiting for that copy (a streamed base's layer, an input coming back), which the first
+    report, of all streams at once, counts as busy; each such gap names the other stream's work that ended last
+    before it did."""
     from torch.autograd import DeviceType
 
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name, getattr(e, "device_resource_id", 0))
+                     for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
     if not kernels:
         return "GPU idle: no kernel recorded\n"
     first, last = kernels[0][0], max(k[1] for k in kernels)
     gaps, end, before = [], kernels[0][1], kernels[0][2]
-    for s, e, name in kernels[1:]:
+    for s, e, name, _ in kernels[1:]:
         if s - end >= least_us:
             gaps.append((s - end, (end - first) / max(1e-9, last - first), before, name))
         if e > end:
@@ -138,6 +142,33 @@ def gap_report(events: list, least_us: float = 20.0, rows: int = 25) -> str:
              "by tenth of the profiled time (ms): " + " ".join(f"{t:.1f}" for t in tenths), "largest:"]
     for us, at, prev, nxt in sorted(gaps, reverse=True)[:rows]:
         lines.append(f"{us / 1e3:8.2f} ms at {100 * at:5.1f}%  after {prev[:50]:50s}  before {nxt[:50]}")
+    return "\n".join(lines) + "\n\n" + stream_report(kernels, first, last, least_us, rows)
+
+
+def stream_report(kernels: list[tuple[float, float, str, int]], first: float, last: float, least_us: float,
+                  rows: int) -> str:
+    """Each stream's busy time, and the compute stream's gaps by what filled them elsewhere (gap_report)."""
+    busy: dict[int, float] = {}
+    for s, e, _, stream in kernels:
+        busy[stream] = busy.get(stream, 0.0) + (e - s)
+    compute = max(busy, key=lambda k: sum(e - s for s, e, n, st in kernels if st == k and "Memcpy" not in n))
+    lines = [f"streams over {(last - first) / 1e3:.1f} ms: " + ", ".join(
+        f"{k}{' (compute)' if k == compute else ''} {v / 1e3:.1f} ms" for k, v in sorted(busy.items()))]
+    own = [k for k in kernels if k[3] == compute]
+    others = sorted((k for k in kernels if k[3] != compute), key=lambda k: k[1])
+    by_filler: dict[str, list[float]] = {}
+    end, gaps = own[0][1], []
+    for s, e, name, _ in own[1:]:
+        if s - end >= least_us:
+            filler = [o for o in others if end < o[1] <= s + 1.0]  # other-stream work that ended inside the gap
+            what = f"{filler[-1][2][:40]} (stream {filler[-1][3]})" if filler else "nothing (the host)"
+            by_filler.setdefault(what, []).append(s - end)
+            gaps.append((s - end, name))
+        end = max(end, e)
+    lines.append(f"compute stream {compute} idle: {len(gaps)} gaps of >= {least_us:.0f} us, "
+                 f"{sum(g for g, _ in gaps) / 1e3:.1f} ms in all; by what ended last inside each gap:")
+    for what, us in sorted(by_filler.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"{sum(us) / 1e3:9.2f} ms {len(us):5d} gaps  {what}")
     return "\n".join(lines) + "\n"
 
 
