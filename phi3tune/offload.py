@@ -41,10 +41,12 @@ from .knobs import held_saves_wanted, record_stream_wanted
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
 LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
 # checkpointed inputs (every saved tensor moves): the compute stream waits for a copy out only this many saves later.
-# One later (session 28) made it wait for the layer before's copy just as that layer ended: 0.517 s a step where
-# record_stream took 0.485 (session 29, 8 GiB card, packed, the same call): that copy had likely not yet run (queued
-# behind the streamed base's next layer on the host link)
-HELD_SAVES = 3
+# Session 29, 8 GiB card, the memory plan packed, median steps: three saves later 0.512 s, eight 0.4845, and
+# record_stream (before session 28) 0.4785 but 0.16 GiB more at the device's peak (4.66 against 4.51 GiB), in one call;
+# one save later (session 28's way) 0.5172 against record_stream's 0.4847 in another. The copies out run layers behind
+# the compute (the profile, three saves later: the compute stream waited 66 ms over two steps for them), so a wait for
+# a recent one stalls
+HELD_SAVES = 8
 # their host buffer: the plan's moved bytes at its longest micro-batch, with room for the modelled bytes' error and
 # for the tensor that crosses the share (past it, a moved tensor gets its own pinned memory)
 SLAB_MARGIN, SLAB_EXTRA = 1.25, 256 << 20
