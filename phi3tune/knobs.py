@@ -89,6 +89,15 @@ def held_saves_wanted() -> int | None:
     return int(asked) if asked else None
 
 
+def offload_ahead_wanted() -> int | None:
+    """PHI3TUNE_OFFLOAD_AHEAD=N (benchmarks): backward keeps at least N moved tensors on their way back to the device
+    ahead of the one it unpacks (offload.py), not one; unset (None): one."""
+    asked = os.environ.get("PHI3TUNE_OFFLOAD_AHEAD", "")
+    if asked and not (asked.isdigit() and int(asked) >= 1):
+        raise ValueError(f"PHI3TUNE_OFFLOAD_AHEAD={asked!r}: give a number of tensors, 1 or more")
+    return int(asked) if asked else None
+
+
 def recompute_in_graph_wanted() -> bool:
     """Compiled layers that checkpoint recompute inside their own backward graph (recompute.RecomputeSwitch)?
     Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .knobs import held_saves_wanted, record_stream_wanted
+from .knobs import held_saves_wanted, offload_ahead_wanted, record_stream_wanted
 
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
 LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
@@ -138,6 +138,7 @@ class _Chain:
     cursor: weakref.ref[_Held] | None = None  # the next entry to fetch ahead
     started: bool = False  # backward has begun the walk
     ahead: int = 0  # bytes fetched ahead and not yet unpacked
+    ahead_n: int = 0  # and how many entries
     saved: int = 0  # bytes this forward offered (moved or not): the next forward's share is of this
     tokens: int = field(default=1)
     flight: list[_Held] = field(default_factory=list)  # entries still holding their device tensor, oldest first
@@ -170,6 +171,7 @@ class Offloader:
         self._hooks = (self._pack, self._unpack)  # the same two objects every forward
         self.record_stream = record_stream_wanted()  # benchmarks: the release before session 28 (knobs.py)
         self.held_saves = held_saves_wanted() or HELD_SAVES
+        self.ahead_entries = offload_ahead_wanted() or 1  # entries on their way back, at least (benchmarks: more)
 
     def _side(self, device: torch.device) -> Any:
         if self._stream is None:
@@ -266,6 +268,7 @@ class Offloader:
             held.used, held.chain.unused = True, held.chain.unused - 1
         if held.ahead:
             held.ahead, held.chain.ahead = False, held.chain.ahead - _nbytes(held.host)
+            held.chain.ahead_n -= 1
         if held.device.type != "cuda":
             self._walk(held.chain)
             return torch.empty_strided(held.host.shape, held.stride, dtype=held.host.dtype).copy_(held.host)
@@ -279,18 +282,18 @@ class Offloader:
         return back
 
     def _walk(self, chain: _Chain) -> None:
-        """Fetch entries ahead of backward, newest first, until ``lookahead`` bytes (at least one entry) are on
-        their way back."""
+        """Fetch entries ahead of backward, newest first, until ``lookahead`` bytes and ``ahead_entries`` entries
+        (at least one) are on their way back."""
         if not chain.started:
             chain.started, chain.cursor = True, chain.last
         while (held := chain.cursor() if chain.cursor is not None else None) is not None and (
-                chain.ahead == 0 or chain.ahead < chain.lookahead):
+                chain.ahead == 0 or chain.ahead < chain.lookahead or chain.ahead_n < self.ahead_entries):
             chain.cursor = weakref.ref(held.before) if held.before is not None else None
             if held.used or held.ahead:
                 continue
             if held.device.type == "cuda":
                 self._fetch(held)
-            held.ahead, chain.ahead = True, chain.ahead + _nbytes(held.host)
+            held.ahead, chain.ahead, chain.ahead_n = True, chain.ahead + _nbytes(held.host), chain.ahead_n + 1
 
     def _fetch(self, held: _Held) -> None:
         """Start the host-to-device copy of ``held`` on the side stream, into memory of the compute stream's pool

@@ -212,6 +212,34 @@ def test_backward_brings_moved_tensors_back_ahead_led_by_the_first_kept_one():
     assert all(flag for flag, _ in everything[1:])  # then each one ahead of its unpack
 
 
+def test_backward_keeps_as_many_entries_ahead_as_asked(monkeypatch):
+    """PHI3TUNE_OFFLOAD_AHEAD=3 (benchmarks): every saved tensor moving, backward keeps three entries on their way
+    back ahead of the one it unpacks (as many as are left), with the same gradient. Negative control: unset, one."""
+    def ahead_at_unpacks() -> list[int]:
+        off = Offloader(share=1.0)
+        seen: list[int] = []
+
+        def watching(held: Any) -> torch.Tensor:
+            out = off._unpack(held)
+            seen.append(held.chain.ahead_n)
+            return out
+
+        off._hooks = (off._pack, watching)
+        x = torch.randn(64, requires_grad=True)
+        with off.hooks(tokens=1):
+            y = x
+            for _ in range(8):
+                y = torch.sin(y)
+        y.sum().backward()
+        assert x.grad is not None and torch.allclose(x.grad, _sin_chain_grad(x.detach(), 8))
+        return seen
+
+    monkeypatch.delenv("PHI3TUNE_OFFLOAD_AHEAD", raising=False)
+    assert ahead_at_unpacks() == [1] * 7 + [0]
+    monkeypatch.setenv("PHI3TUNE_OFFLOAD_AHEAD", "3")
+    assert ahead_at_unpacks() == [3] * 5 + [2, 1, 0]
+
+
 def test_a_moved_device_tensor_is_let_go_only_after_the_compute_stream_waits_for_its_copy():
     """CUDA's order, with stand-in events and stream: each moved tensor stays held until the compute stream has been
     told to wait for its copy out, then is let go (its block is then safe to reuse at once, no ``record_stream``).

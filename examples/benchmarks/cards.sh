@@ -71,7 +71,10 @@
 #   resN (a streamed base keeps N decoder layers' packed bytes on the device, spread evenly, and streams the rest:
 #   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too), rec (moved inputs freed under
 #   record_stream on the copy's stream, as before session 28: PHI3TUNE_OFFLOAD_RELEASE=record_stream), heldN (the
-#   compute stream waits for a moved input's copy N saves later, not offload.HELD_SAVES: PHI3TUNE_HELD_SAVES=N)
+#   compute stream waits for a moved input's copy N saves later, not offload.HELD_SAVES: PHI3TUNE_HELD_SAVES=N),
+#   aheadN (backward keeps N moved inputs on their way back, not one: PHI3TUNE_OFFLOAD_AHEAD=N); prof takes rec,
+#   heldN, aheadN too, and +trace (a gzipped Chrome trace of the profiled steps beside the table, to read the
+#   streams' timeline)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -149,6 +152,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     res*) envs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
     rec) envs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;  # moved inputs freed under record_stream (< s28)
     held*) envs+=("PHI3TUNE_HELD_SAVES=${v#held}") ;;  # the compute stream waits for a moved input's copy N saves on
+    ahead*) envs+=("PHI3TUNE_OFFLOAD_AHEAD=${v#ahead}") ;;  # backward keeps N moved inputs on their way back
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
@@ -213,12 +217,16 @@ for r in "$@"; do
             stream) penvs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory
             resident) penvs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device
             res*) penvs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
+            rec) penvs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;
+            held*) penvs+=("PHI3TUNE_HELD_SAVES=${v#held}") ;;
+            ahead*) penvs+=("PHI3TUNE_OFFLOAD_AHEAD=${v#ahead}") ;;
+            trace) psets+=(--trace "$OUT/trace_${gib}_$(echo "$variant" | tr '+' '_').json.gz") ;;  # the timeline
             nopage) psets+=(--set training.optimizer=AdamW32bit) ;;  # the default's math, its state unpaged
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
             amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
             *) bad=$v ;; esac; done
           pout="$OUT/profile_${gib}_$(echo "$variant" | tr '+' '_').txt"  # "+" in a name does not come back
-          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +nopage or +ambN, not +$bad"; continue; }
+          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +rec, +heldN, +aheadN, +trace, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$pout" > "/tmp/log_prof.txt" 2>&1 || { tail -c 2000 /tmp/log_prof.txt
             { echo "== $label"; tail -c 6000 /tmp/log_prof.txt; } >> "$OUT/failures.txt"; }

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out")
+    ap.add_argument("--trace", help="also write the profiled steps as a Chrome trace (gzipped where it ends in .gz)")
     ap.add_argument("--light", action="store_true",
                     help="GPU kernels only (no CPU ops, no stacks): the host runs near its own speed, so the idle "
                          "report shows where the GPU waits in a normal step, placed by the kernels around each gap")
@@ -72,6 +73,16 @@ def main() -> None:
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
              + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
     table += "\n\n" + (gap_report(prof.events()) if a.light else idle_report(prof.events()))
+    if a.trace:  # every kernel and copy on its stream, to read the timeline (chrome://tracing, Perfetto)
+        raw = a.trace.removesuffix(".gz")
+        prof.export_chrome_trace(raw)
+        if a.trace.endswith(".gz"):
+            import gzip
+            import shutil
+
+            with open(raw, "rb") as src, gzip.open(a.trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(raw)
     rank = os.environ.get("RANK")  # under torchrun: one file per rank
     if a.out:
         with open(a.out if rank is None else f"{a.out}.rank{rank}", "w") as f:
