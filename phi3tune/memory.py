@@ -45,9 +45,12 @@ _IN_GRAPH_RECOMPUTED = 1.28
 # it comes from (session 28, call 3's trace): the allocator *reserved* 0.37-1.40 GiB above its allocated peak, the
 # gap growing with the moved inputs, because each moved input's block was freed under ``record_stream`` and so
 # could be reused only once every copy queued on the side stream by then had run, which, with the host a step
-# ahead, held nearly all of them. offload.py no longer frees that way (after that call; not yet measured): measure,
-# then lower it. The streamed runs' allocated peak, 3.185 GiB, is the base coming back to the device at the run's
-# end (unstream_base); their steps stay under it at 4,096 tokens
+# ahead, held nearly all of them. offload.py no longer frees that way (it holds each input for offload.HELD_SAVES
+# saves, then makes the compute stream wait for its copy): session 29, 8 GiB card, packed 4,096 tokens, 4.51 GiB at the
+# device (predicted 4.48: 0.6% under) where record_stream took 4.66, its reservation 0.73 GiB above the steps'
+# allocated peak (2.73) against 0.91; that gap is no longer the copies', so the allowance stays. The streamed runs'
+# allocated peak, 3.185 GiB, is the base coming back to the device at the run's end (unstream_base); their steps
+# stay under it at 4,096 tokens (2.71-2.73 GiB, session 29)
 OFFLOAD_EXTRA = 1.2
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
 LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's (plan.py: why, and its cost)
