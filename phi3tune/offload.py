@@ -17,8 +17,11 @@ go, so the block returns to the compute stream's pool at once. (``record_stream`
 allocator then reuses the block only once everything queued on the side stream by its free has run; with the host
 a step ahead, that is every later layer's copy, and the pool grew instead: session 28, 0.4-1.4 GiB reserved above
 the allocated peak.) Backward copies
-entries back on the same side stream, ``lookahead`` bytes ahead of the one it unpacks (at least one entry: the
-memory plan's one layer ahead); the first few tensors saved after the moved ones start that walk, so the last moved
+entries back on the same side stream, ``lookahead`` bytes ahead of the one it unpacks (at least one entry; the
+memory plan's: two layers' worth of what its forward moved, since a layer checkpointed in its graph saves ~4 tensors
+of 1 MiB and more, not only its input: session 29's profile counted ~130 copies out a 4,096-token micro-batch, and
+one entry ahead left each layer's backward ~1.25 ms waiting for the rest); the first few tensors saved after the
+moved ones start that walk, so the last moved
 layer is on its way back before its backward. The values are copies: the loss and gradients are bit for bit those
 of the plan without it (tests/test_offload.py).
 Torch's own ``save_on_cpu`` copies on the compute stream with no lookahead (torchtune's ``OffloadActivations`` has
@@ -156,10 +159,13 @@ class Offloader:
     tensors (the model's weights) never moved, whose storage a compiled layer saves too. ``slab_bytes``: one host
     buffer of that size for each forward's moved tensors (``_Slab``), else pinned memory for each. On the CPU (tests)
     a moved tensor's "host copy" is a copy in other memory, so the original is released just as on a GPU, at any
-    size."""
+    size. ``layers``: where every saved tensor moves, the decoder layers the forward runs; backward then keeps
+    ``LOOKAHEAD_LAYERS`` layers' worth of what the forward moved on its way back (PHI3TUNE_OFFLOAD_AHEAD=N: N
+    entries instead, benchmarks)."""
 
     def __init__(self, min_bytes: int = MIN_BYTES, share: float = 1.0, token_bytes: float = 0.0,
-                 lookahead: float = 0.0, static: Iterable[torch.Tensor] = (), slab_bytes: int = 0) -> None:
+                 lookahead: float = 0.0, static: Iterable[torch.Tensor] = (), slab_bytes: int = 0,
+                 layers: int = 0) -> None:
         self.min_bytes, self.share, self.token_bytes, self.lookahead = min_bytes, share, token_bytes, lookahead
         self.slab_bytes = slab_bytes  # a host buffer this large, taken at the first move (0: a tensor each)
         self._slab: _Slab | None = None
@@ -171,7 +177,10 @@ class Offloader:
         self._hooks = (self._pack, self._unpack)  # the same two objects every forward
         self.record_stream = record_stream_wanted()  # benchmarks: the release before session 28 (knobs.py)
         self.held_saves = held_saves_wanted() or HELD_SAVES
-        self.ahead_entries = offload_ahead_wanted() or 1  # entries on their way back, at least (benchmarks: more)
+        asked = offload_ahead_wanted()  # benchmarks: N entries on their way back, and no layers' worth
+        self.ahead_entries = asked or 1  # entries on their way back, at least
+        # every saved tensor moving: backward brings LOOKAHEAD_LAYERS of the ``layers`` layers' worth back ahead
+        self.layers = 0 if asked else layers
 
     def _side(self, device: torch.device) -> Any:
         if self._stream is None:
@@ -195,6 +204,8 @@ class Offloader:
                 self._release(chain)
             if chain.saved:
                 self.token_bytes = chain.saved / chain.tokens
+            if self.layers and self.share >= 1.0:  # what this forward moved, a layer's worth at a time
+                chain.lookahead = max(chain.lookahead, LOOKAHEAD_LAYERS * chain.moved / self.layers)
 
     def _pack(self, t: torch.Tensor) -> Any:
         chain = self._chain
@@ -348,7 +359,7 @@ def offloader_for(plan: OffloadingPlan, model: Any) -> Offloader | None:
     layers' activations, the bytes of the whole stack a token first taken from the plan's memory model
     (``activations`` counts the layers it keeps), then measured."""
     if plan.offload_checkpoints:
-        return Offloader(static=frozen_tensors(model))
+        return Offloader(static=frozen_tensors(model), layers=len(model.get_base_model().model.layers))
     if not plan.offload_layers:
         return None
     layers = len(model.get_base_model().model.layers)

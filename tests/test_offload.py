@@ -212,11 +212,13 @@ def test_backward_brings_moved_tensors_back_ahead_led_by_the_first_kept_one():
     assert all(flag for flag, _ in everything[1:])  # then each one ahead of its unpack
 
 
-def test_backward_keeps_as_many_entries_ahead_as_asked(monkeypatch):
-    """PHI3TUNE_OFFLOAD_AHEAD=3 (benchmarks): every saved tensor moving, backward keeps three entries on their way
-    back ahead of the one it unpacks (as many as are left), with the same gradient. Negative control: unset, one."""
-    def ahead_at_unpacks() -> list[int]:
-        off = Offloader(share=1.0)
+def test_backward_keeps_two_layers_worth_of_moved_tensors_ahead(monkeypatch):
+    """Every saved tensor moving over ``layers`` layers (the memory plan's checkpointed inputs: a layer saves several
+    tensors), backward keeps two layers' worth on their way back ahead of the one it unpacks (as many as are left),
+    with the same gradient; PHI3TUNE_OFFLOAD_AHEAD=3 (benchmarks) keeps three entries whatever the layers. Negative
+    control: not told the layers, one entry."""
+    def ahead_at_unpacks(layers: int = 0) -> list[int]:
+        off = Offloader(share=1.0, layers=layers)
         seen: list[int] = []
 
         def watching(held: Any) -> torch.Tensor:
@@ -236,8 +238,10 @@ def test_backward_keeps_as_many_entries_ahead_as_asked(monkeypatch):
 
     monkeypatch.delenv("PHI3TUNE_OFFLOAD_AHEAD", raising=False)
     assert ahead_at_unpacks() == [1] * 7 + [0]
+    assert ahead_at_unpacks(layers=4) == [4] * 4 + [3, 2, 1, 0]  # 2 entries a "layer": two layers' worth ahead
     monkeypatch.setenv("PHI3TUNE_OFFLOAD_AHEAD", "3")
     assert ahead_at_unpacks() == [3] * 5 + [2, 1, 0]
+    assert ahead_at_unpacks(layers=4) == [3] * 5 + [2, 1, 0]  # the knob's count, not the layers' worth
 
 
 def test_a_moved_device_tensor_is_let_go_only_after_the_compute_stream_waits_for_its_copy():
