@@ -30,6 +30,7 @@ both, but torchtune is not among our dependencies).
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,7 @@ import torch
 
 from .knobs import held_saves_wanted, offload_ahead_wanted, record_stream_wanted
 
+log = logging.getLogger("phi3tune")
 MIN_BYTES = 1 << 20  # smaller saved tensors (indices, norms' scales) stay where they are: a copy costs more
 LOOKAHEAD_LAYERS = 2  # offloaded layers: bring back this many layers' activations ahead of backward
 # checkpointed inputs (every saved tensor moves): the compute stream waits for a copy out only this many saves later.
@@ -142,6 +144,8 @@ class _Chain:
     started: bool = False  # backward has begun the walk
     ahead: int = 0  # bytes fetched ahead and not yet unpacked
     ahead_n: int = 0  # and how many entries
+    seen: set[tuple[Any, ...]] = field(default_factory=set)  # what this forward offered (storage, view, version)
+    shared: int = 0  # tensors offered again, left on the device
     saved: int = 0  # bytes this forward offered (moved or not): the next forward's share is of this
     tokens: int = field(default=1)
     flight: list[_Held] = field(default_factory=list)  # entries still holding their device tensor, oldest first
@@ -161,11 +165,12 @@ class Offloader:
     a moved tensor's "host copy" is a copy in other memory, so the original is released just as on a GPU, at any
     size. ``layers``: where every saved tensor moves, the decoder layers the forward runs; backward then keeps
     ``LOOKAHEAD_LAYERS`` layers' worth of what the forward moved on its way back (PHI3TUNE_OFFLOAD_AHEAD=N: N
-    entries instead, benchmarks)."""
+    entries instead, benchmarks). ``log_at``: the log says once what a forward of at least that many tokens moved
+    (how many tensors, their bytes and shapes)."""
 
     def __init__(self, min_bytes: int = MIN_BYTES, share: float = 1.0, token_bytes: float = 0.0,
                  lookahead: float = 0.0, static: Iterable[torch.Tensor] = (), slab_bytes: int = 0,
-                 layers: int = 0) -> None:
+                 layers: int = 0, log_at: int = 0) -> None:
         self.min_bytes, self.share, self.token_bytes, self.lookahead = min_bytes, share, token_bytes, lookahead
         self.slab_bytes = slab_bytes  # a host buffer this large, taken at the first move (0: a tensor each)
         self._slab: _Slab | None = None
@@ -179,6 +184,8 @@ class Offloader:
         self.held_saves = held_saves_wanted() or HELD_SAVES
         asked = offload_ahead_wanted()  # benchmarks: N entries on their way back, and no layers' worth
         self.ahead_entries = asked or 1  # entries on their way back, at least
+        self._told, self._told_at = False, log_at  # the log's line about what a forward moves: once, at this size
+        self._sizes: dict[tuple[Any, ...], int] = {}  # (shape, dtype) of the tensors this forward moved: how many
         # every saved tensor moving: backward brings LOOKAHEAD_LAYERS of the ``layers`` layers' worth back ahead
         self.layers = 0 if asked else layers
 
@@ -195,6 +202,7 @@ class Offloader:
         limit = math.inf if self.share >= 1.0 else self.share * per_token
         chain = self._chain = _Chain(limit, self.lookahead * per_token, tokens=max(1, tokens))
         self.packed = self.moved_bytes = 0
+        self._sizes = {}
         try:
             with torch.autograd.graph.saved_tensors_hooks(*self._hooks):
                 yield
@@ -206,6 +214,14 @@ class Offloader:
                 self.token_bytes = chain.saved / chain.tokens
             if self.layers and self.share >= 1.0:  # what this forward moved, a layer's worth at a time
                 chain.lookahead = max(chain.lookahead, LOOKAHEAD_LAYERS * chain.moved / self.layers)
+            chain.seen.clear()
+            if not self._told and chain.tokens >= self._told_at and self.packed:  # once: what a forward moves
+                self._told = True
+                kinds = ", ".join(f"{n} x {shape} {dtype}" for (shape, dtype), n in sorted(
+                    self._sizes.items(), key=lambda kv: -kv[1])[:6])
+                log.info("inputs in host memory: a %s-token forward moved %d tensors, %.2f GiB (%s); %d saved again "
+                         "stayed on the device", f"{chain.tokens:,}", self.packed, self.moved_bytes / 2**30, kinds,
+                         chain.shared)
 
     def _pack(self, t: torch.Tensor) -> Any:
         chain = self._chain
@@ -213,6 +229,11 @@ class Offloader:
         if chain is None or t.layout != torch.strided or (cuda and _nbytes(t) < self.min_bytes) \
                 or t.untyped_storage().data_ptr() in self._static:
             return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+        if key in chain.seen:  # saved again (a table every layer saves, e.g. the rotary cos / sin): it stays alive
+            chain.shared += 1  # on the device for that layer anyway, so moving it again would only copy it
+            return t
+        chain.seen.add(key)
         n = _nbytes(t)
         chain.saved += n
         if chain.moved >= chain.limit:  # the rest stays; the first of it leads the way back
@@ -246,6 +267,9 @@ class Offloader:
         chain.unused += 1
         self.packed += 1
         self.moved_bytes += n
+        if not self._told:  # for the log's one line
+            shape = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            self._sizes[shape] = self._sizes.get(shape, 0) + 1
         return held
 
     def _throttle(self, chain: _Chain, held: _Held) -> None:
@@ -359,7 +383,8 @@ def offloader_for(plan: OffloadingPlan, model: Any) -> Offloader | None:
     layers' activations, the bytes of the whole stack a token first taken from the plan's memory model
     (``activations`` counts the layers it keeps), then measured."""
     if plan.offload_checkpoints:
-        return Offloader(static=frozen_tensors(model), layers=len(model.get_base_model().model.layers))
+        return Offloader(static=frozen_tensors(model), layers=len(model.get_base_model().model.layers),
+                         log_at=plan.peak_micro_batch_tokens)
     if not plan.offload_layers:
         return None
     layers = len(model.get_base_model().model.layers)

@@ -71,7 +71,7 @@ def test_offloader_hooks_apply_only_inside_and_are_released(tmp_path):
     (x * x).sum().backward()
     assert off.packed == 0
     with off.hooks():
-        y = (x * x).sum()
+        y = (x * x.clone()).sum()  # two tensors saved (x itself twice would be moved once)
     assert off.packed == 2 and off._chain is None
     y.backward()
     assert torch.equal(x.grad, 2 * x.detach() + 2 * x.detach())  # the first backward's grad, then this one's
@@ -170,11 +170,18 @@ def test_offloaded_layers_move_the_first_share_never_a_weight_and_the_step_is_un
     half = Offloader(share=0.5, token_bytes=whole.token_bytes, lookahead=0.1, static=weights)
     seen = _order_of(half)
     off_loss, off_grads, _, packed = _step(model, half)
-    kinds = [kind for kind, t in seen if t.untyped_storage().data_ptr() not in ptrs]  # weights: always kept
+    firsts, keys = [], set()  # a tensor saved again in the forward stays where it is (rotary tables, the mask)
+    for kind, t in seen:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+        if key not in keys:
+            keys.add(key)
+            firsts.append((kind, t))
+    assert len(firsts) < len(seen)  # every layer saves the rotary tables again
+    kinds = [kind for kind, t in firsts if t.untyped_storage().data_ptr() not in ptrs]  # weights: always kept
     assert packed > 0 and "kept" in kinds
     assert kinds == sorted(kinds, key=lambda k: k != "moved")  # the moved ones are the first saved
     assert not any(t.untyped_storage().data_ptr() in ptrs for kind, t in seen if kind == "moved")
-    saved = sum(t.numel() * t.element_size() for _, t in seen if t.untyped_storage().data_ptr() not in ptrs)
+    saved = sum(t.numel() * t.element_size() for _, t in firsts if t.untyped_storage().data_ptr() not in ptrs)
     largest = max(t.numel() * t.element_size() for _, t in seen)
     assert 0.5 * saved <= half.moved_bytes <= 0.5 * saved + largest
     assert torch.equal(loss, off_loss)
@@ -242,6 +249,33 @@ def test_backward_keeps_two_layers_worth_of_moved_tensors_ahead(monkeypatch):
     monkeypatch.setenv("PHI3TUNE_OFFLOAD_AHEAD", "3")
     assert ahead_at_unpacks() == [3] * 5 + [2, 1, 0]
     assert ahead_at_unpacks(layers=4) == [3] * 5 + [2, 1, 0]  # the knob's count, not the layers' worth
+
+
+def test_a_tensor_saved_again_in_one_forward_stays_where_it_is(caplog):
+    """A tensor every layer saves (the rotary cos / sin tables, a mask) is moved once a forward, not once a layer:
+    saved again (same storage, view and version), it stays on the device, where that layer's save keeps it alive
+    anyway. The gradient is the same, and the log says once what a forward moved. Negative control: an equal copy in
+    its own storage is moved."""
+    def run(shared: bool) -> tuple[Offloader, torch.Tensor]:
+        off = Offloader(share=1.0)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, generator=g).requires_grad_()
+        w = torch.randn(64, generator=g)
+        w2 = w if shared else w.clone()
+        with off.hooks(tokens=1):
+            y = torch.sin(x) * w  # saves x, then w
+            z = torch.sin(y) * w2  # saves y, then w again (or its copy)
+        z.sum().backward()
+        assert x.grad is not None
+        return off, x.grad
+
+    with caplog.at_level("INFO", logger="phi3tune"):
+        once, grad = run(shared=True)
+    copied, grad2 = run(shared=False)
+    assert once.packed == 3 and copied.packed == 4  # x, w, y (w's second save stayed) against x, w, y, w's copy
+    assert torch.equal(grad, grad2) and grad.abs().sum() > 0
+    assert caplog.text.count("inputs in host memory: a 1-token forward moved 3 tensors") == 1
+    assert "1 saved again stayed on the device" in caplog.text
 
 
 def test_a_moved_device_tensor_is_let_go_only_after_the_compute_stream_waits_for_its_copy():
