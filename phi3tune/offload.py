@@ -144,7 +144,8 @@ class _Chain:
     started: bool = False  # backward has begun the walk
     ahead: int = 0  # bytes fetched ahead and not yet unpacked
     ahead_n: int = 0  # and how many entries
-    seen: set[tuple[Any, ...]] = field(default_factory=set)  # what this forward offered (storage, view, version)
+    # what this forward offered: (storage, view, version) -> the tensor, while it lives
+    seen: dict[tuple[Any, ...], weakref.ref[torch.Tensor]] = field(default_factory=dict)
     shared: int = 0  # tensors offered again, left on the device
     saved: int = 0  # bytes this forward offered (moved or not): the next forward's share is of this
     tokens: int = field(default=1)
@@ -230,10 +231,11 @@ class Offloader:
                 or t.untyped_storage().data_ptr() in self._static:
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
-        if key in chain.seen:  # saved again (a table every layer saves, e.g. the rotary cos / sin): it stays alive
-            chain.shared += 1  # on the device for that layer anyway, so moving it again would only copy it
-            return t
-        chain.seen.add(key)
+        first = chain.seen.get(key)
+        if first is not None and first() is not None:  # saved again (a table every layer saves, e.g. the rotary
+            chain.shared += 1  # cos / sin): it stays alive on the device for that layer anyway, so moving it
+            return t  # again would only copy it. (Where the first one is gone, its memory may hold another tensor)
+        chain.seen[key] = weakref.ref(t)
         n = _nbytes(t)
         chain.saved += n
         if chain.moved >= chain.limit:  # the rest stays; the first of it leads the way back
