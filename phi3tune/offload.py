@@ -21,9 +21,8 @@ entries back on the same side stream, ``lookahead`` bytes ahead of the one it un
 memory plan's: two layers' worth of what its forward moved, since a layer checkpointed in its graph saves ~4 tensors
 of 1 MiB and more, not only its input: session 29's profile counted ~130 copies out a 4,096-token micro-batch, and
 one entry ahead left each layer's backward ~1.25 ms waiting for the rest); the first few tensors saved after the
-moved ones start that walk, so the last moved
-layer is on its way back before its backward. The values are copies: the loss and gradients are bit for bit those
-of the plan without it (tests/test_offload.py).
+moved ones start that walk, so the last moved layer is on its way back before its backward. The values are copies:
+the loss and gradients are bit for bit those of the plan without it (tests/test_offload.py).
 Torch's own ``save_on_cpu`` copies on the compute stream with no lookahead (torchtune's ``OffloadActivations`` has
 both, but torchtune is not among our dependencies).
 """
@@ -278,8 +277,9 @@ class Offloader:
         """Let go of the device tensors whose copy out has been queued before ``held``'s: the compute stream waits
         for each one's copy (on the device: the host queues on), so the block it frees is safe to reuse at once.
         All but the newest ``HELD_SAVES`` where every saved tensor moves (checkpointed inputs: each copy has that many
-        layers' compute to finish); where only the first layers move, past ``lookahead`` bytes in flight, so that a
-        forward that saves faster than the host link copies out holds no more than the plan counts."""
+        saves' compute to finish, about two layers'); where only the first layers move, past ``lookahead`` bytes in
+        flight, so that a forward that saves faster than the host link copies out holds no more than the plan
+        counts."""
         chain.flight.append(held)
         chain.flying += _nbytes(held.host)
         while len(chain.flight) > (self.held_saves if self.share >= 1.0 else 1) and (
