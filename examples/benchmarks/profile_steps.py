@@ -33,8 +33,8 @@ def main() -> None:
     a = ap.parse_args()
     ft = FineTuner.from_config(apply_overrides(read_config(a.config), a.overrides))
     # one step more than profiled: a plan that reads its numbers late calls back for step n once step n + 1 is
-    # queued, so the window between the two synchronized callbacks holds steps start + 2 .. start + steps + 1 (session
-    # 29: with the run ending at start + steps, its last callback came at the run's end, and "2 steps" held one)
+    # queued, so the last profiled step's callback must not be the run's end (session 29: with the run ending at
+    # start + steps, two calls' "2 steps" held one step, a third's two)
     ft.training(max_steps=a.start + a.steps + 1, save_strategy="no", progress_bar=False, overwrite_output_dir=True,
                 output_dir="/tmp/phi3tune-profile")
     cpu, cuda = torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA
