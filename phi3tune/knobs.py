@@ -15,6 +15,15 @@ def yes(value: str) -> bool:
     return value.lower() in ("1", "true", "yes")
 
 
+def _count(name: str, least: int, hint: str) -> int | None:
+    """Environment variable ``name`` as a whole number of at least ``least``; None where unset. Anything else is
+    refused with ``hint`` (what a right value is)."""
+    asked = os.environ.get(name, "")
+    if asked and not (asked.isdigit() and int(asked) >= least):
+        raise ValueError(f"{name}={asked!r}: {hint}")
+    return int(asked) if asked else None
+
+
 def ddp_settings() -> dict[str, Any]:
     """DDP bucket settings: torch's defaults unless PHI3TUNE_DDP (benchmarks) names others (``broadcast_buffers=0``:
     no broadcast of the model's buffers before every forward; Phi-3's are the same on every rank). Not static_graph:
@@ -53,10 +62,7 @@ def offload_layers_wanted() -> int | None:
     """PHI3TUNE_OFFLOAD_LAYERS (benchmarks, tests): ``N`` keeps the first N decoder layers' activations in host
     memory (offload.py) on every speed plan that would checkpoint layers, and on any plan of the CPU or a named
     mode that checkpoints none; ``0`` never; unset (None): the plan decides (plan_search._speed_candidates)."""
-    asked = os.environ.get("PHI3TUNE_OFFLOAD_LAYERS", "")
-    if asked and not asked.isdigit():
-        raise ValueError(f"PHI3TUNE_OFFLOAD_LAYERS={asked!r}: give a number of layers (0: never offload them)")
-    return int(asked) if asked else None
+    return _count("PHI3TUNE_OFFLOAD_LAYERS", 0, "give a number of layers (0: never offload them)")
 
 
 def checkpoints_by_length_wanted() -> bool:
@@ -83,19 +89,13 @@ def record_stream_wanted() -> bool:
 def held_saves_wanted() -> int | None:
     """PHI3TUNE_HELD_SAVES=N (benchmarks): offload.py's compute stream waits for a moved input's copy N saves
     later instead of ``offload.HELD_SAVES``; unset (None): that."""
-    asked = os.environ.get("PHI3TUNE_HELD_SAVES", "")
-    if asked and not (asked.isdigit() and int(asked) >= 1):
-        raise ValueError(f"PHI3TUNE_HELD_SAVES={asked!r}: give a number of saves, 1 or more")
-    return int(asked) if asked else None
+    return _count("PHI3TUNE_HELD_SAVES", 1, "give a number of saves, 1 or more")
 
 
 def offload_ahead_wanted() -> int | None:
     """PHI3TUNE_OFFLOAD_AHEAD=N (benchmarks): backward keeps at least N moved tensors on their way back to the device
     ahead of the one it unpacks (offload.py), not one; unset (None): one."""
-    asked = os.environ.get("PHI3TUNE_OFFLOAD_AHEAD", "")
-    if asked and not (asked.isdigit() and int(asked) >= 1):
-        raise ValueError(f"PHI3TUNE_OFFLOAD_AHEAD={asked!r}: give a number of tensors, 1 or more")
-    return int(asked) if asked else None
+    return _count("PHI3TUNE_OFFLOAD_AHEAD", 1, "give a number of tensors, 1 or more")
 
 
 def recompute_in_graph_wanted() -> bool:
@@ -123,11 +123,9 @@ def stream_base_wanted() -> bool | None:
 
 def stream_resident_wanted() -> int | None:
     """PHI3TUNE_STREAM_RESIDENT=N (benchmarks, tests): a streamed base keeps N decoder layers' packed bytes on the
-    device, spread evenly, and streams the rest (streamed_base.resident_layers); unset (None): the plan decides."""
-    asked = os.environ.get("PHI3TUNE_STREAM_RESIDENT", "")
-    if asked and not asked.isdigit():
-        raise ValueError(f"PHI3TUNE_STREAM_RESIDENT={asked!r}: give a number of decoder layers (0: stream them all)")
-    return int(asked) if asked else None
+    device, spread evenly, and streams the rest (streamed_base.resident_layers); unset (None): none (not yet a
+    plan's choice: plan.RunPlan.resident_layers)."""
+    return _count("PHI3TUNE_STREAM_RESIDENT", 0, "give a number of decoder layers (0: stream them all)")
 
 
 def dequantize_layers_wanted() -> int | None:
