@@ -286,8 +286,9 @@ class MicroBatcher:
     bounds: bool = False  # each micro-batch's examples' cumulative lengths too (varlen_attention.py)
     # CUDA: the micro-batches' tensors in pinned host memory. The loader pins its batches, but the layout here makes
     # new tensors, and a non-blocking copy from pageable memory is not asynchronous (CUDA stages it through pinned
-    # memory and may synchronize with the stream first): each micro-batch's copy may drain the device's queue, and
-    # the host would not get ahead of it (session 28: the sign of it in every late-read run, docs/performance.md)
+    # memory and may synchronize with the stream first). Measured (session 29): no change in speed, 21,245 against
+    # 21,307 tokens/s on the 16 GiB quickstart and 0.5172 against 0.5174 s a step on the 8 GiB memory plan, so the
+    # host's never getting a step ahead (wait_s 0) has another cause; kept because the copies then are asynchronous
     pin: bool = False
 
     @classmethod

@@ -147,7 +147,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     flex) sets+=(--set attn_implementation=flex_attention) ;;
     seq4096) sets+=("${SEQ4096[@]}") ;;
     packed) sets+=(--set data.packing=true) ;;  # mem@GIB+packed (p@ runs are packed already)
-    nostacks) mp+=(--stacks none) ;;
+    nostacks) mp+=(--stacks none) ;;  # mem@...: no stack traces (recording Python stacks fails under the memory plan)
     nopin) envs+=(PHI3TUNE_PIN_BATCHES=0) ;;  # pageable micro-batches, whose copies may wait for the device (< s28)
     res*) envs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
     rec) envs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;  # moved inputs freed under record_stream (< s28)
