@@ -541,3 +541,32 @@ def test_inputs_in_host_memory_trade_the_host_link_for_device_memory(monkeypatch
     assert cost_away / cost_kept == pytest.approx(1 + exposed / (1 + step_cost._RECOMPUTE_COST), rel=1e-6)
     monkeypatch.setattr(step_cost, "_OFFLOAD_EXPOSED", 0.0)
     assert step_cost.expected_cost(away, 32) == step_cost.expected_cost(kept, 32)
+
+
+def test_a_weight_repointed_after_the_offloader_is_built_is_still_never_moved():
+    """The optimizer's flat buffers re-point each adapter weight's ``.data`` after the offloader is built
+    (flat_steps.flat_set); the offloader still keeps those weights where they are, and the gradients are the plain
+    ones. Negative control: with the weights' storage taken when it was built (session 29's code, emulated by a
+    static list of the old tensors), both weights were moved beside the input."""
+    from phi3tune.flat_steps import flat_set
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(8, 8, generator=g)) for _ in range(2))
+    x = torch.randn(4, 8, generator=g, requires_grad=True)
+    ((x @ a) @ b).sum().backward()
+    plain = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    old = [a.detach(), b.detach()]  # the storage the weights had when the offloader was built
+    offloader, stale = Offloader(static=[a, b]), Offloader(static=old)
+    flat_set([a, b])  # a.data, b.data: views of one new buffer
+    assert a.untyped_storage().data_ptr() != old[0].untyped_storage().data_ptr()
+    for off in (offloader, stale):
+        for t in (x, a, b):
+            t.grad = None
+        with off.hooks(4):
+            loss = ((x @ a) @ b).sum()  # saves x, a, x @ a and b
+        loss.backward()
+        assert all(torch.equal(t.grad, p) for t, p in zip((x, a, b), plain))
+    assert offloader.packed == 2  # x and x @ a
+    assert stale.packed == 4
