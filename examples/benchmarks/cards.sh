@@ -179,6 +179,7 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
 
 peer() {  # label gib gc
   local label=$1 gib=$2 gc=$3
+  rm -f "/tmp/peer_$label.jsonl"  # a warm machine keeps /tmp: an earlier call's line would be counted again (s30)
   # peer_peak.py: the device's peak added to the recipe's line, sampled as phi3tune.bench samples ours
   # shellcheck disable=SC2046
   UNSLOTH_COMPILE_LOCATION=/tmp/ucc_$label timeout -k 15 "$PEER_LIMIT" python3 $(card_prefix "$gib") \
