@@ -107,7 +107,9 @@ class Offloader:
         chain = self._chain = _Chain(limit, self.lookahead * per_token, tokens=max(1, tokens))
         # where the weights live now: the optimizer's flat buffers re-point the adapter's ``.data`` after the
         # offloader is built (flat_steps.py), and the storage left behind may hold an activation by now. Session
-        # 30: with the storage taken once, each 4,096-token forward moved 96 adapter weights, 0.26 GiB, out and back
+        # 30: with the storage taken once, each 4,096-token forward moved 96 adapter weights, 0.26 GiB, out and back.
+        # The lookup costs the host ~0.15 ms a forward for Phi-3-mini's ~700 weights and quantization states (scaled
+        # from 0.33 ms for 1,500 tensors on a dev CPU), against ~200 ms of a 4,096-token micro-batch
         self._static = {t.untyped_storage().data_ptr() for t in self._static_tensors}
         self.packed = self.moved_bytes = 0
         self._sizes = {}
