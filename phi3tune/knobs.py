@@ -99,6 +99,13 @@ def offload_ahead_wanted() -> int | None:
     return _count("PHI3TUNE_OFFLOAD_AHEAD", 1, "give a number of tensors, 1 or more")
 
 
+def offload_tail_wanted() -> int | None:
+    """PHI3TUNE_OFFLOAD_TAIL=N (benchmarks): where every saved tensor moves (offload.py), a forward's last saves
+    worth N hidden vectors a token stay on the device, not ``memory.OFFLOAD_TAIL_HIDDENS`` (0: every one moves, as
+    before session 31); unset (None): that."""
+    return _count("PHI3TUNE_OFFLOAD_TAIL", 0, "give a number of hidden vectors a token (0: move every save)")
+
+
 def recompute_in_graph_wanted() -> bool:
     """Compiled layers that checkpoint recompute inside their own backward graph (recompute.RecomputeSwitch)?
     Yes, unless PHI3TUNE_RECOMPUTE_IN_GRAPH=0 (benchmarks: torch.utils.checkpoint around the compiled layer, the
@@ -127,6 +134,13 @@ def stream_resident_wanted() -> int | None:
     device, spread evenly, and streams the rest (streamed_base.resident_layers); unset (None): none (not yet a
     plan's choice: plan.RunPlan.resident_layers)."""
     return _count("PHI3TUNE_STREAM_RESIDENT", 0, "give a number of decoder layers (0: stream them all)")
+
+
+def stream_slots_wanted() -> int | None:
+    """PHI3TUNE_STREAM_SLOTS=N (benchmarks): a streamed base takes turns in N device slots, N - 1 layers' bytes on
+    their way in while one runs (streamed_base.py), not ``memory.STREAMED_LAYERS``; the plan still counts that many
+    (a slot is a decoder layer's packed bytes, 57 MiB for Phi-3-mini). Unset (None): that."""
+    return _count("PHI3TUNE_STREAM_SLOTS", 2, "give a number of slots, 2 or more")
 
 
 def dequantize_layers_wanted() -> int | None:

@@ -52,6 +52,13 @@ _IN_GRAPH_RECOMPUTED = 1.28
 # allocated peak, 3.185 GiB, is the base coming back to the device at the run's end (unstream_base); their steps
 # stay under it at 4,096 tokens (2.71-2.73 GiB, session 29)
 OFFLOAD_EXTRA = 1.2
+# Where every saved tensor moves (offload.py), the forward's last saves worth this many hidden vectors a token stay on
+# the device: backward needs them first, so a copy out and back would make it wait at its start, and the forward's
+# end waits for the copies still in flight (session 30's profile, 8 GiB packed: 9.9 ms over 4 micro-batches waiting
+# on copies out, 9.1 on copies back). For Phi-3-mini that is the last layer's input and the final norm's fp32 input
+# (1 + 2 hiddens), 72 MiB at 4,096 tokens. Not counted at the peak: the output head's backward uses the norm's, and
+# the last layer's is the one its recompute reads, which would be back on the device by then anyway
+OFFLOAD_TAIL_HIDDENS = 3
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
 LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's (plan.py: why, and its cost)
 
@@ -183,7 +190,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     # a checkpointed layer keeps its input; the others keep everything; one layer is recomputed at a time, and
     # keeps what the default budget keeps (session 9: the low budget took 0.12 GiB off that layer's peak at 4,096
     # tokens where the model would take 0.36). ``offload`` (offload.py; every layer checkpointed): the layers'
-    # inputs go to host memory; two are on the GPU at a time in backward (the one recomputed and the one prefetched)
+    # inputs go to host memory; two are on the GPU at a time in backward (the one recomputed and the one prefetched;
+    # the forward's tail, OFFLOAD_TAIL_HIDDENS, is gone by the first layer's recompute)
     if offload and k:
         activations = tokens * (2 * shape.hidden * act_bytes + recomputed)
     else:

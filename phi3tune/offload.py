@@ -38,7 +38,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .knobs import held_saves_wanted, offload_ahead_wanted, record_stream_wanted
+from .knobs import held_saves_wanted, offload_ahead_wanted, offload_tail_wanted, record_stream_wanted
+from .memory import OFFLOAD_TAIL_HIDDENS
 from .offload_entries import _Chain, _Held, _Lead, _nbytes, _Slab, _strides_back
 
 log = logging.getLogger("phi3tune")
@@ -68,13 +69,15 @@ class Offloader:
     a moved tensor's "host copy" is a copy in other memory, so the original is released just as on a GPU, at any
     size. ``layers``: where every saved tensor moves, the decoder layers the forward runs; backward then keeps
     ``LOOKAHEAD_LAYERS`` layers' worth of what the forward moved on its way back (PHI3TUNE_OFFLOAD_AHEAD=N: N
-    entries instead, benchmarks). ``log_at``: the log says once what a forward of at least that many tokens moved
-    (how many tensors, their bytes and shapes)."""
+    entries instead, benchmarks). ``tail``: there, the forward's last saves worth that many bytes a token stay on
+    the device (from the second forward on: the first tells how many bytes a forward saves). ``log_at``: the log
+    says once what a forward of at least that many tokens moved (how many tensors, their bytes and shapes)."""
 
     def __init__(self, min_bytes: int = MIN_BYTES, share: float = 1.0, token_bytes: float = 0.0,
                  lookahead: float = 0.0, static: Iterable[torch.Tensor] = (), slab_bytes: int = 0,
-                 layers: int = 0, log_at: int = 0) -> None:
+                 layers: int = 0, log_at: int = 0, tail: float = 0.0) -> None:
         self.min_bytes, self.share, self.token_bytes, self.lookahead = min_bytes, share, token_bytes, lookahead
+        self.tail = tail if share >= 1.0 else 0.0
         self.slab_bytes = slab_bytes  # a host buffer this large, taken at the first move (0: a tensor each)
         self._slab: _Slab | None = None
         self._static_tensors = list(static)  # their storage, looked up at each forward (``_static``)
@@ -105,6 +108,9 @@ class Offloader:
         per_token = self.token_bytes * tokens
         limit = math.inf if self.share >= 1.0 else self.share * per_token
         chain = self._chain = _Chain(limit, self.lookahead * per_token, tokens=max(1, tokens))
+        if self.tail and per_token:  # a save starting within the tail's bytes of the end (1/64 for rounding) stays,
+            chain.keep_room = self.tail * tokens * (1 + 1 / 64)  # never more than those bytes (a forward that
+            chain.keep_from = per_token - chain.keep_room  # saved fewer a token before would start it early)
         # where the weights live now: the optimizer's flat buffers re-point the adapter's ``.data`` after the
         # offloader is built (flat_steps.py), and the storage left behind may hold an activation by now. Session
         # 30: with the storage taken once, each 4,096-token forward moved 96 adapter weights, 0.26 GiB, out and back.
@@ -125,13 +131,14 @@ class Offloader:
             if self.layers and self.share >= 1.0:  # what this forward moved, a layer's worth at a time
                 chain.lookahead = max(chain.lookahead, LOOKAHEAD_LAYERS * chain.moved / self.layers)
             chain.seen.clear()
-            if not self._told and chain.tokens >= self._told_at and self.packed:  # once: what a forward moves
+            settled = not self.tail or chain.keep_room > 0  # the tail starts at the second forward
+            if not self._told and chain.tokens >= self._told_at and self.packed and settled:  # once: what it moves
                 self._told = True
                 kinds = ", ".join(f"{n} x {shape} {dtype}" for (shape, dtype), n in sorted(
                     self._sizes.items(), key=lambda kv: -kv[1])[:6])
                 log.info("inputs in host memory: a %s-token forward moved %d tensors, %.2f GiB (%s); %d saved again "
-                         "stayed on the device", f"{chain.tokens:,}", self.packed, self.moved_bytes / 2**30, kinds,
-                         chain.shared)
+                         "and %d at its end stayed on the device", f"{chain.tokens:,}", self.packed,
+                         self.moved_bytes / 2**30, kinds, chain.shared, chain.kept)
 
     def _pack(self, t: torch.Tensor) -> Any:
         chain = self._chain
@@ -147,7 +154,9 @@ class Offloader:
         chain.seen[key] = weakref.ref(t)
         n = _nbytes(t)
         chain.saved += n
-        if chain.moved >= chain.limit:  # the rest stays; the first of it leads the way back
+        tail = chain.saved - n >= chain.keep_from and chain.kept_bytes + n <= chain.keep_room
+        if chain.moved >= chain.limit or tail:  # the rest stays; the first of it leads the way back
+            chain.kept, chain.kept_bytes = chain.kept + 1, chain.kept_bytes + n
             if chain.last is None or chain.led > chain.lookahead:  # nothing moved yet, or led enough
                 return t
             chain.led += n
@@ -295,8 +304,11 @@ def offloader_for(plan: OffloadingPlan, model: Any) -> Offloader | None:
     layers' activations, the bytes of the whole stack a token first taken from the plan's memory model
     (``activations`` counts the layers it keeps), then measured."""
     if plan.offload_checkpoints:
+        asked = offload_tail_wanted()
+        embed = model.get_input_embeddings().weight  # a hidden vector a token, in the compute dtype
+        tail = (OFFLOAD_TAIL_HIDDENS if asked is None else asked) * embed.shape[-1] * embed.element_size()
         return Offloader(static=frozen_tensors(model), layers=len(model.get_base_model().model.layers),
-                         log_at=plan.peak_micro_batch_tokens)
+                         log_at=plan.peak_micro_batch_tokens, tail=tail)
     if not plan.offload_layers:
         return None
     layers = len(model.get_base_model().model.layers)

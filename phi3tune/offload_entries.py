@@ -90,6 +90,9 @@ class _Chain:
 
     limit: float  # bytes to move this forward
     lookahead: float  # bytes to have on their way back ahead of backward (0: one entry at a time)
+    # where every save moves: a save that starts this many bytes into the forward stays on the device (its tail)
+    keep_from: float = float("inf")
+    keep_room: float = 0.0  # and the tail's bytes stop there
     moved: int = 0
     led: int = 0  # bytes of the tensors saved after the limit that carry a _Lead
     last: weakref.ref[_Held] | None = None
@@ -100,6 +103,8 @@ class _Chain:
     # what this forward offered: (storage, view, version) -> the tensor, while it lives
     seen: dict[tuple[Any, ...], weakref.ref[torch.Tensor]] = field(default_factory=dict)
     shared: int = 0  # tensors offered again, left on the device
+    kept: int = 0  # tensors past the limit or in the tail, left on the device
+    kept_bytes: int = 0
     saved: int = 0  # bytes this forward offered (moved or not): the next forward's share is of this
     tokens: int = field(default=1)
     flight: list[_Held] = field(default_factory=list)  # entries still holding their device tensor, oldest first

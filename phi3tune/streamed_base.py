@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .knobs import stream_slots_wanted
 from .memory import STREAMED_LAYERS
 
 log = logging.getLogger("phi3tune")
@@ -46,7 +47,8 @@ def four_bit_weights(layer: nn.Module) -> list[torch.Tensor]:
 class StreamedBase:
     """The host copies, the device slots and the copy order of one model's decoder layers (module docstring)."""
 
-    def __init__(self, layers: Sequence[nn.Module], device: torch.device, resident: int = 0) -> None:
+    def __init__(self, layers: Sequence[nn.Module], device: torch.device, resident: int = 0,
+                 slots: int = SLOTS) -> None:
         self.weights = [four_bit_weights(layer) for layer in layers]
         layouts = {tuple((tuple(w.shape), w.dtype) for w in ws) for ws in self.weights}
         if len(layouts) != 1 or not self.weights[0]:
@@ -57,26 +59,27 @@ class StreamedBase:
         self.cuda = device.type == "cuda"
         kept = resident_layers(len(self.weights), resident)
         self.streamed = [i for i in range(len(self.weights)) if i not in kept]
-        self.slot_of = {i: n % SLOTS for n, i in enumerate(self.streamed)}
+        self.slot_of = {i: n % slots for n, i in enumerate(self.streamed)}
         self.host = {i: [w.data.to("cpu", copy=True).pin_memory() if self.cuda and i not in kept else
                          w.data.to("cpu", copy=True) for w in self.weights[i]] for i in range(len(self.weights))}
         self._repack(device)
         self.slots = [[torch.empty(size, dtype=dtype, device=device) for size, dtype in layout]
-                      for _ in range(SLOTS)]
+                      for _ in range(slots)]
         for state in self._states():  # the block scales come back after the slots, beside them
             state.to(device)
-        self.resident = [-1] * SLOTS  # which layer each slot holds
+        self.resident = [-1] * slots  # which layer each slot holds
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.ready = [torch.cuda.Event() if self.cuda else None for _ in range(SLOTS)]
+        self.ready = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
         for i, ws in enumerate(self.weights):  # a streamed layer's weight is its slot from now on
             own = [h.to(device, copy=True) for h in self.host.pop(i)] if i in kept else None
             for j, w in enumerate(ws):
                 w.data = own[j] if own is not None else self.slots[self.slot_of[i]][j]
-        for i in self.streamed[:SLOTS]:
+        for i in self.streamed[:slots]:
             self.fetch(i)
-        # the streamed layer after / before each layer, which a layer's call or backward sends for next
-        self.after = [next((j for j in self.streamed if j > i), -1) for i in range(len(self.weights))]
-        self.before = [next((j for j in reversed(self.streamed) if j < i), -1) for i in range(len(self.weights))]
+        # the streamed layers after / before each layer (as many as the other slots hold, nearest first), which a
+        # layer's call or backward sends for next
+        self.after = [[j for j in self.streamed if j > i][:slots - 1] for i in range(len(self.weights))]
+        self.before = [[j for j in reversed(self.streamed) if j < i][:slots - 1] for i in range(len(self.weights))]
 
     def _states(self) -> list[Any]:
         """The 4-bit weights' quantization states (block scales, code table; bitsandbytes' QuantState)."""
@@ -128,7 +131,8 @@ class StreamedBase:
     def backward_reaches(self, i: int, _grad: torch.Tensor) -> None:
         """Layer ``i``'s output gradient is ready: its backward is next, then layer i - 1's."""
         self.use(i)
-        self.fetch(self.before[i])
+        for j in self.before[i]:
+            self.fetch(j)
 
     def restore(self) -> bool:
         """Every layer's weights on the device again, each its own tensor (the run is over); False, with nothing
@@ -163,7 +167,8 @@ class StreamedCall:
         s, i = self.streamer, self.index
         in_backward = torch._C._current_graph_task_id() != -1  # torch.utils.checkpoint recomputing the layer
         s.use(i)
-        s.fetch(s.before[i] if in_backward else s.after[i])
+        for j in s.before[i] if in_backward else s.after[i]:
+            s.fetch(j)
         out = self.inner(*args, **kwargs)
         first = out[0] if isinstance(out, tuple) else out
         if not in_backward and isinstance(first, torch.Tensor) and first.requires_grad:
@@ -181,8 +186,8 @@ def resident_layers(layers: int, resident: int) -> set[int]:
 def stream_base(layers: Sequence[nn.Module], device: torch.device, resident: int = 0) -> StreamedBase:
     """Keep ``layers``' 4-bit weights in host memory and stream them in (module docstring), but for ``resident``
     layers that keep theirs on the device. Call it last: after the layers are compiled and their checkpointing is
-    set."""
-    streamer = StreamedBase(layers, device, resident)
+    set. PHI3TUNE_STREAM_SLOTS=N (benchmarks): N device slots, N - 1 layers on their way in, not ``SLOTS``."""
+    streamer = StreamedBase(layers, device, resident, stream_slots_wanted() or SLOTS)
     for i, layer in enumerate(layers):
         compiled = getattr(layer, "_compiled_call_impl", None)
         inner = compiled if compiled is not None else layer._call_impl

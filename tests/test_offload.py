@@ -275,7 +275,7 @@ def test_a_tensor_saved_again_in_one_forward_stays_where_it_is(caplog):
     assert once.packed == 3 and copied.packed == 4  # x, w, y (w's second save stayed) against x, w, y, w's copy
     assert torch.equal(grad, grad2) and grad.abs().sum() > 0
     assert caplog.text.count("inputs in host memory: a 1-token forward moved 3 tensors") == 1
-    assert "1 saved again stayed on the device" in caplog.text
+    assert "1 saved again and 0 at its end stayed on the device" in caplog.text
     # a new tensor where one that is gone was (the same storage, view and version: a fresh view of one buffer, as a
     # freed address handed out again would be) is not "saved again": it moves. Negative control: while the first
     # lives, the same view stays
@@ -569,3 +569,27 @@ def test_a_weight_repointed_after_the_offloader_is_built_is_still_never_moved():
         assert all(torch.equal(t.grad, p) for t, p in zip((x, a, b), plain))
     assert offloader.packed == 2  # x and x @ a
     assert stale.packed == 4
+
+
+def test_the_forwards_last_saves_stay_on_the_device_never_more_than_the_tail():
+    """Every saved tensor moving, the saves at a forward's end worth ``tail`` bytes a token stay on the device (backward
+    needs them first): from the second forward on, once the first has said how many bytes a forward saves; the
+    gradient is the same. Where an earlier forward saved fewer bytes a token, the tail starts early but still keeps
+    no more than its bytes. Negative control: no tail, every save moves each time."""
+    def run(tail: float, token_bytes: float = 0.0) -> list[int]:
+        off = Offloader(share=1.0, tail=tail, token_bytes=token_bytes)
+        packed = []
+        for _ in range(2):
+            x = torch.randn(64, requires_grad=True)
+            with off.hooks(tokens=1):
+                y = x
+                for _ in range(8):
+                    y = torch.sin(y)  # saves its input: 8 tensors of 256 bytes
+            y.sum().backward()
+            assert x.grad is not None and torch.allclose(x.grad, _sin_chain_grad(x.detach(), 8))
+            packed.append(off.packed)
+        return packed
+
+    assert run(tail=2 * 256) == [8, 6]  # the last two kept, from the second forward on
+    assert run(tail=2 * 256, token_bytes=3 * 256) == [6, 6]  # started early (bytes 256-767), still only two kept
+    assert run(tail=0.0) == [8, 8]

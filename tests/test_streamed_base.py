@@ -132,6 +132,41 @@ def test_a_base_streamed_around_resident_layers_trains_the_same_adapter(four_lay
     assert not _same(run("no_refill", "1"), resident)
 
 
+def test_three_slots_keep_two_layers_on_their_way_in_and_train_the_same_adapter(four_layers, tmp_path, monkeypatch):
+    """PHI3TUNE_STREAM_SLOTS=3 (benchmarks): four layers take turns in three slots (0 and 3 share one), and each
+    layer's call finds the next two layers' bytes already sent for (forward: i + 1, i + 2; backward: i - 1, i - 2),
+    where two slots hold one. The run trains the resident base's losses and adapter bit for bit. Negative control:
+    without the backward refill the layers read the wrong bytes."""
+    rows = rows_of_text(8, seed=4)
+    held: list[tuple[int, tuple[int, ...]]] = []  # (layer, the layers the slots hold) after each streamed call
+    real_call = StreamedCall.__call__
+
+    def recording(self: StreamedCall, *args: Any, **kwargs: Any) -> Any:
+        out = real_call(self, *args, **kwargs)
+        if not held or held[-1][0] != self.index:
+            held.append((self.index, tuple(sorted(self.streamer.resident))))
+        return out
+
+    monkeypatch.setattr(StreamedCall, "__call__", recording)
+
+    def run(name: str, stream: str, slots: str) -> Any:
+        monkeypatch.setenv("PHI3TUNE_STREAM_BASE", stream)
+        monkeypatch.setenv("PHI3TUNE_STREAM_SLOTS", slots)
+        held.clear()
+        return tiny_tuner(four_layers, tmp_path / name, rows, grad_accum=2, max_steps=3).run()
+
+    resident = run("resident", "0", "3")
+    three = run("three", "1", "3")
+    assert _same(three, resident) and len(resident.losses) == 3
+    assert held[:4] == [(0, (0, 1, 2)), (1, (1, 2, 3)), (2, (1, 2, 3)), (3, (1, 2, 3))]  # after each call: two ahead
+    two = run("two", "1", "2")
+    assert _same(two, resident)
+    assert held[:4] == [(0, (0, 1)), (1, (1, 2)), (2, (2, 3)), (3, (2, 3))]  # one ahead
+    monkeypatch.setenv("PHI3TUNE_STREAM_SLOTS", "3")
+    _skip_backward_refill(monkeypatch)
+    assert not _same(run("no_refill", "1", "3"), resident)
+
+
 def test_the_memory_plan_streams_beside_its_inputs_in_host_memory(four_layers, tmp_path, monkeypatch):
     """The memory plan (every layer checkpointed by torch, its inputs in host memory: offload.py, whose side stream
     and saved-tensor hooks run beside the streamer's) trains the same 3 losses and adapter streamed as resident.

@@ -72,8 +72,11 @@
 #   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too), rec (moved inputs freed under
 #   record_stream on the copy's stream, as before session 28: PHI3TUNE_OFFLOAD_RELEASE=record_stream), heldN (the
 #   compute stream waits for a moved input's copy N saves later, not offload.HELD_SAVES: PHI3TUNE_HELD_SAVES=N),
-#   aheadN (backward keeps N moved inputs on their way back, not one: PHI3TUNE_OFFLOAD_AHEAD=N); prof takes rec,
-#   heldN, aheadN too, and +trace (a gzipped Chrome trace of the profiled steps beside the table, to read the
+#   aheadN (backward keeps N moved inputs on their way back, not one: PHI3TUNE_OFFLOAD_AHEAD=N), tailN (where every
+#   saved tensor moves, a forward's last saves worth N hidden vectors a token stay on the device, not
+#   memory.OFFLOAD_TAIL_HIDDENS; tail0: all move, as before session 31: PHI3TUNE_OFFLOAD_TAIL=N), slotsN (a streamed
+#   base's N device slots, N - 1 layers on their way in: PHI3TUNE_STREAM_SLOTS=N); prof takes rec, heldN, aheadN,
+#   tailN, slotsN too, and +trace (a gzipped Chrome trace of the profiled steps beside the table, to read the
 #   streams' timeline)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
@@ -153,6 +156,8 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     rec) envs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;  # moved inputs freed under record_stream (< s28)
     held*) envs+=("PHI3TUNE_HELD_SAVES=${v#held}") ;;  # the compute stream waits for a moved input's copy N saves on
     ahead*) envs+=("PHI3TUNE_OFFLOAD_AHEAD=${v#ahead}") ;;  # backward keeps N moved inputs on their way back
+    tail*) envs+=("PHI3TUNE_OFFLOAD_TAIL=${v#tail}") ;;  # a forward's last saves worth N hiddens a token stay
+    slots*) envs+=("PHI3TUNE_STREAM_SLOTS=${v#slots}") ;;  # a streamed base's device slots (N - 1 layers coming in)
     *) echo "unknown variant $v"; return ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
@@ -221,13 +226,15 @@ for r in "$@"; do
             rec) penvs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;
             held*) penvs+=("PHI3TUNE_HELD_SAVES=${v#held}") ;;
             ahead*) penvs+=("PHI3TUNE_OFFLOAD_AHEAD=${v#ahead}") ;;
+            tail*) penvs+=("PHI3TUNE_OFFLOAD_TAIL=${v#tail}") ;;
+            slots*) penvs+=("PHI3TUNE_STREAM_SLOTS=${v#slots}") ;;
             trace) psets+=(--trace "$OUT/trace_${gib}_$(echo "$variant" | tr '+' '_').json.gz") ;;  # the timeline
             nopage) psets+=(--set training.optimizer=AdamW32bit) ;;  # the default's math, its state unpaged
             ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
             amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
             *) bad=$v ;; esac; done
           pout="$OUT/profile_${gib}_$(echo "$variant" | tr '+' '_').txt"  # "+" in a name does not come back
-          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +rec, +heldN, +aheadN, +trace, +nopage or +ambN, not +$bad"; continue; }
+          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +rec, +heldN, +aheadN, +tailN, +slotsN, +trace, +nopage or +ambN, not +$bad"; continue; }
           env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
             "${psets[@]}" --out "$pout" > "/tmp/log_prof.txt" 2>&1 || { tail -c 2000 /tmp/log_prof.txt
             { echo "== $label"; tail -c 6000 /tmp/log_prof.txt; } >> "$OUT/failures.txt"; }
