@@ -34,6 +34,7 @@ from .memory import (
 )
 from .plan import (
     COMBO_KERNELS_HIDDENS,
+    COMBO_RECOMPUTED_HIDDENS,
     FIT_FRACTION,
     WHOLE_STEP_CAP,
     RunPlan,
@@ -80,24 +81,30 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
 
 def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
     """``plan`` with inductor's combo kernels in its compiled layers where measured to pay and where its predicted
-    peak plus their extra (``COMBO_KERNELS_HIDDENS``) still fits (``COMBO_FIT_FRACTION``): a speed plan on CUDA for
+    peak plus their extra (``_combo_held``) still fits (``COMBO_FIT_FRACTION``): a speed plan on CUDA for
     unpacked rows that checkpoints no layer. Session 18, H200: a host-bound pass (512-token micro-batches) 13%
     shorter; 16 GiB quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same
     losses; session 20, 12 GiB, +6%; session 21, with layers checkpointed by length (checkpoint_lengths.py) on 8,
-    12 and 24 GiB. Packed rows and layers checkpointed on every pass were not measured with them.
+    12 and 24 GiB. And the memory plan on CUDA, every layer recomputed in its graph with its input in host memory,
+    packed rows or not: session 31,
+    8 GiB card, one machine, 0.4121 s a packed step against 0.4287-0.4298 without (+4.2%) and 0.1859 against 0.2208
+    unpacked (+16%), the same losses. Packed rows in the speed plans were not measured with them.
     PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
     held = _combo_held(plan, shape, combo_kernels=True)
     asked = combo_wanted()
     if asked is not None:
         return held if asked and plan.compile else plan
-    measured = plan.mode == "speed" and plan.device.startswith("cuda") and not packed \
-        and (not plan.checkpointing or bool(plan.checkpoint_lengths))
+    speed = plan.mode == "speed" and not packed and (not plan.checkpointing or bool(plan.checkpoint_lengths))
+    lean = plan.mode == "memory" and plan.recompute_in_graph and plan.offload_checkpoints
+    measured = plan.device.startswith("cuda") and (speed or lean)
     return held if plan.compile and measured and _combo_fits(held, free) else plan
 
 
 def _combo_held(plan: RunPlan, shape: ModelShape, **changes: Any) -> RunPlan:
-    """``plan`` predicting combo kernels' measured extra at its longest micro-batch (``COMBO_KERNELS_HIDDENS``)."""
-    extra = COMBO_KERNELS_HIDDENS * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
+    """``plan`` predicting combo kernels' measured extra at its longest micro-batch (``COMBO_KERNELS_HIDDENS``;
+    ``COMBO_RECOMPUTED_HIDDENS`` where the memory plan recomputes every layer in its graph)."""
+    hiddens = COMBO_RECOMPUTED_HIDDENS if plan.mode == "memory" and plan.recompute_in_graph else COMBO_KERNELS_HIDDENS
+    extra = hiddens * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
     return _plus(plan, "combo_kernels", extra, **changes)
 
 
@@ -269,8 +276,8 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
     # the memory plan too, its base resident or streamed: on the smallest cards it beats 1,024-token micro-batches
     # (not where a benchmark asks for speed plans that offload layers: PHI3TUNE_OFFLOAD_LAYERS)
-    lean = [_candidate(run, shape, targets, device, "memory", asked, free, budget, processes=processes,
-                       streamed=streamed)
+    lean = [with_combo_kernels(_candidate(run, shape, targets, device, "memory", asked, free, budget,
+                                          processes=processes, streamed=streamed), shape, free, packed)
             for budget, streamed in itertools.product((None, 2048, 1024), _streams(run, shape, device, processes))]
     fits += [plan for plan in lean if _fits(plan, free)] if offload_layers_wanted() is None else []
     if fits:

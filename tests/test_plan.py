@@ -581,7 +581,8 @@ def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
     checkpoints by micro-batch length (checkpoint_lengths.py), only where its predicted peak plus their measured
     extra still fits 90% of the card, or the combo room (``COMBO_FIT_FRACTION`` of it, leaving
     ``COMBO_MARGIN_GIB``: session 20's 12 GiB card), and that extra is in the prediction; plans that checkpoint the
-    same layers on every pass, memory and CPU plans keep the plain kernels; the benchmark knob forces either way."""
+    same layers on every pass and CPU plans keep the plain kernels; the memory plan takes them where every layer
+    recomputes in its graph (its own extra); the benchmark knob forces either way."""
     from phi3tune.knobs import compile_settings
     from phi3tune.plan import COMBO_KERNELS_HIDDENS
     from phi3tune.plan_search import COMBO_FIT_FRACTION, COMBO_MARGIN_GIB
@@ -593,8 +594,8 @@ def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
         room = min(COMBO_FIT_FRACTION * g, g - COMBO_MARGIN_GIB)
         assert p.predicted_peak_gib <= (room if p.combo_kernels else 0.9 * g)
         assert ("combo_kernels" in p.memory) == p.combo_kernels == ("combo kernels" in p.describe())
-        if p.combo_kernels:  # the extra, per token of the largest micro-batch, is in the prediction
-            assert p.mode == "speed" and (not p.checkpointing or p.checkpoint_lengths)
+        if p.combo_kernels and p.mode == "speed":  # the extra, per token of the largest micro-batch, is predicted
+            assert not p.checkpointing or p.checkpoint_lengths
             assert p.memory["combo_kernels"] == COMBO_KERNELS_HIDDENS * 3072 * 2 * p.peak_micro_batch_tokens
     big = plans[139]
     assert big.combo_kernels and big.memory["combo_kernels"] > 0.4 * 2**30  # ~0.6 GiB at 4,864 tokens
@@ -613,7 +614,17 @@ def test_combo_kernels_where_measured_and_where_their_extra_fits(monkeypatch):
     monkeypatch.setenv("PHI3TUNE_COMPILE", "combo_kernels=0")
     assert not plan_for(ft, "cuda", free_gib=139).combo_kernels
     monkeypatch.delenv("PHI3TUNE_COMPILE")
+    # the memory plan (every layer recomputed in its graph, inputs in host memory: session 31) takes them with its
+    # own measured extra where they fit; not where it recomputes under torch's checkpoint, nor on a 5 GiB card
+    from phi3tune.plan import COMBO_RECOMPUTED_HIDDENS
+
+    lean = plan_for(ft.training(optimize_for="memory"), "cuda", free_gib=8)
+    assert lean.combo_kernels and lean.recompute_in_graph and lean.offload_checkpoints
+    assert lean.memory["combo_kernels"] == COMBO_RECOMPUTED_HIDDENS * 3072 * 2 * 4096
+    assert not plan_for(ft.training(optimize_for="memory"), "cuda", free_gib=5).combo_kernels
+    monkeypatch.setenv("PHI3TUNE_RECOMPUTE_IN_GRAPH", "0")
     assert not plan_for(ft.training(optimize_for="memory"), "cuda", free_gib=24).combo_kernels
+    monkeypatch.delenv("PHI3TUNE_RECOMPUTE_IN_GRAPH")
     assert not plan_for(ft, "cpu").combo_kernels
     assert compile_settings(combo_kernels=True)["options"] == {"combo_kernels": True}
     assert "combo_kernels" not in compile_settings()["options"]
