@@ -86,9 +86,9 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     shorter; 16 GiB quickstart +2.0% to +7.4% in three same-machine pairs (step_cost's ``_COMBO_COST``); the same
     losses; session 20, 12 GiB, +6%; session 21, with layers checkpointed by length (checkpoint_lengths.py) on 8,
     12 and 24 GiB. And the memory plan on CUDA, every layer recomputed in its graph with its input in host memory,
-    packed rows or not: session 31,
-    8 GiB card, one machine, 0.4121 s a packed step against 0.4287-0.4298 without (+4.2%) and 0.1859 against 0.2208
-    unpacked (+16%), the same losses. Packed rows in the speed plans were not measured with them.
+    packed rows or not: session 31, 8 GiB card, one machine, 0.4121 s a packed step against 0.4287-0.4298 without
+    (+4.2%) and 0.1859 against 0.2208 unpacked (+16%), the same losses. Packed rows in the speed plans were not
+    measured with them.
     PHI3TUNE_COMPILE=combo_kernels=0 / 1 (benchmarks) overrides."""
     held = _combo_held(plan, shape, combo_kernels=True)
     asked = combo_wanted()
