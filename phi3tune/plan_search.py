@@ -95,17 +95,21 @@ def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packe
     if asked is not None:
         return held if asked and plan.compile else plan
     speed = plan.mode == "speed" and not packed and (not plan.checkpointing or bool(plan.checkpoint_lengths))
-    lean = plan.mode == "memory" and plan.recompute_in_graph and plan.offload_checkpoints
-    measured = plan.device.startswith("cuda") and (speed or lean)
+    measured = plan.device.startswith("cuda") and (speed or (_lean_in_graph(plan) and plan.offload_checkpoints))
     return held if plan.compile and measured and _combo_fits(held, free) else plan
 
 
 def _combo_held(plan: RunPlan, shape: ModelShape, **changes: Any) -> RunPlan:
     """``plan`` predicting combo kernels' measured extra at its longest micro-batch (``COMBO_KERNELS_HIDDENS``;
     ``COMBO_RECOMPUTED_HIDDENS`` where the memory plan recomputes every layer in its graph)."""
-    hiddens = COMBO_RECOMPUTED_HIDDENS if plan.mode == "memory" and plan.recompute_in_graph else COMBO_KERNELS_HIDDENS
+    hiddens = COMBO_RECOMPUTED_HIDDENS if _lean_in_graph(plan) else COMBO_KERNELS_HIDDENS
     extra = hiddens * shape.hidden * plan.dtype.itemsize * plan.peak_micro_batch_tokens
     return _plus(plan, "combo_kernels", extra, **changes)
+
+
+def _lean_in_graph(plan: RunPlan) -> bool:
+    """The memory plan with every layer recomputed inside its compiled graph (combo kernels' own extra there)."""
+    return plan.mode == "memory" and plan.recompute_in_graph
 
 
 def _combo_fits(held: RunPlan, free: int | None) -> bool:
