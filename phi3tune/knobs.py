@@ -146,9 +146,7 @@ def stream_slots_wanted() -> int | None:
 def dequantize_layers_wanted() -> int | None:
     """PHI3TUNE_DEQUANTIZE_LAYERS=N (benchmarks, tests): only the first N decoder layers' 4-bit weights dequantized
     once, the others left 4-bit, on any plan that can (plan_search.with_dequantized_base); unset (None): the plan
-    decides, all or none. Not an ``auto`` choice until measured: where the whole base does not fit, the first
-    layers' share of its saving for their share of the memory, but the two kinds of layer compile to two families
-    of graphs."""
+    decides: all where they fit, else for packed rows the most first layers that fit (session 33), else none."""
     asked = os.environ.get("PHI3TUNE_DEQUANTIZE_LAYERS", "")
     return int(asked) if asked else None
 

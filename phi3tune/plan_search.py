@@ -54,6 +54,8 @@ log = logging.getLogger("phi3tune")
 # COMBO_MARGIN_GIB: session 20, 12 GiB quickstart, 4,096-token plan with them 10.91 GiB device peak (predicted
 # 11.16), +6% tokens/s in two same-machine pairs. On 8 GiB the margin binds (7.2 GiB, as FIT_FRACTION)
 COMBO_FIT_FRACTION, COMBO_MARGIN_GIB = 0.94, 0.75
+# Fewer dequantized layers than this are not worth their second family of compiled graphs (compiled_layers.py)
+MIN_DEQUANTIZED_LAYERS = 4
 
 
 def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: int | None) -> RunPlan:
@@ -63,7 +65,8 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     than the dequantization saves. Only where the matmuls run in the autocast dtype, as bitsandbytes' do, and not
     under FSDP, which shards the 4-bit weights, nor where the base streams from host memory. PHI3TUNE_DEQUANTIZE
     (knobs.dequantize_wanted) overrides;
-    PHI3TUNE_DEQUANTIZE_LAYERS=N dequantizes only the first N decoder layers (``RunPlan.dequantized_layers``)."""
+    Where the whole base does not fit, packed rows take the most first decoder layers that do (at least
+    ``MIN_DEQUANTIZED_LAYERS``; ``RunPlan.dequantized_layers``); PHI3TUNE_DEQUANTIZE_LAYERS=N asks for N."""
     q = facts(run.quant, QuantFacts) if run.quant is not None else None
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, plan.compute_dtype)
     if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype or plan.streamed_base:
@@ -76,7 +79,15 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     asked = dequantize_wanted()
     if asked is not None:
         return held if asked else plan
-    return held if plan.mode == "speed" and plan.device.startswith("cuda") and _fits(held, free) else plan
+    if plan.mode != "speed" or not plan.device.startswith("cuda"):
+        return plan
+    if _fits(held, free) or not run.data.packing:
+        return held if _fits(held, free) else plan
+    # packed rows: else the most first layers whose dequantized weights still fit (session 33, 16 GiB, one
+    # machine: 17 layers, 0.3647 s a step against 0.3740; unpacked, 12 layers ran 0.1601 against 0.1472, so not there)
+    fewer = (_plus(plan, "dequantized_weights", values * n // shape.layers, dequantized_layers=n)
+            for n in range(shape.layers - 1, MIN_DEQUANTIZED_LAYERS - 1, -1))
+    return next((p for p in fewer if _fits(p, free)), plan)
 
 
 def with_combo_kernels(plan: RunPlan, shape: ModelShape, free: int | None, packed: bool) -> RunPlan:
@@ -276,8 +287,15 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
         return with_combo_kernels(with_dequantized_base(named, run, shape, free), shape, free, packed)
     fits = [plan for plan in _speed_candidates(run, shape, targets, device, asked, free, processes, step_tokens)
             if _fits(plan, free)]
-    fits = [with_dequantized_base(plan, run, shape, free) for plan in fits]  # where it fits: faster, same math
-    fits += [c for c in (with_combo_kernels(p, shape, free, packed) for p in fits) if c.combo_kernels]  # more room
+    # the base dequantized where it fits (faster, the same math), combo kernels in the room left, or combo kernels
+    # first and the first layers dequantized in what they leave
+    held = [with_dequantized_base(plan, run, shape, free) for plan in fits]
+    combo = [c for c in (with_combo_kernels(p, shape, free, packed) for p in held) if c.combo_kernels]
+    first = [with_dequantized_base(c, run, shape, free) for c in (with_combo_kernels(p, shape, free, packed)
+                                                                   for p in fits) if c.combo_kernels]
+    fits = held + combo + first
+    if any(plan.dequantized_base for plan in fits):  # the first layers alone only where no plan holds the whole base
+        fits = [plan for plan in fits if not plan.dequantized_layers]  # (measured on 16 GiB, not against it)
     # the memory plan too, its base resident or streamed: on the smallest cards it beats 1,024-token micro-batches
     # (not where a benchmark asks for speed plans that offload layers: PHI3TUNE_OFFLOAD_LAYERS)
     lean = [with_combo_kernels(_candidate(run, shape, targets, device, "memory", asked, free, budget,

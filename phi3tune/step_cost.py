@@ -65,6 +65,9 @@ _MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose ac
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
 # 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
 _DEQUANTIZE_SAVES_MS, _MICRO_BATCH_MS, _TOKEN_MS = 16.0, 19.0, 0.0367
+# Its first N layers alone (packed rows, plan_search.with_dequantized_base) save about half their share: session 33,
+# 16 GiB, one machine, 17 of 32 layers, a median step 0.3647 s against 0.3740 (-2.5%, where N/32 of 16 ms says -5%)
+_FIRST_LAYERS_SHARE = 0.5
 # Combo kernels (plan_search.with_combo_kernels): session 18, 16 GiB quickstart, three same-machine pairs, +4.1%
 # tokens/s
 _COMBO_COST = 0.96
@@ -111,8 +114,8 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     """Time per real token of a speed plan relative to 4,096-token micro-batches with no checkpointing (H200).
     A budget above 4,096 is a whole step per micro-batch (``whole_step_tokens``): 8,192's measured cost. ``packed``
     rows fill every micro-batch, so from 2,048 tokens up the fit of a micro-batch's time says what a size costs. The
-    base dequantized once takes its measured ~16 ms off each micro-batch (its first N layers alone: N/L of it,
-    unmeasured); activations or checkpointed inputs in host memory cost
+    base dequantized once takes its measured ~16 ms off each micro-batch (its first N layers alone: half of N/L of
+    it, measured); activations or checkpointed inputs in host memory cost
     ``_OFFLOAD_EXPOSED`` of the host link's time for them against the micro-batch's; a full (packed) pass costs at
     least the host's time to queue it (``_HOST_PASS_MS``; below the default budget ``_HOST_PASS_MS_RECOMPUTING``).
     Recomputation costs in proportion to the layers checkpointed: where they depend on the micro-batch's length
@@ -132,7 +135,7 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
         recompute = min(recompute, _BY_LENGTH_RECOMPUTE * by_length)
     tier = budget_tier(plan.activation_budget)
     low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[tier]
-    spared = 1.0 if plan.dequantized_base else plan.dequantized_layers / max(1, layers)  # its share of the saving
+    spared = 1.0 if plan.dequantized_base else _FIRST_LAYERS_SHARE * plan.dequantized_layers / max(1, layers)
     held = 1 - spared * _DEQUANTIZE_SAVES_MS / micro_batch_ms(size)
     combo = _COMBO_COST if plan.combo_kernels else 1.0
     away = plan.memory.get("host_offloaded", 0) + plan.memory.get("host_checkpoints", 0)  # out and back, each

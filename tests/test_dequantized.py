@@ -220,25 +220,39 @@ def test_compiled_layers_of_both_kinds_are_built_in_the_warm_up(tiny_model, tmp_
 
 
 @needs_shared
-def test_the_plan_dequantizes_the_first_layers_only_when_asked(monkeypatch):
-    """Phi-3-mini on a 16 GiB card, where the whole base does not fit: PHI3TUNE_DEQUANTIZE_LAYERS=12 holds 12/32
-    of the dequantized weights and is costed 12/32 of the saving; without it, none (a benchmark's knob until
-    measured)."""
+def test_packed_rows_dequantize_the_first_layers_where_the_whole_base_does_not_fit(monkeypatch):
+    """Phi-3-mini on a 16 GiB card, where the whole base does not fit: packed rows dequantize the most first layers
+    that still fit (measured faster there, session 33), unpacked rows none (measured slower); a card that holds
+    the whole base dequantizes it all; PHI3TUNE_DEQUANTIZE=0 none (the negative control);
+    PHI3TUNE_DEQUANTIZE_LAYERS=12 holds 12/32 of the dequantized weights, costed half their share of the saving."""
     from dataclasses import replace
 
     from phi3tune.bench import plan_for
-    from phi3tune.step_cost import expected_cost
+    from phi3tune.memory import GIB
+    from phi3tune.plan import FIT_FRACTION
+    from phi3tune.step_cost import _FIRST_LAYERS_SHARE, expected_cost
 
     monkeypatch.delenv("PHI3TUNE_DEQUANTIZE", raising=False)
     monkeypatch.delenv("PHI3TUNE_DEQUANTIZE_LAYERS", raising=False)
+    packed = FineTuner(str(PHI3_DIR), attn_implementation="phi3tune_varlen").data(packing=True)  # as on the GPU
     plain = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=16)
     assert not plain.dequantized_base and not plain.dequantized_layers
     whole = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
-    assert whole.dequantized_base
+    assert whole.dequantized_base and not whole.dequantized_layers
+    first = plan_for(packed, "cuda", free_gib=16)
+    per_layer = whole.memory["dequantized_weights"] // 32
+    assert 4 <= first.dequantized_layers < 32 and not first.dequantized_base
+    assert first.memory["dequantized_weights"] == first.dequantized_layers * per_layer
+    assert first.predicted_peak_gib * GIB <= FIT_FRACTION * 16 * GIB  # it fits ...
+    assert first.predicted_peak_gib * GIB + per_layer > FIT_FRACTION * 16 * GIB  # ... and one more layer would not
+    assert plan_for(packed, "cuda", free_gib=139).dequantized_base
+    monkeypatch.setenv("PHI3TUNE_DEQUANTIZE", "0")
+    assert not plan_for(packed, "cuda", free_gib=16).dequantized_layers
+    monkeypatch.delenv("PHI3TUNE_DEQUANTIZE")
     monkeypatch.setenv("PHI3TUNE_DEQUANTIZE_LAYERS", "12")
     some = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=16)
     assert some.dequantized_layers == 12 and not some.dequantized_base
-    assert some.memory["dequantized_weights"] == 12 * whole.memory["dequantized_weights"] // 32
+    assert some.memory["dequantized_weights"] == 12 * per_layer
     full_cost, none_cost = expected_cost(replace(some, dequantized_layers=0, dequantized_base=True), 32), \
         expected_cost(replace(some, dequantized_layers=0), 32)
-    assert expected_cost(some, 32) == pytest.approx(none_cost - (none_cost - full_cost) * 12 / 32)
+    assert expected_cost(some, 32) == pytest.approx(none_cost - (none_cost - full_cost) * _FIRST_LAYERS_SHARE * 12 / 32)
