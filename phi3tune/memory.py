@@ -59,16 +59,23 @@ OFFLOAD_EXTRA = 1.2
 # (1 + 2 hiddens), 72 MiB at 4,096 tokens. Not counted at the peak, which is inside a layer's recomputed backward,
 # once the tail is used up: session 31, 8 GiB packed, the device's peak 4.37 GiB with it against 4.39 without
 OFFLOAD_TAIL_HIDDENS = 3
+# the speed plans' upper budget, for unpacked rows' symbolic-length graphs only (plan_search._budgets): session 34,
+# 16 GiB quickstart, one machine, 21,794 tokens/s at 10.53 GiB allocated against the middle budget's 21,213 at 10.10
+# (0.7: 21,467 / 21,500 at 10.97; 0.8: 22,059 at 14.09, 15.89 at the device of the card's 16)
+UPPER_ACTIVATION_BUDGET = 0.6
 MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its cost); below it, the low budget's share
 LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's (plan.py: why, and its cost)
 
 
 def budget_tier(activation_budget: float) -> str:
-    """Which measured budget a compiled layer's ``activation_budget`` falls under: "default" (1.0), "middle"
-    (from MIDDLE_ACTIVATION_BUDGET) or "low"; the one rule both the memory model here and
-    step_cost.expected_cost read."""
-    return "default" if activation_budget >= 1.0 else "middle" if activation_budget >= MIDDLE_ACTIVATION_BUDGET \
-        else "low"
+    """Which measured budget a compiled layer's ``activation_budget`` falls under: "default" (1.0), "upper" (from
+    UPPER_ACTIVATION_BUDGET), "middle" (from MIDDLE_ACTIVATION_BUDGET) or "low"; the one rule both the memory
+    model here and step_cost.expected_cost read."""
+    if activation_budget >= 1.0:
+        return "default"
+    if activation_budget >= UPPER_ACTIVATION_BUDGET:
+        return "upper"
+    return "middle" if activation_budget >= MIDDLE_ACTIVATION_BUDGET else "low"
 
 
 # Symbolic-length compiled layers (shapes.symbolic_lengths_pay) keep more than fixed-length ones: hidden-sized
@@ -79,8 +86,10 @@ def budget_tier(activation_budget: float) -> str:
 # first (16 GiB card, 4,864 tokens: 12.06 GiB at the device's peak). Session 24 ran the same plan at 11.69 (10.10
 # allocated against 10.96 in session 22), and the 12 GiB card's at 9.94 against 10.70. The middle budget's
 # modelled share alone then predicts 12.34 and 10.80, 5.6% and 8.7% above. At the default budget they keep the
-# same.
-SYMBOLIC_HIDDENS = {"low": 1.6}
+# same. Upper: the low budget's share (``modelled_budget``) and 0.5 more: session 34, 16 GiB quickstart at 4,864
+# tokens, 10.53 GiB allocated at the 0.6 budget against 10.10 at the middle one (0.49 hiddens a token and layer;
+# predicted 12.78, 12.40 at the device)
+SYMBOLIC_HIDDENS = {"low": 1.6, "upper": 0.5}
 
 
 # Symbolic-length compiled layers at the middle budget keep what they keep at the low one (and, until each compiled
@@ -91,8 +100,10 @@ SYMBOLIC_HIDDENS = {"low": 1.6}
 # examples/benchmarks/saved_tensors.py); the plan follows the runs.
 def modelled_budget(activation_budget: float, symbolic: bool) -> float:
     """The activation budget whose measured activations a plan's compiled layers keep: their own, except
-    symbolic-length graphs at the middle budget, which keep the low budget's (measured above)."""
-    return LOW_ACTIVATION_BUDGET if symbolic and budget_tier(activation_budget) == "middle" else activation_budget
+    symbolic-length graphs at the middle or upper budget, which keep the low budget's (measured above; the upper
+    one a little more: ``SYMBOLIC_HIDDENS``)."""
+    lean = symbolic and budget_tier(activation_budget) in ("middle", "upper")
+    return LOW_ACTIVATION_BUDGET if lean else activation_budget
 
 
 def symbolic_lengths_bytes(shape: ModelShape, tokens: int, act_bytes: int, activation_budget: float) -> int:
@@ -179,7 +190,8 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     whole_layer = act_bytes * (a * shape.hidden + b * shape.intermediate + c) * (_COMPILED if compiled else 1.0)
     if upcast and act_bytes < 4:
         whole_layer *= _UPCAST_ACTIVATIONS
-    share = {"default": 1.0, "middle": _MIDDLE_BUDGET, "low": _LOW_BUDGET}[tier]
+    # the upper budget with fixed lengths was never measured: counted as keeping what the default keeps
+    share = {"default": 1.0, "upper": 1.0, "middle": _MIDDLE_BUDGET, "low": _LOW_BUDGET}[tier]
     per_layer = whole_layer * kept * share  # a layer that keeps its activations
     recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
     recomputed *= _IN_GRAPH_RECOMPUTED if recompute_in_graph else 1.0

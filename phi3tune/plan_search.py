@@ -27,6 +27,7 @@ from .memory import (
     GIB,
     LOW_ACTIVATION_BUDGET,
     MIDDLE_ACTIVATION_BUDGET,
+    UPPER_ACTIVATION_BUDGET,
     ModelShape,
     dequantized_bytes,
     load_bytes,
@@ -191,26 +192,28 @@ def _streams(run: RunSpec, shape: ModelShape, device: torch.device, processes: i
 def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,
                       free: int | None, processes: int = 1, step_tokens: int | None = None) -> list[RunPlan]:
     """For each micro-batch budget (the user's, else a whole step when that is more than 4,096 tokens
-    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (the compiler's default, the middle
-    one, the low one): the speed plan that checkpoints the fewest layers and still fits ``free`` (all of them when
-    none fits), those layers for its longest micro-batch and fewer for shorter ones (``_by_length``); where it
-    checkpoints every layer, the same with their inputs in host memory too (``_offloads``: instead, where the base
-    streams); or, where it checkpoints any, host offloading can run (``_can_offload``) and a benchmark asks for it
-    (knobs.offload_layers_wanted: a fixed count), the one that moves that many layers' activations to host memory
-    instead. Not yet a choice of ``auto``: session 20 measured it slower on a 12 GiB card; session 21 ran it on an
-    8 GiB card, steady steps faster than checkpointing but slower over 30 steps and near the card's edge
-    (docs/performance.md)."""
+    (``whole_step_tokens``) / 4,096 / 2,048 / 1,024) and activation budget (``_budgets``: the compiler's default, the
+    upper one for unpacked rows, the middle one, the low one): the speed plan that checkpoints the fewest layers and
+    still fits ``free`` (all of them when none fits), those layers for its longest micro-batch and fewer for shorter
+    ones (``_by_length``); where it checkpoints every layer, the same with their inputs in host memory too
+    (``_offloads``: instead, where the base streams); or, where it checkpoints any, host offloading can run
+    (``_can_offload``) and a benchmark asks for it (knobs.offload_layers_wanted: a fixed count), the one that moves that
+    many layers' activations to host memory instead. Not yet a choice of ``auto``: session 20 measured it slower on a
+    12 GiB card; session 21 ran it on an 8 GiB card, steady steps faster than checkpointing but slower over 30 steps and
+    near the card's edge (docs/performance.md)."""
     whole = whole_step_tokens(run, step_tokens)
     budgets = [None] if run.train.micro_batch_tokens else [*([whole] if whole > 4096 else []), None, 2048, 1024]
     forced = offload_layers_wanted()
     out: list[RunPlan] = []
     for streamed, budget in itertools.product(_streams(run, shape, device, processes), budgets):
-        for low in (1.0, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET):
+        for low in _budgets(run):
             for k in range(shape.layers + 1):
                 plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
                                   low, streamed=streamed)
                 if _fits(plan, free):
                     break
+            if low == UPPER_ACTIVATION_BUDGET and plan.checkpoint_layers:  # measured where it checkpoints none
+                continue
             moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
             # every layer checkpointed: their inputs may wait in host memory (beside a streamed base they do)
             away = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, shape.layers,
@@ -230,6 +233,15 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
             if plan.checkpoint_layers == 0:  # fits whole: a lower activation budget is only slower
                 break
     return out  # smaller budgets too, though slower alone: with the room they leave, the base may be dequantized
+
+
+def _budgets(run: RunSpec) -> tuple[float, ...]:
+    """The compiled layers' activation budgets the search weighs, highest first: the compiler's default, the middle
+    and the low one, and for unpacked rows the upper one too, in plans that checkpoint no layer (measured there
+    only, with symbolic lengths; with fixed ones the memory model counts it as keeping the default's activations,
+    so it is never taken there)."""
+    upper = () if run.data.packing else (UPPER_ACTIVATION_BUDGET,)
+    return (1.0, *upper, MIDDLE_ACTIVATION_BUDGET, LOW_ACTIVATION_BUDGET)
 
 
 def _by_length(run: RunSpec, shape: ModelShape, targets: list[str], device: torch.device, optimize_for: str,

@@ -61,6 +61,10 @@ _LOW_BUDGET_COST = 1.18
 # default's matmuls (CPU: tests/test_compiled_layers.py), where 0.3 recomputes 4 more. Session 14, 16 GiB card, both
 # with symbolic lengths, one machine: 0.1582 against 0.1675 s a step (0.944; these costs: 1.11 / 1.18 = 0.941)
 _MIDDLE_BUDGET_COST = 1.11  # MIDDLE_ACTIVATION_BUDGET: 0.5 (memory.py, whose activation model it changes)
+# The upper budget (memory.UPPER_ACTIVATION_BUDGET, 0.6; unpacked rows' symbolic graphs): session 34, 16 GiB
+# quickstart, one machine, 21,794 tokens/s against the middle budget's 21,213 (x0.973; median step 0.1470 against
+# 0.1523 s), the same losses; 21,560 on a second machine
+_UPPER_BUDGET_COST = 1.08
 # The 4-bit base dequantized once (dequantized.py) saves a fixed time per micro-batch: session 9, H200, one machine,
 # median step 0.1545 -> 0.137 s unpacked (one 4,864-token micro-batch a step), 0.320 -> 0.304 s packed (one of
 # 8,192), i.e. ~16 ms of a micro-batch that costs ~19 ms plus ~36.7 µs a token (session 8's fit)
@@ -134,7 +138,7 @@ def expected_cost(plan: CostedPlan, layers: int, packed: bool = False, steps: Se
     if by_length is not None:
         recompute = min(recompute, _BY_LENGTH_RECOMPUTE * by_length)
     tier = budget_tier(plan.activation_budget)
-    low = {"default": 1.0, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[tier]
+    low = {"default": 1.0, "upper": _UPPER_BUDGET_COST, "middle": _MIDDLE_BUDGET_COST, "low": _LOW_BUDGET_COST}[tier]
     spared = 1.0 if plan.dequantized_base else _FIRST_LAYERS_SHARE * plan.dequantized_layers / max(1, layers)
     held = 1 - spared * _DEQUANTIZE_SAVES_MS / micro_batch_ms(size)
     combo = _COMBO_COST if plan.combo_kernels else 1.0

@@ -9,7 +9,7 @@ import torch
 
 from phi3tune import compiled_layers as cl
 from phi3tune import lora_dropout as ld
-from phi3tune.memory import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET
+from phi3tune.memory import LOW_ACTIVATION_BUDGET, MIDDLE_ACTIVATION_BUDGET, UPPER_ACTIVATION_BUDGET
 from phi3tune.model import attach_adapter, load_weights
 from phi3tune.specs import AdapterSpec, QuantSpec
 
@@ -108,11 +108,11 @@ def _step(inner, layer, n: int = 32):
 
 @pytest.mark.parametrize("dropout_module", ["hashed", "torch"])
 def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(tiny_model, dropout_module):
-    """The partitioner's activation budget (the low one and the speed plans' middle one) recomputes ops in backward
-    instead of saving them. Hashed masks come out the same when recomputed: the compiled layer's gradients are the
-    eager layer's, and it saves less than with its default budget. With nn.Dropout (the negative control: torch
-    draws the mask again in backward) the gradients are wrong. The split is inductor's, its graphs run as traced
-    (no code generated: the partitioner decides what is recomputed)."""
+    """The partitioner's activation budget (the low one, the speed plans' middle and upper ones) recomputes ops in
+    backward instead of saving them. Hashed masks come out the same when recomputed: the compiled layer's gradients are
+    the eager layer's, and it saves less than with its default budget (the upper budget no more). With nn.Dropout (the
+    negative control: torch draws the mask again in backward) the gradients are wrong. The split is inductor's, its
+    graphs run as traced (no code generated: the partitioner decides what is recomputed)."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
@@ -135,6 +135,7 @@ def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(t
         low, saved_low = compiled(LOW_ACTIVATION_BUDGET)
         # the speed plans' middle budget, with the hashed masks only (nn.Dropout's is wrong under any budget)
         middle, saved_middle = compiled(MIDDLE_ACTIVATION_BUDGET) if dropout_module == "hashed" else (None, 0)
+        upper, saved_upper = compiled(UPPER_ACTIVATION_BUDGET) if dropout_module == "hashed" else (None, 0)
 
     def worst(grads):
         return max(float((g - e).norm() / e.norm()) for g, e in zip(grads, eager, strict=True))
@@ -143,6 +144,7 @@ def test_under_the_activation_budget_a_compiled_layer_gets_the_eager_gradients(t
     if dropout_module == "hashed":
         assert worst(low) < 1e-4 and saved_low < 0.8 * saved_full
         assert worst(middle) < 1e-4 and saved_middle < saved_full
+        assert worst(upper) < 1e-4 and saved_middle <= saved_upper <= saved_full
     else:
         assert worst(low) > 0.1
 

@@ -181,16 +181,18 @@ def test_cuda_plans_take_varlen_attention_where_its_kernel_runs(monkeypatch):
 @needs_shared
 def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     """Phi-3-mini, the flash kernel taken as present. Unpacked rows get one symbolic-length graph (multiples of
-    128) at the default budget, and at the middle one where its measured extra memory still fits (12 and 16 GiB:
-    with the low budget's extra 12 GiB would not, the negative control); at the middle budget the symbolic graphs
-    are planned to keep what the low budget's do (measured), less than fixed lengths would (the other control), and
-    nothing more since each compiles its symbolic graph first.
+    128) at the default budget, and at the upper one (since session 34) where its measured extra memory still fits
+    (12 and 16 GiB: with the low budget's extra 12 GiB would not, the negative control); at the middle and upper
+    budgets the symbolic graphs are planned to keep what the low budget's do (measured), less than fixed lengths
+    would (the other control), and at the middle one nothing more since each compiles its symbolic graph first.
     Packed rows keep their 4 fixed lengths but at the middle budget; FlexAttention always."""
     from phi3tune import FineTuner, varlen_attention
     from phi3tune.bench import plan_for
     from phi3tune.memory import (
         LOW_ACTIVATION_BUDGET,
+        MIDDLE_ACTIVATION_BUDGET,
         SYMBOLIC_HIDDENS,
+        UPPER_ACTIVATION_BUDGET,
         ModelShape,
         modelled_budget,
         symbolic_lengths_bytes,
@@ -208,27 +210,33 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     assert big.memory["symbolic_lengths"] == 0  # the default budget keeps the same with either
     assert "varlen flash attention" in big.describe() and "a multiple of 128" in big.describe()
     sixteen, twelve = plan_for(ft, "cuda", free_gib=16), plan_for(ft, "cuda", free_gib=12)
-    assert sixteen.activation_budget == 0.5 and sixteen.dynamic_lengths
+    assert sixteen.activation_budget == UPPER_ACTIVATION_BUDGET and sixteen.dynamic_lengths
     # as the GPU plans them (the data's longest step, varlen attention): a bigger card is never expected slower
     cards = {g: plan_for(ft, "cuda", free_gib=g, step_tokens=4842) for g in (8, 12, 16, 20, 24, 32, 40, 139)}
     costs = [expected_cost(p, 32) for p in cards.values()]
     assert costs == sorted(costs, reverse=True) and all(
         p.predicted_peak_gib <= FIT_FRACTION * g or (p.combo_kernels and p.predicted_peak_gib <= g - 0.75)
         for g, p in cards.items())  # combo kernels' measured extra may use a little more (plan_search)
-    assert cards[24].dequantized_base and cards[24].activation_budget == 0.5 and cards[24].dynamic_lengths
-    # at the middle budget a symbolic graph compiled first keeps no more than fixed-length ones (session 24)
-    assert sixteen.memory["symbolic_lengths"] == 0 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
-    # 12 GiB takes the middle budget with symbolic lengths too, at 4,096 tokens
-    assert (twelve.activation_budget, twelve.dynamic_lengths, twelve.micro_batch_tokens) == (0.5, True, 4096)
+    assert cards[24].dequantized_base and cards[24].activation_budget == UPPER_ACTIVATION_BUDGET \
+        and cards[24].dynamic_lengths
+    # at the middle budget a symbolic graph compiled first keeps no more than fixed-length ones (session 24); at the
+    # upper one its measured half a hidden vector a token and layer more
+    middle16 = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=16)
+    assert middle16.activation_budget == MIDDLE_ACTIVATION_BUDGET and middle16.memory["symbolic_lengths"] == 0
+    assert sixteen.memory["symbolic_lengths"] > 0 and sixteen.predicted_peak_gib <= FIT_FRACTION * 16
+    # 12 GiB takes the upper budget with symbolic lengths too, at 4,096 tokens
+    assert (twelve.activation_budget, twelve.dynamic_lengths, twelve.micro_batch_tokens) == (
+        UPPER_ACTIVATION_BUDGET, True, 4096)
     plain = twelve.predicted_peak_gib - twelve.memory.get("combo_kernels", 0) / (1 << 30)  # before combo kernels
     assert plain <= FIT_FRACTION * 12
     # negative control: with the low budget's symbolic extra (measured: session 12) it would not fit
     shape = ModelShape(hidden=3072, intermediate=8192, layers=32, vocab=32064, linears=(), other_params=0)
     extra = symbolic_lengths_bytes(shape, twelve.micro_batch_tokens, 2, LOW_ACTIVATION_BUDGET)
-    assert SYMBOLIC_HIDDENS == {"low": 1.6} and plain + extra / (1 << 30) > FIT_FRACTION * 12
+    assert SYMBOLIC_HIDDENS["low"] == 1.6 and plain + extra / (1 << 30) > FIT_FRACTION * 12
     middle = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
-    assert middle.activation_budget == 0.5 and middle.dynamic_lengths
+    assert middle.activation_budget == UPPER_ACTIVATION_BUDGET and middle.dynamic_lengths
     assert (modelled_budget(0.5, True), modelled_budget(0.5, False), modelled_budget(1.0, True)) == (0.3, 0.5, 1.0)
+    assert modelled_budget(UPPER_ACTIVATION_BUDGET, True) == 0.3
     monkeypatch.setenv("PHI3TUNE_COMPILE", "dynamic_lengths=0")
     fixed = plan_for(FineTuner(str(PHI3_DIR)).training(micro_batch_tokens=4864), "cuda", free_gib=22)
     assert fixed.activation_budget == 0.5 and not fixed.dynamic_lengths
@@ -250,3 +258,47 @@ def test_symbolic_lengths_where_they_pay_and_fit(monkeypatch):
     monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
     flex = plan_for(FineTuner(str(PHI3_DIR)), "cuda", free_gib=139)
     assert flex.attn_implementation == "flex_attention" and not flex.dynamic_lengths
+
+
+@needs_shared
+def test_unpacked_rows_take_the_upper_budget_where_it_checkpoints_no_layer(monkeypatch):
+    """The upper activation budget (memory.UPPER_ACTIVATION_BUDGET; session 34, the 16 GiB quickstart: 21,794
+    tokens/s against the middle budget's 21,213 for 0.43 GiB more allocated). The 16 GiB quickstart's whole step
+    (varlen attention, symbolic lengths) takes it, predicted the middle plan's peak plus its measured extra and
+    costed below it. Negative controls: without the upper budget the search takes the middle one (the plan before);
+    12 GiB, where it would need checkpointed layers (not measured), keeps the middle budget's plan; packed rows and
+    FlexAttention's fixed lengths (neither measured) never take it."""
+    from phi3tune import FineTuner, plan_search, varlen_attention
+    from phi3tune.bench import plan_for
+    from phi3tune.memory import MIDDLE_ACTIVATION_BUDGET, SYMBOLIC_HIDDENS, UPPER_ACTIVATION_BUDGET
+    from phi3tune.plan import FIT_FRACTION
+    from phi3tune.step_cost import expected_cost
+
+    monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
+    steps = [3100] * 56 + [2000, 2500, 3500, 3900, 4158, 4499, 4686]  # the quickstart's first epoch, roughly
+    ft = FineTuner(str(PHI3_DIR))
+    upper = plan_for(ft, "cuda", free_gib=16, steps=steps)
+    assert (upper.activation_budget, upper.checkpointing, upper.dynamic_lengths) == (UPPER_ACTIVATION_BUDGET, False,
+                                                                                     True)
+    assert "activations recomputed to a 0.6 budget" in upper.describe()
+    assert upper.compile_settings()["activation_budget"] == UPPER_ACTIVATION_BUDGET  # what the layers compile with
+    tokens = upper.peak_micro_batch_tokens
+    extra = SYMBOLIC_HIDDENS["upper"] * 3072 * 2 * tokens * 32  # hidden vectors of bf16, a token and layer
+    assert upper.memory["symbolic_lengths"] == pytest.approx(extra, rel=1e-3)
+    assert upper.predicted_peak_gib <= FIT_FRACTION * 16
+    monkeypatch.setattr(plan_search, "_budgets", lambda run: (1.0, MIDDLE_ACTIVATION_BUDGET, 0.3))
+    middle = plan_for(ft, "cuda", free_gib=16, steps=steps)
+    assert (middle.activation_budget, middle.checkpointing) == (MIDDLE_ACTIVATION_BUDGET, False)
+    assert upper.predicted_peak_gib - middle.predicted_peak_gib == pytest.approx(extra / (1 << 30), rel=0.02)
+    assert expected_cost(upper, 32, False, steps) < expected_cost(middle, 32, False, steps)
+    monkeypatch.undo()
+    monkeypatch.delenv("PHI3TUNE_COMPILE", raising=False)
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: True)
+    twelve = plan_for(ft, "cuda", free_gib=12, steps=steps)
+    assert twelve.activation_budget == MIDDLE_ACTIVATION_BUDGET and twelve.checkpoint_layers > 0
+    packed = plan_for(FineTuner(str(PHI3_DIR)).data(packing=True), "cuda", free_gib=16)
+    assert packed.activation_budget == MIDDLE_ACTIVATION_BUDGET
+    monkeypatch.setattr(varlen_attention, "available", lambda device, dtype: False)
+    flex = plan_for(ft, "cuda", free_gib=16, steps=steps)
+    assert flex.attn_implementation == "flex_attention" and flex.activation_budget != UPPER_ACTIVATION_BUDGET
