@@ -116,6 +116,11 @@ def main() -> None:
         text = "memory_peak: no CUDA device; the steps ran, nothing was recorded (a rehearsal)\n"
     else:
         device = torch.cuda.current_device()
+        # what is held before the run (as_card.py's filler, which patches max_memory_allocated but not
+        # memory_stats): subtracted from the allocator's peaks below, so both reports count the run alone
+        held = torch.cuda.memory_stats()
+        held_alloc = held.get("allocated_bytes.all.current", 0)
+        held_reserved = held.get("reserved_bytes.all.current", 0)
         after: dict[str, int] = {}
         marks: list[int] = []  # the trace's length at each step callback
 
@@ -136,8 +141,10 @@ def main() -> None:
         stats = torch.cuda.memory_stats()
         plan = result.plan.describe() if result.plan is not None else "(no plan)"
         trace = snapshot["device_traces"][device]
-        steps = (f"after the first step: allocated peak {stats['allocated_bytes.all.peak'] / GIB:.3f} GiB, reserved "
-                 f"peak {stats['reserved_bytes.all.peak'] / GIB:.3f}, inactive split peak "
+        alloc_peak = stats["allocated_bytes.all.peak"] - held_alloc
+        reserved_peak = stats["reserved_bytes.all.peak"] - held_reserved
+        steps = (f"after the first step: allocated peak {alloc_peak / GIB:.3f} GiB, reserved "
+                 f"peak {reserved_peak / GIB:.3f}, inactive split peak "
                  f"{stats['inactive_split_bytes.all.peak'] / GIB:.3f}, allocator retries {stats['num_alloc_retries']}")
         text = "\n".join([plan, steps, report(trace, max(after.get("whole", 0), torch.cuda.max_memory_allocated()),
                                               marks=tuple(marks)),
