@@ -15,8 +15,8 @@
 #         DEQ_WAYS="bitsandbytes table kernel ..." times only those)
 #   hash  LoRA dropout's masks hashed in int32 against int64: the same bits (eager, compiled) and each one's time
 #         (dropout_hash.py; GIB ignored)
-#   saved  what one compiled layer saves for backward at each budget, fixed / symbolic lengths (saved_tensors.py;
-#         GIB ignored; ~6 compiles: give it LIMIT=300)
+#   saved  what one compiled layer saves for backward at each budget (1.0, 0.6, 0.5, 0.3), fixed / symbolic lengths
+#         (saved_tensors.py; GIB ignored; ~8 compiles: give it LIMIT=300); saved@full+deq: its base dequantized once
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
 #         training.micro_batch_tokens=2048; prof@full+packed: with data.packing=true; prof@full+amb5: the layers
 #         compiled at the activation budget 0.5, as amb5;
@@ -211,8 +211,9 @@ for r in "$@"; do
     deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py ${DEQ_WAYS:-} 2>&1 | grep '^{' \
            | tee -a "$OUT/all.jsonl" ;;
     hash) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dropout_hash.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
-    saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 2>&1 | grep '^{' \
-             | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
+    # shellcheck disable=SC2046
+    saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 \
+             $([ "$variant" = deq ] && echo --dequantized) 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
     prof) psets=(); penvs=(); pvs=(); bad=""; IFS=+ read -r -a pvs <<< "$variant"  # e.g. prof@full+packed+light
