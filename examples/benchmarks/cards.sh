@@ -17,11 +17,11 @@
 #         (dropout_hash.py; GIB ignored)
 #   saved  what one compiled layer saves for backward at each budget (1.0, 0.6, 0.5, 0.3), fixed / symbolic lengths
 #         (saved_tensors.py; GIB ignored; ~8 compiles: give it LIMIT=300); saved@full+deq: its base dequantized once
-#   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card (prof@16+mb2048: with
-#         training.micro_batch_tokens=2048; prof@full+packed: with data.packing=true; prof@full+amb5: the layers
-#         compiled at the activation budget 0.5, as amb5;
-#         prof@16+light: GPU kernels only, the host near its own speed, and where the GPU waits in the step;
-#         +stream / +nopage / +mem as for q; variants combine: prof@full+packed+light, prof@8+mem+packed+light)
+#   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card, with any of q's
+#         variants (prof@16+mb2048, prof@full+amb5, ...; +packed: data.packing=true) and two of its own: +light (GPU
+#         kernels only, the host near its own speed, and where the GPU waits in the step) and +trace (a gzipped
+#         Chrome trace of the profiled steps beside the table, to read the streams' timeline); variants combine:
+#         prof@full+packed+light, prof@8+mem+packed+light
 #   mem   what is alive at the allocator's peak of MEM_STEPS (4) steps of the quickstart on that card, summed by
 #         the frame that allocated it, for the whole run and for the steps after the first alone (with their
 #         reserved and inactive-split peaks) (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
@@ -69,15 +69,13 @@
 #   nopin (micro-batches left in pageable host memory, whose copies may wait for the device: PHI3TUNE_PIN_BATCHES=0, as
 #   before session 28), nostacks (mem@ runs: memory_peak.py without stack traces, which fail under the memory plan),
 #   resN (a streamed base keeps N decoder layers' packed bytes on the device, spread evenly, and streams the rest:
-#   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers; prof takes it too), rec (moved inputs freed under
+#   PHI3TUNE_STREAM_RESIDENT=N, streamed_base.resident_layers), rec (moved inputs freed under
 #   record_stream on the copy's stream, as before session 28: PHI3TUNE_OFFLOAD_RELEASE=record_stream), heldN (the
 #   compute stream waits for a moved input's copy N saves later, not offload.HELD_SAVES: PHI3TUNE_HELD_SAVES=N),
 #   aheadN (backward keeps N moved inputs on their way back, not one: PHI3TUNE_OFFLOAD_AHEAD=N), tailN (where every
 #   saved tensor moves, a forward's last saves worth N hidden vectors a token stay on the device, not
 #   memory.OFFLOAD_TAIL_HIDDENS; tail0: all move, as before session 31: PHI3TUNE_OFFLOAD_TAIL=N), slotsN (a streamed
-#   base's N device slots, N - 1 layers on their way in: PHI3TUNE_STREAM_SLOTS=N); prof takes rec, heldN, aheadN,
-#   tailN, slotsN too, and +trace (a gzipped Chrome trace of the profiled steps beside the table, to read the
-#   streams' timeline)
+#   base's N device slots, N - 1 layers on their way in: PHI3TUNE_STREAM_SLOTS=N)
 # One JSON line per run goes to $OUT/all.jsonl (tokens/s, allocator / reserved / device peaks, predicted peak,
 # allocator retries, step times); failures to $OUT/failures.txt.
 set -u
@@ -98,10 +96,10 @@ for l in open(sys.argv[1]):
     if l.startswith('{'): d=json.loads(l); print({k: d.get(k) for k in sys.argv[2:]})" "$@"
 }
 
-ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
-  local label=$1 gib=$2 sets=() envs=() compile=() mp=() v vs=()
-  case "$1" in p@*) sets+=(--set data.packing=true) ;; esac
-  IFS=+ read -r -a vs <<< "$3"
+variant_args() {  # variant (variants joined by "+" combine, e.g. mb2048+ro): adds to the caller's sets (config
+  # overrides), envs and mp (memory_peak.py's options), bash's arrays being dynamically scoped; 1 on an unknown one
+  local v vs=() compile=()
+  IFS=+ read -r -a vs <<< "$1"
   for v in "${vs[@]}"; do case "$v" in
     adamw) sets+=(--set training.optimizer=adamw_torch) ;;
     nopage) sets+=(--set training.optimizer=AdamW32bit) ;;
@@ -158,9 +156,16 @@ ours() {  # label gib variant (variants joined by "+" combine, e.g. mb2048+ro)
     ahead*) envs+=("PHI3TUNE_OFFLOAD_AHEAD=${v#ahead}") ;;  # backward keeps N moved inputs on their way back
     tail*) envs+=("PHI3TUNE_OFFLOAD_TAIL=${v#tail}") ;;  # a forward's last saves worth N hiddens a token stay
     slots*) envs+=("PHI3TUNE_STREAM_SLOTS=${v#slots}") ;;  # a streamed base's device slots (N - 1 layers coming in)
-    *) echo "unknown variant $v"; return ;;
+    *) echo "unknown variant $v"; return 1 ;;
   esac; done
   [ ${#compile[@]} -gt 0 ] && envs+=("PHI3TUNE_COMPILE=$(IFS=,; echo "${compile[*]}")")
+  return 0
+}
+
+ours() {  # label gib variant
+  local label=$1 gib=$2 sets=() envs=() mp=()
+  case "$1" in p@*) sets+=(--set data.packing=true) ;; esac
+  variant_args "$3" || return
   if [ "${label%%@*}" = mem ]; then  # what is alive at the allocator's peak, by allocating frame (memory_peak.py)
     local out="$OUT/mem_$(echo "${label#mem@}" | tr '+#' '__').txt"
     # shellcheck disable=SC2046
@@ -216,29 +221,17 @@ for r in "$@"; do
              $([ "$variant" = deq ] && echo --dequantized) 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
-    prof) psets=(); penvs=(); pvs=(); bad=""; IFS=+ read -r -a pvs <<< "$variant"  # e.g. prof@full+packed+light
-          for v in "${pvs[@]}"; do case "$v" in mb*) psets+=(--set "training.micro_batch_tokens=${v#mb}") ;;
-            packed) psets+=(--set data.packing=true) ;;
-            mem) psets+=(--set training.optimize_for=memory) ;;  # the memory plan, e.g. prof@8+mem+packed
-            light) psets+=(--light) ;;
-            stream) penvs+=(PHI3TUNE_STREAM_BASE=1) ;;  # the 4-bit base streamed from host memory
-            resident) penvs+=(PHI3TUNE_STREAM_BASE=0) ;;  # the base on the device
-            res*) penvs+=("PHI3TUNE_STREAM_RESIDENT=${v#res}") ;;  # a streamed base keeps N layers on the device
-            rec) penvs+=(PHI3TUNE_OFFLOAD_RELEASE=record_stream) ;;
-            held*) penvs+=("PHI3TUNE_HELD_SAVES=${v#held}") ;;
-            ahead*) penvs+=("PHI3TUNE_OFFLOAD_AHEAD=${v#ahead}") ;;
-            tail*) penvs+=("PHI3TUNE_OFFLOAD_TAIL=${v#tail}") ;;
-            slots*) penvs+=("PHI3TUNE_STREAM_SLOTS=${v#slots}") ;;
-            trace) psets+=(--trace "$OUT/trace_${gib}_$(echo "$variant" | tr '+' '_').json.gz") ;;  # the timeline
-            nopage) psets+=(--set training.optimizer=AdamW32bit) ;;  # the default's math, its state unpaged
-            ambfull) penvs+=(PHI3TUNE_COMPILE=activation_budget=1.0) ;;  # the plan's layers at another budget
-            amb*) penvs+=("PHI3TUNE_COMPILE=activation_budget=0.${v#amb}") ;;
-            *) bad=$v ;; esac; done
+    prof) sets=(); envs=(); mp=(); extra=(); rest=(); IFS=+ read -r -a pvs <<< "$variant"  # prof@full+packed+light
+          for v in "${pvs[@]}"; do case "$v" in
+            light) extra+=(--light) ;;
+            trace) extra+=(--trace "$OUT/trace_${gib}_$(echo "$variant" | tr '+' '_').json.gz") ;;  # the timeline
+            *) rest+=("$v") ;; esac; done
+          variant_args "$(IFS=+; echo "${rest[*]}")" || continue  # the rest as q's variants
           pout="$OUT/profile_${gib}_$(echo "$variant" | tr '+' '_').txt"  # "+" in a name does not come back
-          [ -n "$bad" ] && { echo "prof takes only +mbN, +packed, +mem, +light, +stream, +resident, +resN, +rec, +heldN, +aheadN, +tailN, +slotsN, +trace, +nopage or +ambN, not +$bad"; continue; }
-          env "${penvs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py /tmp/base.yaml --start 4 \
-            "${psets[@]}" --out "$pout" > "/tmp/log_prof.txt" 2>&1 || { tail -c 2000 /tmp/log_prof.txt
-            { echo "== $label"; tail -c 6000 /tmp/log_prof.txt; } >> "$OUT/failures.txt"; }
+          # shellcheck disable=SC2046
+          env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/profile_steps.py \
+            /tmp/base.yaml --start 4 "${sets[@]}" "${extra[@]}" --out "$pout" > "/tmp/log_prof.txt" 2>&1 || {
+            tail -c 2000 /tmp/log_prof.txt; { echo "== $label"; tail -c 6000 /tmp/log_prof.txt; } >> "$OUT/failures.txt"; }
           head -12 "$pout" 2>/dev/null | cut -c1-220; grep -A24 '^GPU idle' "$pout" 2>/dev/null | cut -c1-200 ;;
     *) echo "unknown run $r" ;;
   esac
