@@ -73,21 +73,26 @@ def with_dequantized_base(plan: RunPlan, run: RunSpec, shape: ModelShape, free: 
     if q is None or q.bits != 4 or plan.sharded or autocast != plan.compute_dtype or plan.streamed_base:
         return plan
     values = dequantized_bytes(shape, plan.dtype.itemsize)
+
+    def first(n: int) -> RunPlan:  # only the first n decoder layers dequantized
+        return _plus(plan, "dequantized_weights", values * n // shape.layers, dequantized_layers=n)
+
     some = dequantize_layers_wanted()
     if some is not None and 0 < some < shape.layers:  # a benchmark's count, on any plan that can
-        return _plus(plan, "dequantized_weights", values * some // shape.layers, dequantized_layers=some)
+        return first(some)
     held = _plus(plan, "dequantized_weights", values, dequantized_base=True)
     asked = dequantize_wanted()
     if asked is not None:
         return held if asked else plan
     if plan.mode != "speed" or not plan.device.startswith("cuda"):
         return plan
-    if _fits(held, free) or not run.data.packing:
-        return held if _fits(held, free) else plan
+    if _fits(held, free):
+        return held
+    if not run.data.packing:
+        return plan
     # packed rows: else the most first layers whose dequantized weights still fit (session 33, 16 GiB, one
     # machine: 17 layers, 0.3647 s a step against 0.3740; unpacked, 12 layers ran 0.1601 against 0.1472, so not there)
-    fewer = (_plus(plan, "dequantized_weights", values * n // shape.layers, dequantized_layers=n)
-            for n in range(shape.layers - 1, MIN_DEQUANTIZED_LAYERS - 1, -1))
+    fewer = (first(n) for n in range(shape.layers - 1, MIN_DEQUANTIZED_LAYERS - 1, -1))
     return next((p for p in fewer if _fits(p, free)), plan)
 
 
