@@ -54,9 +54,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
                     shape: Sequence[int], dtype: torch.dtype, tables: dict[str, list[float]] | None = None,
                     lookup: str = "table") -> torch.Tensor:
     """``bitsandbytes::dequantize_4bit`` in torch ops: two codes per byte, high nibble first. ``lookup``: each
-    code's value loaded from a 16-entry table; "select"ed from constants by its bits; or one of dequant_kernel.py's
-    Triton kernels: "kernel" (a byte at a time), "blocks" / "tree" (a quantization block a row, the code's value
-    loaded or selected). The same values; which is faster is measured: PHI3TUNE_COMPILE=dequant=."""
+    code's value loaded from a 16-entry table; "select"ed from constants by its bits; or the "kernel" of
+    dequant_kernel.py, one Triton kernel (the same values; which is faster is measured: PHI3TUNE_COMPILE=dequant=)."""
     codes = packed.reshape(-1)
     if codes.dtype != torch.uint8:  # quant_storage other than uint8 (FSDP stores bf16): the same bytes
         codes = codes.view(torch.uint8)
@@ -65,9 +64,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
         looked_up = _select(nibbles(codes, math.prod(shape)), values)
         return scale_blocks(looked_up, absmax, blocksize, shape, dtype)
     table = torch.tensor(values, dtype=torch.float32, device=codes.device)
-    if lookup in ("kernel", "blocks", "tree"):  # casts absmax itself
-        layout = "bytes" if lookup == "kernel" else lookup
-        return dequant_kernel.dequantize_4bit(codes, absmax, table, blocksize, shape, dtype, layout)
+    if lookup == "kernel":
+        return dequant_kernel.dequantize_4bit(codes, absmax, table, blocksize, shape, dtype)  # casts absmax itself
     return decode_4bit(codes, table, absmax, blocksize, shape, dtype)
 
 

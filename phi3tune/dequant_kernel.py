@@ -30,9 +30,6 @@ from typing import Any
 import torch
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 outputs
-# the block kernel's layout in the compiled op: the fastest alone on the H200 (session 35: 83 µs for gate_up_proj,
-# bitsandbytes' kernel 77, the byte kernel 88; 16-128 blocks a program, 4 or 8 warps, table or tree measured)
-BLOCK_ROWS, BLOCK_WARPS = 128, 8
 
 
 def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: Sequence[int],
@@ -93,29 +90,6 @@ def _kernel() -> Any:
     return dequantize_nf4
 
 
-def _block_kernel() -> Any:
-    """The block kernel (_dequant_blocks.py), imported at first use: Triton only where a CUDA run needs it."""
-    from ._dequant_blocks import dequantize_blocks
-
-    return dequantize_blocks
-
-
-def launch_blocks(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: torch.Tensor,
-                  shape: Sequence[int], dtype: torch.dtype, rows: int = 32, tree: bool = False, warps: int = 4,
-                  low_first: bool = False, wrap: Any = None) -> torch.Tensor:
-    """Run the block kernel (arguments as ``launch``'s): ``rows`` blocks a program (a power of two), ``tree``
-    the select tree instead of table loads, ``warps`` Triton's num_warps."""
-    n = math.prod(shape)
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    blocks = (n + blocksize - 1) // blocksize
-    kernel = wrap(_block_kernel()) if wrap is not None else _block_kernel()
-    warps_set = {} if warps == 4 else {"num_warps": warps}  # Triton's default, which the compiled op keeps
-    kernel[((blocks + rows - 1) // rows,)](packed.reshape(-1), absmax.reshape(-1), table, out, n, half=blocksize // 2,
-                                           rows=rows, tree=tree, bf16=dtype == torch.bfloat16, low_first=low_first,
-                                           **warps_set)
-    return out
-
-
 def launch(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: torch.Tensor,
            shape: Sequence[int], dtype: torch.dtype, per_program: int = BYTES_PER_PROGRAM,
            low_first: bool = False, wrap: Any = None) -> torch.Tensor:
@@ -134,14 +108,10 @@ def launch(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, table: to
 
 @torch.library.triton_op("phi3tune::dequantize_4bit", mutates_args=())
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int,
-                    shape: Sequence[int], dtype: torch.dtype, layout: str = "bytes") -> torch.Tensor:
-    """bitsandbytes::dequantize_4bit's values from ``table`` (the 16 fp32 code values): on CUDA a Triton kernel
-    (``layout``: "bytes", ``launch``'s; "blocks" or "tree", ``launch_blocks``' with table loads or the select tree),
+                    shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes::dequantize_4bit's values from ``table`` (the 16 fp32 code values): the Triton kernel on CUDA,
     ``decode_4bit`` elsewhere. A compiled graph traces through it: on CUDA it then holds the kernel's launch."""
     codes = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # FSDP's bf16 storage: the same bytes
     if codes.is_cuda:
-        if layout == "bytes":
-            return launch(codes, absmax.float(), blocksize, table, shape, dtype, wrap=torch.library.wrap_triton)
-        return launch_blocks(codes, absmax.float(), blocksize, table, shape, dtype, BLOCK_ROWS, layout == "tree",
-                             BLOCK_WARPS, wrap=torch.library.wrap_triton)
+        return launch(codes, absmax.float(), blocksize, table, shape, dtype, wrap=torch.library.wrap_triton)
     return decode_4bit(codes, table, absmax, blocksize, shape, dtype)

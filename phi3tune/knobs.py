@@ -187,8 +187,8 @@ def compile_env() -> dict[str, str]:
         key, _, value = item.partition("=")
         if key not in COMPILE_KEYS:
             raise ValueError(f"PHI3TUNE_COMPILE: {key!r} is not one of {', '.join(COMPILE_KEYS)}")
-        if key == "dequant" and value not in ("table", "select", "kernel", "blocks", "tree"):
-            raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table, select, kernel, blocks or tree")
+        if key == "dequant" and value not in ("table", "select", "kernel"):
+            raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table, select or kernel")
         if key == "masks" and value not in ("save", "recompute"):
             raise ValueError(f"PHI3TUNE_COMPILE: masks={value!r} is not save or recompute")
         out[key] = value
@@ -218,8 +218,7 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
     symbolic-length graph, or the fixed lengths, whatever the plan's own choice: shapes.symbolic_lengths_pay),
     ``lengths=N`` (N fixed lengths instead of 4; both read by ``_candidate``), ``dequant=select`` (the 4-bit
     codes' values selected by their bits, not loaded from a table: compiled_layers.dequantize_4bit), ``dequant=kernel``
-    (one Triton kernel per weight, dequant_kernel.py; ``blocks`` / ``tree``: its kernel laid out by quantization
-    block, the codes' values loaded / selected),
+    (one Triton kernel per weight, dequant_kernel.py),
     ``masks=recompute`` / ``save`` (read by ``_candidate``: the plan's ``recompute_masks`` on any compiled plan / on
     none), to measure what each does before a plan adopts it. Returns ``{"options": inductor config patches,
     "opaque_4bit": bool, "activation_budget": float, "dequant": str, "partitioner": functorch config patches}``.

@@ -32,31 +32,25 @@ CHILD = textwrap.dedent("""
                 packed, qs = bnbf.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type)
                 want = bnbf.dequantize_4bit(packed, qs)
                 table = torch.tensor(tables[quant_type], dtype=torch.float32)
-                args = (packed, qs.absmax.float(), blocksize, table, tuple(qs.shape), dtype)
-                layout, size = sys.argv[1].split(":")  # bytes:N (launch) or blocks:N / tree:N (launch_blocks)
-                def run(low_first):
-                    if layout == "bytes":
-                        return dk.launch(*args, per_program=int(size), low_first=low_first)
-                    return dk.launch_blocks(*args, rows=int(size), tree=layout == "tree", low_first=low_first)
-                got = run(False)
+                got = dk.launch(packed, qs.absmax.float(), blocksize, table, tuple(qs.shape), dtype,
+                                per_program=int(sys.argv[1]))
                 assert got.dtype == want.dtype and torch.equal(got, want), (quant_type, dtype, shape)
                 if sys.argv[2] == "control":  # a kernel reading the nibbles in the wrong order must differ
-                    assert not torch.equal(run(True), want), (quant_type, dtype, shape)
+                    swapped = dk.launch(packed, qs.absmax.float(), blocksize, table, tuple(qs.shape), dtype,
+                                        per_program=int(sys.argv[1]), low_first=True)
+                    assert not torch.equal(swapped, want), (quant_type, dtype, shape)
                 cases += 1
     print("cases", cases)
 """)
 
 
-@pytest.mark.parametrize("kernel,control", [("bytes:1024", "control"), ("bytes:16", "plain"),
-                                            ("blocks:32", "control"), ("tree:4", "control"), ("tree:1", "plain")])
-def test_the_triton_kernels_dequantize_as_bitsandbytes_does_bit_for_bit(kernel, control):
-    """Both code tables, three output dtypes, whole and short last blocks, an odd element count. The byte kernel
-    with programs of 1,024 bytes (the default: one program covers several weights here) and of 16 (many programs,
-    the boundaries inside blocks); the block kernel with 32 blocks a program (the default) and with 4 and 1, the
-    codes' values loaded from the table or selected by their bits. Negative control: the nibbles read low first
-    do not match."""
+@pytest.mark.parametrize("per_program,control", [(1024, "control"), (16, "plain")])
+def test_the_triton_kernel_dequantizes_as_bitsandbytes_does_bit_for_bit(per_program, control):
+    """Both code tables, three output dtypes, whole and short last blocks, an odd element count; with programs of
+    1,024 bytes (the default: one program covers several weights here) and of 16 (many programs, the boundaries
+    inside blocks). Negative control: the nibbles read low first do not match."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", CHILD, kernel, control], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(per_program), control], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cases 24" in out.stdout

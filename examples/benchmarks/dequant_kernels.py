@@ -11,9 +11,8 @@ Per way: bit-equality, the median GPU time alone and before the matmul, and the 
 Ways: ``table`` (compiled_layers' default: a 16-entry table, shifts from a 2-element tensor), ``select``
 (compiled_layers' alternative: PHI3TUNE_COMPILE=dequant=select), ``kernel`` (dequant_kernel.py's Triton kernel as the
 op a compiled layer traces through, PHI3TUNE_COMPILE=dequant=kernel; on CUDA also launched directly with 256 to 4,096
-bytes a program: ``kernelN``), ``blocks`` / ``tree`` (its block kernel through the op, the codes' values loaded /
-selected; on CUDA also launched directly: ``blocks{rows}[t]w{warps}``, 16-128 blocks a program, t: the select tree,
-4 or 8 warps; ``blocks*`` on the command line: all of them), and candidates: ``pairs`` (a byte's two values
+bytes a program: ``kernelN``; session 35 measured a second kernel, a quantization block a program row, at commit
+356990a, and removed it), and candidates: ``pairs`` (a byte's two values
 loaded at once from a 256 x 2 table), ``iota`` (the table with the shifts as index arithmetic, no tensor), ``tuned``
 (the table under inductor's coordinate-descent tuning of its kernel). Measured: docs/performance.md, sessions 13-14,
 where every way but ``kernel`` read the code tables inside the compiled function: 3 graph breaks and eager code in
@@ -86,9 +85,7 @@ def main() -> None:
                               ("pairs", byte_pairs, None),
                               ("iota", iota_table, None),
                               ("tuned", cl.dequantize_4bit, {"coordinate_descent_tuning": True}),
-                              ("kernel", functools.partial(cl.dequantize_4bit, lookup="kernel"), None),
-                              ("blocks", functools.partial(cl.dequantize_4bit, lookup="blocks"), None),
-                              ("tree", functools.partial(cl.dequantize_4bit, lookup="tree"), None)):
+                              ("kernel", functools.partial(cl.dequantize_4bit, lookup="kernel"), None)):
         if chosen and name not in chosen:
             continue
         # the code tables read here, outside the trace, as compiled_layers.decompositions does: read inside, they
@@ -102,14 +99,6 @@ def main() -> None:
                 continue
             ways[f"kernel{per_program}"] = functools.partial(dequant_kernel.launch, packed, qs.absmax, qs.blocksize,
                                                              table, tuple(qs.shape), torch.bfloat16, per_program)
-        for rows in (16, 32, 64, 128):
-            for tree in (False, True):
-                for warps in (4, 8):
-                    name = f"blocks{rows}{'t' if tree else ''}w{warps}"
-                    if chosen and name not in chosen and "blocks*" not in chosen:
-                        continue
-                    ways[name] = functools.partial(dequant_kernel.launch_blocks, packed, qs.absmax, qs.blocksize,
-                                                   table, tuple(qs.shape), torch.bfloat16, rows, tree, warps)
     x = torch.randn(tokens, in_features, dtype=torch.bfloat16, device=device)
     line: dict[str, Any] = {"label": "dequant_kernels", "shape": [out_features, in_features], "tokens": tokens,
                             "device": torch.cuda.get_device_name() if cuda else "cpu"}
