@@ -47,15 +47,20 @@ def offload_asked() -> bool | None:
     return yes(asked) if asked else None
 
 
-def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharded: bool) -> bool:
+def offload_wanted(mode: str, every_layer_checkpointed: bool, cuda: bool, sharded: bool,
+                   chosen: bool | None = None) -> bool:
     """Offload checkpointed inputs (offload.py)? Only where every decoder layer is checkpointed: the hooks take
     whatever the decoder stack saves outside a checkpoint, which a layer that is not checkpointed fills with its
     whole activations. The memory plan's choice on CUDA (not under FSDP, whose gathers it would race);
     PHI3TUNE_OFFLOAD=1 (benchmarks, tests) asks for it on any plan that checkpoints every layer, on any device,
-    0 never."""
-    asked = offload_asked()
-    default = cuda and mode == "memory"
-    return bool(every_layer_checkpointed and not sharded and (asked if asked is not None else default))
+    0 never. ``chosen``: a plan search's own answer (plan_search: streamed plans), in place of the mode's and the
+    knob's, on CUDA only."""
+    if chosen is not None:
+        wanted = chosen and cuda
+    else:
+        asked = offload_asked()
+        wanted = asked if asked is not None else cuda and mode == "memory"
+    return bool(every_layer_checkpointed and not sharded and wanted)
 
 
 def offload_layers_wanted() -> int | None:

@@ -315,8 +315,7 @@ def _candidate(run: RunSpec, shape: ModelShape, targets: list[str], device: torc
     act_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     opt = optimizer_facts(t.optimizer, device.type)
     every = checkpointing and checkpoint_layers >= shape.layers
-    offload = offload_wanted(mode, every, cuda, sharded) if offload is None else offload and every and cuda \
-        and not sharded
+    offload = offload_wanted(mode, every, cuda, sharded, chosen=offload)
     moved = 0 if checkpointing else min(offload_layers, shape.layers)  # layers whose activations go to host memory
     streamed = streamed and can_stream(run, shape, processes)
     resident = min(stream_resident_wanted() or 0, shape.layers) if streamed else 0
