@@ -39,7 +39,7 @@
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
 #   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
 #   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel; slaunch: launched by inductor's
-#   own launcher), noflat (the optimizer stepping each tensor,
+#   own launcher), fold (LoRA's B product folded into the base matmul: PHI3TUNE_LORA_FOLD=1, lora_fold.py), noflat (the optimizer stepping each tensor,
 #   as before flat_steps.py), nodrop (adapter.dropout=0), hash64 (LoRA dropout's masks hashed in int64, the same bits,
 #   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
 #   instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed
@@ -119,6 +119,7 @@ variant_args() {  # variant (variants joined by "+" combine, e.g. mb2048+ro): ad
     opaque) compile+=(opaque_4bit=1) ;;
     sel) compile+=(dequant=select) ;;
     kern) compile+=(dequant=kernel) ;;
+    fold) envs+=(PHI3TUNE_LORA_FOLD=1) ;;  # LoRA's B product folded into the base matmul (lora_fold.py)
     slaunch) envs+=(TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1) ;;  # kern's kernel launched by inductor's
     #   own launcher, not Triton's Python one (kern+slaunch; session 35 measured it with a block kernel, commit 356990a)
     masks) compile+=(masks=recompute) ;;

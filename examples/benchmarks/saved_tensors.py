@@ -3,10 +3,11 @@ r=64 on every linear with hashed dropout 0.1, bf16 autocast, varlen attention ov
 the plans compile it, at each activation budget, with fixed and with symbolic lengths. It asks why session 13's
 20 GiB card kept 4.5 GiB less with symbolic lengths at the middle budget (docs/performance.md). One JSON line per
 (budget, lengths): the bytes saved, per token, and the largest groups. ``--dequantized``: the layer's 4-bit base
-dequantized once first (dequantized.py), as the plans that hold it compile it.
+dequantized once first (dequantized.py), as the plans that hold it compile it. ``--fold``: LoRA's B product folded into
+the base matmul (lora_fold.py).
 
     python examples/benchmarks/saved_tensors.py MODEL [--tokens 4864] [--budgets 1.0 0.6 0.5 0.3] [--dequantized]
-    (on the GPU: cards.sh run "saved@full")
+    [--fold]  (on the GPU: cards.sh run "saved@full")
 """
 
 from __future__ import annotations
@@ -23,18 +24,22 @@ from phi3tune import varlen_attention
 from phi3tune.dequantized import dequantize_base
 from phi3tune.knobs import compile_settings
 from phi3tune.lora_dropout import make_recomputable
+from phi3tune.lora_fold import fold_lora
 from phi3tune.model import attach_adapter, load_weights
 from phi3tune.specs import AdapterSpec, QuantSpec
 
 EXAMPLE = 512  # tokens an example holds (the quickstart's max_seq_length)
 
 
-def decoder(model_dir: str, device: torch.device) -> Any:
-    """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it."""
+def decoder(model_dir: str, device: torch.device, fold: bool = False) -> Any:
+    """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it (``fold``: with
+    LoRA's B product folded into the base matmul, lora_fold.py)."""
     base = load_weights(model_dir, QuantSpec(compute_dtype="bfloat16"), torch.bfloat16, device,
                         attn_implementation=varlen_attention.register())
     model = attach_adapter(base, AdapterSpec(r=64, alpha=16, dropout=0.1),
                            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    if fold:
+        fold_lora(model)
     make_recomputable(model, device)
     model.train()
     return model.get_base_model().model
@@ -91,9 +96,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4864)
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.6, 0.5, 0.3])
     ap.add_argument("--dequantized", action="store_true")
+    ap.add_argument("--fold", action="store_true")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    inner = decoder(a.model, device)
+    inner = decoder(a.model, device, a.fold)
     if a.dequantized:
         dequantize_base(inner.layers[0], torch.bfloat16)
     for budget in a.budgets:
