@@ -8,11 +8,11 @@ autograd through ``cat([W, B])`` would compute the whole [N, K + r] weight gradi
 B's r columns, hence the ``autograd.Function``, which, as bitsandbytes' own 4-bit matmul does, dequantizes the
 4-bit weight again in backward rather than keep it (in a compiled layer the partitioner decides).
 
-A benchmark knob (PHI3TUNE_LORA_FOLD=1, compiled plans), not yet a plan's choice: measured in
-docs/performance.md when it is. :func:`fold_lora` gives each plain LoRA linear a :class:`FoldedBase` as its base layer
-(which computes the folded product) and the :class:`AlreadyFolded` variant (so PEFT's forward adds nothing more);
-the PEFT modules and their parameters' names stay as they are, so saved adapters are PEFT's. :func:`unfold_lora`
-undoes both.
+A benchmark knob (PHI3TUNE_LORA_FOLD=1, on any plan), not a plan's choice: on the GPU it ran out of memory on a
+16 GiB card, its speed not yet measured (docs/performance.md, session 35). :func:`fold_lora` gives each plain LoRA
+linear a :class:`FoldedBase` as its base layer (which computes the folded product) and the :class:`AlreadyFolded`
+variant (so PEFT's forward adds nothing more); the PEFT modules and their parameters' names stay as they are, so
+saved adapters are PEFT's. :func:`unfold_lora` undoes both.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@
 #   hash  LoRA dropout's masks hashed in int32 against int64: the same bits (eager, compiled) and each one's time
 #         (dropout_hash.py; GIB ignored)
 #   saved  what one compiled layer saves for backward at each budget (1.0, 0.6, 0.5, 0.3), fixed / symbolic lengths
-#         (saved_tensors.py; GIB ignored; ~8 compiles: give it LIMIT=300); saved@full+deq: its base dequantized once
+#         (saved_tensors.py; GIB ignored; ~8 compiles: give it LIMIT=300); saved@full+deq: its base dequantized once;
+#         +fold: LoRA's B product folded into the base matmul (lora_fold.py)
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card, with any of q's
 #         variants (prof@16+mb2048, prof@full+amb5, ...; +packed: data.packing=true) and two of its own: +light (GPU
 #         kernels only, the host near its own speed, and where the GPU waits in the step) and +trace (a gzipped
@@ -222,7 +223,8 @@ for r in "$@"; do
     hash) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dropout_hash.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
     # shellcheck disable=SC2046
     saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 \
-             $([ "$variant" = deq ] && echo --dequantized) 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
+             $(for v in ${variant//+/ }; do case "$v" in deq) echo --dequantized ;; fold) echo --fold ;; esac; done) \
+             2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
     prof) sets=(); envs=(); mp=(); extra=(); rest=(); IFS=+ read -r -a pvs <<< "$variant"  # prof@full+packed+light

@@ -46,7 +46,7 @@ def decoder(model_dir: str, device: torch.device, fold: bool = False) -> Any:
 
 
 def saved(inner: Any, budget: float, symbolic: bool, tokens: int, device: torch.device,
-          dequantized: bool = False) -> dict[str, Any]:
+          labels: dict[str, Any]) -> dict[str, Any]:
     torch._dynamo.reset()
     layer = torch.compile(inner.layers[0], backend=cl.backend(compile_settings(budget)),
                           dynamic=None if symbolic else False)
@@ -84,7 +84,7 @@ def saved(inner: Any, budget: float, symbolic: bool, tokens: int, device: torch.
         call(tokens)
     total = sum(groups.values())
     return {"label": "saved_tensors", "budget": budget, "lengths": "symbolic" if symbolic else "fixed",
-            "dequantized": dequantized,
+            **labels,  # how the layer was built (--dequantized, --fold)
             "tokens": tokens, "bytes": total, "bytes_per_token": round(total / tokens, 1),
             "hiddens_per_token": round(total / tokens / (2 * inner.config.hidden_size), 2),
             "weights_saved_bytes": held_weights, "largest": groups.most_common(12)}
@@ -102,9 +102,10 @@ def main() -> None:
     inner = decoder(a.model, device, a.fold)
     if a.dequantized:
         dequantize_base(inner.layers[0], torch.bfloat16)
+    labels = {"dequantized": a.dequantized, "fold": a.fold}
     for budget in a.budgets:
         for symbolic in (False, True):
-            print(json.dumps(saved(inner, budget, symbolic, a.tokens, device, a.dequantized)), flush=True)
+            print(json.dumps(saved(inner, budget, symbolic, a.tokens, device, labels)), flush=True)
 
 
 if __name__ == "__main__":
