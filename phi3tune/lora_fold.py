@@ -3,7 +3,8 @@
 PEFT computes ``base(x) + B(A(drop(x))) * s``: the base matmul writes an M x N output, the r-wide B matmul writes
 another, and the add reads both. With ``h = A(drop(x)) * s`` (M x r) the same sum is one matmul over K + r:
 ``[x | h] @ [W | B]ᵀ`` (one fp32 accumulation and one rounding, where PEFT rounds three times). Backward folds the
-same way: ``dy @ [W | B]`` gives the input's and h's gradients in one GEMM; B's gradient is ``dyᵀ h`` alone. Plain
+same way for a 4-bit base: ``dy @ [B | W]`` gives h's and the input's gradients in one GEMM (a dense base's
+backward runs two, as PEFT's: concatenating a dense W would copy it); B's gradient is ``dyᵀ h`` alone. Plain
 autograd through ``cat([W, B])`` would compute the whole [N, K + r] weight gradient (a forward-sized GEMM) to keep
 B's r columns, hence the ``autograd.Function``, which, as bitsandbytes' own 4-bit matmul does, dequantizes the
 4-bit weight again in backward rather than keep it (in a compiled layer the partitioner decides).
@@ -49,11 +50,17 @@ class _FoldedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         h, weight, b = ctx.saved_tensors
-        wb = torch.cat([_dense(weight, ctx.quant_state, dy.dtype), b.to(dy.dtype)], dim=1)
-        both = dy @ wb  # [M, K + r]: the input's gradient and h's in one GEMM
-        k = both.shape[1] - h.shape[1]
         db = (dy.t() @ h.to(dy.dtype)).to(ctx.b_dtype)
-        return both[:, :k], both[:, k:].to(h.dtype), None, db, None
+        if ctx.quant_state is None:  # a dense base: two GEMMs, as PEFT's, cheaper than copying W into a cat
+            return dy @ weight.to(dy.dtype), (dy @ b.to(dy.dtype)).to(h.dtype), None, db, None
+        # the 4-bit base's dequantization writes into the cat at no extra cost: one GEMM for both gradients. [B | W],
+        # not forward's [W | B]: in a compiled layer the joint graph's CSE would merge two equal concatenations,
+        # and the partitioner never recomputes a cat that feeds a matmul, so every layer's [N, K + r] weight would
+        # be saved for backward (+6.75 GiB on Phi-3-mini, s36c1). Reversed, the cat is backward's own
+        bw = torch.cat([b.to(dy.dtype), _dense(weight, ctx.quant_state, dy.dtype)], dim=1)
+        both = dy @ bw  # [M, r + K]: h's gradient and the input's
+        r = h.shape[1]
+        return both[:, r:], both[:, :r].to(h.dtype), None, db, None
 
 
 class AlreadyFolded:

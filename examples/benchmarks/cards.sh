@@ -40,7 +40,8 @@
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
 #   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
 #   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel; slaunch: launched by inductor's
-#   own launcher), fold (LoRA's B product folded into the base matmul: PHI3TUNE_LORA_FOLD=1, lora_fold.py), noflat (the optimizer stepping each tensor,
+#   own launcher), fold (LoRA's B product folded into the base matmul: PHI3TUNE_LORA_FOLD=1, lora_fold.py), gb (dynamo's graph
+#   breaks and recompiles logged: TORCH_LOGS=graph_breaks,recompiles; a mem@ run's go to logs.txt), noflat (the optimizer stepping each tensor,
 #   as before flat_steps.py), nodrop (adapter.dropout=0), hash64 (LoRA dropout's masks hashed in int64, the same bits,
 #   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
 #   instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed
@@ -114,7 +115,8 @@ variant_args() {  # variant (variants joined by "+" combine, e.g. mb2048+ro): ad
     cpp) compile+=(cpp_wrapper=1) ;;
     combo) compile+=(combo_kernels=1) ;;
     nocombo) compile+=(combo_kernels=0) ;;
-    blocking) envs+=(CUDA_LAUNCH_BLOCKING=1) ;;  # each kernel waits: where a device fault really happens
+    blocking) envs+=(CUDA_LAUNCH_BLOCKING=1) ;;
+    gb) envs+=(TORCH_LOGS=graph_breaks,recompiles) ;;  # dynamo's graph breaks and recompiles in the run's log  # each kernel waits: where a device fault really happens
     late) envs+=(PHI3TUNE_READ_LATE=1) ;;
     now) envs+=(PHI3TUNE_READ_LATE=0) ;;
     opaque) compile+=(opaque_4bit=1) ;;
@@ -177,6 +179,8 @@ ours() {  # label gib variant
     env "${envs[@]}" timeout -k 15 "$LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/memory_peak.py \
       /tmp/base.yaml --steps "${MEM_STEPS:-4}" --out "$out" "${mp[@]}" "${sets[@]}" > "/tmp/log_$label.txt" 2>&1 \
       || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
+    { echo "== $label"; grep -i -A4 'graph break\|recompil' "/tmp/log_$label.txt" | head -80 | cut -c1-400
+      grep -v '^{' "/tmp/log_$label.txt" | grep -iv 'it/s\]' | tail -30 | cut -c1-400; } >> "$OUT/logs.txt"
     head -32 "$out" 2>/dev/null | cut -c1-300
     return
   fi

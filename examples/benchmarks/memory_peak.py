@@ -9,7 +9,8 @@ summed twice: by the first frame outside torch that allocated them (ours, a libr
 generated code), and by the first frame of phi3tune; then again for the steps after the first alone (the model's
 loading, whose peak was every streamed run's in session 27, left out), with the allocator's reserved and inactive
 split peaks over those steps. It asks where a plan's predicted peak and the measured one part
-(the memory plan at seq 4096: 4.20 GiB allocated where session 9 measured 3.90, session 23). On the CPU it only runs
+(the memory plan at seq 4096: 4.20 GiB allocated where session 9 measured 3.90, session 23). A run that runs out of
+memory is reported too: the replayed peak is then what was alive when it did. On the CPU it only runs
 the steps (a rehearsal). Known to fail on the GPU under the memory plan (session 24): with Python stacks recorded,
 torch.utils.checkpoint's recomputation raised a SystemError inside AOT autograd's compiled forward.
 """
@@ -135,11 +136,15 @@ def main() -> None:
             torch.cuda.memory._record_memory_history(max_entries=a.max_entries, context=None)
         else:
             torch.cuda.memory._record_memory_history(max_entries=a.max_entries, stacks="python")
-        result = ft.run(callbacks=[first_step])
+        oom = ""
+        try:
+            result: Any = ft.run(callbacks=[first_step])
+        except torch.OutOfMemoryError as error:  # what was alive when it ran out is the question then (s35c4)
+            result, oom = None, f"ran out of memory: {str(error).splitlines()[0][:300]}"
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         stats = torch.cuda.memory_stats()
-        plan = result.plan.describe() if result.plan is not None else "(no plan)"
+        plan = oom or (result.plan.describe() if result.plan is not None else "(no plan)")
         trace = snapshot["device_traces"][device]
         alloc_peak = stats["allocated_bytes.all.peak"] - held_alloc
         reserved_peak = stats["reserved_bytes.all.peak"] - held_reserved

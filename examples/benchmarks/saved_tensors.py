@@ -31,13 +31,16 @@ from phi3tune.specs import AdapterSpec, QuantSpec
 EXAMPLE = 512  # tokens an example holds (the quickstart's max_seq_length)
 
 
-def decoder(model_dir: str, device: torch.device, fold: bool = False) -> Any:
-    """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it (``fold``: with
-    LoRA's B product folded into the base matmul, lora_fold.py)."""
+def decoder(model_dir: str, device: torch.device, fold: bool = False, dequantized: bool = False) -> Any:
+    """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it (``dequantized``: the
+    first layer's base dequantized once; ``fold``: with LoRA's B product folded into the base matmul, lora_fold.py;
+    in the pipeline's order, the fold last: it wraps whichever base the layer has)."""
     base = load_weights(model_dir, QuantSpec(compute_dtype="bfloat16"), torch.bfloat16, device,
                         attn_implementation=varlen_attention.register())
     model = attach_adapter(base, AdapterSpec(r=64, alpha=16, dropout=0.1),
                            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    if dequantized:
+        dequantize_base(model.get_base_model().model.layers[0], torch.bfloat16)
     if fold:
         fold_lora(model)
     make_recomputable(model, device)
@@ -99,9 +102,7 @@ def main() -> None:
     ap.add_argument("--fold", action="store_true")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    inner = decoder(a.model, device, a.fold)
-    if a.dequantized:
-        dequantize_base(inner.layers[0], torch.bfloat16)
+    inner = decoder(a.model, device, a.fold, a.dequantized)
     labels = {"dequantized": a.dequantized, "fold": a.fold}
     for budget in a.budgets:
         for symbolic in (False, True):
