@@ -24,7 +24,6 @@ from .files import read_config, write_config
 from .logs import console
 from .loop import StopFlag, Trainer
 from .lora_dropout import make_plain
-from .lora_fold import unfold_lora
 from .pipeline import build_model, check_run, claim_output_dir, save_outputs
 from .plan import RunPlan
 from .plugins import (
@@ -169,7 +168,6 @@ def execute(run: RunSpec, *, resume: bool | str = False, overwrite: bool | None 
                 adapter_dir = save_outputs(run, trainer, checked)  # final adapter and loss.png
     model.eval()
     make_plain(model)  # PEFT's own LoRA dropout again, as a model loaded for more training would have it
-    unfold_lora(model)  # PEFT's LoRA modules again, where a benchmark folded them (lora_fold.py)
     restore_4bit(model)  # the 4-bit layers again, where the plan dequantized them for the run (dequantized.py)
     unstream_base(model)  # and their weights on the device again, where it streamed them (streamed_base.py)
     if stop.signal:

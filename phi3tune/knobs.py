@@ -156,12 +156,6 @@ def dequantize_layers_wanted() -> int | None:
     return int(asked) if asked else None
 
 
-def lora_fold_wanted() -> bool:
-    """PHI3TUNE_LORA_FOLD=1 (benchmarks, tests): LoRA's B product folded into the base matmul on any plan
-    (lora_fold.py); unset or 0: PEFT's forward, every plan's choice until the fold is measured."""
-    return yes(os.environ.get("PHI3TUNE_LORA_FOLD", ""))
-
-
 def int64_dropout_hash_wanted() -> bool:
     """PHI3TUNE_DROPOUT_HASH=int64 (benchmarks): the hashed LoRA dropout masks computed in int64 as before session
     22, the same bits as the default int32 (lora_dropout.keep_mask), to time the two."""

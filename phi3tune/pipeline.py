@@ -28,7 +28,6 @@ from .distributed import process_group_kwargs
 from .errors import ConfigError, DataFormatError
 from .files import FINAL_DIR, LOSS_PLOT_NAME, META_NAME, METRICS_NAME, TRACKER_DIR, atomic_dir, write_config
 from .files import PLAN_NAME as PLAN_NAME
-from .knobs import lora_fold_wanted
 from .loop import Trainer
 from .lora_dropout import make_recomputable
 from .model import ModelInfo
@@ -248,7 +247,6 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
 
     from .adapters import apply_init
     from .dequantized import dequantize_base
-    from .lora_fold import fold_lora
     from .model import attach_adapter, load_base_model
     from .streamed_base import stream_base
 
@@ -265,8 +263,6 @@ def build_model(run: RunSpec, checked: CheckedRun) -> Any:
     if plan.dequantized_layers:  # or the first layers' alone (a benchmark's knob)
         for layer in _decoder(model).layers[:plan.dequantized_layers]:
             dequantize_base(layer, plan.dtype)
-    if lora_fold_wanted():  # LoRA's B product folded into the base matmul (lora_fold.py; a benchmark knob)
-        fold_lora(model)
     if plan.compile:  # graphs for the plan's micro-batch lengths (the loop builds them up front)
         # The first layer's input would otherwise be the only one without grad: a second graph per length, and
         # 2 x 4 graphs reach dynamo's recompile limit, after which layers silently run eager (measured: 3.7x slower)

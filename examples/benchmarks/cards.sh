@@ -16,8 +16,7 @@
 #   hash  LoRA dropout's masks hashed in int32 against int64: the same bits (eager, compiled) and each one's time
 #         (dropout_hash.py; GIB ignored)
 #   saved  what one compiled layer saves for backward at each budget (1.0, 0.6, 0.5, 0.3), fixed / symbolic lengths
-#         (saved_tensors.py; GIB ignored; ~8 compiles: give it LIMIT=300); saved@full+deq: its base dequantized once;
-#         +fold: LoRA's B product folded into the base matmul (lora_fold.py)
+#         (saved_tensors.py; GIB ignored; ~8 compiles: give it LIMIT=300); saved@full+deq: its base dequantized once
 #   prof  torch.profiler table of the quickstart's steps 5-6 (profile_steps.py) on that card, with any of q's
 #         variants (prof@16+mb2048, prof@full+amb5, ...; +packed: data.packing=true) and two of its own: +light (GPU
 #         kernels only, the host near its own speed, and where the GPU waits in the step) and +trace (a gzipped
@@ -40,7 +39,7 @@
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
 #   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
 #   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel; slaunch: launched by inductor's
-#   own launcher), fold (LoRA's B product folded into the base matmul: PHI3TUNE_LORA_FOLD=1, lora_fold.py), gb (dynamo's graph
+#   own launcher), gb (dynamo's graph
 #   breaks and recompiles logged: TORCH_LOGS=graph_breaks,recompiles; a mem@ run's go to logs.txt), noflat (the optimizer stepping each tensor,
 #   as before flat_steps.py), nodrop (adapter.dropout=0), hash64 (LoRA dropout's masks hashed in int64, the same bits,
 #   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
@@ -122,7 +121,6 @@ variant_args() {  # variant (variants joined by "+" combine, e.g. mb2048+ro): ad
     opaque) compile+=(opaque_4bit=1) ;;
     sel) compile+=(dequant=select) ;;
     kern) compile+=(dequant=kernel) ;;
-    fold) envs+=(PHI3TUNE_LORA_FOLD=1) ;;  # LoRA's B product folded into the base matmul (lora_fold.py)
     slaunch) envs+=(TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1) ;;  # kern's kernel launched by inductor's
     #   own launcher, not Triton's Python one (kern+slaunch; session 35 measured it with a block kernel, commit 356990a)
     masks) compile+=(masks=recompute) ;;
@@ -227,7 +225,7 @@ for r in "$@"; do
     hash) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dropout_hash.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
     # shellcheck disable=SC2046
     saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 \
-             $(for v in ${variant//+/ }; do case "$v" in deq) echo --dequantized ;; fold) echo --fold ;; esac; done) \
+             $(for v in ${variant//+/ }; do case "$v" in deq) echo --dequantized ;; esac; done) \
              2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;

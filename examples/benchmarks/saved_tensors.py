@@ -3,11 +3,10 @@ r=64 on every linear with hashed dropout 0.1, bf16 autocast, varlen attention ov
 the plans compile it, at each activation budget, with fixed and with symbolic lengths. It asks why session 13's
 20 GiB card kept 4.5 GiB less with symbolic lengths at the middle budget (docs/performance.md). One JSON line per
 (budget, lengths): the bytes saved, per token, and the largest groups. ``--dequantized``: the layer's 4-bit base
-dequantized once first (dequantized.py), as the plans that hold it compile it. ``--fold``: LoRA's B product folded into
-the base matmul (lora_fold.py).
+dequantized once first (dequantized.py), as the plans that hold it compile it.
 
     python examples/benchmarks/saved_tensors.py MODEL [--tokens 4864] [--budgets 1.0 0.6 0.5 0.3] [--dequantized]
-    [--fold]  (on the GPU: cards.sh run "saved@full")
+    (on the GPU: cards.sh run "saved@full")
 """
 
 from __future__ import annotations
@@ -24,25 +23,21 @@ from phi3tune import varlen_attention
 from phi3tune.dequantized import dequantize_base
 from phi3tune.knobs import compile_settings
 from phi3tune.lora_dropout import make_recomputable
-from phi3tune.lora_fold import fold_lora
 from phi3tune.model import attach_adapter, load_weights
 from phi3tune.specs import AdapterSpec, QuantSpec
 
 EXAMPLE = 512  # tokens an example holds (the quickstart's max_seq_length)
 
 
-def decoder(model_dir: str, device: torch.device, fold: bool = False, dequantized: bool = False) -> Any:
+def decoder(model_dir: str, device: torch.device, dequantized: bool = False) -> Any:
     """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it (``dequantized``: the
-    first layer's base dequantized once; ``fold``: with LoRA's B product folded into the base matmul, lora_fold.py;
-    in the pipeline's order, the fold last: it wraps whichever base the layer has)."""
+    first layer's base dequantized once)."""
     base = load_weights(model_dir, QuantSpec(compute_dtype="bfloat16"), torch.bfloat16, device,
                         attn_implementation=varlen_attention.register())
     model = attach_adapter(base, AdapterSpec(r=64, alpha=16, dropout=0.1),
                            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     if dequantized:
         dequantize_base(model.get_base_model().model.layers[0], torch.bfloat16)
-    if fold:
-        fold_lora(model)
     make_recomputable(model, device)
     model.train()
     return model.get_base_model().model
@@ -87,7 +82,7 @@ def saved(inner: Any, budget: float, symbolic: bool, tokens: int, device: torch.
         call(tokens)
     total = sum(groups.values())
     return {"label": "saved_tensors", "budget": budget, "lengths": "symbolic" if symbolic else "fixed",
-            **labels,  # how the layer was built (--dequantized, --fold)
+            **labels,  # how the layer was built (--dequantized)
             "tokens": tokens, "bytes": total, "bytes_per_token": round(total / tokens, 1),
             "hiddens_per_token": round(total / tokens / (2 * inner.config.hidden_size), 2),
             "weights_saved_bytes": held_weights, "largest": groups.most_common(12)}
@@ -99,11 +94,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4864)
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.6, 0.5, 0.3])
     ap.add_argument("--dequantized", action="store_true")
-    ap.add_argument("--fold", action="store_true")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    inner = decoder(a.model, device, a.fold, a.dequantized)
-    labels = {"dequantized": a.dequantized, "fold": a.fold}
+    inner = decoder(a.model, device, a.dequantized)
+    labels = {"dequantized": a.dequantized}
     for budget in a.budgets:
         for symbolic in (False, True):
             print(json.dumps(saved(inner, budget, symbolic, a.tokens, device, labels)), flush=True)
