@@ -39,8 +39,8 @@
 #   (bitsandbytes' 4-bit ops left as Python calls in the compiled layers, as before compiled_layers.py), sel (each 4-bit
 #   code's value selected by its bits, not loaded from a table: PHI3TUNE_COMPILE=dequant=select), kern (one Triton
 #   kernel per weight, dequant_kernel.py: PHI3TUNE_COMPILE=dequant=kernel; slaunch: launched by inductor's
-#   own launcher), gb (dynamo's graph
-#   breaks and recompiles logged: TORCH_LOGS=graph_breaks,recompiles; a mem@ run's go to logs.txt), noflat (the optimizer stepping each tensor,
+#   own launcher), gb (dynamo's graph breaks and recompiles logged: TORCH_LOGS=graph_breaks,recompiles; a mem@
+#   run's go to logs.txt), noflat (the optimizer stepping each tensor,
 #   as before flat_steps.py), nodrop (adapter.dropout=0), hash64 (LoRA dropout's masks hashed in int64, the same bits,
 #   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
 #   instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed
@@ -114,8 +114,8 @@ variant_args() {  # variant (variants joined by "+" combine, e.g. mb2048+ro): ad
     cpp) compile+=(cpp_wrapper=1) ;;
     combo) compile+=(combo_kernels=1) ;;
     nocombo) compile+=(combo_kernels=0) ;;
-    blocking) envs+=(CUDA_LAUNCH_BLOCKING=1) ;;
-    gb) envs+=(TORCH_LOGS=graph_breaks,recompiles) ;;  # dynamo's graph breaks and recompiles in the run's log  # each kernel waits: where a device fault really happens
+    blocking) envs+=(CUDA_LAUNCH_BLOCKING=1) ;;  # each kernel waits: where a device fault really happens
+    gb) envs+=(TORCH_LOGS=graph_breaks,recompiles) ;;  # dynamo's graph breaks and recompiles in the run's log
     late) envs+=(PHI3TUNE_READ_LATE=1) ;;
     now) envs+=(PHI3TUNE_READ_LATE=0) ;;
     opaque) compile+=(opaque_4bit=1) ;;
@@ -225,8 +225,7 @@ for r in "$@"; do
     hash) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dropout_hash.py 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" ;;
     # shellcheck disable=SC2046
     saved) timeout -k 15 "$LIMIT" python3 examples/benchmarks/saved_tensors.py /tmp/phi3 \
-             $(for v in ${variant//+/ }; do case "$v" in deq) echo --dequantized ;; esac; done) \
-             2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
+             $([ "$variant" = deq ] && echo --dequantized) 2>&1 | grep '^{' | tee -a "$OUT/all.jsonl" | cut -c1-300 ;;
     attn) timeout -k 15 "$LIMIT" python3 examples/benchmarks/attention_kernels.py 2>&1 | tee -a "$OUT/attn.txt" | tail -5
           grep -h '^{' "$OUT/attn.txt" >> "$OUT/all.jsonl" ;;
     prof) sets=(); envs=(); mp=(); extra=(); rest=(); IFS=+ read -r -a pvs <<< "$variant"  # prof@full+packed+light

@@ -29,22 +29,19 @@ from phi3tune.specs import AdapterSpec, QuantSpec
 EXAMPLE = 512  # tokens an example holds (the quickstart's max_seq_length)
 
 
-def decoder(model_dir: str, device: torch.device, dequantized: bool = False) -> Any:
-    """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it (``dequantized``: the
-    first layer's base dequantized once)."""
+def decoder(model_dir: str, device: torch.device) -> Any:
+    """The LoRA'd model's decoder (its layers and rotary embedding), as a speed plan builds it."""
     base = load_weights(model_dir, QuantSpec(compute_dtype="bfloat16"), torch.bfloat16, device,
                         attn_implementation=varlen_attention.register())
     model = attach_adapter(base, AdapterSpec(r=64, alpha=16, dropout=0.1),
                            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    if dequantized:
-        dequantize_base(model.get_base_model().model.layers[0], torch.bfloat16)
     make_recomputable(model, device)
     model.train()
     return model.get_base_model().model
 
 
 def saved(inner: Any, budget: float, symbolic: bool, tokens: int, device: torch.device,
-          labels: dict[str, Any]) -> dict[str, Any]:
+          dequantized: bool = False) -> dict[str, Any]:
     torch._dynamo.reset()
     layer = torch.compile(inner.layers[0], backend=cl.backend(compile_settings(budget)),
                           dynamic=None if symbolic else False)
@@ -82,7 +79,7 @@ def saved(inner: Any, budget: float, symbolic: bool, tokens: int, device: torch.
         call(tokens)
     total = sum(groups.values())
     return {"label": "saved_tensors", "budget": budget, "lengths": "symbolic" if symbolic else "fixed",
-            **labels,  # how the layer was built (--dequantized)
+            "dequantized": dequantized,
             "tokens": tokens, "bytes": total, "bytes_per_token": round(total / tokens, 1),
             "hiddens_per_token": round(total / tokens / (2 * inner.config.hidden_size), 2),
             "weights_saved_bytes": held_weights, "largest": groups.most_common(12)}
@@ -96,11 +93,12 @@ def main() -> None:
     ap.add_argument("--dequantized", action="store_true")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    inner = decoder(a.model, device, a.dequantized)
-    labels = {"dequantized": a.dequantized}
+    inner = decoder(a.model, device)
+    if a.dequantized:
+        dequantize_base(inner.layers[0], torch.bfloat16)
     for budget in a.budgets:
         for symbolic in (False, True):
-            print(json.dumps(saved(inner, budget, symbolic, a.tokens, device, labels)), flush=True)
+            print(json.dumps(saved(inner, budget, symbolic, a.tokens, device, a.dequantized)), flush=True)
 
 
 if __name__ == "__main__":
