@@ -34,10 +34,13 @@ class CostedPlan(Protocol):
 # What "auto" trades on CUDA (H200, README quickstart, docs/performance.md): time per real token relative to
 # 4,096-token micro-batches. Each micro-batch pays a fixed cost (the host's launches of 32 compiled layers; the
 # weights' dequantization), so a card that cannot hold 4,096-token activations keeps large micro-batches and
-# checkpoints layers rather than cut them. Session 2: 1,024 tokens x5.1. Session 4: 2,048 tokens x1.48 (unpacked);
-# 4,096 with 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in proportion to the layers).
+# checkpoints layers rather than cut them. Session 2: 1,024 tokens x5.1. Session 4: 2,048 tokens x1.48 (unpacked;
+# x1.65 since session 37); 4,096 with 24 of 32 layers checkpointed +30%, with 31 +41% (recomputation costs in
+# proportion to the layers).
 # Session 7: a whole packed step (8,192 tokens) in one micro-batch 0.317 s against 0.335 s as two of 4,096 (x0.94).
-_BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.48, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
+# Session 37, 16 GiB quickstart, one machine, two pairs: 2,048 tokens at the default budget ran 11,696 / 10,783
+# tokens/s against a whole step at the upper budget's 18,696 / 17,771 (x1.62 of that step's 0.94 x 1.08): x1.65.
+_BUDGET_COST = {8192: 0.94, 4096: 1.0, 2048: 1.65, 1024: 5.1}  # 8,192: any budget above 4,096 (a whole step)
 # Packed rows fill every micro-batch, which then costs what the fit below says (~19 ms + ~36.7 µs a token): session
 # 11, a 16 GiB card, one machine, 4 of 2,048 at the default budget 0.376 s a step (the fit: 0.377), 2 of 4,096 at
 # the low budget 0.398 (the fit x1.18: 0.400). Unpacked rows (~3,100 tokens a step) part-fill them: 2,048 ran 0.193 s
