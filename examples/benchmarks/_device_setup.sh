@@ -17,6 +17,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATAS
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch,transformers,peft,accelerate,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,accelerate.__version__,b.__version__)" | tee -a "$OUT/gpu.txt"
 python3 examples/benchmarks/host_link.py | tee -a "$OUT/gpu.txt"  # the host link's GB/s: machines differ there
+python3 examples/benchmarks/host_speed.py | tee -a "$OUT/gpu.txt"  # the host CPU and its time to queue a CUDA op
 [ -d /tmp/phi3 ] || python3 .devshared/bench/make_random_phi3.py --out /tmp/phi3 2>&1 | tail -1
 DATA=.devshared/alpaca1k_guanaco_text.jsonl
 cat > /tmp/base.yaml <<YAML
