@@ -212,12 +212,13 @@ def _speed_candidates(run: RunSpec, shape: ModelShape, targets: list[str], devic
     out: list[RunPlan] = []
     for streamed, budget in itertools.product(_streams(run, shape, device, processes), budgets):
         for low in _budgets(run):
-            for k in range(shape.layers + 1):
+            upper = low == UPPER_ACTIVATION_BUDGET  # measured only where it checkpoints no layer
+            for k in range(1 if upper else shape.layers + 1):
                 plan = _candidate(run, shape, targets, device, "speed", optimize_for, free, budget, k, processes,
                                   low, streamed=streamed)
                 if _fits(plan, free):
                     break
-            if low == UPPER_ACTIVATION_BUDGET and plan.checkpoint_layers:  # measured where it checkpoints none
+            if upper and not _fits(plan, free):
                 continue
             moved = bool(forced) and plan.checkpoint_layers > 0 and _can_offload(plan)
             # every layer checkpointed: their inputs may wait in host memory (beside a streamed base they do)
