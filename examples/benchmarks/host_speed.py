@@ -31,8 +31,9 @@ def cpu_model() -> str:
 
 
 def launch_us(ops: int = 20_000, tries: int = 3) -> float:
-    """The best of ``tries`` mean host times, in µs, to queue one elementwise op on a tiny CUDA tensor (the GPU
-    runs each in ~2 µs, so the host sets the pace: what a launch-bound step pays per kernel)."""
+    """The best of ``tries`` mean host times, in µs, to queue one elementwise op on a tiny CUDA tensor: what a
+    launch-bound step pays per kernel. The GPU runs each in a few µs; a host that queues faster fills the launch
+    queue and then reads the GPU's pace instead (a floor, not the host's time)."""
     x = torch.ones(16, device="cuda")
     for _ in range(1000):  # warm the allocator and the op's dispatch
         x.add_(1.0)
