@@ -27,6 +27,8 @@
 #         reserved and inactive-split peaks) (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
 #         mem@5: where a streamed plan's reservation goes once the model has loaded
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
+#   uprof  Unsloth's fast path with two steps after WARM profiled (peer_profile.py: its GPU's busy share and kernel
+#         time by kind, as prof@'s head gives ours; 3 timed steps, so the run is short)
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
 #   PagedAdamW32bit by class name: the default's math with its state in the caching allocator / in managed memory that
 #   pages out when the card fills, as the default's), mb1024 / mb2048
@@ -218,6 +220,15 @@ for r in "$@"; do
     q|p|mem) ours "$label" "$gib" "$variant" ;;
     u) peer "$label" "$gib" false ;;
     ug) peer "$label" "$gib" unsloth ;;
+    uprof) pout="$OUT/profile_u_${gib}.txt"  # Unsloth's fast path, steps WARM+1 .. WARM+2 profiled (peer_profile.py)
+           rm -f "/tmp/peer_$label.jsonl"
+           # shellcheck disable=SC2046
+           UNSLOTH_COMPILE_LOCATION=/tmp/ucc_$label timeout -k 15 "$PEER_LIMIT" python3 $(card_prefix "$gib") \
+             examples/benchmarks/peer_profile.py "$pout" "$WARM" 2 \
+             .devshared/bench/peers/unsloth_recipe.py --model /tmp/phi3 --data "$DATA" --steps 3 --warmup "$WARM" \
+             --packing --gc false --label "$label" --out "/tmp/peer_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
+             || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
+           head -16 "$pout" 2>/dev/null | cut -c1-200 ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
     # shellcheck disable=SC2086
     deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py ${DEQ_WAYS:-} 2>&1 | grep '^{' \

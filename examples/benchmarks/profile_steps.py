@@ -2,21 +2,28 @@
 
     python examples/benchmarks/profile_steps.py CONFIG.yaml [--set key=value ...] [--out FILE]
 
-Under torchrun each rank writes FILE.rank<N>. Two tables: by GPU time, then by CPU time (host-side cost), and where
-the GPU waits. ``--light`` records GPU kernels only (the host near its own speed; no CPU table).
+Under torchrun each rank writes FILE.rank<N>. The GPU's kernel time by kind (kernel_kinds.py: matmuls with their
+TFLOP/s, attention, compiled fusions, ...), then two tables: by GPU time, then by CPU time (host-side cost), and
+where the GPU waits. ``--light`` records GPU kernels only (the host near its own speed; no CPU table).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from phi3tune import FineTuner
 from phi3tune.cli import apply_overrides, parse_assignment, read_config
+from phi3tune.plugins import AdapterFacts, facts
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_kinds import kinds_report, matmul_flops_per_token
 
 
 def main() -> None:
@@ -70,6 +77,7 @@ def main() -> None:
     head = (f"{a.steps} steps from step {a.start}: wall {wall[0]:.3f} s, GPU kernels {kernels:.3f} s "
             f"({100 * kernels / max(wall[0], 1e-9):.0f}% busy); {tokens['real']:,} real tokens of "
             f"{tokens['batch']:,} laid out\n\n")
+    head += kinds_report(device_kernels(prof.events()), a.steps, step_flops(ft, tokens["batch"])) + "\n"
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
              + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
     table += "\n\n" + (gap_report(prof.events()) if a.light else idle_report(prof.events()))
@@ -89,6 +97,23 @@ def main() -> None:
             f.write(table)
     else:
         sys.stdout.write(table)
+
+
+def device_kernels(events: list) -> list[tuple[str, float]]:
+    """(name, µs) of each GPU kernel recorded."""
+    from torch.autograd import DeviceType
+
+    return [(e.name, e.time_range.end - e.time_range.start) for e in events
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def step_flops(ft: FineTuner, laid_out: int) -> float | None:
+    """The profiled steps' matmul FLOPs (kernel_kinds.matmul_flops_per_token over their laid-out tokens, pads
+    included: the matmuls run on them); None where the model is not a local directory with a config.json."""
+    config = Path(str(ft.model)) / "config.json"
+    if not config.exists():
+        return None
+    return matmul_flops_per_token(json.loads(config.read_text()), facts(ft.adapter_spec, AdapterFacts).r) * laid_out
 
 
 def busy_gaps(spans: list[tuple[float, float]], least_us: float) -> list[tuple[float, float]]:
