@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 
 KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("memory", re.compile(r"^Memcpy|^Memset|copy_kernel|direct_copy", re.I)),
+    ("memory", re.compile(r"^Memcpy|^Memset|copy_kernel|direct_cop", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("matmul", re.compile(r"nvjet|gemm|cutlass|xmma|cublas|^sm\d\d_", re.I)),
     ("dequantize", re.compile(r"dequant", re.I)),

@@ -11,6 +11,8 @@ at both, so it holds whole steps. It records GPU kernels only (the host near its
 share: a step that keeps the GPU busy is the GPU's pace, one that does not is the host's), the kernel time by kind
 (kernel_kinds.py) and the 30 costliest kernels. With the recipe's ``--model DIR`` and ``--out LINES`` (its
 measured real tokens and steps), the matmuls' TFLOP/s too. Without CUDA it profiles the host's ops (a rehearsal).
+The profiler adds to each launch's host cost, so read the busy time a step against the median step of an unprofiled
+run in the same call (a u@ run): where they match, the GPU sets the pace.
 """
 
 from __future__ import annotations
