@@ -113,6 +113,6 @@ def test_a_peers_profile_holds_whole_steps_after_the_warmup(tmp_path, monkeypatc
 
 def test_busy_time_counts_overlapping_kernels_once():
     """Two streams' kernels at once are busy time once; a gap between kernels is not busy."""
-    peer_profile = _module("peer_profile")
-    assert peer_profile.busy_us([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0), (21.0, 22.0)]) == 17.0
-    assert peer_profile.busy_us([]) == 0.0
+    kinds = _module("kernel_kinds")
+    assert kinds.busy_us([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0), (21.0, 22.0)]) == 17.0
+    assert kinds.busy_us([]) == 0.0

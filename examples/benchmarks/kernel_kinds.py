@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("memory", re.compile(r"^Memcpy|^Memset|copy_kernel|direct_cop", re.I)),
@@ -29,12 +30,40 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
 
 
+def device_kernels(events: Iterable[Any]) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of each GPU kernel among a profiler's ``events`` (not the GPU-side user annotations,
+    which span kernels already counted)."""
+    from torch.autograd import DeviceType
+
+    return [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def busy_gaps(spans: list[tuple[float, float]], least_us: float) -> list[tuple[float, float]]:
+    """The gaps of at least ``least_us`` between the union of ``spans`` (start, end): when no kernel ran."""
+    out, end = [], None
+    for s, e in sorted(spans):
+        if end is not None and s - end >= least_us:
+            out.append((end, s))
+        end = e if end is None else max(end, e)
+    return out
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``spans``: time some kernel ran, kernels on two streams at once counted once."""
+    if not spans:
+        return 0.0
+    extent = max(e for _, e in spans) - min(s for s, _ in spans)
+    return extent - sum(e - s for s, e in busy_gaps(spans, 0.0))
+
+
 def by_kind(kernels: Iterable[tuple[str, float]]) -> dict[str, tuple[float, int]]:
     """(name, µs) of each kernel run -> {kind: (µs in all, runs)}, the largest first."""
     out: dict[str, tuple[float, int]] = {}
     for name, us in kernels:
-        total, runs = out.get(kind_of(name), (0.0, 0))
-        out[kind_of(name)] = (total + us, runs + 1)
+        kind = kind_of(name)
+        total, runs = out.get(kind, (0.0, 0))
+        out[kind] = (total + us, runs + 1)
     return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 

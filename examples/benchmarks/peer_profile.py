@@ -29,7 +29,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_kinds import kinds_report, matmul_flops_per_token
+from kernel_kinds import busy_us, device_kernels, kinds_report, matmul_flops_per_token
 
 
 class StepWindow:
@@ -72,10 +72,9 @@ def kernels_of(profiler: Any) -> list[tuple[str, float, float]]:
     from torch.autograd import DeviceType
 
     events = profiler.events()
-    device = [(e.name, e.time_range.start, e.time_range.end) for e in events
-              if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-    return device or [(e.name, e.time_range.start, e.time_range.end) for e in events
-                      if e.device_type == DeviceType.CPU and not e.is_user_annotation and _outermost(e)]
+    return device_kernels(events) or [(e.name, e.time_range.start, e.time_range.end) for e in events
+                                      if e.device_type == DeviceType.CPU and not e.is_user_annotation
+                                      and _outermost(e)]
 
 
 def _outermost(event: Any) -> bool:
@@ -84,17 +83,6 @@ def _outermost(event: Any) -> bool:
     while parent is not None and parent.is_user_annotation:
         parent = parent.cpu_parent
     return parent is None
-
-
-def busy_us(spans: list[tuple[float, float]]) -> float:
-    """The length of the union of ``spans`` (start, end): time some kernel ran, kernels on two streams at once
-    counted once."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(spans):
-        if e > end:
-            total += e - max(s, end)
-            end = e
-    return total
 
 
 def option(argv: list[str], name: str) -> str | None:

@@ -23,7 +23,7 @@ from phi3tune.cli import apply_overrides, parse_assignment, read_config
 from phi3tune.plugins import AdapterFacts, facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_kinds import kinds_report, matmul_flops_per_token
+from kernel_kinds import busy_gaps, device_kernels, kinds_report, matmul_flops_per_token
 
 
 def main() -> None:
@@ -77,10 +77,12 @@ def main() -> None:
     head = (f"{a.steps} steps from step {a.start}: wall {wall[0]:.3f} s, GPU kernels {kernels:.3f} s "
             f"({100 * kernels / max(wall[0], 1e-9):.0f}% busy); {tokens['real']:,} real tokens of "
             f"{tokens['batch']:,} laid out\n\n")
-    head += kinds_report(device_kernels(prof.events()), a.steps, step_flops(ft, tokens["batch"])) + "\n"
+    events = prof.events()
+    timed = [(name, end - start) for name, start, end in device_kernels(events)]
+    head += kinds_report(timed, a.steps, step_flops(ft, tokens["batch"])) + "\n"
     table = head + (avg.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70) + "\n\nby CPU time:\n"
              + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70))
-    table += "\n\n" + (gap_report(prof.events()) if a.light else idle_report(prof.events()))
+    table += "\n\n" + (gap_report(events) if a.light else idle_report(events))
     if a.trace:  # every kernel and copy on its stream, to read the timeline (chrome://tracing, Perfetto)
         raw = a.trace.removesuffix(".gz")
         prof.export_chrome_trace(raw)
@@ -99,14 +101,6 @@ def main() -> None:
         sys.stdout.write(table)
 
 
-def device_kernels(events: list) -> list[tuple[str, float]]:
-    """(name, µs) of each GPU kernel recorded."""
-    from torch.autograd import DeviceType
-
-    return [(e.name, e.time_range.end - e.time_range.start) for e in events
-            if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-
-
 def step_flops(ft: FineTuner, laid_out: int) -> float | None:
     """The profiled steps' matmul FLOPs (kernel_kinds.matmul_flops_per_token over their laid-out tokens, pads
     included: the matmuls run on them); None where the model is not a local directory with a config.json."""
@@ -114,16 +108,6 @@ def step_flops(ft: FineTuner, laid_out: int) -> float | None:
     if not config.exists():
         return None
     return matmul_flops_per_token(json.loads(config.read_text()), facts(ft.adapter_spec, AdapterFacts).r) * laid_out
-
-
-def busy_gaps(spans: list[tuple[float, float]], least_us: float) -> list[tuple[float, float]]:
-    """The gaps of at least ``least_us`` between the union of ``spans`` (start, end): when no kernel ran."""
-    out, end = [], None
-    for s, e in sorted(spans):
-        if end is not None and s - end >= least_us:
-            out.append((end, s))
-        end = e if end is None else max(end, e)
-    return out
 
 
 def _where(stack: list[str]) -> str:
@@ -139,10 +123,8 @@ def idle_report(events: list, least_us: float = 50.0, rows: int = 25) -> str:
     when it ended (the innermost CPU op then active, and the Python frame of ours or a library above it)."""
     from torch.autograd import DeviceType
 
-    kernels = [(e.time_range.start, e.time_range.end) for e in events
-               if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     cpu = [e for e in events if e.device_type == DeviceType.CPU and e.stack]
-    gaps = busy_gaps(kernels, least_us)
+    gaps = busy_gaps([(s, e) for _, s, e in device_kernels(events)], least_us)
     charged: dict[tuple[str, str], list[float]] = {}
     for start, end in gaps:
         active = [e for e in cpu if e.time_range.start <= end <= e.time_range.end]
