@@ -133,9 +133,14 @@ def backend(settings: dict[str, Any] | None = None, generate: bool = True) -> Ca
 
 
 def _inductor(options: dict[str, Any] | None, table: dict[Any, Any]) -> Callable[..., Any]:
+    """inductor with ``options`` and, first among its joint-graph passes, the one that drops ``* 1`` (unit_scale.py:
+    what is left of PEFT's LoRA scale once the LoRA dropout applies it)."""
     from torch._inductor.compile_fx import compile_fx
 
-    return functools.partial(compile_fx, config_patches=options, decompositions=table)
+    from .unit_scale import DropMultiplicationsByOne
+
+    patches = {"joint_custom_pre_pass": DropMultiplicationsByOne(), **(options or {})}
+    return functools.partial(compile_fx, config_patches=patches, decompositions=table)
 
 
 def _traced(table: dict[Any, Any]) -> Callable[..., Any]:

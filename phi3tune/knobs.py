@@ -169,6 +169,13 @@ def combo_wanted() -> bool | None:
     return yes(asked) if asked else None
 
 
+def scale_on_input_wanted() -> bool:
+    """PHI3TUNE_COMPILE=lora_scale=output (benchmarks): compiled plans leave PEFT's LoRA scale on the adapter's
+    output, as before session 39, where by default (``input``) the hashed dropout applies it
+    (lora_dropout.make_recomputable): the same numbers, to time the two."""
+    return compile_env().get("lora_scale", "input") == "input"
+
+
 def read_late_wanted(cuda: bool, precision: str, sharded: bool) -> bool:
     """Read each step's loss and gradient norm one step late (late_read.py)? On CUDA: session 19, 16 GiB
     quickstart, ABBA in two calls, +4.1% tokens/s over the timed steps and +7.1% over whole runs (the CPU runs
@@ -182,7 +189,7 @@ def read_late_wanted(cuda: bool, precision: str, sharded: bool) -> bool:
 
 
 COMPILE_KEYS = ("mode", "cpp_wrapper", "combo_kernels", "opaque_4bit", "activation_budget", "dynamic_lengths",
-                "lengths", "dequant", "masks")  # PHI3TUNE_COMPILE's keys (compile_settings reads them)
+                "lengths", "dequant", "masks", "lora_scale")  # PHI3TUNE_COMPILE's keys (compile_settings reads them)
 
 
 def compile_env() -> dict[str, str]:
@@ -196,6 +203,8 @@ def compile_env() -> dict[str, str]:
             raise ValueError(f"PHI3TUNE_COMPILE: dequant={value!r} is not table, select or kernel")
         if key == "masks" and value not in ("save", "recompute"):
             raise ValueError(f"PHI3TUNE_COMPILE: masks={value!r} is not save or recompute")
+        if key == "lora_scale" and value not in ("input", "output"):
+            raise ValueError(f"PHI3TUNE_COMPILE: lora_scale={value!r} is not input or output")
         out[key] = value
     return out
 
@@ -225,8 +234,10 @@ def compile_settings(activation_budget: float = 1.0, recompute_masks: bool = Fal
     codes' values selected by their bits, not loaded from a table: compiled_layers.dequantize_4bit), ``dequant=kernel``
     (one Triton kernel per weight, dequant_kernel.py),
     ``masks=recompute`` / ``save`` (read by ``_candidate``: the plan's ``recompute_masks`` on any compiled plan / on
-    none), to measure what each does before a plan adopts it. Returns ``{"options": inductor config patches,
-    "opaque_4bit": bool, "activation_budget": float, "dequant": str, "partitioner": functorch config patches}``.
+    none), ``lora_scale=output`` (PEFT's LoRA scale on the adapter's output, not applied by the hashed dropout:
+    scale_on_input_wanted), to measure what each does before a plan adopts it. Returns ``{"options": inductor
+    config patches, "opaque_4bit": bool, "activation_budget": float, "dequant": str, "partitioner": functorch
+    config patches}``.
     Measured (H200, torch 2.11, docs/performance.md sessions 7-8): neither CUDA graphs (each micro-batch a graph
     step, ``TokenLoss``) nor the C++ wrapper shortened a step at 4,096-8,192-token micro-batches (median 0.148 /
     0.158 s against 0.149 s); the wrapper doubled the warm-up's compile. No plan uses either."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .knobs import int64_dropout_hash_wanted
+from .knobs import int64_dropout_hash_wanted, scale_on_input_wanted
 
 _MASK = 0xFFFFFFFF
 
@@ -86,51 +86,73 @@ def keep_mask(x: torch.Tensor, p: float, key: torch.Tensor, salt: torch.Tensor) 
 
 
 class RecomputableDropout(nn.Module):
-    """``nn.Dropout(p)`` with a hashed mask. ``key`` (shared, set per micro-batch) and ``salt`` (this module's)
-    are int64 device tensors held as plain attributes: not buffers, so no ``.to()``, state dict or DDP buffer
-    broadcast touches them, and to the compiler they are inputs (one graph for every layer)."""
+    """``nn.Dropout(p)`` with a hashed mask, times the adapter's scale (``scale``: PEFT's ``alpha / r``, which the
+    LoRA layer's own ``scaling`` then leaves out, see :func:`make_recomputable`). ``key`` (shared, set per
+    micro-batch) and ``salt`` (this module's) are int64 device tensors held as plain attributes: not buffers, so no
+    ``.to()``, state dict or DDP buffer broadcast touches them, and to the compiler they are inputs (one graph for
+    every layer)."""
 
-    def __init__(self, p: float, key: torch.Tensor, salt: int) -> None:
+    def __init__(self, p: float, key: torch.Tensor, salt: int, scale: float = 1.0) -> None:
         super().__init__()
         self.p = float(p)
         self.key = key
         self.salt = torch.tensor(salt & _MASK, dtype=torch.int64, device=key.device)
+        self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
-            return x
-        return x * (keep_mask(x, self.p, self.key, self.salt).to(x.dtype) * (1.0 / (1.0 - self.p)))
+            return x if self.scale == 1.0 else x * self.scale
+        return x * (keep_mask(x, self.p, self.key, self.salt).to(x.dtype) * (self.scale / (1.0 - self.p)))
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, scale={self.scale}"
 
 
-def _lora_dropouts(model: nn.Module) -> Iterator[tuple[nn.ModuleDict, str, nn.Module]]:
-    """Every LoRA layer's dropout of ``model``: (its ``lora_dropout`` table, the adapter's name, the module)."""
+def _lora_dropouts(model: nn.Module) -> Iterator[tuple[Any, str, nn.Module]]:
+    """Every LoRA layer's dropout of ``model``: (the LoRA layer, PEFT's, the adapter's name, its dropout module)."""
     for module in model.modules():
         table = getattr(module, "lora_dropout", None)
         if isinstance(table, nn.ModuleDict):
             for name, drop in list(table.items()):
-                yield table, name, drop
+                yield module, name, drop
 
 
 def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | None:
     """Replace every LoRA ``nn.Dropout`` of ``model`` by a :class:`RecomputableDropout` sharing one key tensor on
-    ``device``; returns that tensor (None where the model has no LoRA dropout)."""
+    ``device`` and applying the layer's scale, whose own ``scaling`` becomes 1; returns that tensor (None where the
+    model has no LoRA dropout).
+
+    Why the scale moves: PEFT computes ``lora_B(lora_A(dropout(x))) * scaling``, so backward multiplies the
+    output's gradient (tokens x out features: 9,216 or 16,384 wide in Phi-3-mini) by the scale and writes that
+    copy out for both LoRA matmuls, once per LoRA'd linear. Applied to the input instead, the scale rides on the
+    dropout mask's multiply, the LoRA matmuls read the output's gradient as it is (once the compiler drops the
+    ``* 1`` left behind: unit_scale.py), and every gradient is the same number times the same factor: bit for bit
+    where the scale is a power of two (alpha / r = 16 / 64, the default), as it commutes exactly with each product
+    and sum. Without dropout (p = 0) PEFT's ``nn.Identity`` stays: a scaled input there would be one more tensor
+    saved for backward (measured on the CPU), where the dropout's input is saved with or without it. DoRA's layers
+    keep their own scale."""
     key = torch.zeros((), dtype=torch.int64, device=device)
-    salt = 0
-    for table, name, drop in _lora_dropouts(model):
+    salt, on_input = 0, scale_on_input_wanted()
+    for layer, name, drop in _lora_dropouts(model):
         if isinstance(drop, nn.Dropout) and drop.p > 0:
             salt += 1
-            table[name] = RecomputableDropout(drop.p, key, mix32(salt))
+            scaling = getattr(layer, "scaling", {})
+            # plain LoRA only: a variant's forward (DoRA's) reads ``scaling`` for more than the product
+            fold = on_input and name in scaling and name not in getattr(layer, "lora_variant", {})
+            layer.lora_dropout[name] = RecomputableDropout(drop.p, key, mix32(salt), scaling[name] if fold else 1.0)
+            if fold:
+                scaling[name] = 1.0
     return key if salt else None
 
 
 def make_plain(model: nn.Module) -> None:
-    """Put PEFT's ``nn.Dropout`` back (after training: the model a run returns holds no key that nothing sets)."""
-    for table, name, drop in _lora_dropouts(model):
+    """Put PEFT's ``nn.Dropout`` and each layer's scale back (after training: the model a run returns holds no key
+    that nothing sets, and merges with its own ``scaling``), in the mode of the module it replaces (a new
+    ``nn.Dropout`` trains: in a model already set to eval it would drop)."""
+    for layer, name, drop in _lora_dropouts(model):
         if isinstance(drop, RecomputableDropout):
-            table[name] = nn.Dropout(drop.p)
+            layer.lora_dropout[name] = nn.Dropout(drop.p).train(drop.training)
+            layer.scaling[name] = drop.scale
 
 
 def find_key(model: nn.Module) -> torch.Tensor | None:

@@ -44,7 +44,8 @@
 #   own launcher), gb (dynamo's graph breaks and recompiles logged: TORCH_LOGS=graph_breaks,recompiles; a mem@
 #   run's go to logs.txt), noflat (the optimizer stepping each tensor,
 #   as before flat_steps.py), nodrop (adapter.dropout=0), hash64 (LoRA dropout's masks hashed in int64, the same bits,
-#   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
+#   as before session 22: PHI3TUNE_DROPOUT_HASH=int64), outscale (PEFT's LoRA scale left on the adapter's output,
+#   as before session 39, not applied by the hashed dropout: PHI3TUNE_COMPILE=lora_scale=output), amb5 / nodrop-amb5 (the partitioner's activation budget 0.5
 #   instead of the plan's: PHI3TUNE_COMPILE=activation_budget=0.5; right with dropout since lora_dropout.py's hashed
 #   masks; ambfull: the default budget 1.0, e.g. seq4096+ambfull against the memory plan's 0.3), noexpand (the allocator
 #   without expandable segments, as before session 5), dyn / nodyn (every multiple of 128 tokens from one
@@ -133,6 +134,7 @@ variant_args() {  # variant (variants joined by "+" combine, e.g. mb2048+ro): ad
     len*) compile+=("lengths=${v#len}") ;;
     nodrop) sets+=(--set adapter.dropout=0) ;;
     hash64) envs+=(PHI3TUNE_DROPOUT_HASH=int64) ;;  # the masks hashed in int64 (the same bits), as before s22
+    outscale) compile+=(lora_scale=output) ;;  # PEFT's LoRA scale on the adapter's output, as before session 39
     nodrop-amb*) sets+=(--set adapter.dropout=0); compile+=("activation_budget=0.${v#nodrop-amb}") ;;
     ambfull) compile+=(activation_budget=1.0) ;;  # the compiler's default budget, e.g. seq4096+ambfull
     amb*) compile+=("activation_budget=0.${v#amb}") ;;
