@@ -109,7 +109,7 @@ class RecomputableDropout(nn.Module):
 
 
 def _lora_dropouts(model: nn.Module) -> Iterator[tuple[Any, str, nn.Module]]:
-    """Every LoRA layer's dropout of ``model``: (the LoRA layer, PEFT's, the adapter's name, its dropout module)."""
+    """Every LoRA layer's dropout of ``model``: (PEFT's LoRA layer, the adapter's name, its dropout module)."""
     for module in model.modules():
         table = getattr(module, "lora_dropout", None)
         if isinstance(table, nn.ModuleDict):

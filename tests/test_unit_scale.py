@@ -171,3 +171,39 @@ def test_the_benchmarks_knob_leaves_the_scale_on_the_output(tiny_model, monkeypa
     monkeypatch.setenv("PHI3TUNE_COMPILE", "lora_scale=outputs")
     with pytest.raises(ValueError, match="input or output"):
         ld.make_recomputable(model, torch.device("cpu"))
+
+
+def test_a_compiled_run_trains_the_same_with_the_scale_on_input_or_output(tiny_model, tmp_path, monkeypatch,
+                                                                          traced_layers):
+    """Through ``FineTuner.run``: a compiled run with LoRA dropout and the scale on the input (the default) trains
+    the losses, gradient norms and adapter of one with PEFT's scale on the output (``lora_scale=output``), bit for
+    bit; the model it returns has PEFT's scale back, in eval mode (before session 39 its dropouts trained)."""
+    from helpers import adapter_tensors, rows_of_text, tiny_tuner
+
+    from phi3tune import pipeline
+
+    scales: list[set[float]] = []  # each run's LoRA scales while it trains: the knob did change something
+
+    def spy(model, device):
+        key = ld.make_recomputable(model, device)
+        scales.append({m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)})
+        return key
+
+    monkeypatch.setattr(pipeline, "make_recomputable", spy)
+
+    def run(name: str):
+        torch._dynamo.reset()
+        tuner = tiny_tuner(tiny_model, tmp_path / name, rows_of_text(12, seed=2), optimize_for="speed", compile=True,
+                           micro_batch_tokens=64, max_steps=3).adapter(r=8, alpha=16, dropout=0.1)
+        return tuner.run()
+
+    on_input = run("input")
+    monkeypatch.setenv("PHI3TUNE_COMPILE", "lora_scale=output")
+    on_output = run("output")
+    assert scales == [{1.0}, {2.0}]
+    assert on_input.losses == on_output.losses and len(on_input.losses) == 3
+    assert [h.get("grad_norm") for h in on_input.history] == [h.get("grad_norm") for h in on_output.history]
+    ours, theirs = adapter_tensors(on_input), adapter_tensors(on_output)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    lora = [m for m in on_input.model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    assert lora and all(m.scaling["default"] == 2.0 and not m.lora_dropout["default"].training for m in lora)
