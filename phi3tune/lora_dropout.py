@@ -127,10 +127,11 @@ def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | 
     copy out for both LoRA matmuls, once per LoRA'd linear. Applied to the input instead, the scale rides on the
     dropout mask's multiply, the LoRA matmuls read the output's gradient as it is (once the compiler drops the
     ``* 1`` left behind: unit_scale.py), and every gradient is the same number times the same factor: bit for bit
-    where the scale is a power of two (alpha / r = 16 / 64, the default), as it commutes exactly with each product
-    and sum. Without dropout (p = 0) PEFT's ``nn.Identity`` stays: a scaled input there would be one more tensor
-    saved for backward (measured on the CPU), where the dropout's input is saved with or without it. DoRA's layers
-    keep their own scale."""
+    where the scale is a power of two (alpha / r = 16 / 64, the default) in fp32 and bf16, as it commutes exactly
+    with each product and sum (in fp16 values under its smallest normal, 2**-14, may round differently). Without
+    dropout (p = 0) PEFT's ``nn.Identity`` stays: a scaled input there would be one more tensor saved for backward
+    (measured on the CPU), where the dropout's input is saved with or without it. DoRA's layers keep their own
+    scale."""
     key = torch.zeros((), dtype=torch.int64, device=device)
     salt, on_input = 0, scale_on_input_wanted()
     for layer, name, drop in _lora_dropouts(model):
