@@ -45,6 +45,8 @@ def test_bench_reports_throughput_and_padding(tiny_model, monkeypatch):
     assert rep["steps"] == 3 and rep["real_tokens_per_s"] > 0 and len(rep["losses"]) == 3
     assert 0 < rep["padding_fraction"] < 1  # padded batches of uneven rows
     assert rep["frames_compiled"] == [0, 0, 0]  # eager layers: nothing compiled during a timed step
+    # the wait before training (load, data, the warm-up's first step) is part of the run, the timed steps are not
+    assert sum(rep["step_s"]) < rep["total_s"] and 0 < rep["first_step_s"] <= rep["total_s"] - sum(rep["step_s"])
     # the CPU computes as the host queues: queuing is most of each step, the wait for the "device" next to nothing
     assert len(rep["queue_s"]) == len(rep["wait_s"]) == 3 and sum(rep["wait_s"]) < sum(rep["queue_s"])
     reads = iter(range(100, 200))  # control: a count that grows by one a read shows as one a step, not as the total

@@ -195,7 +195,7 @@ ours() {  # label gib variant
   grep -ih 'cudagraph' "/tmp/log_$label.txt" | sort | uniq -c | head -8 | cut -c1-300
   { echo "== $label"; grep -v '^{' "/tmp/log_$label.txt" | grep -iv 'it/s\]' | tail -25 | cut -c1-300; } >> "$OUT/logs.txt"
   summary "/tmp/log_$label.txt" label real_tokens_per_s peak_alloc_gib peak_reserved_gib peak_device_gib \
-    predicted_peak_gib alloc_retries median_step_s steps_peak_alloc_gib steps_peak_reserved_gib steps_peak_device_gib
+    predicted_peak_gib alloc_retries median_step_s steps_peak_alloc_gib steps_peak_reserved_gib steps_peak_device_gib first_step_s
 }
 
 peer() {  # label gib gc
