@@ -309,8 +309,10 @@ def resolve_plan(run: RunSpec, shape: ModelShape, targets: list[str], device: to
     # first and the first layers dequantized in what they leave
     held = [with_dequantized_base(plan, run, shape, free) for plan in fits]
     combo = [c for c in (with_combo_kernels(p, shape, free, packed) for p in held) if c.combo_kernels]
+    # (where nothing was dequantized, combo kernels' extra leaves less room: ``combo`` already holds that plan)
     first = [with_dequantized_base(c, run, shape, free) for c in (with_combo_kernels(p, shape, free, packed)
-                                                                   for p in fits) if c.combo_kernels]
+                                                                   for p, h in zip(fits, held) if h is not p)
+             if c.combo_kernels]
     fits = held + combo + first
     if any(plan.dequantized_base for plan in fits):  # the first layers alone only where no plan holds the whole base
         fits = [plan for plan in fits if not plan.dequantized_layers]  # (measured on 16 GiB, not against it)
