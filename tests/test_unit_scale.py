@@ -49,19 +49,29 @@ def test_the_pass_drops_multiplications_by_one_and_nothing_else():
     assert all(torch.equal(u, v) and u.dtype == v.dtype for u, v in zip(got, expected, strict=True))
 
 
+def _lora(model_dir, **adapter):
+    """A tiny fp32 LoRA model (r=4, dropout 0.3 unless ``adapter`` says otherwise) on every linear, seeded."""
+    torch.manual_seed(0)
+    base = load_weights(str(model_dir), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
+    return attach_adapter(base, AdapterSpec(**{"r": 4, "dropout": 0.3, **adapter}), TARGETS)
+
+
+def _lora_layers(model) -> list[torch.nn.Module]:
+    """PEFT's LoRA layers of ``model``."""
+    return [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+
+
 def _model(model_dir, alpha: float, folded: bool):
     """Layer 0 of a tiny LoRA model (r=4, dropout 0.3, adapter weights drawn), its dropout hashed; ``folded``: the
     scale on the input (make_recomputable's), else PEFT's own on the output with the same masks."""
-    torch.manual_seed(0)
-    base = load_weights(str(model_dir), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
-    model = attach_adapter(base, AdapterSpec(r=4, alpha=alpha, dropout=0.3), TARGETS)
+    model = _lora(model_dir, alpha=alpha)
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
     key = ld.make_recomputable(model, torch.device("cpu"))
     assert key is not None
     key.fill_(ld.micro_batch_key(0, 0, 3, 1))
-    layers = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    layers = _lora_layers(model)
     assert layers and len(layers) % len(TARGETS) == 0 and all(m.scaling["default"] == 1.0 for m in layers)
     if not folded:
         for m in layers:
@@ -101,7 +111,7 @@ def test_the_scale_on_the_input_gives_peft_numbers(tiny_model, alpha):
         ours = inner.layers[0](x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
         ld.make_plain(model)
         plain = inner.layers[0](x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
-    lora = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    lora = _lora_layers(model)
     assert all(m.scaling["default"] == alpha / 4 and type(m.lora_dropout["default"]) is torch.nn.Dropout
                for m in lora)
     ours, plain = (o[0] if isinstance(o, tuple) else o for o in (ours, plain))
@@ -147,26 +157,20 @@ def test_a_compiled_layer_backward_writes_no_scaled_gradient_copy(tiny_model, mo
 def test_dora_layers_keep_their_own_scale(tiny_model):
     """DoRA's forward reads ``scaling`` for its weight norm, not only for the product: its layers get the hashed
     dropout but keep their scale (plain LoRA's move it: the contrast)."""
-    torch.manual_seed(0)
-    base = load_weights(str(tiny_model), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
-    model = attach_adapter(base, AdapterSpec(r=4, alpha=16, dropout=0.3, use_dora=True), TARGETS)
+    model = _lora(tiny_model, alpha=16, use_dora=True)
     assert ld.make_recomputable(model, torch.device("cpu")) is not None
-    lora = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    lora = _lora_layers(model)
     assert lora and all(m.scaling["default"] == 4.0 and m.lora_dropout["default"].scale == 1.0 for m in lora)
-    plain = _model(tiny_model, 16.0, True)
-    assert all(m.lora_dropout["default"].scale == 4.0 for m in plain.modules()
-               if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict))
+    assert all(m.lora_dropout["default"].scale == 4.0 for m in _lora_layers(_model(tiny_model, 16.0, True)))
 
 
 def test_the_benchmarks_knob_leaves_the_scale_on_the_output(tiny_model, monkeypatch):
     """PHI3TUNE_COMPILE=lora_scale=output (cards.sh's ``outscale``, to time the two): the hashed dropout, PEFT's
     scale where it was; a misspelt value is refused, naming what would do."""
     monkeypatch.setenv("PHI3TUNE_COMPILE", "lora_scale=output")
-    torch.manual_seed(0)
-    base = load_weights(str(tiny_model), QuantSpec(compute_dtype="float32"), torch.float32, torch.device("cpu"))
-    model = attach_adapter(base, AdapterSpec(r=4, alpha=16, dropout=0.3), TARGETS)
+    model = _lora(tiny_model, alpha=16)
     assert ld.make_recomputable(model, torch.device("cpu")) is not None
-    lora = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    lora = _lora_layers(model)
     assert lora and all(m.scaling["default"] == 4.0 and m.lora_dropout["default"].scale == 1.0 for m in lora)
     monkeypatch.setenv("PHI3TUNE_COMPILE", "lora_scale=outputs")
     with pytest.raises(ValueError, match="input or output"):
@@ -205,5 +209,5 @@ def test_a_compiled_run_trains_the_same_with_the_scale_on_input_or_output(tiny_m
     assert [h.get("grad_norm") for h in on_input.history] == [h.get("grad_norm") for h in on_output.history]
     ours, theirs = adapter_tensors(on_input), adapter_tensors(on_output)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    lora = [m for m in on_input.model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    lora = _lora_layers(on_input.model)
     assert lora and all(m.scaling["default"] == 2.0 and not m.lora_dropout["default"].training for m in lora)
