@@ -213,7 +213,8 @@ def compile_env() -> dict[str, str]:
 # of a layer's LoRA'd linears): "reduction" (an int64 hash compared into a bool is 8x smaller than its input), "used
 # far apart", "long fusible chain". Off, a compiled tiny layer saves no mask and what it saves without dropout
 # (CPU, saved-tensor hooks: tests/test_compiled_layers.py). Only PHI3TUNE_COMPILE=masks=recompute turns them off
-# (RunPlan.recompute_masks): on the H200 that gave back 2.5 GiB for +7.6% a step (session 10), dearer than a budget.
+# (RunPlan.recompute_masks): on the H200 that gave back 2.5 GiB for +7.6% a step (session 10, the int64 hash), dearer
+# than a budget; 4.25 GiB at 8,192 tokens for no measurable time with the int32 hash (session 40).
 RECOMPUTE_MASKS = {"ban_recompute_reductions": False, "ban_recompute_used_far_apart": False,
                    "ban_recompute_long_fusible_chains": False}
 

@@ -125,8 +125,9 @@ class RunPlan:
     # where the whole base does not fit, some of its ~16 ms a micro-batch for N/L of its 6.8 GiB
     dequantized_layers: int = 0
     # compiled layers: the partitioner may recompute the hashed LoRA dropout masks instead of saving them
-    # (knobs.RECOMPUTE_MASKS). Only PHI3TUNE_COMPILE=masks=recompute (benchmarks) asks for it: on the H200 it
-    # costs more time per GiB saved than a lower activation budget (session 10)
+    # (knobs.RECOMPUTE_MASKS). Only PHI3TUNE_COMPILE=masks=recompute (benchmarks) asks for it. Session 40 (int32
+    # hash) measured it free on the packed H200 (session 10, int64: +7.6%), but where the plans are short of room
+    # step_cost says the layers it would spare are worth <= 0.4% (24 GiB), within what a run varies: not adopted
     recompute_masks: bool = False
     # compiled layers' independent kernels launched together (inductor's combo kernels): fewer launches, so less
     # host time a pass (with_combo_kernels)
