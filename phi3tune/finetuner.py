@@ -39,7 +39,9 @@ from .streamed_base import unstream_base
 
 @dataclass
 class RunResult:
-    """What a run produced. ``model``/``tokenizer`` are the trained objects still in memory."""
+    """What a run produced. ``model``/``tokenizer`` are the trained objects still in memory: ``model`` is a plain
+    PEFT model in eval mode (PEFT's own LoRA dropout and scale, its 4-bit layers on the device, as the plan may have
+    changed them for the run), ready to ``generate`` or to train again after ``.train()``."""
 
     adapter_dir: Path
     output_dir: Path
