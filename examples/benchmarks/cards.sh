@@ -27,6 +27,7 @@
 #         reserved and inactive-split peaks) (memory_peak.py; takes q's variants, +packed for packed rows), e.g.
 #         mem@5: where a streamed plan's reservation goes once the model has loaded
 #   u   Unsloth's fast path (packing, no checkpointing)   ug  Unsloth with its offloaded checkpointing
+#   trl  the classic TRL recipe (../shared/bench/seed_recipe_trl.py: padded rows, SFTTrainer), the reference point
 #   uprof  Unsloth's fast path with two steps after WARM profiled (peer_profile.py: its GPU's busy share and kernel
 #         time by kind, as prof@'s head gives ours; 3 timed steps, so the run is short)
 #   VARIANT (diagnosis): adamw (training.optimizer=adamw_torch), nopage / paged (bitsandbytes' AdamW32bit /
@@ -231,6 +232,15 @@ for r in "$@"; do
              --packing --gc false --label "$label" --out "/tmp/peer_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
              || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
            head -16 "$pout" 2>/dev/null | cut -c1-200 ;;
+    trl) rm -f "/tmp/trl_$label.jsonl"  # the classic TRL recipe (seed_recipe_trl.py, padded rows): the reference
+         # shellcheck disable=SC2046
+         timeout -k 15 "$PEER_LIMIT" python3 $(card_prefix "$gib") examples/benchmarks/peer_peak.py \
+           "/tmp/trl_$label.jsonl" .devshared/bench/seed_recipe_trl.py --model /tmp/phi3 --data "$DATA" \
+           --steps "$STEPS" --warmup "$WARM" --out "/tmp/trl_$label.jsonl" > "/tmp/log_$label.txt" 2>&1 \
+           || { echo "run $label failed: $?"; { echo "== $label"; tail -c 3000 "/tmp/log_$label.txt"; } >> "$OUT/failures.txt"; }
+         [ -f "/tmp/trl_$label.jsonl" ] && sed "s/^{/{\"card\": \"$gib\", \"label\": \"$label\", /" "/tmp/trl_$label.jsonl" \
+           >> "$OUT/all.jsonl" && summary "/tmp/trl_$label.jsonl" real_tokens_per_s peak_alloc_gib peak_reserved_gib \
+           peak_device_gib median_step_s pad_fraction ;;
     twins) python3 examples/benchmarks/check_twins.py /tmp/phi3 | tee -a "$OUT/all.jsonl" ;;
     # shellcheck disable=SC2086
     deq) timeout -k 15 "$LIMIT" python3 examples/benchmarks/dequant_kernels.py ${DEQ_WAYS:-} 2>&1 | grep '^{' \
