@@ -108,6 +108,27 @@ class RecomputableDropout(nn.Module):
         return f"p={self.p}, scale={self.scale}"
 
 
+class ScaledLoraOutput(nn.Identity):
+    """PEFT's ``nn.Identity`` (LoRA without dropout) in its place, carrying the layer's scale, which a forward hook
+    applies to ``lora_A``'s output (r wide: 64 values a token in the quickstart's shape) while the layer's own
+    ``scaling`` is 1 (:func:`make_recomputable`); :func:`make_plain` takes the hook out and puts both back."""
+
+    def __init__(self, lora_a: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self._handle = lora_a.register_forward_hook(self._scaled)
+
+    def _scaled(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * self.scale
+
+    def remove(self) -> None:
+        """Take the hook off ``lora_A``."""
+        self._handle.remove()
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale} on lora_A's output"
+
+
 def _lora_dropouts(model: nn.Module) -> Iterator[tuple[Any, str, nn.Module]]:
     """Every LoRA layer's dropout of ``model``: (PEFT's LoRA layer, the adapter's name, its dropout module)."""
     for module in model.modules():
@@ -119,8 +140,9 @@ def _lora_dropouts(model: nn.Module) -> Iterator[tuple[Any, str, nn.Module]]:
 
 def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | None:
     """Replace every LoRA ``nn.Dropout`` of ``model`` by a :class:`RecomputableDropout` sharing one key tensor on
-    ``device`` and applying the layer's scale, whose own ``scaling`` becomes 1; returns that tensor (None where the
-    model has no LoRA dropout).
+    ``device`` and applying the layer's scale, whose own ``scaling`` becomes 1 (without dropout the scale goes on
+    ``lora_A``'s output: :class:`ScaledLoraOutput`); returns that tensor (None where the model has no LoRA
+    dropout).
 
     Why the scale moves: PEFT computes ``lora_B(lora_A(dropout(x))) * scaling``, so backward multiplies the
     output's gradient (tokens x out features: 9,216 or 16,384 wide in Phi-3-mini) by the scale and writes that
@@ -129,30 +151,40 @@ def make_recomputable(model: nn.Module, device: torch.device) -> torch.Tensor | 
     ``* 1`` left behind: unit_scale.py), and every gradient is the same number times the same factor: bit for bit
     where the scale is a power of two (alpha / r = 16 / 64, the default) in fp32 and bf16, as it commutes exactly
     with each product and sum (in fp16 values under its smallest normal, 2**-14, may round differently). Without
-    dropout (p = 0) PEFT's ``nn.Identity`` stays: a scaled input there would be one more tensor saved for backward
-    (measured on the CPU), where the dropout's input is saved with or without it. DoRA's layers keep their own
-    scale."""
+    dropout (p = 0) a scaled input would be one more tensor saved for backward (measured on the CPU), where the
+    dropout's input is saved with or without it; there the scale goes on ``lora_A``'s r-wide output instead
+    (:class:`ScaledLoraOutput`: PEFT's ``nn.Identity`` kept in place, and ``lora_B`` saves its input as before).
+    DoRA's layers keep their own scale."""
     key = torch.zeros((), dtype=torch.int64, device=device)
     salt, on_input = 0, scale_on_input_wanted()
     for layer, name, drop in _lora_dropouts(model):
+        scaling = getattr(layer, "scaling", {})
+        # plain LoRA only: a variant's forward (DoRA's) reads ``scaling`` for more than the product
+        fold = on_input and name in scaling and name not in getattr(layer, "lora_variant", {})
         if isinstance(drop, nn.Dropout) and drop.p > 0:
             salt += 1
-            scaling = getattr(layer, "scaling", {})
-            # plain LoRA only: a variant's forward (DoRA's) reads ``scaling`` for more than the product
-            fold = on_input and name in scaling and name not in getattr(layer, "lora_variant", {})
             layer.lora_dropout[name] = RecomputableDropout(drop.p, key, mix32(salt), scaling[name] if fold else 1.0)
-            if fold:
-                scaling[name] = 1.0
+        elif type(drop) is nn.Identity and fold and name in getattr(layer, "lora_A", {}):
+            layer.lora_dropout[name] = ScaledLoraOutput(layer.lora_A[name], scaling[name])
+        else:
+            continue
+        if fold:
+            scaling[name] = 1.0
     return key if salt else None
 
 
 def make_plain(model: nn.Module) -> None:
-    """Put PEFT's ``nn.Dropout`` and each layer's scale back (after training: the model a run returns holds no key
-    that nothing sets, and merges with its own ``scaling``), in the mode of the module it replaces (a new
-    ``nn.Dropout`` trains: in a model already set to eval it would drop)."""
+    """Put PEFT's ``nn.Dropout`` (or ``nn.Identity``, its hook taken off ``lora_A``) and each layer's scale back
+    (after training: the model a run returns holds no key that nothing sets, and merges with its own ``scaling``),
+    in the mode of the module it replaces (a new ``nn.Dropout`` trains: in a model already set to eval it would
+    drop)."""
     for layer, name, drop in _lora_dropouts(model):
         if isinstance(drop, RecomputableDropout):
             layer.lora_dropout[name] = nn.Dropout(drop.p).train(drop.training)
+            layer.scaling[name] *= drop.scale  # 1 where it was folded in; where not (DoRA, the knob) it is 1
+        elif isinstance(drop, ScaledLoraOutput):
+            drop.remove()
+            layer.lora_dropout[name] = nn.Identity().train(drop.training)
             layer.scaling[name] = drop.scale
 
 

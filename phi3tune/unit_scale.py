@@ -1,7 +1,8 @@
 """A compiler pass that drops multiplications by the number 1 from a compiled layer's joint graph.
 
 PEFT's LoRA forward is ``lora_B(lora_A(dropout(x))) * scaling``. Our compiled plans fold the scale into the LoRA
-input's dropout multiply (lora_dropout.make_recomputable) and set ``scaling`` to 1, so what remains is ``* 1``:
+input's dropout multiply (without dropout: onto ``lora_A``'s r-wide output; lora_dropout.make_recomputable) and
+set ``scaling`` to 1, so what remains is ``* 1``:
 in forward fused away, but in backward its gradient, ``grad * 1``, is still a full copy of each LoRA'd linear's
 output gradient (tokens x 9,216 or 16,384 in Phi-3-mini), written out once per linear for the two LoRA matmuls
 to read. inductor removes ``* 1`` only where the 1 is a tensor of ones (joint_graph.remove_no_ops), not a Python

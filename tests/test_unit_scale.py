@@ -61,16 +61,20 @@ def _lora_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
 
 
-def _model(model_dir, alpha: float, folded: bool):
-    """Layer 0 of a tiny LoRA model (r=4, dropout 0.3, adapter weights drawn), its dropout hashed; ``folded``: the
-    scale on the input (make_recomputable's), else PEFT's own on the output with the same masks."""
-    model = _lora(model_dir, alpha=alpha)
+def _model(model_dir, alpha: float, folded: bool, dropout: float = 0.3):
+    """Layer 0 of a tiny LoRA model (r=4, adapter weights drawn), its dropout hashed; ``folded``: the scale on the
+    input (make_recomputable's; without dropout on lora_A's output), else PEFT's own on the output with the same
+    masks (without dropout: PEFT's layers as they are)."""
+    model = _lora(model_dir, alpha=alpha, dropout=dropout)
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.1)
+    if not dropout and not folded:
+        return model
     key = ld.make_recomputable(model, torch.device("cpu"))
-    assert key is not None
-    key.fill_(ld.micro_batch_key(0, 0, 3, 1))
+    assert (key is not None) == (dropout > 0)
+    if key is not None:
+        key.fill_(ld.micro_batch_key(0, 0, 3, 1))
     layers = _lora_layers(model)
     assert layers and len(layers) % len(TARGETS) == 0 and all(m.scaling["default"] == 1.0 for m in layers)
     if not folded:
@@ -90,20 +94,23 @@ def _run(model, layer=None):
     return [out.detach(), x.grad, *(p.grad for p in inner.layers[0].parameters() if p.requires_grad)]
 
 
+@pytest.mark.parametrize("dropout", [0.3, 0.0])
 @pytest.mark.parametrize("alpha", [16.0, 12.0])
-def test_the_scale_on_the_input_gives_peft_numbers(tiny_model, alpha):
+def test_the_scale_on_the_input_gives_peft_numbers(tiny_model, alpha, dropout):
     """alpha / r = 4, a power of two: output, input gradient and every adapter gradient equal PEFT's scale on the
-    output bit for bit (training, dropout on). alpha / r = 3 (the negative control): the same to fp32 rounding, not
-    bit for bit, so the two computations do differ and the test would see a wrong one. Evaluation and make_plain:
-    PEFT's outputs, ``scaling`` back to alpha / r exactly."""
-    folded, peft = _run(_model(tiny_model, alpha, True)), _run(_model(tiny_model, alpha, False))
+    output bit for bit (training; with dropout the scale rides on its mask, without it on lora_A's output).
+    alpha / r = 3 (the negative control): the same to fp32 rounding, not bit for bit, so the two computations do
+    differ and the test would see a wrong one. Evaluation and make_plain: PEFT's outputs (a hook left on lora_A
+    would scale twice), its own dropout module and ``scaling`` back to alpha / r exactly."""
+    folded = _run(_model(tiny_model, alpha, True, dropout))
+    peft = _run(_model(tiny_model, alpha, False, dropout))
     assert len(folded) == len(peft) == 2 + 8
     if alpha == 16.0:
         assert all(torch.equal(a, b) for a, b in zip(folded, peft, strict=True))
     else:
         assert not all(torch.equal(a, b) for a, b in zip(folded, peft, strict=True))
         assert max(float((a - b).norm() / b.norm()) for a, b in zip(folded, peft, strict=True)) < 1e-5
-    model = _model(tiny_model, alpha, True).eval()
+    model = _model(tiny_model, alpha, True, dropout).eval()
     inner = model.get_base_model().model
     x = torch.randn(1, 32, inner.config.hidden_size, generator=torch.Generator().manual_seed(2))
     pos = torch.arange(32)[None]
@@ -112,16 +119,19 @@ def test_the_scale_on_the_input_gives_peft_numbers(tiny_model, alpha):
         ld.make_plain(model)
         plain = inner.layers[0](x, position_embeddings=inner.rotary_emb(x, pos), position_ids=pos)
     lora = _lora_layers(model)
-    assert all(m.scaling["default"] == alpha / 4 and type(m.lora_dropout["default"]) is torch.nn.Dropout
+    plain_dropout = torch.nn.Dropout if dropout else torch.nn.Identity
+    assert all(m.scaling["default"] == alpha / 4 and type(m.lora_dropout["default"]) is plain_dropout
                for m in lora)
     ours, plain = (o[0] if isinstance(o, tuple) else o for o in (ours, plain))
     assert torch.allclose(ours, plain, rtol=1e-6, atol=1e-6)
 
 
-def test_a_compiled_layer_backward_writes_no_scaled_gradient_copy(tiny_model, monkeypatch):
-    """inductor on a compiled LoRA layer (code generated, fp32): with the pass, its backward graph holds no
-    ``* 1``; without it (the negative control) one per LoRA'd linear, each a copy of that linear's output gradient.
-    Both compute the eager layer's numbers (the pass only drops multiplications by one)."""
+@pytest.mark.parametrize("dropout", [0.3, 0.0])
+def test_a_compiled_layer_backward_writes_no_scaled_gradient_copy(tiny_model, monkeypatch, dropout):
+    """inductor on a compiled LoRA layer (code generated, fp32), with dropout or without (the scale then on
+    lora_A's output, by a hook the compiler traces): with the pass, its backward graph holds no ``* 1``; without it
+    (the negative control) one per LoRA'd linear, each a copy of that linear's output gradient. Both compute the
+    eager layer's numbers (the pass only drops multiplications by one)."""
     import torch._dynamo
     import torch._inductor.compile_fx as compile_fx
 
@@ -136,11 +146,11 @@ def test_a_compiled_layer_backward_writes_no_scaled_gradient_copy(tiny_model, mo
         return forward, backward
 
     monkeypatch.setattr(compile_fx, "min_cut_rematerialization_partition", spy)
-    eager = _run(_model(tiny_model, 16.0, True))
+    eager = _run(_model(tiny_model, 16.0, True, dropout))
 
     def compiled() -> tuple[list[torch.Tensor], int]:
         torch._dynamo.reset()
-        model = _model(tiny_model, 16.0, True)
+        model = _model(tiny_model, 16.0, True, dropout)
         layer = torch.compile(model.get_base_model().model.layers[0], backend=cl.backend({}), dynamic=False)
         grads = _run(model, layer)
         return grads, _ones(backwards[-1].graph)
@@ -154,14 +164,21 @@ def test_a_compiled_layer_backward_writes_no_scaled_gradient_copy(tiny_model, mo
     assert all(torch.equal(a, b) for a, b in zip(with_pass, without, strict=True))
 
 
-def test_dora_layers_keep_their_own_scale(tiny_model):
+@pytest.mark.parametrize("dropout", [0.3, 0.0])
+def test_dora_layers_keep_their_own_scale(tiny_model, dropout):
     """DoRA's forward reads ``scaling`` for its weight norm, not only for the product: its layers get the hashed
-    dropout but keep their scale (plain LoRA's move it: the contrast)."""
-    model = _lora(tiny_model, alpha=16, use_dora=True)
-    assert ld.make_recomputable(model, torch.device("cpu")) is not None
+    dropout (without dropout: PEFT's Identity, no hook) but keep their scale, through make_plain too (before session
+    40 it set an unfolded layer's scale to 1); plain LoRA's move it: the contrast."""
+    model = _lora(tiny_model, alpha=16, use_dora=True, dropout=dropout)
+    assert (ld.make_recomputable(model, torch.device("cpu")) is not None) == (dropout > 0)
     lora = _lora_layers(model)
-    assert lora and all(m.scaling["default"] == 4.0 and m.lora_dropout["default"].scale == 1.0 for m in lora)
-    assert all(m.lora_dropout["default"].scale == 4.0 for m in _lora_layers(_model(tiny_model, 16.0, True)))
+    kept = ld.RecomputableDropout if dropout else torch.nn.Identity
+    assert lora and all(m.scaling["default"] == 4.0 and type(m.lora_dropout["default"]) is kept for m in lora)
+    assert all(m.lora_dropout["default"].scale == 1.0 for m in lora if dropout)
+    ld.make_plain(model)
+    assert all(m.scaling["default"] == 4.0 for m in lora)
+    folded = _lora_layers(_model(tiny_model, 16.0, True, dropout))
+    assert all(m.lora_dropout["default"].scale == 4.0 and m.scaling["default"] == 1.0 for m in folded)
 
 
 def test_the_benchmarks_knob_leaves_the_scale_on_the_output(tiny_model, monkeypatch):
@@ -172,16 +189,20 @@ def test_the_benchmarks_knob_leaves_the_scale_on_the_output(tiny_model, monkeypa
     assert ld.make_recomputable(model, torch.device("cpu")) is not None
     lora = _lora_layers(model)
     assert lora and all(m.scaling["default"] == 4.0 and m.lora_dropout["default"].scale == 1.0 for m in lora)
+    ld.make_plain(model)
+    assert all(m.scaling["default"] == 4.0 and type(m.lora_dropout["default"]) is torch.nn.Dropout for m in lora)
     monkeypatch.setenv("PHI3TUNE_COMPILE", "lora_scale=outputs")
     with pytest.raises(ValueError, match="input or output"):
         ld.make_recomputable(model, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
 def test_a_compiled_run_trains_the_same_with_the_scale_on_input_or_output(tiny_model, tmp_path, monkeypatch,
-                                                                          traced_layers):
-    """Through ``FineTuner.run``: a compiled run with LoRA dropout and the scale on the input (the default) trains
-    the losses, gradient norms and adapter of one with PEFT's scale on the output (``lora_scale=output``), bit for
-    bit; the model it returns has PEFT's scale back, in eval mode (before session 39 its dropouts trained)."""
+                                                                          traced_layers, dropout):
+    """Through ``FineTuner.run``: a compiled run with the scale on the input (the default; without dropout on
+    lora_A's output) trains the losses, gradient norms and adapter of one with PEFT's scale on the output
+    (``lora_scale=output``), bit for bit; the model it returns has PEFT's scale and dropout module back, in eval
+    mode (before session 39 its dropouts trained)."""
     from helpers import adapter_tensors, rows_of_text, tiny_tuner
 
     from phi3tune import pipeline
@@ -198,7 +219,7 @@ def test_a_compiled_run_trains_the_same_with_the_scale_on_input_or_output(tiny_m
     def run(name: str):
         torch._dynamo.reset()
         tuner = tiny_tuner(tiny_model, tmp_path / name, rows_of_text(12, seed=2), optimize_for="speed", compile=True,
-                           micro_batch_tokens=64, max_steps=3).adapter(r=8, alpha=16, dropout=0.1)
+                           micro_batch_tokens=64, max_steps=3).adapter(r=8, alpha=16, dropout=dropout)
         return tuner.run()
 
     on_input = run("input")
@@ -209,5 +230,8 @@ def test_a_compiled_run_trains_the_same_with_the_scale_on_input_or_output(tiny_m
     assert [h.get("grad_norm") for h in on_input.history] == [h.get("grad_norm") for h in on_output.history]
     ours, theirs = adapter_tensors(on_input), adapter_tensors(on_output)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    lora = _lora_layers(on_input.model)
-    assert lora and all(m.scaling["default"] == 2.0 and not m.lora_dropout["default"].training for m in lora)
+    plain = torch.nn.Dropout if dropout else torch.nn.Identity
+    for result in (on_input, on_output):
+        lora = _lora_layers(result.model)
+        assert lora and all(m.scaling["default"] == 2.0 and not m.lora_dropout["default"].training
+                            and type(m.lora_dropout["default"]) is plain for m in lora)
