@@ -181,7 +181,8 @@ def make_plain(model: nn.Module) -> None:
     for layer, name, drop in _lora_dropouts(model):
         if isinstance(drop, RecomputableDropout):
             layer.lora_dropout[name] = nn.Dropout(drop.p).train(drop.training)
-            layer.scaling[name] *= drop.scale  # 1 where it was folded in; where not (DoRA, the knob) it is 1
+            # folded: scaling is 1 and the dropout holds the scale; not (DoRA, the knob): the dropout's scale is 1
+            layer.scaling[name] *= drop.scale
         elif isinstance(drop, ScaledLoraOutput):
             drop.remove()
             layer.lora_dropout[name] = nn.Identity().train(drop.training)
