@@ -72,6 +72,12 @@ def test_tokens_per_s_must_not_fall_as_the_card_grows(tmp_path, capsys):
     falling = [_ours("q@12", 20_000.0), _ours("q@16", 21_000.0), _ours("q@24", 20_500.0)]
     assert _met(cg.growth_goals(rising), "q: tokens/s never fall as the card grows")
     assert not _met(cg.growth_goals(falling), "q: tokens/s never fall as the card grows")
+    # one plan on 80 GiB and the H200 (its card's free memory aside): two runs of it varying, not a fall
+    one = "plan: speed (auto) — 8,192-token micro-batches; predicted peak 46.5 GiB of {} GiB free"
+    same = [{**_ours("p@80", 28_250.0), "plan": one.format(80)}, {**_ours("p@full", 28_219.0), "plan": one.format(139)}]
+    assert _met(cg.growth_goals(same), "p: tokens/s never fall as the card grows")
+    other = [same[0], {**same[1], "plan": one.format(139).replace("8,192", "4,096")}]
+    assert not _met(cg.growth_goals(other), "p: tokens/s never fall as the card grows")
     calls = []
     for i, rows in enumerate(([rising[0]], [rising[2]], [_ours("q@full", 21_000.0)])):
         calls.append(tmp_path / f"call{i}.jsonl")
