@@ -61,6 +61,8 @@ def test_the_memory_plan_must_be_fast_and_small_and_predictions_close():
     assert _met(good, "p@8+mem: predicted peak within 10%")
     off = cg.call_goals([_ours("p@24", 20_000.0, 15.0, 16.0, 17.8), _ours("q@8+mem+seq4096", 4_000.0, 4.1)])
     assert not _met(off, "p@24: predicted peak within 10%")
+    knob = cg.call_goals([_ours("p@24+amb8", 20_000.0, 15.0, 16.0, 17.8)])  # a benchmark's knob: not a user's plan
+    assert not any("predicted" in g["goal"] for g in knob)
     assert not _met(off, "memory at seq 4096 <= 4.0 GiB")
 
 
