@@ -181,12 +181,13 @@ def make_plain(model: nn.Module) -> None:
     for layer, name, drop in _lora_dropouts(model):
         if isinstance(drop, RecomputableDropout):
             layer.lora_dropout[name] = nn.Dropout(drop.p).train(drop.training)
-            # folded: scaling is 1 and the dropout holds the scale; not (DoRA, the knob): the dropout's scale is 1
-            layer.scaling[name] *= drop.scale
         elif isinstance(drop, ScaledLoraOutput):
             drop.remove()
             layer.lora_dropout[name] = nn.Identity().train(drop.training)
-            layer.scaling[name] = drop.scale
+        else:
+            continue
+        # folded: scaling is 1 and the module held the scale; not (DoRA, the knob): the module's scale is 1
+        layer.scaling[name] *= drop.scale
 
 
 def find_key(model: nn.Module) -> torch.Tensor | None:

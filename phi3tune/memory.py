@@ -67,14 +67,6 @@ MIDDLE_ACTIVATION_BUDGET = 0.5  # the speed plans' middle budget (plan.py: its c
 LOW_ACTIVATION_BUDGET = 0.3  # the speed plans' low budget and the memory plan's (plan.py: why, and its cost)
 
 
-def _mask_bytes_per_token(shape: ModelShape, targets: set[str]) -> int:
-    """What a decoder layer's hashed LoRA dropout masks hold per token (a bool per element of each LoRA'd linear's
-    input): Phi-3-mini 17,408 bytes. Measured (session 40, H200, packed 8,192 tokens): recomputing them in backward
-    took 4.25-4.44 GiB off the allocator's peak, these bytes over 32 layers being 4.25."""
-    inputs = sum(fan_in for name, fan_in, _ in shape.linears if name.rsplit(".", 1)[-1] in targets)
-    return inputs // max(1, shape.layers)
-
-
 def budget_tier(activation_budget: float) -> str:
     """Which measured budget a compiled layer's ``activation_budget`` falls under: "default" (1.0), "upper" (from
     UPPER_ACTIVATION_BUDGET), "middle" (from MIDDLE_ACTIVATION_BUDGET) or "low"; the one rule both the memory
@@ -170,7 +162,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     ``activation_budget`` recompute their hashed LoRA dropout masks (lora_dropout.py) and so keep what they keep
     without dropout; under the default budget the compiler still saves the masks, a byte an element (H200: 20.55
     GiB at peak with hashed masks, 20.57 with nn.Dropout's), unless ``masks_recomputed`` (knobs.RECOMPUTE_MASKS):
-    then their bytes come off (``_mask_bytes_per_token``).
+    then their bytes come off.
     ``offload``: the checkpointed inputs live in host memory (``host_checkpoints``: their bytes), with the measured
     ``OFFLOAD_EXTRA`` at the device.
     ``offload_layers``: that many (uncheckpointed) layers' activations live in host memory (offload.py), counted
@@ -178,7 +170,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     ``recompute_in_graph``: checkpointed layers recompute inside their compiled backward graphs, which hold more.
     ``streamed_base``: the 4-bit weights' packed bytes live in host memory (``host_streamed``), two decoder layers'
     worth on the device (streamed_base.py) and ``resident_layers`` layers' own; their block scales stay."""
-    quantized = other = lora = packed = 0
+    quantized = other = lora = packed = lora_inputs = 0
     for name, fan_in, fan_out in shape.linears:
         n = fan_in * fan_out
         if bits is None:
@@ -190,6 +182,7 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
             quantized += n + fan_out * 4
         if name.rsplit(".", 1)[-1] in targets:
             lora += r * (fan_in + fan_out)
+            lora_inputs += fan_in
     upcast = upcast_frozen and bits is not None  # PEFT's prepare_model_for_kbit_training runs on quantized bases
     other += shape.other_params * (4 if upcast or act_bytes == 4 else act_bytes)
     adapter = lora * (4 + 4 + optimizer_state_bytes)
@@ -203,8 +196,10 @@ def estimate_parts(shape: ModelShape, *, bits: int | None, double_quant: bool, t
     # the upper budget with fixed lengths was never measured: counted as keeping what the default keeps
     share = {"default": 1.0, "upper": 1.0, "middle": _MIDDLE_BUDGET, "low": _LOW_BUDGET}[tier]
     per_layer = whole_layer * kept * share  # a layer that keeps its activations
-    if saves_masks and compiled and masks_recomputed:  # less the masks: a byte per element of each LoRA'd input
-        per_layer -= _mask_bytes_per_token(shape, targets)
+    # less the masks where recomputed: a bool per element of each LoRA'd linear's input, Phi-3-mini 17,408 bytes a
+    # token and layer (session 40, H200, packed 8,192 tokens: 4.25-4.44 GiB off the allocator's peak, these 4.25)
+    if saves_masks and compiled and masks_recomputed:
+        per_layer -= lora_inputs // max(1, shape.layers)
     recomputed = whole_layer * (1.0 if dropout > 0 else _NO_DROPOUT)  # the checkpointed layer being recomputed
     recomputed *= _IN_GRAPH_RECOMPUTED if recompute_in_graph else 1.0
     k = (shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)) if checkpointing else 0

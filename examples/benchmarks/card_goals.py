@@ -46,9 +46,11 @@ def read_calls(paths: Iterable[Path]) -> list[list[Row]]:
 
 def _best(rows: list[Row], kind: str, card: str | None = None, variant: str = "") -> Row | None:
     """The fastest run of ``kind`` (on ``card``; any card where None) with ``variant``."""
-    found = [r for r in rows if kind_card_variant(r.get("label", ""))[0] == kind
-             and (card is None or kind_card_variant(r["label"])[1] == card)
-             and kind_card_variant(r["label"])[2] == variant and r.get("real_tokens_per_s")]
+    def wanted(label: str) -> bool:
+        k, c, v = kind_card_variant(label)
+        return (k, v) == (kind, variant) and card in (None, c)
+
+    found = [r for r in rows if wanted(r.get("label", "")) and r.get("real_tokens_per_s")]
     return max(found, key=lambda r: r["real_tokens_per_s"], default=None)
 
 
