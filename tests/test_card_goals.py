@@ -88,3 +88,19 @@ def test_tokens_per_s_must_not_fall_as_the_card_grows(tmp_path, capsys):
     assert "q: tokens/s never fall" in capsys.readouterr().out.split("not checked by these files:")[1]
     assert cg.main(["--one-machine", *map(str, calls)]) == 1  # 24 GiB 22,000 > the H200's 21,000
     assert "NOT MET  q: tokens/s never fall as the card grows" in capsys.readouterr().out
+
+
+def test_the_memory_plan_goal_is_listed_when_no_call_holds_ours_and_unsloths_8_gib_runs(tmp_path, capsys):
+    """p@8+mem and ug@8 in different calls check nothing (a ratio is within a call): the goal is named as unchecked.
+    In one call it is checked, and no longer listed."""
+    cg = _goals()
+    apart = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    apart[0].write_text(json.dumps(_ours("p@8+mem", 16_000.0, 3.19, 4.39, 4.69)) + "\n")
+    apart[1].write_text(json.dumps({"label": "ug@8", "real_tokens_per_s": 10_000.0}) + "\n")
+    cg.main([str(p) for p in apart])
+    assert "8 GiB memory plan" in capsys.readouterr().out.split("not checked by these files:")[1]
+    together = tmp_path / "c.jsonl"
+    together.write_text(apart[0].read_text() + apart[1].read_text())
+    cg.main([str(together)])
+    out = capsys.readouterr().out
+    assert "met      p@8 memory plan" in out and "8 GiB memory plan" not in out.split("not checked")[-1]

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted += [f"q@full >= {H200_UNPACKED:,.0f} tokens/s", f"memory at seq 4096 <= {SEQ4096_GIB} GiB",
                "q: tokens/s never fall as the card grows", "p: tokens/s never fall as the card grows"]
     missing = [w for w in wanted if w not in checked]
+    if not any(re.fullmatch(r"[pq]@8 memory plan .*", g) for g in checked):  # packed or unpacked: either checks it
+        missing.append(f"8 GiB memory plan >= {OFFLOADED_RATIO}x Unsloth offloaded (p@8+mem or q@8+mem with ug@8)")
     if missing:
         print("not checked by these files: " + "; ".join(missing))
     return 1 if unmet else 0
